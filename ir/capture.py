@@ -1,0 +1,196 @@
+"""Capture a Hugging Face decoder-only model as the step program (DESIGN §2).
+
+The model runs its own transformers code: a thin wrapper fills a `DynamicCache` from the
+``past`` input, hands the model an additive 4-D mask built from the boolean ``mask`` input
+(transformers uses a 4-D mask as given), and returns the logits plus the keys/values the
+new tokens appended to the cache. `torch.export` then traces that wrapper with symbolic
+B, N, T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.export import Dim, ExportedProgram
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from leapc.ir import signature as sig
+from leapc.ir.errors import UnsupportedModelError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+STEP_INPUTS = ("tokens", "positions", "past", "mask")
+STEP_OUTPUTS = ("logits", "present")
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    max_seq: int = 1024  # bound on T + N
+    max_batch: int = 4  # bound on B
+    max_new: int = 128  # bound on N: the prefill chunk and the largest verified tree
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The static numbers of a captured model that the runtime needs."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> ModelDims:
+        cfg = model.config.get_text_config()
+        heads = cfg.num_attention_heads
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        )
+
+
+@dataclass(frozen=True)
+class CapturedProgram:
+    program: ExportedProgram
+    signature: sig.StepSignature
+    dims: ModelDims
+
+
+class _PastLayer(DynamicLayer):
+    """A cache layer that starts out holding ``past`` and keeps every new row.
+
+    Filling a stock `DynamicLayer` through ``update`` would concatenate ``past`` onto a
+    lifted empty constant (an in-place ``detach_`` in the graph), and a config-built cache
+    would use `DynamicSlidingWindowLayer`, which trims what it stores; ``present`` is sliced
+    from what the layer stores, so it must keep everything.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+
+class StepModule(torch.nn.Module):
+    """``(tokens, positions, past, mask) -> (logits, present)`` over the model's own code."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, past, mask):
+        past_len = past.shape[-2]
+        cache = DynamicCache()
+        cache.layers.extend(_PastLayer(past[i, 0], past[i, 1]) for i in range(past.shape[0]))
+        dtype = past.dtype
+        # transformers hands a 4-D mask to attention as given (additive for every backend).
+        additive = torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+        out = self.model(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=additive,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        if len(cache.layers) != past.shape[0]:
+            raise UnsupportedModelError(
+                f"the model wrote {len(cache.layers)} cache layers for {past.shape[0]} past layers"
+            )
+        present = torch.stack(
+            [torch.stack([lyr.keys[..., past_len:, :], lyr.values[..., past_len:, :]])
+             for lyr in cache.layers]
+        )
+        return out.logits, present
+
+
+def check_supported(model: PreTrainedModel, options: CaptureOptions) -> None:
+    """Refuse models the step program would get wrong, naming every reason at once."""
+    cfg = model.config.get_text_config()
+    family = cfg.model_type
+    reasons = []
+    if getattr(cfg, "attn_logit_softcapping", None):
+        reasons.append("attention logit soft-capping is not supported")
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = any(t != "full_attention" for t in layer_types) or (
+        not layer_types and window is not None and getattr(cfg, "use_sliding_window", True)
+    )
+    # The dense mask input carries no window: the model would attend past it silently.
+    if uses_window and (window is None or window < options.max_seq):
+        reasons.append(f"sliding-window attention (window {window}) shorter than max-seq "
+                       f"{options.max_seq} is not supported")
+    if family not in SUPPORTED_FAMILIES:
+        reasons.append(f"model family {family!r} is not supported "
+                       f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    if reasons:
+        raise UnsupportedModelError(f"{family}: " + "; ".join(reasons))
+
+
+def step_signature(dims: ModelDims, options: CaptureOptions) -> sig.StepSignature:
+    b, n, t = sig.B, sig.N, sig.T
+    kv = (dims.num_layers, 2, b, dims.num_kv_heads)
+    return sig.StepSignature(
+        inputs=(
+            sig.TensorSpec("tokens", "int64", (b, n)),
+            sig.TensorSpec("positions", "int64", (b, n)),
+            sig.TensorSpec("past", dims.dtype, (*kv, t, dims.head_dim)),
+            sig.TensorSpec("mask", "bool", (b, n, t + n)),
+        ),
+        outputs=(
+            sig.TensorSpec("logits", dims.dtype, (b, n, dims.vocab_size)),
+            sig.TensorSpec("present", dims.dtype, (*kv, n, dims.head_dim)),
+        ),
+        bounds=step_bounds(options),
+        max_seq=options.max_seq,
+    )
+
+
+def example_inputs(dims: ModelDims, batch: int = 2, new: int = 3, past: int = 5):
+    """Random step inputs; distinct sizes so export does not specialise B, N, T together."""
+    dtype = getattr(torch, dims.dtype)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, dims.vocab_size, (batch, new), generator=g)
+    positions = (past + torch.arange(new)).expand(batch, new).contiguous()
+    kv = torch.randn(dims.num_layers, 2, batch, dims.num_kv_heads, past, dims.head_dim,
+                     generator=g).to(dtype)
+    causal = torch.ones(new, new, dtype=torch.bool).tril()
+    mask = torch.cat([torch.ones(new, past, dtype=torch.bool), causal], dim=1)
+    return tokens, positions, kv, mask.expand(batch, new, past + new).contiguous()
+
+
+def dynamic_shapes(options: CaptureOptions) -> dict:
+    b, n, t = (Dim(name, min=lo, max=hi) for name, (lo, hi) in
+               step_bounds(options).items())
+    return {
+        "tokens": {0: b, 1: n},
+        "positions": {0: b, 1: n},
+        "past": {2: b, 4: t},
+        # T + N of two Dims is not expressible; AUTO lets export derive it.
+        "mask": {0: b, 1: n, 2: Dim.AUTO},
+    }
+
+
+def step_bounds(options: CaptureOptions) -> dict[str, tuple[int, int]]:
+    return {"B": (1, options.max_batch), "N": (1, options.max_new), "T": (1, options.max_seq - 1)}
+
+
+def capture(model: PreTrainedModel, options: CaptureOptions = CaptureOptions()) -> CapturedProgram:
+    """Export ``model`` as the step program with symbolic B, N, T."""
+    check_supported(model, options)
+    model.eval()
+    model.set_attn_implementation("sdpa")
+    dims = ModelDims.of(model)
+    with torch.no_grad():
+        program = torch.export.export(
+            StepModule(model), example_inputs(dims), dynamic_shapes=dynamic_shapes(options),
+            strict=False,
+        )
+    return CapturedProgram(program, step_signature(dims, options), dims)

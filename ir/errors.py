@@ -1,0 +1,24 @@
+"""Error types shared by every layer.
+
+`LeapcUserError` subclasses are a user's mistake (bad model, bad flag, bad engine
+directory): the CLI prints their message as one line and exits with code 2. Everything
+else is an internal invariant failure and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LeapcUserError(Exception):
+    """A mistake the user can fix; its message is one self-contained line."""
+
+
+class UnsupportedModelError(LeapcUserError):
+    """The model (family, attention variant or graph) is outside what leapc can compile."""
+
+
+class EngineError(LeapcUserError):
+    """An engine directory is missing, corrupt, or built for something else."""
+
+
+class InputError(LeapcUserError):
+    """A request the engine cannot serve (prompt too long, unknown policy, bad option)."""

@@ -1,0 +1,26 @@
+"""leapc: an ahead-of-time compiler for fast, lossless LLM decoding.
+
+``leapc.build(model, out_dir, backend=...)`` compiles a model into an engine directory;
+``leapc.load(path)`` validates and opens one. Importing ``leapc`` stays light (no torch)
+so that ORT engines run on machines without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from leapc.runtime.engine import Engine, Generation, StreamChunk
+
+__all__ = ["Engine", "Generation", "StreamChunk", "build", "load"]
+
+
+def build(model, out_dir, backend="ort", **options) -> Path:
+    """Compile ``model`` (``"bundled"``, an HF directory, a llama2.c ``.bin``) to an engine."""
+    from leapc.build import build as _build
+
+    return _build(model, out_dir, backend, **options)
+
+
+def load(path: str | Path) -> Engine:
+    """Open an engine directory, validating its manifest and files first."""
+    return Engine.load(path)

@@ -1,0 +1,86 @@
+"""Load what users bring: a local Hugging Face directory, a llama2.c checkpoint, or the
+bundled default model — as a `transformers` model plus a `tokenizers.Tokenizer`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from leapc.ir.errors import InputError, UnsupportedModelError
+
+BUNDLED = "bundled"
+BUNDLED_DIR = Path(__file__).parent / "pycoder-15m"
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    model: PreTrainedModel
+    tokenizer: Tokenizer
+    name: str
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+
+    @property
+    def family(self) -> str:
+        return self.model.config.get_text_config().model_type
+
+
+def weights_sha256(model: PreTrainedModel) -> str:
+    """Identity of the weights: sha256 over every parameter and buffer, by name."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _special_ids(model: PreTrainedModel) -> tuple[int | None, tuple[int, ...]]:
+    gen, cfg = model.generation_config, model.config
+    bos = gen.bos_token_id if gen.bos_token_id is not None else cfg.bos_token_id
+    eos = _token_ids(gen.eos_token_id) or _token_ids(cfg.eos_token_id)
+    return (_token_ids(bos) or (None,))[0], eos
+
+
+def _load_hf(directory: Path, tokenizer: Path | None) -> tuple[PreTrainedModel, Tokenizer]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise UnsupportedModelError(f"cannot load {directory} as a causal LM: {first}") from None
+    tok_file = tokenizer or directory / "tokenizer.json"
+    if not tok_file.is_file():
+        raise InputError(f"{directory} has no tokenizer.json; pass --tokenizer PATH")
+    return model, Tokenizer.from_file(str(tok_file))
+
+
+def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
+    """``spec`` is ``"bundled"``, a Hugging Face directory, or a llama2.c ``.bin``."""
+    path = BUNDLED_DIR if str(spec) == BUNDLED else Path(spec)
+    if not path.exists():
+        raise InputError(f"model {spec} does not exist (a Hugging Face directory, a llama2.c "
+                         f".bin, or '{BUNDLED}')")
+    if path.is_file() and path.suffix == ".bin":
+        from leapc.models.llama2c import load_llama2c
+
+        try:
+            model, tok = load_llama2c(path, tokenizer)
+        except ValueError as err:
+            raise UnsupportedModelError(str(err)) from None
+    elif path.is_dir():
+        model, tok = _load_hf(path, tokenizer)
+    else:
+        raise InputError(f"model {spec} is neither a Hugging Face directory nor a llama2.c .bin")
+    model.eval()
+    bos, eos = _special_ids(model)
+    return SourceModel(model, tok, path.name if str(spec) != BUNDLED else BUNDLED_DIR.name, bos, eos)

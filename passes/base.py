@@ -1,0 +1,103 @@
+"""The pass contract: frozen dataclasses with a name, required and ensured invariants.
+
+A pass maps a whole `CapturedProgram` (the `ExportedProgram` plus its `StepSignature`,
+which a pass that adds outputs must extend) to a `PassResult`; it never mutates its
+input. Invariants are checked by the pipeline, not by the passes themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from leapc.ir.anatomy import recover_anatomy
+from leapc.ir.capture import STEP_INPUTS, STEP_OUTPUTS, CapturedProgram
+from leapc.ir.errors import UnsupportedModelError
+
+
+class PassError(Exception):
+    """A pass failed or broke an invariant: an internal error naming the pass."""
+
+
+@dataclass(frozen=True)
+class PassResult:
+    program: CapturedProgram
+    modified: bool
+
+
+class Invariant(enum.Enum):
+    STEP_CONTRACT = "inputs are (tokens, positions, past, mask); outputs start (logits, present)"
+    HAS_ANATOMY = "embedding, layers, final norm and LM head are recoverable"
+    NO_NOOP_OPS = "no identity casts, aliases or empty concatenations"
+    CONSTANTS_FOLDED = "no op computes from constants alone"
+
+
+class Pass(Protocol):
+    name: ClassVar[str]
+    requires: ClassVar[frozenset[Invariant]]
+    ensures: ClassVar[frozenset[Invariant]]
+
+    def __call__(self, program: CapturedProgram) -> PassResult: ...
+
+
+# ------------------------------------------------------------------ invariant checks
+
+
+def _step_contract(p: CapturedProgram) -> str | None:
+    sig = p.program.graph_signature
+    if tuple(sig.user_inputs) != STEP_INPUTS:
+        return f"user inputs are {list(sig.user_inputs)}"
+    outputs = p.program.graph.output_node().args[0]
+    names = [s.name for s in p.signature.outputs]
+    if tuple(names[:2]) != STEP_OUTPUTS or len(outputs) != len(names):
+        return f"{len(outputs)} graph outputs but signature declares {names}"
+    return None
+
+
+def _has_anatomy(p: CapturedProgram) -> str | None:
+    try:
+        recover_anatomy(p.program, p.dims.num_layers, p.dims.hidden_size)
+    except UnsupportedModelError as err:
+        return str(err)
+    return None
+
+
+def _no_noop_ops(p: CapturedProgram) -> str | None:
+    from leapc.passes.remove_noop_ops import is_noop
+
+    noops = [n.name for n in p.program.graph.nodes if is_noop(n)]
+    return f"no-op nodes remain: {noops[:5]}" if noops else None
+
+
+def _constants_folded(p: CapturedProgram) -> str | None:
+    from leapc.passes.fold_constants import constant_placeholders
+
+    consts = constant_placeholders(p.program)
+    foldable = [n.name for n in p.program.graph.nodes
+                if n.op == "call_function" and n.all_input_nodes
+                and all(a in consts for a in n.all_input_nodes)
+                and isinstance(n.meta.get("val"), torch.Tensor)
+                and not _is_parameter_view(n, p)]
+    return f"constant-only nodes remain: {foldable[:5]}" if foldable else None
+
+
+def _is_parameter_view(node, p: CapturedProgram) -> bool:
+    """Ops on trainable weights stay in the graph (folding them would copy the weights)."""
+    params = p.program.graph_signature.inputs_to_parameters
+    return any(a.name in params for a in node.all_input_nodes)
+
+
+CHECKS: dict[Invariant, Callable[[CapturedProgram], str | None]] = {
+    Invariant.STEP_CONTRACT: _step_contract,
+    Invariant.HAS_ANATOMY: _has_anatomy,
+    Invariant.NO_NOOP_OPS: _no_noop_ops,
+    Invariant.CONSTANTS_FOLDED: _constants_folded,
+}
+
+
+def violation(invariant: Invariant, program: CapturedProgram) -> str | None:
+    return CHECKS[invariant](program)

@@ -1,0 +1,22 @@
+"""What every backend provides: a loaded step program callable on numpy arrays.
+
+The runtime loop speaks numpy (the ONNX path has no torch); a backend converts at its
+boundary. ``lower`` functions (which need torch) live in each backend's module but import
+torch inside the function, so loading an ORT engine never imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class StepFunction(Protocol):
+    """``(tokens, positions, past, mask) -> outputs by name`` (``logits``, ``present``, ...)."""
+
+    output_names: tuple[str, ...]
+
+    def __call__(
+        self, tokens: np.ndarray, positions: np.ndarray, past: np.ndarray, mask: np.ndarray
+    ) -> dict[str, np.ndarray]: ...

@@ -1,0 +1,33 @@
+"""Eager backend: the exported program itself, run by PyTorch (the reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PROGRAM_SUFFIX = ".pt2"
+
+
+def lower(program, out_dir: Path, name: str) -> Path:
+    import torch
+
+    path = out_dir / f"{name}{PROGRAM_SUFFIX}"
+    torch.export.save(program.program, str(path))
+    return path
+
+
+class EagerStep:
+    def __init__(self, path: Path, output_names: tuple[str, ...]):
+        import torch
+
+        self._torch = torch
+        self.module = torch.export.load(str(path)).module()
+        self.output_names = output_names
+
+    def __call__(self, tokens, positions, past, mask) -> dict[str, np.ndarray]:
+        t = self._torch
+        with t.inference_mode():
+            outs = self.module(t.from_numpy(tokens), t.from_numpy(positions),
+                               t.from_numpy(past), t.from_numpy(mask))
+        return {name: o.numpy() for name, o in zip(self.output_names, outs, strict=True)}

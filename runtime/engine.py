@@ -1,0 +1,166 @@
+"""A loaded engine: manifest + step program + tokenizer + the decode loop.
+
+Importing this module (and running an ORT engine) needs numpy, onnxruntime, tokenizers
+and pydantic only; the eager backend imports torch when, and only when, it is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from leapc.ir.errors import EngineError, InputError
+from leapc.runtime.backends.base import StepFunction
+from leapc.runtime.decode import GenerationStats, StopConfig, autoregressive
+from leapc.runtime.kv_cache import KVCache
+from leapc.runtime.manifest import Backend, Manifest, Policy, read_manifest
+from leapc.runtime.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]  # new tokens only
+    text: str
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    token_ids: list[int]
+    text: str  # the text these tokens complete (held back while a UTF-8 char is split)
+
+
+@dataclass
+class Stream:
+    """Iterate for `StreamChunk`s; ``token_ids`` and ``stats`` fill in as it runs."""
+
+    _tokens: Iterator[list[int]]
+    _tokenizer: Tokenizer
+    stats: GenerationStats
+    token_ids: list[int] = field(default_factory=list)
+    _text: str = ""
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        for new in self._tokens:
+            self.token_ids.extend(new)
+            text = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                yield StreamChunk(new, "")
+                continue
+            delta, self._text = text[len(self._text):], text
+            yield StreamChunk(new, delta)
+
+    @property
+    def text(self) -> str:
+        return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+
+def _load_step(engine_dir: Path, manifest: Manifest, program: str) -> StepFunction:
+    entry = manifest.programs[program]
+    outputs = tuple(o["name"] for o in entry.signature["outputs"])
+    if manifest.backend is Backend.ORT:
+        from leapc.runtime.backends.ort import OrtStep
+
+        return OrtStep(engine_dir / entry.file)
+    from leapc.runtime.backends.eager import EagerStep
+
+    return EagerStep(engine_dir / entry.file, outputs)
+
+
+class Engine:
+    def __init__(self, path: Path, manifest: Manifest, step: StepFunction, tokenizer: Tokenizer):
+        self.path = path
+        self.manifest = manifest
+        self.step = step
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path) -> Engine:
+        """Validate the directory fully, then load the program and tokenizer."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        try:
+            tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
+        except Exception as err:  # tokenizers raises plain Exceptions for bad JSON
+            raise EngineError(f"{path}: tokenizer file is corrupt ({err})") from None
+        try:
+            step = _load_step(path, manifest, "full")
+        except EngineError:
+            raise
+        except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
+            raise EngineError(f"{path}: program 'full' cannot be loaded ({err})") from None
+        return cls(path, manifest, step, tokenizer)
+
+    # ------------------------------------------------------------------ requests
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt).ids
+        bos = self.manifest.tokenizer.bos_id
+        if not ids:
+            if bos is None:
+                raise InputError("empty prompt and the model has no BOS token to start from")
+            ids = [bos]
+        vocab = self.manifest.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.manifest.max_seq:
+            raise InputError(f"prompt has {len(ids)} tokens; this engine's max-seq is "
+                             f"{self.manifest.max_seq} (at least one must be left to generate)")
+        return ids
+
+    def _policy(self, policy: str | Policy) -> Policy:
+        try:
+            chosen = Policy(policy)
+        except ValueError:
+            known = ", ".join(p.value for p in Policy)
+            raise InputError(f"unknown policy {policy!r} (known: {known})") from None
+        if chosen not in self.manifest.policies:
+            supported = ", ".join(p.value for p in self.manifest.policies)
+            raise InputError(f"engine does not support policy {chosen.value!r} ({supported})")
+        return chosen
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 64,
+        policy: str | Policy = Policy.AR,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Stream:
+        chosen = self._policy(policy)
+        _check_options(max_new_tokens, temperature, top_k, top_p)
+        ids = self.encode(prompt)
+        m = self.manifest.model
+        cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, self.manifest.max_seq)
+        stats = GenerationStats(policy=chosen.value)
+        tokens = autoregressive(
+            self.step, cache, ids, self.manifest.max_new,
+            SamplingConfig(temperature, top_k, top_p),
+            StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
+            np.random.default_rng(seed), stats,
+        )
+        return Stream(tokens, self.tokenizer, stats)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:
+        stream = self.stream(prompt, max_new_tokens, **options)
+        for _ in stream:
+            pass
+        return Generation(stream.token_ids, stream.text, stream.stats)
+
+
+def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise InputError(f"max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0 (got {temperature})")
+    if top_k < 0:
+        raise InputError(f"top-k must be >= 0 (got {top_k})")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"top-p must be in (0, 1] (got {top_p})")

@@ -1,0 +1,68 @@
+"""The KV cache, owned by the runtime (the step program itself is stateless).
+
+One contiguous buffer ``[L, 2, B, Hkv, C, Dh]`` whose capacity ``C`` grows in blocks.
+Each step passes the whole buffer as ``past`` (no copy: ONNX Runtime and torch both wrap
+the numpy memory) and the mask marks which slots are valid, so ``T = C`` and the step's
+attention reads at most one block of padding. Committing writes only the accepted rows
+of ``present``; the buffer is reallocated (one copy) only when a block fills up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK = 64
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class KVCache:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: str,
+                 max_seq: int, batch: int = 1):
+        self.shape = (layers, 2, batch, kv_heads, head_dim)
+        self.dtype = np.dtype(dtype)
+        self.max_seq = max_seq
+        self.length = 0  # committed slots, same for every sequence in the batch
+        self.buffer = self._allocate(BLOCK)
+
+    def _allocate(self, capacity: int) -> np.ndarray:
+        layers, two, batch, heads, head_dim = self.shape
+        return np.zeros((layers, two, batch, heads, capacity, head_dim), self.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.buffer.shape[4]
+
+    def _resize(self, capacity: int) -> None:
+        fresh = self._allocate(capacity)
+        fresh[:, :, :, :, : self.length] = self.buffer[:, :, :, :, : self.length]
+        self.buffer = fresh
+
+    def past_for(self, new: int) -> np.ndarray:
+        """The buffer to pass as ``past`` for a step of ``new`` tokens (``T + N <= max_seq``)."""
+        if self.length + new > self.max_seq:
+            raise ValueError(f"KV cache: {self.length} + {new} tokens exceed max_seq {self.max_seq}")
+        limit = self.max_seq - new
+        if self.capacity > limit:
+            self._resize(max(limit, self.length, 1))
+        return self.buffer
+
+    def valid_mask(self) -> np.ndarray:
+        """``[C]`` bool: the committed slots."""
+        mask = np.zeros(self.capacity, dtype=bool)
+        mask[: self.length] = True
+        return mask
+
+    def commit(self, present: np.ndarray, rows: np.ndarray | list[int]) -> None:
+        """Append ``present[..., rows, :]`` (the accepted new tokens, in order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        end = self.length + len(rows)
+        if end > self.capacity:
+            self._resize(min(_round_up(end, BLOCK), self.max_seq))
+        if len(rows) == present.shape[4] and (rows == np.arange(len(rows))).all():
+            self.buffer[:, :, :, :, self.length : end] = present
+        else:
+            self.buffer[:, :, :, :, self.length : end] = present[:, :, :, :, rows]
+        self.length = end

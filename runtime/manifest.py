@@ -1,0 +1,121 @@
+"""The engine manifest: a versioned, validated description of an engine directory.
+
+No torch here: the ONNX run path reads manifests on machines that have no torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from leapc.ir.errors import EngineError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+class Backend(str, enum.Enum):
+    EAGER = "eager"
+    ORT = "ort"
+
+
+class Policy(str, enum.Enum):
+    AR = "ar"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelInfo(_Frozen):
+    source: str
+    family: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    weights_sha256: str
+
+
+class TokenizerInfo(_Frozen):
+    file: str = "tokenizer.json"
+    bos_id: int | None
+    eos_ids: tuple[int, ...]
+
+
+class ProgramEntry(_Frozen):
+    file: str
+    sha256: str
+    signature: dict  # StepSignature.to_json(); shapes as strings of B, N, T
+
+
+class Manifest(_Frozen):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    leapc_version: str
+    toolchain: dict[str, str]
+    backend: Backend
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    programs: dict[str, ProgramEntry]  # "full" now; "draft", "remainder" by later passes
+    passes: tuple[str, ...]
+    addons: dict[str, str] = {}
+    policies: tuple[Policy, ...]
+    max_seq: int
+    max_batch: int
+    max_new: int
+
+    def write(self, engine_dir: Path) -> None:
+        (engine_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(engine_dir: Path) -> Manifest:
+    """Parse and validate ``engine_dir/manifest.json`` and the files it names."""
+    path = engine_dir / MANIFEST_FILE
+    if not engine_dir.is_dir():
+        raise EngineError(f"engine directory {engine_dir} does not exist")
+    if not path.is_file():
+        raise EngineError(f"{engine_dir} is not a leapc engine (no {MANIFEST_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EngineError(f"{path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err})") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise EngineError(f"{path}: unknown manifest schema version {version!r} "
+                          f"(this leapc reads version {SCHEMA_VERSION}); rebuild the engine")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise EngineError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+    _check_files(engine_dir, manifest)
+    return manifest
+
+
+def _check_files(engine_dir: Path, manifest: Manifest) -> None:
+    tokenizer = engine_dir / manifest.tokenizer.file
+    if not tokenizer.is_file():
+        raise EngineError(f"{engine_dir}: tokenizer file {manifest.tokenizer.file} is missing")
+    for name, entry in manifest.programs.items():
+        file = engine_dir / entry.file
+        if not file.is_file():
+            raise EngineError(f"{engine_dir}: {name} program file {entry.file} is missing")
+        if sha256_file(file) != entry.sha256:
+            raise EngineError(f"{engine_dir}: {name} program file {entry.file} is corrupt "
+                              "(sha256 differs from the manifest)")

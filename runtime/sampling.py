@@ -1,0 +1,49 @@
+"""Turning logits into a next-token distribution and a token (numpy only).
+
+The same `SamplingConfig` shapes both the target's ``p`` and any drafter's ``q`` so that
+the exact acceptance rules of DESIGN §7 compare like with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def probabilities(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """Softmax of ``logits / T`` restricted to the top-k and then the top-p nucleus."""
+    z = logits.astype(np.float64) / cfg.temperature
+    if 0 < cfg.top_k < z.shape[-1]:
+        kth = np.partition(z, -cfg.top_k, axis=-1)[..., -cfg.top_k, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+        drop_sorted = np.cumsum(sorted_p, axis=-1) - sorted_p >= cfg.top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        p = np.where(drop, 0.0, p)
+        p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    if cfg.greedy:
+        return int(np.argmax(logits))
+    p = probabilities(logits, cfg)
+    return int(rng.choice(p.shape[-1], p=p))
