@@ -13,15 +13,15 @@ from dataclasses import dataclass
 
 import torch
 from torch.export import ExportedProgram
+from torch.export.graph_signature import OutputKind
 from torch.fx import Graph, Node
 
 from leapc.ir.errors import UnsupportedModelError
 
 _ATTENTION_OPS = (torch.ops.aten.scaled_dot_product_attention.default,)
-_PROJECTION_OPS = (torch.ops.aten.linear.default, torch.ops.aten.matmul.default,
-                   torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
 _VIEW_OPS = (torch.ops.aten.alias.default, torch.ops.aten.slice.Tensor,
-             torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+             torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+             torch.ops.aten.select.int)
 _INDEXED = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)$")
 
 
@@ -43,6 +43,7 @@ class Anatomy:
     final_norm: str  # the node the LM head reads
     lm_head: str
     lm_head_weight: str  # parameter name (the embedding's for tied weights)
+    lm_head_bias: str | None = None  # parameter name, for the few heads with a bias
 
     def describe(self) -> list[tuple[str, str]]:
         first, last = self.layers[0], self.layers[-1]
@@ -54,7 +55,8 @@ class Anatomy:
             ("attention op", ", ".join(first.attention)),
             ("KV (layer 0)", f"{first.keys}, {first.values}"),
             ("final norm output", self.final_norm),
-            ("LM head", f"{self.lm_head} (weight {self.lm_head_weight})"),
+            ("LM head", f"{self.lm_head} (weight {self.lm_head_weight}"
+                        + (f", bias {self.lm_head_bias})" if self.lm_head_bias else ")")),
         ]
 
 
@@ -103,77 +105,122 @@ def _layer(graph: Graph, index: int, module: str, hidden: int) -> LayerAnatomy:
     escaping = [n for n in nodes if _is_hidden(n, hidden)
                 and any(u not in inside for u in n.users)]
     attention = [n for n in nodes if n.target in _ATTENTION_OPS]
-    # The cache update concatenates the past (computed outside the layer) with new rows.
-    cache = [n for n in nodes if n.target == torch.ops.aten.cat.default
-             and any(a not in inside for a in n.all_input_nodes)]
+    kv = _cache_updates(attention[0], inside) if attention else None
     missing = [what for what, found in (("an input residual stream", external_hidden),
                                          ("an output residual stream", escaping),
                                          ("an attention op", attention),
-                                         ("a key and a value cache update", len(cache) == 2))
+                                         ("a key and a value cache update", kv))
                if not found]
     if missing:
         raise UnsupportedModelError(f"anatomy: layer {module} lacks {', '.join(missing)}")
-    keys, values = _kv_of(attention[0], cache)
+    keys, values = kv
     return LayerAnatomy(index, module, external_hidden[0].name, escaping[-1].name,
                         tuple(n.name for n in attention), keys.name, values.name)
 
 
-def _kv_of(attention: Node, cache: list[Node]) -> tuple[Node, Node]:
-    """Which cache update feeds the attention's keys (arg 1) and which its values (arg 2).
+def _cache_updates(attention: Node, inside: set[Node]) -> tuple[Node, Node] | None:
+    """The concatenations of past and new keys / values feeding ``attention`` (args 1, 2).
 
-    Walks back from each argument through the single-tensor reshapes between them
-    (``repeat_kv``'s expand/reshape, dtype casts); falls back to program order.
+    Walks back from each argument along first inputs (``repeat_kv``'s expand/reshape,
+    casts) to a ``cat`` that joins rows from the ``past`` input (or, after a pass that
+    changes how the cache arrives, rows computed outside the layer) with new ones.
     """
     found = []
     for arg in attention.args[1:3]:
         node = arg
-        while isinstance(node, Node) and node not in cache and node.all_input_nodes:
-            node = node.all_input_nodes[0]
-        found.append(node if node in cache else None)
-    if found[0] is not None and found[1] is not None and found[0] is not found[1]:
-        return found[0], found[1]
-    return cache[0], cache[1]
+        while isinstance(node, Node) and not _is_cache_update(node, inside):
+            node = node.all_input_nodes[0] if node.all_input_nodes else None
+        found.append(node)
+    keys, values = found
+    if keys is None or values is None or keys is values:
+        return None
+    return keys, values
 
 
-def _lm_head(program: ExportedProgram) -> tuple[Node, str]:
-    """Walk back from the ``logits`` output to the vocabulary projection."""
-    out = program.graph.output_node()
-    node = out.args[0][0]
-    params = program.graph_signature.inputs_to_parameters
-    seen = []
-    while node.op == "call_function":
-        seen.append(node)
-        if node.target in _PROJECTION_OPS:
-            weight = next((a for a in node.all_input_nodes if a.name in params), None)
-            if weight is not None:
-                return node, params[weight.name]
-        node = node.all_input_nodes[0]
-    raise UnsupportedModelError("anatomy: no LM head projection found behind the logits output")
+def _is_cache_update(node: Node, inside: set[Node]) -> bool:
+    if node.target != torch.ops.aten.cat.default:
+        return False
+    return any(_from_input(a, "past") or a not in inside for a in node.all_input_nodes)
 
 
-def _reads_tokens(node: Node) -> bool:
-    """``node`` is the ``tokens`` input, possibly behind views (GPT-2 reshapes it first)."""
+def _from_input(node: Node, name: str) -> bool:
+    """``node`` is the placeholder ``name``, possibly behind views and selections."""
     while node.op == "call_function" and node.target in _VIEW_OPS and node.all_input_nodes:
         node = node.all_input_nodes[0]
-    return node.op == "placeholder" and node.name == "tokens"
+    return node.op == "placeholder" and node.name == name
+
+
+# For each projection op: (index of the activation arg, index of the weight, of the bias).
+_PROJECTION_ARGS = {
+    torch.ops.aten.linear.default: (0, 1, 2),
+    torch.ops.aten.matmul.default: (0, 1, None),
+    torch.ops.aten.mm.default: (0, 1, None),
+    torch.ops.aten.addmm.default: (1, 2, 0),
+}
+_WEIGHT_VIEWS = (*_VIEW_OPS, torch.ops.aten.t.default, torch.ops.aten.transpose.int,
+                 torch.ops.aten.permute.default, torch.ops.aten._to_copy.default,
+                 torch.ops.aten.to.dtype)
+
+
+def _parameter(node, params: dict[str, str]) -> str | None:
+    """The parameter ``node`` reads, possibly behind transposes, views and casts."""
+    while isinstance(node, Node) and node.op == "call_function" and node.target in _WEIGHT_VIEWS:
+        node = node.args[0]
+    if isinstance(node, Node) and node.op == "placeholder":
+        return params.get(node.name)
+    return None
+
+
+def _logits_node(program: ExportedProgram) -> Node:
+    """The first user output (buffer mutations, if any, precede user outputs)."""
+    users = [s for s in program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    name = users[0].arg.name
+    return next(n for n in program.graph.output_node().all_input_nodes if n.name == name)
+
+
+def _lm_head(program: ExportedProgram) -> tuple[Node, Node, str, str | None]:
+    """Walk back from the ``logits`` output to the vocabulary projection.
+
+    Returns the projection node, its activation input, its weight's and (if any) its bias's
+    parameter names.
+    """
+    node = _logits_node(program)
+    params = program.graph_signature.inputs_to_parameters
+    while node.op == "call_function":
+        if node.target in _PROJECTION_ARGS:
+            x, w, b = _PROJECTION_ARGS[node.target]
+            weight = _parameter(node.args[w], params) if len(node.args) > w else None
+            if weight is not None:
+                bias = _parameter(node.args[b], params) if b is not None and len(node.args) > b \
+                    else None
+                return node, node.args[x], weight, bias
+        if not node.all_input_nodes:
+            break
+        node = node.all_input_nodes[0]
+    raise UnsupportedModelError("anatomy: no LM head projection found behind the logits output")
 
 
 def recover_anatomy(program: ExportedProgram, num_layers: int, hidden: int) -> Anatomy:
     graph = program.graph
     embeddings = [n for n in graph.nodes if n.target == torch.ops.aten.embedding.default
-                  and _reads_tokens(n.args[1])]
+                  and _from_input(n.args[1], "tokens")]
     if not embeddings:
         raise UnsupportedModelError("anatomy: no token embedding reads the tokens input")
     layers = tuple(_layer(graph, i, m, hidden)
                    for i, m in enumerate(_decoder_layers(graph, num_layers)))
-    head, weight = _lm_head(program)
-    norm = head.all_input_nodes[0]
-    while norm.target in _VIEW_OPS:  # logits_to_keep slicing sits between norm and head
+    head, norm, weight, bias = _lm_head(program)
+    # logits_to_keep slicing (and GPT-2's 2-D reshape) sit between the norm and the head
+    while norm.op == "call_function" and norm.target in _VIEW_OPS:
         norm = norm.all_input_nodes[0]
+    if not _is_hidden(norm, hidden):
+        raise UnsupportedModelError(
+            f"anatomy: the LM head reads {norm.name}, not a [B, N, {hidden}] hidden state"
+        )
     return Anatomy(
         embedding=embeddings[0].name,
         layers=layers,
         final_norm=norm.name,
         lm_head=head.name,
         lm_head_weight=weight,
+        lm_head_bias=bias,
     )

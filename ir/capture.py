@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.exc import UserError
 from torch.export import Dim, ExportedProgram
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
@@ -127,6 +130,11 @@ def check_supported(model: PreTrainedModel, options: CaptureOptions) -> None:
     if uses_window and (window is None or window < options.max_seq):
         reasons.append(f"sliding-window attention (window {window}) shorter than max-seq "
                        f"{options.max_seq} is not supported")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_sets = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type
+    if any(r.get("rope_type") == "dynamic" for r in rope_sets):
+        # Its frequencies are recomputed on a data-dependent branch (max position so far).
+        reasons.append("dynamic RoPE scaling is not supported")
     if family not in SUPPORTED_FAMILIES:
         reasons.append(f"model family {family!r} is not supported "
                        f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
@@ -182,15 +190,56 @@ def step_bounds(options: CaptureOptions) -> dict[str, tuple[int, int]]:
     return {"B": (1, options.max_batch), "N": (1, options.max_new), "T": (1, options.max_seq - 1)}
 
 
+def export_step(module: torch.nn.Module, dims: ModelDims, options: CaptureOptions) -> ExportedProgram:
+    """``torch.export`` a step-contract module with symbolic B, N, T (capture and re-export).
+
+    Export traces every dynamic dim with a lower bound of 2 (to avoid 0/1 specialisation)
+    and relaxes only the declared `Dim`s back to 1 afterwards; the mask's derived ``T + N``
+    keeps ``>= 4``, so the program would refuse ``T = N = 1`` (a one-token prompt behind
+    the dummy slot). Its range is recomputed from the declared dims and capped at
+    ``max_seq``, which also makes the program check ``T + N <= max_seq`` on every call.
+    """
+    with torch.no_grad():
+        program = torch.export.export(
+            module, example_inputs(dims), dynamic_shapes=dynamic_shapes(options), strict=False,
+        )
+    _fix_mask_range(program, options)
+    return program
+
+
+def _fix_mask_range(program: ExportedProgram, options: CaptureOptions) -> None:
+    mask = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == "mask")
+    total = mask.meta["val"].shape[2]
+    if not isinstance(total, torch.SymInt):
+        return
+    expr = total.node.expr
+    ranges = program.range_constraints
+    roots = {s: ranges[s] for s in expr.free_symbols if s in ranges}
+    if expr in ranges and len(roots) == len(expr.free_symbols):
+        derived = bound_sympy(expr, roots)
+        ranges[expr] = ValueRanges(derived.lower, min(derived.upper, options.max_seq))
+
+
 def capture(model: PreTrainedModel, options: CaptureOptions = CaptureOptions()) -> CapturedProgram:
     """Export ``model`` as the step program with symbolic B, N, T."""
     check_supported(model, options)
     model.eval()
-    model.set_attn_implementation("sdpa")
+    previous = model.config._attn_implementation
+    try:
+        model.set_attn_implementation("sdpa")
+    except (ValueError, ImportError) as err:
+        raise UnsupportedModelError(f"{model.config.model_type}: no SDPA attention ({err})") from err
     dims = ModelDims.of(model)
-    with torch.no_grad():
-        program = torch.export.export(
-            StepModule(model), example_inputs(dims), dynamic_shapes=dynamic_shapes(options),
-            strict=False,
-        )
+    try:
+        program = export_step(StepModule(model), dims, options)
+    except (GuardOnDataDependentSymNode, UserError) as err:
+        # The model's code branches on values or pins a dim the contract keeps symbolic.
+        reason = str(err).strip().splitlines()[0]
+        raise UnsupportedModelError(
+            f"{model.config.model_type}: torch.export cannot capture it as a step program "
+            f"({type(err).__name__}: {reason})"
+        ) from err
+    finally:
+        if previous and previous != "sdpa":
+            model.set_attn_implementation(previous)
     return CapturedProgram(program, step_signature(dims, options), dims)

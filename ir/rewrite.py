@@ -15,13 +15,43 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule
 
-from leapc.ir.capture import CaptureOptions, CapturedProgram, dynamic_shapes, example_inputs
+from leapc.ir.capture import CapturedProgram, CaptureOptions, export_step
 from leapc.ir.signature import TensorSpec
+
+# Where each symbolic dim is read from: (input, axis) -> the canonical (input, axis).
+_CANONICAL_DIMS = {
+    ("positions", 0): ("tokens", 0), ("positions", 1): ("tokens", 1),
+    ("mask", 0): ("tokens", 0), ("mask", 1): ("tokens", 1), ("past", 2): ("tokens", 0),
+}
 
 
 def unlift(program: CapturedProgram) -> GraphModule:
-    """A private, mutable copy of the program as a flat graph module."""
-    return copy.deepcopy(program.program.module())
+    """A private, mutable copy of the program as a flat graph module.
+
+    Without input guards: re-export traces with every dim >= 2, so the guard
+    ``T + N <= max_seq`` would otherwise narrow T to ``max_seq - 2``; the re-export
+    declares the same bounds again anyway.
+    """
+    gm = copy.deepcopy(program.program.module(check_guards=False))
+    _canonicalize_sizes(gm)
+    return gm
+
+
+def _canonicalize_sizes(gm: GraphModule) -> None:
+    """Read B and N from ``tokens`` only.
+
+    Re-tracing sees ``mask.size(0)`` and ``tokens.size(0)`` as separate symbols until
+    the declared dims unify them; a reshape between them then records spurious guards
+    such as ``B != N * B`` (which refuses N = 1). One source per dim avoids that.
+    """
+    inputs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.aten.sym_size.int:
+            continue
+        source, axis = node.args
+        canonical = _CANONICAL_DIMS.get((source.name, axis))
+        if canonical:
+            node.args = (inputs[canonical[0]], canonical[1])
 
 
 def set_outputs(gm: GraphModule, outputs: list[torch.fx.Node]) -> None:
@@ -48,11 +78,7 @@ def reexport(
         max_batch=program.signature.bounds["B"][1],
         max_new=program.signature.bounds["N"][1],
     )
-    with torch.no_grad():
-        exported = torch.export.export(
-            gm, example_inputs(program.dims), dynamic_shapes=dynamic_shapes(options),
-            strict=False,
-        )
+    exported = export_step(gm, program.dims, options)
     signature = program.signature.with_outputs(outputs) if outputs else program.signature
     return CapturedProgram(exported, signature, program.dims)
 

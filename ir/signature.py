@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import sympy
 
 B, N, T = sympy.symbols("B N T", integer=True, positive=True)
+S = sympy.Symbol("S", integer=True, positive=True)  # cache slots, in memory formulas
 SYMBOLS = {"B": B, "N": N, "T": T}
 
 Dim = sympy.Expr | int
@@ -51,8 +52,7 @@ class StepSignature:
     def kv_bytes(self, itemsize: int) -> sympy.Expr:
         """KV-cache bytes for B sequences of S slots: ``L*2*B*Hkv*S*Dh*itemsize``."""
         layers, two, _, heads, _, head_dim = self.spec("past").shape
-        seq = sympy.Symbol("S", integer=True, positive=True)
-        return sympy.Integer(layers * two * heads * head_dim * itemsize) * B * seq
+        return sympy.Integer(layers * two * heads * head_dim * itemsize) * B * S
 
     def with_outputs(self, outputs: tuple[TensorSpec, ...]) -> StepSignature:
         return StepSignature(self.inputs, outputs, self.bounds, self.max_seq)

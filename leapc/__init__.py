@@ -16,7 +16,7 @@ __all__ = ["Engine", "Generation", "StreamChunk", "build", "load"]
 
 def build(model, out_dir, backend="ort", **options) -> Path:
     """Compile ``model`` (``"bundled"``, an HF directory, a llama2.c ``.bin``) to an engine."""
-    from leapc.build import build as _build
+    from leapc.compiler import build as _build
 
     return _build(model, out_dir, backend, **options)
 

@@ -21,7 +21,7 @@ BUNDLED_DIR = Path(__file__).parent / "pycoder-15m"
 class SourceModel:
     model: PreTrainedModel
     tokenizer: Tokenizer
-    name: str
+    name: str  # "bundled" or the resolved path it was loaded from
     bos_id: int | None
     eos_ids: tuple[int, ...]
 
@@ -83,4 +83,5 @@ def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
         raise InputError(f"model {spec} is neither a Hugging Face directory nor a llama2.c .bin")
     model.eval()
     bos, eos = _special_ids(model)
-    return SourceModel(model, tok, path.name if str(spec) != BUNDLED else BUNDLED_DIR.name, bos, eos)
+    name = BUNDLED if str(spec) == BUNDLED else str(path.resolve())
+    return SourceModel(model, tok, name, bos, eos)

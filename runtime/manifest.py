@@ -33,7 +33,7 @@ class _Frozen(BaseModel):
 
 
 class ModelInfo(_Frozen):
-    source: str
+    source: str  # what was built: "bundled", or the model's path (for `bench --vs-hf`)
     family: str
     num_layers: int
     num_kv_heads: int
@@ -65,6 +65,7 @@ class Manifest(_Frozen):
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full" now; "draft", "remainder" by later passes
     passes: tuple[str, ...]
+    anatomy: tuple[tuple[str, str], ...] = ()  # landmark -> graph node, for `leapc inspect`
     addons: dict[str, str] = {}
     policies: tuple[Policy, ...]
     max_seq: int

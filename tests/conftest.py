@@ -1,4 +1,35 @@
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+from engines import require_bundled, require_stories, tiny_source  # noqa: E402
+
+import leapc  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory):
+    """``engine_dir(key, backend)`` -> an engine directory built once per session.
+
+    ``key`` is ``"stories"`` (../shared, skipped if absent), ``"bundled"``, or
+    ``"tiny-<family>"`` (a random tiny model taking id prompts, max-seq 256).
+    """
+    built = {}
+
+    def get(key: str, backend: str = "ort"):
+        if (key, backend) not in built:
+            out = tmp_path_factory.mktemp(f"{key}-{backend}")
+            if key == "stories":
+                model, max_seq = require_stories(), None
+            elif key == "bundled":
+                require_bundled()
+                model, max_seq = "bundled", None
+            else:
+                model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
+            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq)
+        return built[key, backend]
+
+    return get

@@ -23,6 +23,7 @@ UNSUPPORTED = {
     "mistral_window": "sliding-window",  # window (16) shorter than max_seq
     "qwen2_window": "sliding-window",
     "bloom": "family",  # a causal LM outside SUPPORTED_FAMILIES (ALiBi attention)
+    "llama_dynamic_rope": "dynamic RoPE",  # frequencies recomputed on a data-dependent branch
 }
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN = 256, 64, 2, 4, 2, 16, 128
@@ -73,6 +74,9 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     if family == "qwen2_window":
         return t.Qwen2Config(**_COMMON, use_sliding_window=True, sliding_window=SMALL_WINDOW,
                              max_window_layers=0)
+    if family == "llama_dynamic_rope":
+        return t.LlamaConfig(**_COMMON, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                         "rope_theta": 10000.0})
     if family == "bloom":
         return t.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                              initializer_range=0.1, bos_token_id=1, eos_token_id=2)

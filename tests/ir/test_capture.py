@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, UNSUPPORTED, captured, tiny_model
-from transformers import DynamicCache
+from families import FAMILIES, UNSUPPORTED, captured, tiny_checkpoint, tiny_model
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from leapc.ir import signature as sig
 from leapc.ir.capture import CaptureOptions, StepModule, capture, check_supported
@@ -58,6 +58,11 @@ def _garbage_past(dims, batch: int, slots: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     return 100 * torch.randn(dims.num_layers, 2, batch, dims.num_kv_heads, slots, dims.head_dim,
                              generator=g)
+
+
+def _inputs(dims, batch: int, new: int, past: int):
+    return (_prompts(batch, new), _positions(batch, past, new), _garbage_past(dims, batch, past),
+            _chain_mask(batch, new, past, past))
 
 
 def _hf_cache_kv(cache: DynamicCache, start: int, stop: int) -> torch.Tensor:
@@ -177,6 +182,17 @@ def test_signature_and_export_bounds(step):
     assert ranges[str(b)] == (1, 4)
     assert ranges[str(n)] == (1, 16)
     assert ranges[str(t)] == (1, 63)
+    assert ranges[str(t + n)] == (2, 64)  # T = N = 1 allowed; T + N capped at max_seq
+
+
+def test_extreme_dims_run_and_overlong_calls_are_refused(step):
+    cap, run = step
+    for b, n, t in [(1, 1, 1), (4, 16, 48), (1, 1, 63)]:
+        logits, present = run(*_inputs(cap.dims, b, n, t))
+        assert logits.shape == (b, n, cap.dims.vocab_size)
+        assert present.shape[2] == b and present.shape[4] == n
+    with pytest.raises(Exception, match="mask"):  # T + N = 65 > max_seq
+        run(*_inputs(cap.dims, 1, 2, 63))
 
 
 def test_dims_match_config(family, step):
@@ -214,3 +230,21 @@ def test_window_at_least_max_seq_is_accepted():
     module = cap.program.module()
     with torch.no_grad():
         _check_prefill_then_chunk(model, module, cap.dims)
+
+
+def test_untraceable_model_is_refused(monkeypatch):
+    """Past the config checks, an export failure still surfaces as UnsupportedModelError."""
+    import leapc.ir.capture as capture_module
+
+    monkeypatch.setattr(capture_module, "check_supported", lambda model, options: None)
+    with pytest.raises(UnsupportedModelError, match="torch.export cannot capture"):
+        capture(tiny_model("llama_dynamic_rope"), CaptureOptions(max_seq=64))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])  # untied and tied LM heads
+def test_tiny_checkpoint_round_trips(name, tmp_path):
+    directory = tiny_checkpoint(name, tmp_path / name)
+    loaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+    tokens = _prompts(1, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, tiny_model(name)(tokens).logits)

@@ -1,4 +1,4 @@
-"""``leapc.build``: model → capture → passes → numeric check → lower → engine directory."""
+"""The compiler driver: model → capture → passes → numeric check → lower → engine directory."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import CaptureOptions, StepModule, capture
 from leapc.ir.errors import InputError
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
@@ -100,6 +101,8 @@ def _manifest(source, backend: Backend, result, options: CaptureOptions, program
         programs={"full": ProgramEntry(file=program_file.name, sha256=sha256_file(program_file),
                                        signature=result.program.signature.to_json())},
         passes=result.ran,
+        anatomy=tuple(recover_anatomy(result.program.program, dims.num_layers,
+                                      dims.hidden_size).describe()),
         policies=(Policy.AR,),
         max_seq=options.max_seq,
         max_batch=options.max_batch,

@@ -1,0 +1,170 @@
+"""The ``leapc`` command line: build, run, inspect, bench, demo.
+
+User mistakes (bad flags, missing or corrupt engines, unsupported models, prompts that do
+not fit) print one line on stderr and exit with code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leapc.ir.errors import InputError, LeapcUserError
+from leapc.runtime.manifest import Backend, Policy
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _policies(value: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in value.split(",") if p.strip())
+    for name in names:
+        if name not in {p.value for p in Policy}:
+            raise InputError(f"unknown policy {name!r} (known: {', '.join(p.value for p in Policy)})")
+    return names
+
+
+@app.command()
+def build(
+    model: str = typer.Argument(..., help="Hugging Face directory, llama2.c .bin, or 'bundled'"),
+    output: Path = typer.Option(..., "-o", "--output", help="engine directory to write"),
+    backend: Backend = typer.Option(Backend.ORT, help="engine backend"),
+    max_seq: int = typer.Option(None, help="longest sequence (prompt + generation)"),
+    tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
+    dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
+) -> None:
+    """Compile MODEL into an engine directory."""
+    import leapc
+
+    with out.status("building") as status:
+        path = leapc.build(model, output, backend, max_seq=max_seq, tokenizer=tokenizer,
+                           dump_dir=dump_passes,
+                           on_stage=lambda s: status.update(f"[bold]{s}"))
+    out.print(f"engine written to [bold]{path}[/]")
+
+
+@app.command()
+def run(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    prompt: str = typer.Option(None, help="prompt text ('' means BOS only)"),
+    prompt_ids: str = typer.Option(None, help="comma-separated prompt token ids"),
+    max_new_tokens: int = typer.Option(64),
+    policy: str = typer.Option("ar"),
+    temperature: float = typer.Option(0.0),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Generate from a prompt."""
+    import leapc
+
+    if (prompt is None) == (prompt_ids is None):
+        raise InputError("give exactly one of --prompt and --prompt-ids")
+    request = prompt if prompt is not None else _parse_ids(prompt_ids)
+    stream = leapc.load(engine).stream(request, max_new_tokens, policy=policy,
+                                       temperature=temperature, top_k=top_k, top_p=top_p,
+                                       seed=seed)
+    if as_json:
+        for _ in stream:
+            pass
+        print(json.dumps({"text": stream.text, "token_ids": stream.token_ids,
+                          **stream.stats.as_dict()}))
+        return
+    for chunk in stream:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = stream.stats
+    err.print(f"[dim]{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, tau {s.tau:.2f}[/]")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers (got {text!r})") from None
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="engine directory or model")) -> None:
+    """Show anatomy, step signature, KV memory, passes and policies."""
+    from leapc.inspection import inspect_target
+
+    for table in inspect_target(path):
+        out.print(table)
+
+
+@app.command()
+def bench(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    policies: str = typer.Option("ar", help="comma-separated policies"),
+    prompts: Path = typer.Option(None, help="JSONL prompt file (default: built-in code prompts)"),
+    max_new_tokens: int = typer.Option(64),
+    repeats: int = typer.Option(3),
+    vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
+    json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
+    plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
+) -> None:
+    """Benchmark policies on an engine (medians over repeats)."""
+    import leapc
+    from leapc.benchmark import BenchConfig, load_prompts, run_bench
+
+    if repeats < 1 or max_new_tokens < 1:
+        raise InputError("--repeats and --max-new-tokens must be at least 1")
+    cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats)
+    with out.status("benchmarking"):
+        result = run_bench(leapc.load(engine), cfg, vs_hf)
+    out.print(bench_table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    if plot:
+        from leapc.plots import plot_speedups
+
+        plot_speedups(result, plot)
+
+
+def bench_table(result: dict) -> Table:
+    table = Table(title=f"{result['model']} · {result['backend']} · {result['prompts']} prompts "
+                        f"× {result['max_new_tokens']} tokens (median of {result['repeats']})")
+    for column in ("policy", "tokens/s", "tau", "steps", "speedup vs ar", "identical to ar"):
+        table.add_column(column, justify="right")
+    for r in result["results"]:
+        table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
+                      f"{r['speedup_vs_ar']:.2f}×", "yes" if r["identical_to_ar"] else "NO")
+    hf = result["baselines"].get("hf_generate_tokens_per_s")
+    if hf:
+        ar = next((r for r in result["results"] if r["policy"] == "ar"), None)
+        ratio = f"(ar is {ar['tokens_per_s'] / hf:.2f}× this)" if ar else ""
+        table.add_row("hf generate", f"{hf:.1f}", "1.00", "", ratio, "")
+    return table
+
+
+@app.command()
+def demo() -> None:
+    """Build the bundled model (once), complete code prompts, show the bench table."""
+    from leapc.demo import run_demo
+
+    run_demo(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except LeapcUserError as e:
+        err.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # bad flag, missing argument, bad value
+        err.print(f"error: {e.format_message()}", markup=False, highlight=False)
+        sys.exit(2)

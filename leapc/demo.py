@@ -1,0 +1,57 @@
+"""``leapc demo``: the bundled model end to end, with its engine cached after the first run."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+
+from leapc.benchmark import CODE_PROMPTS, BenchConfig, run_bench
+
+DEMO_PROMPTS = CODE_PROMPTS[:3]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LEAPC_CACHE") or Path.home() / ".cache" / "leapc"
+    return Path(root) / "engines"
+
+
+def _engine_key() -> str:
+    """Rebuild when the bundled weights or leapc change."""
+    from leapc.models.loaders import BUNDLED_DIR
+
+    digest = hashlib.sha256(importlib.metadata.version("leapc").encode())
+    digest.update((BUNDLED_DIR / "model.safetensors").read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def bundled_engine(console: Console) -> Path:
+    import leapc
+
+    path = cache_dir() / f"bundled-ort-{_engine_key()}"
+    if not (path / "manifest.json").exists():
+        with console.status("building the bundled model's engine (once)") as status:
+            leapc.build("bundled", path, "ort",
+                        on_stage=lambda s: status.update(f"building engine: [bold]{s}"))
+    return path
+
+
+def run_demo(console: Console) -> None:
+    import leapc
+    from leapc.cli import bench_table
+
+    path = bundled_engine(console)
+    engine = leapc.load(path)
+    for prompt in DEMO_PROMPTS:
+        generation = engine.generate(prompt, max_new_tokens=64)
+        console.print(Panel(f"[dim]{prompt}[/][bold]{generation.text}[/]",
+                            title=f"{generation.stats.tokens_per_s:.0f} tok/s", expand=False),
+                      markup=True, highlight=False)
+    cfg = BenchConfig(("ar",), CODE_PROMPTS, max_new_tokens=64, repeats=3)
+    with console.status("benchmarking (leapc vs transformers generate)"):
+        result = run_bench(engine, cfg, vs_hf=True)
+    console.print(bench_table(result))

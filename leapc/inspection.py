@@ -1,0 +1,84 @@
+"""``leapc inspect``: what an engine (or a model, captured on the fly) is made of."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from leapc.ir.signature import B, S, StepSignature
+from leapc.runtime.manifest import MANIFEST_FILE, read_manifest
+
+
+def _kv_row(signature: StepSignature, itemsize: int, max_seq: int) -> str:
+    formula = signature.kv_bytes(itemsize)
+    at_max = formula.subs({B: 1, S: max_seq})
+    return f"{formula}  (B=1, S={max_seq}: {int(at_max) / 2**20:.1f} MiB)"
+
+
+def _signature_table(name: str, signature: StepSignature, itemsize: int) -> Table:
+    table = Table(title=f"step signature · {name}")
+    for column in ("tensor", "dtype", "shape"):
+        table.add_column(column)
+    for kind, specs in (("in", signature.inputs), ("out", signature.outputs)):
+        for spec in specs:
+            shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+            table.add_row(f"{kind} {spec.name}", spec.dtype, shape)
+    bounds = ", ".join(f"{lo} ≤ {k} ≤ {hi}" for k, (lo, hi) in signature.bounds.items())
+    table.add_row("bounds", "", f"{bounds}, T + N ≤ {signature.max_seq}")
+    table.add_row("KV bytes", "", _kv_row(signature, itemsize, signature.max_seq))
+    return table
+
+
+def _anatomy_table(rows) -> Table:
+    table = Table(title="anatomy")
+    table.add_column("landmark")
+    table.add_column("graph node")
+    for landmark, node in rows:
+        table.add_row(landmark, node)
+    return table
+
+
+def inspect_engine(path: Path) -> list[Table]:
+    import numpy as np
+
+    m = read_manifest(path)
+    itemsize = np.dtype(m.model.dtype).itemsize
+    summary = Table(title=f"engine {path}", show_header=False)
+    for key, value in (
+        ("model", f"{m.model.source} ({m.model.family}, {m.model.num_layers} layers, "
+                  f"vocab {m.model.vocab_size}, {m.model.dtype})"),
+        ("backend", m.backend.value),
+        ("passes", " → ".join(m.passes) or "none"),
+        ("policies", ", ".join(p.value for p in m.policies)),
+        ("weights sha256", m.model.weights_sha256[:16] + "…"),
+        ("toolchain", ", ".join(f"{k} {v}" for k, v in m.toolchain.items())),
+    ):
+        summary.add_row(key, value)
+    tables = [summary, _anatomy_table(m.anatomy)]
+    for name, entry in m.programs.items():
+        tables.append(_signature_table(name, StepSignature.from_json(entry.signature), itemsize))
+    return tables
+
+
+def inspect_model(spec: str) -> list[Table]:
+    """Capture a model (no passes, no lowering) and show what an engine of it would hold."""
+    import torch
+
+    from leapc.ir.anatomy import recover_anatomy
+    from leapc.ir.capture import CaptureOptions, capture
+    from leapc.models.loaders import load_source
+
+    source = load_source(spec)
+    captured = capture(source.model, CaptureOptions())
+    dims = captured.dims
+    anatomy = recover_anatomy(captured.program, dims.num_layers, dims.hidden_size)
+    itemsize = torch.empty((), dtype=getattr(torch, dims.dtype)).element_size()
+    return [_anatomy_table(anatomy.describe()),
+            _signature_table("full", captured.signature, itemsize)]
+
+
+def inspect_target(path: Path) -> list[Table]:
+    if (path / MANIFEST_FILE).exists() or (path.is_dir() and not (path / "config.json").exists()):
+        return inspect_engine(path)
+    return inspect_model(str(path))

@@ -1,0 +1,103 @@
+"""Write the trained bundled model as a standard Hugging Face directory plus its model card."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from leapc.models import corpus
+
+CARD_PROMPTS = (
+    "def fibonacci(n):\n",
+    "import os\n\n\ndef list_files(path):\n",
+    "class Stack:\n    def __init__(self):\n",
+)
+
+
+def write_bundled_model(model: LlamaForCausalLM, work: Path, out: Path) -> None:
+    """float16 safetensors, tokenizer files, generation config, then the model card."""
+    out.mkdir(parents=True, exist_ok=True)
+    half = copy.deepcopy(model).to(torch.float16)
+    half.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.pad_token_id, do_sample=False,
+    )
+    half.save_pretrained(out)
+    PreTrainedTokenizerFast(
+        tokenizer_file=str(work / "tokenizer.json"),
+        bos_token=corpus.BOS, eos_token=corpus.EOS, pad_token=corpus.PAD,
+        model_max_length=model.config.max_position_embeddings,
+    ).save_pretrained(out)
+    write_model_card(out, work)
+
+
+def greedy_completions(model_dir: Path, max_new_tokens: int = 48) -> list[tuple[str, str]]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pairs = []
+    for prompt in CARD_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=max_new_tokens)
+        pairs.append((prompt, tokenizer.decode(out[0, ids.input_ids.shape[1]:],
+                                               skip_special_tokens=True)))
+    return pairs
+
+
+def write_model_card(out: Path, work: Path) -> None:
+    state = json.loads((work / "train_state.json").read_text())
+    per_layer = json.loads((work / "eval.json").read_text())["per_layer_loss"]
+    cfg = state["config"]
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters())
+    layer_rows = "\n".join(f"| {i + 1} | {loss:.3f} |" for i, loss in enumerate(per_layer))
+    samples = "\n\n".join(f"```python\n{p}{c}\n```" for p, c in greedy_completions(out))
+    (out / "README.md").write_text(f"""# pycoder-15m — leapc's bundled default model
+
+A {params / 1e6:.1f}M-parameter Llama (GQA {cfg['num_heads']}:{cfg['num_kv_heads']} heads,
+RoPE, SwiGLU, RMSNorm; {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, tied
+embeddings) trained from scratch on a 2-core CPU by `python -m leapc.models.train_base`,
+so that leapc's demo, tests and benchmarks have a real model that needs no download.
+
+- **Corpus**: the `*.py` files of the Python {_python_version()} standard library of the
+  interpreter that ran the recipe; 5% of files held out by a fixed sha256 of their path
+  (`leapc.models.corpus.is_held_out`).
+- **Tokenizer**: byte-level BPE, vocabulary {cfg['vocab_size']}, trained with `tokenizers`
+  on the training files only. `<|bos|>`=1 starts every document, `<|eos|>`=2 ends it.
+- **Training**: context {cfg['context']}, batch {cfg['batch_size']}, {state['step']} steps,
+  **{state['tokens'] / 1e6:.1f}M tokens seen**, AdamW (lr {cfg['lr']} cosine to
+  {cfg['min_lr']}), bf16 autocast; **wall time {state['seconds'] / 60:.0f} min**.
+- **LayerSkip recipe**: layer dropout rising linearly to {cfg['layer_dropout_max']} at the
+  last layer, and an early-exit loss (weight {cfg['early_exit_weight']}) through the final
+  norm and the shared LM head at one exit per step, rotating over the layers — so early
+  layers already predict the next token (self-speculative drafts).
+- **Stored** as float16 safetensors; loads with `AutoModelForCausalLM.from_pretrained` and
+  `AutoTokenizer.from_pretrained`.
+
+## Held-out loss (nats/token) when exiting after each layer
+
+Overall (full model): **{per_layer[-1]:.3f}** nats/token.
+
+| exit after layer | held-out loss |
+| --- | --- |
+{layer_rows}
+
+## Greedy completions
+
+{samples}
+""")
+
+
+def _python_version() -> str:
+    import platform
+
+    return platform.python_version()

@@ -1,0 +1,296 @@
+"""The ``leapc`` command line, run as a subprocess exactly as users run it.
+
+Happy paths print what they promise; every user mistake exits with code 2 and exactly one
+``error: ...`` line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from engines import STORIES_REFERENCE, id_tokenizer
+
+import leapc
+
+LEAPC = shutil.which("leapc", path=str(Path(sys.executable).parent)) or shutil.which("leapc")
+
+
+def cli(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    assert LEAPC, "the leapc console script is not installed beside this python"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LEAPC_THREADS": "1", "COLUMNS": "250",
+           "NO_COLOR": "1"}
+    return subprocess.run([LEAPC, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit code 2, one ``error:`` line on stderr (naming ``fragments``), no traceback."""
+    everything = result.stdout + result.stderr
+    assert "Traceback" not in everything, everything
+    assert result.returncode == 2, (result.returncode, everything)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(engine_dir) -> Path:
+    return engine_dir("tiny-llama", "ort")
+
+
+@pytest.fixture(scope="module")
+def stories(engine_dir) -> Path:
+    return engine_dir("stories", "ort")
+
+
+@pytest.fixture
+def broken(tiny, tmp_path) -> Path:
+    """A private copy of the tiny engine, free to break."""
+    copy = tmp_path / "engine"
+    shutil.copytree(tiny, copy)
+    return copy
+
+
+# ------------------------------------------------------------------ run
+
+
+def test_run_json_on_stories_reproduces_reference(stories):
+    result = cli("run", stories, "--prompt", "", "--max-new-tokens", "60", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout  # one JSON object, nothing else on stdout
+    data = json.loads(lines[0])
+    assert data["text"] == STORIES_REFERENCE
+    assert len(data["token_ids"]) == 60
+    assert data["token_ids"] == leapc.load(stories).generate("", 60).token_ids
+    assert data["policy"] == "ar"
+    assert data["steps"] == 60  # AR: one target forward per new token (prefill's included)
+    assert data["tau"] == pytest.approx(1.0)
+    assert data["tokens_per_s"] > 0
+    assert data["new_tokens"] == 60
+    assert data["prompt_tokens"] == 1  # BOS only
+
+
+def test_run_prompt_ids_on_tiny(tiny):
+    result = cli("run", tiny, "--prompt-ids", "1,2,3", "--max-new-tokens", "12", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    expected = leapc.load(tiny).generate([1, 2, 3], 12)
+    assert data["token_ids"] == expected.token_ids
+    assert data["text"] == expected.text
+    assert data["prompt_tokens"] == 3
+    assert data["new_tokens"] == 12
+
+
+def test_run_streams_text_and_reports_stats_on_stderr(tiny):
+    result = cli("run", tiny, "--prompt-ids", "5, 17, 200", "--max-new-tokens", "7")
+    assert result.returncode == 0, result.stderr
+    expected = leapc.load(tiny).generate([5, 17, 200], 7)
+    assert result.stdout == expected.text + "\n"
+    assert "7 tokens" in result.stderr and "tok/s" in result.stderr
+
+
+def test_run_sampling_is_seeded(tiny):
+    args = ("run", tiny, "--prompt-ids", "9", "--max-new-tokens", "16", "--json",
+            "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95")
+    first = json.loads(cli(*args, "--seed", "3").stdout)["token_ids"]
+    assert json.loads(cli(*args, "--seed", "3").stdout)["token_ids"] == first
+    expected = leapc.load(tiny).generate([9], 16, temperature=0.9, top_k=50, top_p=0.95, seed=3)
+    assert first == expected.token_ids
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def test_inspect_engine(tiny):
+    result = cli("inspect", tiny)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "T + N" in text
+    assert "KV bytes" in text
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    assert manifest["passes"], "the engine records no passes"
+    for name in manifest["passes"]:
+        assert name in text, name
+    assert "ort" in text
+    assert "anatomy" in text
+
+
+def test_inspect_corrupt_engine_is_a_user_error(broken):
+    (broken / "manifest.json").write_text("{{{")
+    user_error(cli("inspect", broken), "not valid JSON")
+
+
+# ------------------------------------------------------------------ bench
+
+
+def test_bench_writes_json(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    # the tiny tokenizer is WordLevel with no pre-tokenizer: one id per prompt string
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in ("5", "17", "200")))
+    engine = leapc.load(tiny)
+    assert [engine.encode(p) for p in ("5", "17", "200")] == [[5], [17], [200]]
+    out = tmp_path / "bench.json"
+    result = cli("bench", tiny, "--max-new-tokens", "8", "--repeats", "1", "--json", out,
+                 "--prompts", prompts)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert {"model", "backend", "prompts", "max_new_tokens", "results", "baselines"} <= set(data)
+    assert data["backend"] == "ort"
+    assert data["prompts"] == 3
+    assert data["max_new_tokens"] == 8
+    assert data["baselines"] == {}
+    assert len(data["results"]) == 1
+    row = data["results"][0]
+    assert {"policy", "tokens_per_s", "tau", "steps", "speedup_vs_ar", "identical_to_ar"} <= set(row)
+    assert row["policy"] == "ar"
+    assert row["tokens_per_s"] > 0
+    assert row["tau"] == pytest.approx(1.0)
+    assert row["steps"] == 3 * 8
+    assert row["speedup_vs_ar"] == pytest.approx(1.0)
+    assert row["identical_to_ar"] is True
+    assert "tokens/s" in result.stdout  # the table
+
+
+def test_bench_missing_prompt_file(tiny, tmp_path):
+    user_error(cli("bench", tiny, "--prompts", tmp_path / "none.jsonl", "--repeats", "1"),
+               "does not exist")
+
+
+def test_bench_prompt_file_with_bad_line(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"5"\nnot json\n')
+    user_error(cli("bench", tiny, "--prompts", prompts, "--repeats", "1"), "not a JSON line")
+
+
+def test_bench_unknown_policy(tiny):
+    user_error(cli("bench", tiny, "--policies", "ar,warp", "--repeats", "1"),
+               "unknown policy", "warp")
+
+
+# ------------------------------------------------------------------ user errors
+
+
+def test_missing_engine_directory(tmp_path):
+    user_error(cli("run", tmp_path / "nowhere", "--prompt", "hi"), "does not exist")
+
+
+def test_directory_that_is_not_an_engine(tmp_path):
+    user_error(cli("run", tmp_path, "--prompt", "hi"), "not a leapc engine")
+
+
+def test_corrupt_engine_manifest_garbage(broken):
+    (broken / "manifest.json").write_bytes(b"\x00garbage{")
+    user_error(cli("run", broken, "--prompt-ids", "1"), "not valid JSON")
+
+
+def test_unknown_manifest_schema_version(broken):
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    user_error(cli("run", broken, "--prompt-ids", "1"), "schema version 99")
+
+
+def test_corrupt_program_file(broken):
+    manifest = json.loads((broken / "manifest.json").read_text())
+    program = broken / manifest["programs"]["full"]["file"]
+    data = bytearray(program.read_bytes())
+    data[len(data) // 3] ^= 0x5A
+    program.write_bytes(bytes(data))
+    user_error(cli("run", broken, "--prompt-ids", "1"), "corrupt")
+
+
+def test_build_unsupported_model(tmp_path):
+    from families import tiny_checkpoint
+
+    model = tiny_checkpoint("bloom", tmp_path / "bloom")
+    id_tokenizer(256).save(str(model / "tokenizer.json"))  # so the failure is the model
+    out = tmp_path / "engine"
+    line = user_error(cli("build", model, "-o", out), "bloom", "family")
+    assert "tokenizer" not in line
+    assert not (out / "manifest.json").exists()
+
+
+def test_build_missing_model(tmp_path):
+    user_error(cli("build", tmp_path / "nowhere", "-o", tmp_path / "out"), "does not exist")
+
+
+def test_prompt_longer_than_max_seq(tiny):
+    ids = ",".join(str(i % 256) for i in range(300))
+    user_error(cli("run", tiny, "--prompt-ids", ids), "300 tokens", "max-seq", "256")
+
+
+def test_prompt_of_exactly_max_seq_is_refused(tiny):
+    ids = ",".join(str(i % 256) for i in range(256))
+    user_error(cli("run", tiny, "--prompt-ids", ids), "256 tokens", "max-seq")
+
+
+def test_prompt_one_short_of_max_seq_runs_to_the_end(tiny):
+    """255 prompt ids on a max-seq 256 engine: prefill in chunks, then stop at max-seq."""
+    ids = [(7 * i) % 256 for i in range(255)]
+    result = cli("run", tiny, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "10",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert 1 <= data["new_tokens"] <= 2
+    assert data["token_ids"] == leapc.load(tiny).generate(ids, 10).token_ids
+
+
+def test_prompt_id_outside_vocabulary(tiny):
+    user_error(cli("run", tiny, "--prompt-ids", "1,999"), "999", "vocabulary")
+
+
+def test_prompt_ids_not_integers(tiny):
+    user_error(cli("run", tiny, "--prompt-ids", "1,two,3"), "--prompt-ids")
+
+
+def test_unknown_policy(tiny):
+    user_error(cli("run", tiny, "--prompt-ids", "1", "--policy", "warp-drive"),
+               "unknown policy", "warp-drive")
+
+
+def test_bad_flag_value(tiny):
+    user_error(cli("run", tiny, "--prompt-ids", "1", "--max-new-tokens", "abc"),
+               "--max-new-tokens")
+
+
+def test_unknown_flag(tiny):
+    user_error(cli("run", tiny, "--prompt-ids", "1", "--frobnicate"), "--frobnicate")
+
+
+def test_both_prompt_and_prompt_ids(tiny):
+    user_error(cli("run", tiny, "--prompt", "5", "--prompt-ids", "1"), "exactly one")
+
+
+def test_neither_prompt_nor_prompt_ids(tiny):
+    user_error(cli("run", tiny), "exactly one")
+
+
+def test_negative_temperature(tiny):
+    user_error(cli("run", tiny, "--prompt-ids", "1", "--temperature", "-0.5"), "temperature")
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--max-new-tokens", "0", "max-new-tokens"),
+    ("--top-p", "1.5", "top-p"),
+    ("--top-p", "0", "top-p"),
+    ("--top-k", "-1", "top-k"),
+])
+def test_out_of_range_options(tiny, flag, value, fragment):
+    user_error(cli("run", tiny, "--prompt-ids", "1", flag, value), fragment)
+
+
+def test_missing_command_and_argument():
+    user_error(cli())
+    user_error(cli("run"), "engine")
+    user_error(cli("frobnicate"))

@@ -1,0 +1,47 @@
+"""Engines the runtime and CLI tests share, each built once per session.
+
+``stories260K`` is read from ``../shared`` (a real externally trained model; tests that
+need it skip with the reason when it is absent); the bundled model from the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from families import tiny_model
+from tokenizers import Tokenizer, models
+
+from leapc.models.loaders import BUNDLED_DIR, SourceModel
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES_DIR = REPO.parent / "shared" / "models" / "stories260K"
+STORIES_BIN = STORIES_DIR / "stories260K.bin"
+STORIES_REFERENCE = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+    "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high"
+)
+
+
+def require_stories() -> Path:
+    if not STORIES_BIN.is_file():
+        pytest.skip(f"stories260K not found at {STORIES_DIR} (../shared is absent)")
+    return STORIES_BIN
+
+
+def require_bundled() -> Path:
+    if not (BUNDLED_DIR / "model.safetensors").is_file():
+        pytest.skip(f"bundled model weights not found in {BUNDLED_DIR}")
+    return BUNDLED_DIR
+
+
+def id_tokenizer(vocab: int) -> Tokenizer:
+    """A tokenizer whose token i is the string ``str(i)``: tiny models take id prompts."""
+    return Tokenizer(models.WordLevel({str(i): i for i in range(vocab)}, unk_token="0"))
+
+
+def tiny_source(family: str) -> SourceModel:
+    """A random tiny model that never stops early (no EOS), so every run is full length."""
+    model = tiny_model(family)
+    model.generation_config.eos_token_id = None
+    return SourceModel(model, id_tokenizer(model.config.vocab_size), f"tiny-{family}", 1, ())
