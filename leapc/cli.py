@@ -168,3 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as e:  # bad flag, missing argument, bad value
         err.print(f"error: {e.format_message()}", markup=False, highlight=False)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from leapc.ir.errors import InputError, UnsupportedModelError
 
@@ -53,6 +54,7 @@ def _special_ids(model: PreTrainedModel) -> tuple[int | None, tuple[int, ...]]:
 
 
 def _load_hf(directory: Path, tokenizer: Path | None) -> tuple[PreTrainedModel, Tokenizer]:
+    hf_logging.disable_progress_bar()  # the CLI's stderr is one error line, or nothing
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     except (ValueError, KeyError, OSError) as err:

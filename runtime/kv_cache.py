@@ -42,8 +42,10 @@ class KVCache:
 
     def past_for(self, new: int) -> np.ndarray:
         """The buffer to pass as ``past`` for a step of ``new`` tokens (``T + N <= max_seq``)."""
-        if self.length + new > self.max_seq:
-            raise ValueError(f"KV cache: {self.length} + {new} tokens exceed max_seq {self.max_seq}")
+        if self.length + new > self.max_seq or new >= self.max_seq:
+            # new >= max_seq: even one past slot (T >= 1) would break T + N <= max_seq
+            raise ValueError(f"KV cache: {self.length} + {new} tokens do not fit max_seq "
+                             f"{self.max_seq}")
         limit = self.max_seq - new
         if self.capacity > limit:
             self._resize(max(limit, self.length, 1))

@@ -23,7 +23,13 @@ class SamplingConfig:
 
 
 def probabilities(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
-    """Softmax of ``logits / T`` restricted to the top-k and then the top-p nucleus."""
+    """Softmax of ``logits / T`` restricted to the top-k and then the top-p nucleus.
+
+    Greedy (T = 0) is the limit: one-hot on the argmax, so verifiers can treat every
+    policy as comparing distributions.
+    """
+    if cfg.greedy:
+        return np.eye(logits.shape[-1])[np.argmax(logits, axis=-1)]
     z = logits.astype(np.float64) / cfg.temperature
     if 0 < cfg.top_k < z.shape[-1]:
         kth = np.partition(z, -cfg.top_k, axis=-1)[..., -cfg.top_k, None]
