@@ -12,6 +12,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from leapc.ir.errors import InputError, LeapcUserError
@@ -42,11 +50,20 @@ def build(
 ) -> None:
     """Compile MODEL into an engine directory."""
     import leapc
+    from leapc.compiler import stage_count
 
-    with out.status("building") as status:
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("build", total=stage_count())
+
+        def on_stage(stage: str) -> None:
+            if bar.tasks[task].description != "build":
+                bar.advance(task)
+            bar.update(task, description=stage)
+
         path = leapc.build(model, output, backend, max_seq=max_seq, tokenizer=tokenizer,
-                           dump_dir=dump_passes,
-                           on_stage=lambda s: status.update(f"[bold]{s}"))
+                           dump_dir=dump_passes, on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 
 

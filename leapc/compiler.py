@@ -28,6 +28,11 @@ DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
 
+def stage_count() -> int:
+    """Stages reported through ``on_stage``: load, capture, each pass, check, lower."""
+    return 4 + len(default_pipeline().passes)
+
+
 def _toolchain() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in TOOLCHAIN}
 

@@ -80,3 +80,9 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
     encodings = tokenizer.encode_batch(texts)
     pieces = [np.array([*enc.ids, eos_id], dtype=np.uint16) for enc in encodings]
     return np.concatenate(pieces)
+
+
+def held_out_prompts(count: int = 20, chars: int = 200) -> list[str]:
+    """The first ``chars`` characters of held-out files: code the model never trained on."""
+    files = [f for f in read_stdlib() if f.held_out and len(f.text) > 2 * chars]
+    return [f.text[:chars] for f in files[:count]]

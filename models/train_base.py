@@ -48,7 +48,7 @@ class TrainConfig:
     num_kv_heads: int = 2
     context: int = 1024
     batch_size: int = 8
-    steps: int = 1400
+    steps: int = 900
     lr: float = 1.5e-3
     min_lr: float = 1.5e-4
     warmup: int = 100

@@ -41,18 +41,12 @@ def test_tiny_family_matches_hf_generate(engine_dir, family, backend):
         assert engine.generate(prompt, max_new_tokens=48).token_ids == expected
 
 
-def held_out_prompts(count: int = 20) -> list[str]:
-    """The first 200 characters of held-out stdlib files: code the model never trained on."""
-    files = [f for f in corpus.read_stdlib() if f.held_out and len(f.text) > 400]
-    return [f.text[:200] for f in files[:count]]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bundled_model_matches_hf_generate_on_20_prompts(engine_dir, backend):
     require_bundled()
     engine = leapc.load(engine_dir("bundled", backend))
     source = load_source("bundled")
-    prompts = held_out_prompts()
+    prompts = corpus.held_out_prompts(20)
     assert len(prompts) == 20
     for prompt in prompts:
         ids = engine.encode(prompt)
