@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -173,6 +174,8 @@ def demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # torch warns about its own pytree internals whenever a program is copied
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
         app(args=argv, standalone_mode=False)
     except LeapcUserError as e:

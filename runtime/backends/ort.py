@@ -16,9 +16,14 @@ PROGRAM_SUFFIX = ".onnx"
 
 def lower(program, out_dir: Path, name: str) -> Path:
     """Export a `CapturedProgram` to ``out_dir/<name>.onnx`` (weights inline)."""
+    import logging
+
     import torch
 
     from leapc.ir.capture import STEP_INPUTS
+
+    # The exporter warns once per torchvision op it cannot register; none are used here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
     path = out_dir / f"{name}{PROGRAM_SUFFIX}"
     output_names = [s.name for s in program.signature.outputs]
