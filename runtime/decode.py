@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from leapc.runtime.acceptance import accept_deterministic
 from leapc.runtime.backends.base import StepFunction
+from leapc.runtime.drafters.base import Draft, Drafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, sample
 
@@ -74,35 +76,66 @@ def prefill(step: StepFunction, cache: KVCache, prompt: list[int], chunk: int) -
     return out["logits"][0, -1]
 
 
-def autoregressive(
+def tree_inputs(cache: KVCache, draft: Draft):
+    """Step inputs verifying a draft tree: depth positions, past validity + ancestor mask."""
+    n = draft.tree.size
+    past = cache.past_for(n)
+    mask = np.concatenate(
+        [np.broadcast_to(cache.valid_mask(), (n, past.shape[4])), draft.tree.ancestor_mask], axis=1
+    )
+    positions = cache.length + draft.tree.depth
+    return draft.tokens[None], positions[None], past, mask[None]
+
+
+def _truncate(tokens: list[int], stop: StopConfig, emitted: int) -> tuple[list[int], bool]:
+    """Cut after the first EOS or at the token budget; report whether generation ends."""
+    for i, t in enumerate(tokens):
+        if t in stop.eos_ids or emitted + i + 1 >= stop.max_new_tokens:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+def decode(
     step: StepFunction,
     cache: KVCache,
     prompt: list[int],
     chunk: int,
+    drafter: Drafter,
     sampling: SamplingConfig,
     stop: StopConfig,
     rng: np.random.Generator,
     stats: GenerationStats,
 ) -> Iterator[list[int]]:
-    """Yield each new token (as a one-element list) until EOS, the budget or max_seq."""
+    """Yield the tokens each step emits until EOS, the token budget or max_seq.
+
+    The root of every draft is the last emitted token, not yet in the cache: verifying it
+    together with the drafts writes its KV row and yields the logits that check depth 1.
+    """
     start = time.perf_counter()
     logits = prefill(step, cache, prompt, chunk)
-    stats.prompt_tokens = len(prompt)
-    stats.prefill_calls = -(-len(prompt) // chunk)
+    stats.prompt_tokens, stats.prefill_calls = len(prompt), -(-len(prompt) // chunk)
     stats.prefill_s = time.perf_counter() - start
-    stats.steps = 1  # the last prefill call already predicts the first new token
     start = time.perf_counter()
+    root = sample(logits, sampling, rng)
+    context = list(prompt)
+    new, done = _truncate([root], stop, 0)
     while True:
-        token = sample(logits, sampling, rng)
-        stats.new_tokens += 1
-        stats.accepted_per_step.append(1)
+        stats.steps += 1  # the call that produced ``new`` (the last prefill call at first)
+        stats.new_tokens += len(new)
+        stats.accepted_per_step.append(len(new))
         stats.decode_s += time.perf_counter() - start
-        yield [token]  # consumer time is not decode time
-        if (token in stop.eos_ids or stats.new_tokens >= stop.max_new_tokens
-                or cache.length + 1 > cache.max_seq):
+        yield new  # consumer time is not decode time
+        room = cache.max_seq - cache.length - 1  # slots left after the root's own
+        if done or room < 0:
             return
         start = time.perf_counter()
-        out = step(*chain_inputs(cache, [token]))
-        cache.commit(out["present"], [0])
-        logits = out["logits"][0, -1]
-        stats.steps += 1
+        budget = min(chunk - 1, room, stop.max_new_tokens - stats.new_tokens - 1)
+        draft = drafter.propose(context, root, budget)
+        out = step(*tree_inputs(cache, draft))
+        path, emitted = accept_deterministic(draft.tokens, draft.tree, out["logits"][0],
+                                             sampling, rng)
+        cache.commit(out["present"], path)
+        context.extend(draft.tokens[path].tolist())
+        drafter.observe(context, emitted)
+        root = emitted[-1]
+        new, done = _truncate(emitted, stop, stats.new_tokens)

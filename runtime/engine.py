@@ -15,7 +15,9 @@ from tokenizers import Tokenizer
 
 from leapc.ir.errors import EngineError, InputError
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.decode import GenerationStats, StopConfig, autoregressive
+from leapc.runtime.decode import GenerationStats, StopConfig, decode
+from leapc.runtime.drafters.base import Drafter, NoDrafter
+from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, Manifest, Policy, read_manifest
 from leapc.runtime.sampling import SamplingConfig
@@ -140,8 +142,8 @@ class Engine:
         m = self.manifest.model
         cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, self.manifest.max_seq)
         stats = GenerationStats(policy=chosen.value)
-        tokens = autoregressive(
-            self.step, cache, ids, self.manifest.max_new,
+        tokens = decode(
+            self.step, cache, ids, self.manifest.max_new, _drafter(chosen),
             SamplingConfig(temperature, top_k, top_p),
             StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
             np.random.default_rng(seed), stats,
@@ -153,6 +155,10 @@ class Engine:
         for _ in stream:
             pass
         return Generation(stream.token_ids, stream.text, stream.stats)
+
+
+def _drafter(policy: Policy) -> Drafter:
+    return {Policy.AR: NoDrafter, Policy.LOOKUP: LookupDrafter}[policy]()
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -1,0 +1,52 @@
+"""The drafter protocol: propose a token tree, then observe what verification accepted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from leapc.ir.tree import TreeBuffers, chain
+
+
+@dataclass(frozen=True, eq=False)
+class Draft:
+    """A token tree rooted at the last emitted (not yet verified) token.
+
+    ``tokens[0]`` is that root; ``tree`` gives every node's parent and depth. ``q`` holds,
+    for drafters that sample, the distribution each node's token was drawn from
+    (``[n, V]``; row 0 unused); ``None`` means deterministic candidates (rule 5).
+    """
+
+    tokens: np.ndarray
+    tree: TreeBuffers
+    q: np.ndarray | None = None
+
+    @classmethod
+    def root_only(cls, root: int) -> Draft:
+        return cls(np.asarray([root], dtype=np.int64), chain(0))
+
+    @classmethod
+    def chain_of(cls, root: int, drafted: list[int]) -> Draft:
+        return cls(np.asarray([root, *drafted], dtype=np.int64), chain(len(drafted)))
+
+
+class Drafter(Protocol):
+    def propose(self, context: list[int], root: int, budget: int) -> Draft:
+        """Draft at most ``budget`` tokens after ``context + [root]``."""
+        ...
+
+    def observe(self, context: list[int], accepted: list[int]) -> None:
+        """``accepted``: the tokens this step emitted (accepted drafts and the bonus)."""
+        ...
+
+
+class NoDrafter:
+    """Autoregressive decoding: verify the root alone."""
+
+    def propose(self, context: list[int], root: int, budget: int) -> Draft:
+        return Draft.root_only(root)
+
+    def observe(self, context: list[int], accepted: list[int]) -> None:
+        pass
