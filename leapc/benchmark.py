@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leapc.ir.errors import InputError
-from leapc.runtime.engine import Engine, Generation
+from leapc.runtime.engine import DraftOptions, Engine, Generation
 
 CODE_PROMPTS = (
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -31,6 +31,7 @@ class BenchConfig:
     prompts: tuple[str, ...]
     max_new_tokens: int = 64
     repeats: int = 3
+    draft: DraftOptions = DraftOptions()
 
 
 def load_prompts(path: Path | None, default: tuple[str, ...] = CODE_PROMPTS) -> tuple[str, ...]:
@@ -55,14 +56,15 @@ def load_prompts(path: Path | None, default: tuple[str, ...] = CODE_PROMPTS) -> 
 
 def _run_policy(engine: Engine, policy: str, cfg: BenchConfig) -> tuple[list[Generation], float]:
     """One pass over the prompts; returns the generations and the tokens/s of the pass."""
-    gens = [engine.generate(p, cfg.max_new_tokens, policy=policy) for p in cfg.prompts]
+    gens = [engine.generate(p, cfg.max_new_tokens, policy=policy, draft=cfg.draft)
+            for p in cfg.prompts]
     tokens = sum(g.stats.new_tokens for g in gens)
     seconds = sum(g.stats.prefill_s + g.stats.decode_s for g in gens)
     return gens, tokens / seconds
 
 
 def _policy_row(engine: Engine, policy: str, cfg: BenchConfig, reference) -> tuple[dict, list]:
-    engine.generate(cfg.prompts[0], cfg.max_new_tokens, policy=policy)  # warm-up
+    engine.generate(cfg.prompts[0], cfg.max_new_tokens, policy=policy, draft=cfg.draft)  # warm-up
     speeds, gens = [], []
     for _ in range(cfg.repeats):
         gens, tps = _run_policy(engine, policy, cfg)

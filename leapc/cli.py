@@ -79,17 +79,20 @@ def run(
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
+    max_draft: int = typer.Option(8, help="longest draft per step (drafting policies)"),
+    ngram: int = typer.Option(4, help="lookup: longest n-gram matched"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
     import leapc
+    from leapc.runtime.engine import DraftOptions
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt and --prompt-ids")
     request = prompt if prompt is not None else _parse_ids(prompt_ids)
     stream = leapc.load(engine).stream(request, max_new_tokens, policy=policy,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed)
+                                       seed=seed, draft=DraftOptions(max_draft, ngram))
     if as_json:
         for _ in stream:
             pass
@@ -127,6 +130,8 @@ def bench(
     prompts: Path = typer.Option(None, help="JSONL prompt file (default: built-in code prompts)"),
     max_new_tokens: int = typer.Option(64),
     repeats: int = typer.Option(3),
+    max_draft: int = typer.Option(8, help="longest draft per step (drafting policies)"),
+    ngram: int = typer.Option(4, help="lookup: longest n-gram matched"),
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
@@ -137,7 +142,10 @@ def bench(
 
     if repeats < 1 or max_new_tokens < 1:
         raise InputError("--repeats and --max-new-tokens must be at least 1")
-    cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats)
+    from leapc.runtime.engine import DraftOptions
+
+    cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
+                      DraftOptions(max_draft, ngram))
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine), cfg, vs_hf)
     out.print(bench_table(result))

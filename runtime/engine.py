@@ -36,6 +36,14 @@ class StreamChunk:
     text: str  # the text these tokens complete (held back while a UTF-8 char is split)
 
 
+@dataclass(frozen=True)
+class DraftOptions:
+    """Per-policy drafting knobs (ignored by policies that do not use them)."""
+
+    max_draft: int = 8  # longest chain a drafter proposes per step
+    ngram: int = 4  # prompt lookup: longest suffix n-gram matched
+
+
 @dataclass
 class Stream:
     """Iterate for `StreamChunk`s; ``token_ids`` and ``stats`` fill in as it runs."""
@@ -135,6 +143,7 @@ class Engine:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
+        draft: DraftOptions = DraftOptions(),
     ) -> Stream:
         chosen = self._policy(policy)
         _check_options(max_new_tokens, temperature, top_k, top_p)
@@ -143,7 +152,7 @@ class Engine:
         cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, self.manifest.max_seq)
         stats = GenerationStats(policy=chosen.value)
         tokens = decode(
-            self.step, cache, ids, self.manifest.max_new, _drafter(chosen),
+            self.step, cache, ids, self.manifest.max_new, _drafter(chosen, draft),
             SamplingConfig(temperature, top_k, top_p),
             StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
             np.random.default_rng(seed), stats,
@@ -157,8 +166,12 @@ class Engine:
         return Generation(stream.token_ids, stream.text, stream.stats)
 
 
-def _drafter(policy: Policy) -> Drafter:
-    return {Policy.AR: NoDrafter, Policy.LOOKUP: LookupDrafter}[policy]()
+def _drafter(policy: Policy, options: DraftOptions) -> Drafter:
+    if options.max_draft < 0 or options.ngram < 1:
+        raise InputError("max-draft must be >= 0 and ngram >= 1")
+    if policy is Policy.LOOKUP:
+        return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft)
+    return NoDrafter()
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
