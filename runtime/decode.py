@@ -56,22 +56,11 @@ class StopConfig:
     eos_ids: tuple[int, ...]
 
 
-def chain_inputs(cache: KVCache, tokens: list[int]):
-    """Step inputs for a causal chain of new tokens after the committed cache."""
-    n = len(tokens)
-    past = cache.past_for(n)
-    positions = cache.length + np.arange(n, dtype=np.int64)
-    mask = np.concatenate(
-        [np.broadcast_to(cache.valid_mask(), (n, past.shape[4])), np.tri(n, dtype=bool)], axis=1
-    )
-    return (np.asarray([tokens], dtype=np.int64), positions[None], past, mask[None])
-
-
 def prefill(step: StepFunction, cache: KVCache, prompt: list[int], chunk: int) -> np.ndarray:
     """Run the prompt through in chunks of at most ``chunk``; return the last logits row."""
     for start in range(0, len(prompt), chunk):
         piece = prompt[start : start + chunk]
-        out = step(*chain_inputs(cache, piece))
+        out = step(*tree_inputs(cache, Draft.chain_of(piece[0], piece[1:])))
         cache.commit(out["present"], np.arange(len(piece)))
     return out["logits"][0, -1]
 
