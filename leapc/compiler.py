@@ -108,7 +108,7 @@ def _manifest(source, backend: Backend, result, options: CaptureOptions, program
         passes=result.ran,
         anatomy=tuple(recover_anatomy(result.program.program, dims.num_layers,
                                       dims.hidden_size).describe()),
-        policies=(Policy.AR, Policy.LOOKUP),
+        policies=(Policy.AR, Policy.LOOKUP, Policy.RECYCLE),
         max_seq=options.max_seq,
         max_batch=options.max_batch,
         max_new=options.max_new,

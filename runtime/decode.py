@@ -14,7 +14,7 @@ import numpy as np
 
 from leapc.runtime.acceptance import accept_deterministic
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.drafters.base import Draft, Drafter
+from leapc.runtime.drafters.base import Draft, Drafter, Verification
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, sample
 
@@ -121,10 +121,10 @@ def decode(
         budget = min(chunk - 1, room, stop.max_new_tokens - stats.new_tokens - 1)
         draft = drafter.propose(context, root, budget)
         out = step(*tree_inputs(cache, draft))
-        path, emitted = accept_deterministic(draft.tokens, draft.tree, out["logits"][0],
-                                             sampling, rng)
+        logits = out["logits"][0]
+        path, emitted = accept_deterministic(draft.tokens, draft.tree, logits, sampling, rng)
         cache.commit(out["present"], path)
         context.extend(draft.tokens[path].tolist())
-        drafter.observe(context, emitted)
+        drafter.observe(context, Verification(draft, logits, path, emitted))
         root = emitted[-1]
         new, done = _truncate(emitted, stop, stats.new_tokens)

@@ -18,6 +18,7 @@ from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import Drafter, NoDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
+from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, Manifest, Policy, read_manifest
 from leapc.runtime.sampling import SamplingConfig
@@ -152,7 +153,7 @@ class Engine:
         cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, self.manifest.max_seq)
         stats = GenerationStats(policy=chosen.value)
         tokens = decode(
-            self.step, cache, ids, self.manifest.max_new, _drafter(chosen, draft),
+            self.step, cache, ids, self.manifest.max_new, _drafter(chosen, draft, m.vocab_size),
             SamplingConfig(temperature, top_k, top_p),
             StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
             np.random.default_rng(seed), stats,
@@ -166,11 +167,13 @@ class Engine:
         return Generation(stream.token_ids, stream.text, stream.stats)
 
 
-def _drafter(policy: Policy, options: DraftOptions) -> Drafter:
+def _drafter(policy: Policy, options: DraftOptions, vocab_size: int) -> Drafter:
     if options.max_draft < 0 or options.ngram < 1:
         raise InputError("max-draft must be >= 0 and ngram >= 1")
     if policy is Policy.LOOKUP:
         return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft)
+    if policy is Policy.RECYCLE:
+        return RecycleDrafter(vocab_size)
     return NoDrafter()
 
 

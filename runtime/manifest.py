@@ -27,6 +27,7 @@ class Backend(str, enum.Enum):
 class Policy(str, enum.Enum):
     AR = "ar"
     LOOKUP = "lookup"  # prompt lookup (training-free, any engine)
+    RECYCLE = "recycle"  # token recycling (training-free, any engine)
 
 
 class _Frozen(BaseModel):

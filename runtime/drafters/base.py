@@ -32,13 +32,24 @@ class Draft:
         return cls(np.asarray([root, *drafted], dtype=np.int64), chain(len(drafted)))
 
 
+@dataclass(frozen=True, eq=False)
+class Verification:
+    """What one verify step found: the target's logits at every node of the draft, the
+    accepted path (node indices, root first) and the emitted tokens (path + bonus)."""
+
+    draft: Draft
+    logits: np.ndarray  # [n, V]
+    path: list[int]
+    emitted: list[int]
+
+
 class Drafter(Protocol):
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
         """Draft at most ``budget`` tokens after ``context + [root]``."""
         ...
 
-    def observe(self, context: list[int], accepted: list[int]) -> None:
-        """``accepted``: the tokens this step emitted (accepted drafts and the bonus)."""
+    def observe(self, context: list[int], result: Verification) -> None:
+        """Learn from a verify step; ``context`` already includes its committed tokens."""
         ...
 
 
@@ -48,5 +59,5 @@ class NoDrafter:
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
         return Draft.root_only(root)
 
-    def observe(self, context: list[int], accepted: list[int]) -> None:
+    def observe(self, context: list[int], result: Verification) -> None:
         pass

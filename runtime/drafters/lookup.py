@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from leapc.runtime.drafters.base import Draft
+from leapc.runtime.drafters.base import Draft, Verification
 
 
 def find_continuation(context: np.ndarray, max_ngram: int, min_ngram: int, length: int) -> list[int]:
@@ -40,5 +40,5 @@ class LookupDrafter:
                                     min(self.max_draft, budget))
         return Draft.chain_of(root, drafted)
 
-    def observe(self, context: list[int], accepted: list[int]) -> None:
+    def observe(self, context: list[int], result: Verification) -> None:
         pass
