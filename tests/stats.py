@@ -1,0 +1,31 @@
+"""Chi-square homogeneity test for "these two samplers draw from the same distribution"."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper critical value (Wilson–Hilferty); z = 3.09 is a one-sided alpha of 0.001."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2_homogeneity(a: list, b: list, min_expected: float = 5.0) -> tuple[float, int]:
+    """Statistic and degrees of freedom; categories too rare to test are pooled."""
+    ca, cb = Counter(a), Counter(b)
+    na, nb = len(a), len(b)
+    keys = set(ca) | set(cb)
+    pooled = {k: ca[k] + cb[k] for k in keys}
+    frac_a = na / (na + nb)
+    common = [k for k in keys if min(frac_a, 1 - frac_a) * pooled[k] >= min_expected]
+    rare_a = na - sum(ca[k] for k in common)
+    rare_b = nb - sum(cb[k] for k in common)
+    rows = [(ca[k], cb[k]) for k in common] + ([(rare_a, rare_b)] if rare_a + rare_b else [])
+    stat = 0.0
+    for oa, ob in rows:
+        total = oa + ob
+        ea, eb = total * frac_a, total * (1 - frac_a)
+        stat += (oa - ea) ** 2 / ea + (ob - eb) ** 2 / eb
+    return stat, len(rows) - 1
