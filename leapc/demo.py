@@ -51,7 +51,7 @@ def run_demo(console: Console) -> None:
         console.print(Panel(f"[dim]{prompt}[/][bold]{generation.text}[/]",
                             title=f"{generation.stats.tokens_per_s:.0f} tok/s", expand=False),
                       markup=True, highlight=False)
-    cfg = BenchConfig(("ar",), CODE_PROMPTS, max_new_tokens=64, repeats=3)
+    cfg = BenchConfig(("ar", "lookup", "recycle"), CODE_PROMPTS, max_new_tokens=64, repeats=3)
     with console.status("benchmarking (leapc vs transformers generate)"):
         result = run_bench(engine, cfg, vs_hf=True)
     console.print(bench_table(result))

@@ -196,8 +196,8 @@ def train(cfg: TrainConfig, work: Path) -> LlamaForCausalLM:
             state["step"] += 1
             state["tokens"] += x.numel()
             state["seconds"] += time.perf_counter() - t0
-            state["log"].append((step, float(final)))
-            bar.update(task, advance=1, info=f"loss {float(final):.3f}")
+            state["log"].append((step, final.item()))
+            bar.update(task, advance=1, info=f"loss {final.item():.3f}")
             if state["step"] % 100 == 0 or state["step"] == cfg.steps:
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                             "state": state}, ckpt)
