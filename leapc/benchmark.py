@@ -6,6 +6,7 @@ decode time, summed over the prompt set), each policy warmed up once first.
 
 from __future__ import annotations
 
+import collections
 import json
 import statistics
 import time
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leapc.ir.errors import InputError
+from leapc.runtime.decode import GenerationStats
 from leapc.runtime.engine import DraftOptions, Engine, Generation
 
 CODE_PROMPTS = (
@@ -72,17 +74,31 @@ def _policy_row(engine: Engine, policy: str, cfg: BenchConfig, reference) -> tup
     steps = sum(g.stats.steps for g in gens)
     new = sum(g.stats.new_tokens for g in gens)
     ids = [g.token_ids for g in gens]
+    merged = GenerationStats(policy)
+    for g in gens:
+        merged.drafted_depth += g.stats.drafted_depth
+        merged.accepted_depth += g.stats.accepted_depth
+        merged.emitted_per_step += g.stats.emitted_per_step
     return {
         "policy": policy,
         "tokens_per_s": statistics.median(speeds),
         "tau": new / steps if steps else 0.0,
         "steps": steps,
         "identical_to_ar": ids == (reference if reference is not None else ids),
+        "per_depth_acceptance": merged.per_depth_acceptance(),
+        "emitted_histogram": _histogram(merged.emitted_per_step),
     }, ids
 
 
-def hf_generate_tokens_per_s(engine: Engine, cfg: BenchConfig) -> tuple[float, list[list[int]]]:
-    """transformers ``generate(do_sample=False)`` on the engine's source model, same prompts."""
+def _histogram(values: list[int]) -> dict[str, int]:
+    """Tokens emitted per target call -> how many calls emitted that many."""
+    counts = collections.Counter(values)
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
+def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
+    """transformers ``generate()`` on the engine's source model, same prompts, same process:
+    greedy always; prompt lookup (``prompt_lookup_num_tokens``) when ``lookup`` is benched."""
     import torch
 
     from leapc.models.loaders import load_source, weights_sha256
@@ -91,25 +107,33 @@ def hf_generate_tokens_per_s(engine: Engine, cfg: BenchConfig) -> tuple[float, l
     if weights_sha256(source.model) != engine.manifest.model.weights_sha256:
         raise InputError(f"--vs-hf: {engine.manifest.model.source} no longer has the weights "
                          "this engine was built from")
-    model = source.model
     prompts = [engine.encode(p) for p in cfg.prompts]
+    pad = source.eos_ids[0] if source.eos_ids else 0
 
-    def one_pass():
+    def one_pass(**options) -> tuple[list[list[int]], float]:
         outs, seconds = [], 0.0
         for ids in prompts:
             x = torch.tensor([ids])
             start = time.perf_counter()
             with torch.inference_mode():
-                y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                   max_new_tokens=cfg.max_new_tokens,
-                                   pad_token_id=source.eos_ids[0] if source.eos_ids else 0)
+                y = source.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                          max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
+                                          **options)
             seconds += time.perf_counter() - start
             outs.append(y[0, len(ids):].tolist())
         return outs, sum(len(o) for o in outs) / seconds
 
-    one_pass()  # warm-up
-    results = [one_pass() for _ in range(cfg.repeats)]
-    return statistics.median(r[1] for r in results), results[-1][0]
+    def median_of_repeats(**options) -> tuple[float, list[list[int]]]:
+        one_pass(**options)  # warm-up
+        runs = [one_pass(**options) for _ in range(cfg.repeats)]
+        return statistics.median(r[1] for r in runs), runs[-1][0]
+
+    greedy_tps, greedy_ids = median_of_repeats()
+    baselines = {"hf_generate_tokens_per_s": greedy_tps, "_hf_ids": greedy_ids}
+    if "lookup" in cfg.policies:
+        tps, _ = median_of_repeats(prompt_lookup_num_tokens=max(cfg.draft.max_draft, 1))
+        baselines["hf_prompt_lookup_tokens_per_s"] = tps
+    return baselines
 
 
 def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
@@ -121,8 +145,8 @@ def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
         row["speedup_vs_ar"] = row["tokens_per_s"] / ar_row["tokens_per_s"]
     baselines = {}
     if vs_hf:
-        hf_tps, hf_ids = hf_generate_tokens_per_s(engine, cfg)
-        baselines = {"hf_generate_tokens_per_s": hf_tps, "hf_identical_to_ar": hf_ids == reference}
+        baselines = hf_baselines(engine, cfg)
+        baselines["hf_identical_to_ar"] = baselines.pop("_hf_ids") == reference
     return {
         "model": engine.manifest.model.source,
         "backend": engine.manifest.backend.value,

@@ -165,11 +165,13 @@ def bench_table(result: dict) -> Table:
     for r in result["results"]:
         table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
                       f"{r['speedup_vs_ar']:.2f}×", "yes" if r["identical_to_ar"] else "NO")
-    hf = result["baselines"].get("hf_generate_tokens_per_s")
-    if hf:
-        ar = next((r for r in result["results"] if r["policy"] == "ar"), None)
-        ratio = f"(ar is {ar['tokens_per_s'] / hf:.2f}× this)" if ar else ""
-        table.add_row("hf generate", f"{hf:.1f}", "1.00", "", ratio, "")
+    for key, label, policy in (("hf_generate_tokens_per_s", "hf generate", "ar"),
+                               ("hf_prompt_lookup_tokens_per_s", "hf prompt lookup", "lookup")):
+        hf = result["baselines"].get(key)
+        ours = next((r for r in result["results"] if r["policy"] == policy), None)
+        if hf:
+            ratio = f"({policy} is {ours['tokens_per_s'] / hf:.2f}× this)" if ours else ""
+            table.add_row(label, f"{hf:.1f}", "", "", ratio, "")
     return table
 
 

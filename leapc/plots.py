@@ -16,11 +16,21 @@ def plot_speedups(result: dict, path: Path) -> None:
     except ImportError:
         raise InputError("--plot needs matplotlib (pip install 'leapc[dev]')") from None
     rows = result["results"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["policy"] for r in rows], [r["speedup_vs_ar"] for r in rows], color="#4c72b0")
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_ylabel("speedup vs ar")
-    ax.set_title(f"{Path(result['model']).name} · {result['backend']}")
+    fig, (speed, hist) = plt.subplots(1, 2, figsize=(10, 3.8))
+    speed.bar([r["policy"] for r in rows], [r["speedup_vs_ar"] for r in rows], color="#4c72b0")
+    speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.set_ylabel("speedup vs ar")
+    speed.set_title(f"{Path(result['model']).name} · {result['backend']}")
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        counts = {int(k): v for k, v in r["emitted_histogram"].items()}
+        total = sum(counts.values())
+        xs = sorted(counts)
+        hist.bar([x + i * width for x in xs], [counts[x] / total for x in xs], width,
+                 label=r["policy"])
+    hist.set_xlabel("tokens emitted per target call")
+    hist.set_ylabel("fraction of calls")
+    hist.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

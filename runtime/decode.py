@@ -28,7 +28,9 @@ class GenerationStats:
     prefill_calls: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    accepted_per_step: list[int] = field(default_factory=list)
+    emitted_per_step: list[int] = field(default_factory=list)  # tokens each call emitted
+    drafted_depth: list[int] = field(default_factory=list)  # per verify: deepest draft
+    accepted_depth: list[int] = field(default_factory=list)  # per verify: drafts accepted
 
     @property
     def tau(self) -> float:
@@ -40,6 +42,13 @@ class GenerationStats:
         """End to end: new tokens over prefill plus decode time."""
         total = self.prefill_s + self.decode_s
         return self.new_tokens / total if total > 0 else 0.0
+
+    def per_depth_acceptance(self) -> list[float]:
+        """At depth d: P(the d-th drafted token is accepted | a draft reached depth d)."""
+        drafted = np.asarray(self.drafted_depth)
+        accepted = np.asarray(self.accepted_depth)
+        return [float((accepted[drafted >= d] >= d).mean())
+                for d in range(1, int(drafted.max(initial=0)) + 1)]
 
     def as_dict(self) -> dict:
         return {
@@ -111,7 +120,7 @@ def decode(
     while True:
         stats.steps += 1  # the call that produced ``new`` (the last prefill call at first)
         stats.new_tokens += len(new)
-        stats.accepted_per_step.append(len(new))
+        stats.emitted_per_step.append(len(new))
         stats.decode_s += time.perf_counter() - start
         yield new  # consumer time is not decode time
         room = cache.max_seq - cache.length - 1  # slots left after the root's own
@@ -124,6 +133,8 @@ def decode(
         logits = out["logits"][0]
         path, emitted = accept_deterministic(draft.tokens, draft.tree, logits, sampling, rng)
         cache.commit(out["present"], path)
+        stats.drafted_depth.append(int(draft.tree.depth.max()))
+        stats.accepted_depth.append(len(path) - 1)
         context.extend(draft.tokens[path].tolist())
         drafter.observe(context, Verification(draft, logits, path, emitted))
         root = emitted[-1]
