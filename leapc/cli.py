@@ -81,6 +81,7 @@ def run(
     seed: int = typer.Option(0),
     max_draft: int = typer.Option(8, help="longest draft per step (drafting policies)"),
     ngram: int = typer.Option(4, help="lookup: longest n-gram matched"),
+    adaptive: bool = typer.Option(False, help="chain drafts: +2/-1 adaptive draft length"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
@@ -92,7 +93,7 @@ def run(
     request = prompt if prompt is not None else _parse_ids(prompt_ids)
     stream = leapc.load(engine).stream(request, max_new_tokens, policy=policy,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, draft=DraftOptions(max_draft, ngram))
+                                       seed=seed, draft=DraftOptions(max_draft, ngram, adaptive))
     if as_json:
         for _ in stream:
             pass
@@ -132,6 +133,7 @@ def bench(
     repeats: int = typer.Option(3),
     max_draft: int = typer.Option(8, help="longest draft per step (drafting policies)"),
     ngram: int = typer.Option(4, help="lookup: longest n-gram matched"),
+    adaptive: bool = typer.Option(False, help="chain drafts: +2/-1 adaptive draft length"),
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
@@ -145,7 +147,7 @@ def bench(
     from leapc.runtime.engine import DraftOptions
 
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
-                      DraftOptions(max_draft, ngram))
+                      DraftOptions(max_draft, ngram, adaptive))
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine), cfg, vs_hf)
     out.print(bench_table(result))

@@ -43,6 +43,7 @@ class DraftOptions:
 
     max_draft: int = 8  # longest chain a drafter proposes per step
     ngram: int = 4  # prompt lookup: longest suffix n-gram matched
+    adaptive: bool = False  # chain drafters: +2 / -1 draft length instead of max_draft
 
 
 @dataclass
@@ -171,7 +172,8 @@ def _drafter(policy: Policy, options: DraftOptions, vocab_size: int) -> Drafter:
     if options.max_draft < 0 or options.ngram < 1:
         raise InputError("max-draft must be >= 0 and ngram >= 1")
     if policy is Policy.LOOKUP:
-        return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft)
+        return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft,
+                             adaptive=options.adaptive)
     if policy is Policy.RECYCLE:
         return RecycleDrafter(vocab_size)
     return NoDrafter()

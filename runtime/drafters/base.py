@@ -53,6 +53,27 @@ class Drafter(Protocol):
         ...
 
 
+@dataclass
+class AdaptiveLength:
+    """Draft length for chain drafters by the +2 / -1 heuristic: after a draft accepted in
+    full, try two more tokens next time; after a rejection, one fewer (at least one)."""
+
+    maximum: int
+    current: int = 0
+
+    def __post_init__(self):
+        self.current = self.current or self.maximum
+
+    def update(self, result: Verification) -> None:
+        drafted, accepted = result.draft.tree.size - 1, len(result.path) - 1
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.current = min(self.maximum, self.current + 2)
+        else:
+            self.current = max(1, self.current - 1)
+
+
 class NoDrafter:
     """Autoregressive decoding: verify the root alone."""
 

@@ -8,11 +8,11 @@ greedy and under sampling (rule 5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from leapc.runtime.drafters.base import Draft, Verification
+from leapc.runtime.drafters.base import AdaptiveLength, Draft, Verification
 
 
 def find_continuation(context: np.ndarray, max_ngram: int, min_ngram: int, length: int) -> list[int]:
@@ -33,12 +33,17 @@ class LookupDrafter:
     max_ngram: int = 4
     min_ngram: int = 1
     max_draft: int = 8
+    adaptive: bool = False  # the +2 / -1 draft-length heuristic
+    length: AdaptiveLength = field(init=False)
+
+    def __post_init__(self):
+        self.length = AdaptiveLength(self.max_draft)
 
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
         ids = np.asarray([*context, root], dtype=np.int64)
-        drafted = find_continuation(ids, self.max_ngram, self.min_ngram,
-                                    min(self.max_draft, budget))
+        wanted = self.length.current if self.adaptive else self.max_draft
+        drafted = find_continuation(ids, self.max_ngram, self.min_ngram, min(wanted, budget))
         return Draft.chain_of(root, drafted)
 
     def observe(self, context: list[int], result: Verification) -> None:
-        pass
+        self.length.update(result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from leapc.runtime.drafters.base import AdaptiveLength, Draft, Verification
 from leapc.runtime.drafters.lookup import LookupDrafter, find_continuation
 
 
@@ -25,3 +26,30 @@ def test_no_match_drafts_nothing():
 def test_budget_caps_the_draft():
     draft = LookupDrafter(max_draft=8).propose([1, 2, 3, 4, 5, 1, 2], 3, budget=2)
     assert draft.tokens.tolist() == [3, 4, 5]
+
+
+def _verification(drafted: int, accepted: int) -> Verification:
+    draft = Draft.chain_of(0, list(range(1, drafted + 1)))
+    return Verification(draft, np.zeros((drafted + 1, 4)), list(range(accepted + 1)), [])
+
+
+def test_adaptive_length_grows_by_two_on_full_acceptance_and_shrinks_by_one():
+    length = AdaptiveLength(maximum=8, current=3)
+    length.update(_verification(drafted=3, accepted=3))
+    assert length.current == 5
+    length.update(_verification(drafted=5, accepted=2))
+    assert length.current == 4
+    for _ in range(10):
+        length.update(_verification(drafted=4, accepted=0))
+    assert length.current == 1  # never below one
+    for _ in range(10):
+        length.update(_verification(drafted=1, accepted=1))
+    assert length.current == 8  # never above the maximum
+    length.update(_verification(drafted=0, accepted=0))  # nothing drafted: no evidence
+    assert length.current == 8
+
+
+def test_adaptive_lookup_drafts_the_current_length():
+    drafter = LookupDrafter(max_draft=8, adaptive=True)
+    drafter.length.current = 2
+    assert len(drafter.propose([1, 2, 3, 4, 5, 6, 1, 2], 3, budget=8).tokens) == 3

@@ -48,3 +48,14 @@ def test_policy_stops_at_the_token_budget_and_eos(engine_dir, policy):
     expected = first[: first.index(eos) + 1]
     assert engine.generate(REPETITIVE, 64).token_ids == expected
     assert engine.generate(REPETITIVE, 64, policy=policy).token_ids == expected
+
+
+def test_adaptive_lookup_is_token_identical_to_ar(engine_dir):
+    from leapc.runtime.engine import DraftOptions
+
+    engine = leapc.load(engine_dir("stories"))
+    ar = engine.generate(REPETITIVE, 96)
+    adaptive = engine.generate(REPETITIVE, 96, policy="lookup",
+                               draft=DraftOptions(max_draft=12, adaptive=True))
+    assert adaptive.token_ids == ar.token_ids
+    assert adaptive.stats.steps < ar.stats.steps
