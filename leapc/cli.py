@@ -47,6 +47,8 @@ def build(
     backend: Backend = typer.Option(Backend.ORT, help="engine backend"),
     max_seq: int = typer.Option(None, help="longest sequence (prompt + generation)"),
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
+    draft_model: str = typer.Option(None, help="draft model for --policy draft "
+                                                "(HF dir, llama2.c .bin, or 'bundled-draft')"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
 ) -> None:
     """Compile MODEL into an engine directory."""
@@ -56,7 +58,7 @@ def build(
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("build", total=stage_count())
+        task = bar.add_task("build", total=stage_count(1 + (draft_model is not None)))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
@@ -64,7 +66,7 @@ def build(
             bar.update(task, description=stage)
 
         path = leapc.build(model, output, backend, max_seq=max_seq, tokenizer=tokenizer,
-                           dump_dir=dump_passes, on_stage=on_stage)
+                           draft_model=draft_model, dump_dir=dump_passes, on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import CaptureOptions, StepModule, capture
 from leapc.ir.errors import InputError
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
-from leapc.passes.pipeline import check_numerics, default_pipeline
+from leapc.passes.pipeline import PipelineResult, check_numerics, default_pipeline
 from leapc.runtime.backends import eager, ort
 from leapc.runtime.manifest import (
     Backend,
@@ -28,9 +29,10 @@ DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
 
-def stage_count() -> int:
-    """Stages reported through ``on_stage``: load, capture, each pass, check, lower."""
-    return 4 + len(default_pipeline().passes)
+def stage_count(programs: int = 1) -> int:
+    """Stages reported through ``on_stage``: load, then per program capture, each pass,
+    numeric check and lower."""
+    return 1 + programs * (3 + len(default_pipeline().passes))
 
 
 def _toolchain() -> dict[str, str]:
@@ -53,6 +55,45 @@ def _options(source: SourceModel, max_seq: int | None, max_new: int) -> CaptureO
     return CaptureOptions(max_seq=seq, max_new=min(max_new, seq - 1))
 
 
+@dataclass(frozen=True)
+class CompiledProgram:
+    """One lowered program of an engine, with what the manifest records about it."""
+
+    source: SourceModel
+    result: PipelineResult
+    entry: ProgramEntry
+
+    @property
+    def info(self) -> ModelInfo:
+        dims = self.result.program.dims
+        return ModelInfo(
+            source=self.source.name, family=self.source.family, num_layers=dims.num_layers,
+            num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
+            hidden_size=dims.hidden_size, vocab_size=dims.vocab_size, dtype=dims.dtype,
+            weights_sha256=weights_sha256(self.source.model),
+        )
+
+
+def _compile(source: SourceModel, name: str, options: CaptureOptions, backend: Backend,
+             out: Path, dump_dir: Path | None, on_stage) -> CompiledProgram:
+    """Capture → passes → numeric check → lower, for one model."""
+    on_stage(f"capture {name}")
+    captured = capture(source.model, options)
+    dump = dump_dir / name if dump_dir else None
+    result = default_pipeline(dump)(captured, on_pass=lambda p: on_stage(f"{name}: pass {p}"))
+    on_stage(f"numeric check {name}")
+    check_numerics(StepModule(source.model), result.program)
+    on_stage(f"lower {name} ({backend.value})")
+    file = LOWERINGS[backend](result.program, out, name)
+    entry = ProgramEntry(file=file.name, sha256=sha256_file(file),
+                         signature=result.program.signature.to_json())
+    return CompiledProgram(source, result, entry)
+
+
+def _load(model, tokenizer: Path | None) -> SourceModel:
+    return model if isinstance(model, SourceModel) else load_source(model, tokenizer)
+
+
 def build(
     model: str | Path | SourceModel,
     out_dir: str | Path,
@@ -61,54 +102,53 @@ def build(
     max_seq: int | None = None,
     max_new: int = 128,
     tokenizer: Path | None = None,
+    draft_model: str | Path | SourceModel | None = None,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Build an engine for ``model`` into ``out_dir``; return ``out_dir``.
 
-    ``model`` is ``"bundled"``, a Hugging Face directory, a llama2.c ``.bin``, or an
-    already loaded `SourceModel`. ``max_new`` bounds N: the prefill chunk and, later,
-    the largest tree one step verifies.
+    ``model`` (and ``draft_model``, a smaller model with the same vocabulary for the
+    ``draft`` policy) is ``"bundled"``, a Hugging Face directory, a llama2.c ``.bin``, or
+    an already loaded `SourceModel`. ``max_new`` bounds N: the prefill chunk and the
+    largest tree one step verifies.
     """
     chosen = _backend(backend)
     on_stage("load")
-    source = model if isinstance(model, SourceModel) else load_source(model, tokenizer)
+    source = _load(model, tokenizer)
+    draft = _load(draft_model, None) if draft_model is not None else None
+    if draft is not None and draft.model.config.vocab_size != source.model.config.vocab_size:
+        raise InputError("the draft model's vocabulary size differs from the model's")
     options = _options(source, max_seq, max_new)
-    on_stage("capture")
-    captured = capture(source.model, options)
-    result = default_pipeline(dump_dir)(captured, on_pass=lambda name: on_stage(f"pass {name}"))
-    on_stage("numeric check")
-    check_numerics(StepModule(source.model), result.program)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    on_stage(f"lower ({chosen.value})")
-    program_file = LOWERINGS[chosen](result.program, out, "full")
+    full = _compile(source, "full", options, chosen, out, dump_dir, on_stage)
+    drafter = (_compile(draft, "draft_model", options, chosen, out, dump_dir, on_stage)
+               if draft is not None else None)
     source.tokenizer.save(str(out / "tokenizer.json"))
-    _manifest(source, chosen, result, options, program_file).write(out)
+    _manifest(full, drafter, chosen, options).write(out)
     return out
 
 
-def _manifest(source, backend: Backend, result, options: CaptureOptions, program_file: Path):
-    dims = result.program.dims
+def _manifest(full: CompiledProgram, draft: CompiledProgram | None, backend: Backend,
+              options: CaptureOptions) -> Manifest:
+    dims = full.result.program.dims
+    programs = {"full": full.entry} | ({"draft_model": draft.entry} if draft else {})
+    policies = (Policy.AR, Policy.LOOKUP, Policy.RECYCLE) + ((Policy.DRAFT,) if draft else ())
     return Manifest(
         leapc_version=importlib.metadata.version("leapc"),
         toolchain=_toolchain(),
         backend=backend,
-        model=ModelInfo(
-            source=source.name, family=source.family, num_layers=dims.num_layers,
-            num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
-            hidden_size=dims.hidden_size, vocab_size=dims.vocab_size, dtype=dims.dtype,
-            weights_sha256=weights_sha256(source.model),
-        ),
-        tokenizer=TokenizerInfo(bos_id=source.bos_id, eos_ids=source.eos_ids),
-        programs={"full": ProgramEntry(file=program_file.name, sha256=sha256_file(program_file),
-                                       signature=result.program.signature.to_json())},
-        passes=result.ran,
-        anatomy=tuple(recover_anatomy(result.program.program, dims.num_layers,
+        model=full.info,
+        draft_model=draft.info if draft else None,
+        tokenizer=TokenizerInfo(bos_id=full.source.bos_id, eos_ids=full.source.eos_ids),
+        programs=programs,
+        passes=full.result.ran,
+        anatomy=tuple(recover_anatomy(full.result.program.program, dims.num_layers,
                                       dims.hidden_size).describe()),
-        policies=(Policy.AR, Policy.LOOKUP, Policy.RECYCLE),
+        policies=policies,
         max_seq=options.max_seq,
         max_batch=options.max_batch,
         max_new=options.max_new,

@@ -24,7 +24,8 @@ CARD_PROMPTS = (
 )
 
 
-def write_bundled_model(model: LlamaForCausalLM, work: Path, out: Path) -> None:
+def write_bundled_model(model: LlamaForCausalLM, work: Path, out: Path, title: str,
+                        purpose: str) -> None:
     """float16 safetensors, tokenizer files, generation config, then the model card."""
     out.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(model).to(torch.float16)
@@ -38,7 +39,7 @@ def write_bundled_model(model: LlamaForCausalLM, work: Path, out: Path) -> None:
         bos_token=corpus.BOS, eos_token=corpus.EOS, pad_token=corpus.PAD,
         model_max_length=model.config.max_position_embeddings,
     ).save_pretrained(out)
-    write_model_card(out, work)
+    write_model_card(out, work, title, purpose)
 
 
 def greedy_completions(model_dir: Path, max_new_tokens: int = 48) -> list[tuple[str, str]]:
@@ -54,19 +55,19 @@ def greedy_completions(model_dir: Path, max_new_tokens: int = 48) -> list[tuple[
     return pairs
 
 
-def write_model_card(out: Path, work: Path) -> None:
+def write_model_card(out: Path, work: Path, title: str, purpose: str) -> None:
     state = json.loads((work / "train_state.json").read_text())
     per_layer = json.loads((work / "eval.json").read_text())["per_layer_loss"]
     cfg = state["config"]
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters())
     layer_rows = "\n".join(f"| {i + 1} | {loss:.3f} |" for i, loss in enumerate(per_layer))
     samples = "\n\n".join(f"```python\n{p}{c}\n```" for p, c in greedy_completions(out))
-    (out / "README.md").write_text(f"""# pycoder-15m — leapc's bundled default model
+    (out / "README.md").write_text(f"""# {title}
 
 A {params / 1e6:.1f}M-parameter Llama (GQA {cfg['num_heads']}:{cfg['num_kv_heads']} heads,
 RoPE, SwiGLU, RMSNorm; {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, tied
-embeddings) trained from scratch on a 2-core CPU by `python -m leapc.models.train_base`,
-so that leapc's demo, tests and benchmarks have a real model that needs no download.
+embeddings) trained from scratch on a 2-core CPU by `python -m leapc.models.train_base
+--preset {state.get("preset", "base")}`, {purpose}.
 
 - **Corpus**: the `*.py` files of the Python {_python_version()} standard library of the
   interpreter that ran the recipe; 5% of files held out by a fixed sha256 of their path

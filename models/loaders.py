@@ -16,6 +16,9 @@ from leapc.ir.errors import InputError, UnsupportedModelError
 
 BUNDLED = "bundled"
 BUNDLED_DIR = Path(__file__).parent / "pycoder-15m"
+BUNDLED_DRAFT = "bundled-draft"
+BUNDLED_DRAFT_DIR = Path(__file__).parent / "pycoder-draft-2m"
+_NAMED = {BUNDLED: BUNDLED_DIR, BUNDLED_DRAFT: BUNDLED_DRAFT_DIR}
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,9 @@ def _load_hf(directory: Path, tokenizer: Path | None) -> tuple[PreTrainedModel, 
 
 
 def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
-    """``spec`` is ``"bundled"``, a Hugging Face directory, or a llama2.c ``.bin``."""
-    path = BUNDLED_DIR if str(spec) == BUNDLED else Path(spec)
+    """``spec`` is ``"bundled"`` (or ``"bundled-draft"``), a Hugging Face directory, or a
+    llama2.c ``.bin``."""
+    path = _NAMED.get(str(spec), Path(spec))
     if not path.exists():
         raise InputError(f"model {spec} does not exist (a Hugging Face directory, a llama2.c "
                          f".bin, or '{BUNDLED}')")
@@ -85,5 +89,5 @@ def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
         raise InputError(f"model {spec} is neither a Hugging Face directory nor a llama2.c .bin")
     model.eval()
     bos, eos = _special_ids(model)
-    name = BUNDLED if str(spec) == BUNDLED else str(path.resolve())
+    name = str(spec) if str(spec) in _NAMED else str(path.resolve())
     return SourceModel(model, tok, name, bos, eos)

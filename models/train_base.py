@@ -19,6 +19,7 @@ recent Xeons); weights, optimiser state and checkpoints stay fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -56,6 +57,24 @@ class TrainConfig:
     layer_dropout_max: float = 0.1
     early_exit_weight: float = 0.5
     seed: int = 0
+
+
+PRESETS = {
+    # the bundled default model (10-20M parameters, LayerSkip recipe)
+    "base": TrainConfig(),
+    # its draft model for speculative decoding: same tokenizer, < 2M parameters, no exits
+    "draft": TrainConfig(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+                         num_kv_heads=2, steps=900, lr=3e-3, min_lr=3e-4,
+                         layer_dropout_max=0.0, early_exit_weight=0.0),
+}
+CARDS = {
+    "base": ("pycoder-15m — leapc's bundled default model",
+             "so that leapc's demo, tests and benchmarks have a real model that needs no "
+             "download"),
+    "draft": ("pycoder-draft-2m — the bundled model's draft model",
+              "to draft tokens for pycoder-15m in draft-model speculative decoding (same "
+              "tokenizer)"),
+}
 
 
 def llama_config(cfg: TrainConfig, bos_id: int, eos_id: int, pad_id: int) -> LlamaConfig:
@@ -125,7 +144,8 @@ def training_loss(model, cfg: TrainConfig, x, y, step: int, rng: np.random.Gener
     layers = cfg.num_layers
     drop = [rng.random() < cfg.layer_dropout_max * i / (layers - 1) for i in range(layers)]
     drop[-1] = False  # the final layer always runs: its output is the main loss
-    exit_layer = step % (layers - 1)  # rotate over exits after layers 1..L-1
+    # rotate over exits after layers 1..L-1 (none when the exit loss is off)
+    exit_layer = step % (layers - 1) if cfg.early_exit_weight else -1
     loss = torch.zeros(())
     for i, h in enumerate(layer_states(model, x, drop)):
         if i == exit_layer:
@@ -209,20 +229,24 @@ def train(cfg: TrainConfig, work: Path) -> LlamaForCausalLM:
 def main(
     out: Path = typer.Option(Path("models/pycoder-15m"), help="Hugging Face output directory"),
     work: Path = typer.Option(Path(".cache/train/pycoder-15m"), help="data and checkpoints"),
-    steps: int = typer.Option(TrainConfig.steps, help="optimizer steps"),
+    steps: int = typer.Option(0, help="optimizer steps (0 = the preset's)"),
     threads: int = typer.Option(0, help="torch threads (0 = default)"),
+    preset: str = typer.Option("base", help=f"model preset: {', '.join(PRESETS)}"),
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(steps=steps)
+    cfg = PRESETS[preset]
+    cfg = dataclasses.replace(cfg, steps=steps or cfg.steps)
     model = train(cfg, work)
+    state_file = work / "train_state.json"
+    state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"preset": preset}))
     _, eval_stream = prepare_data(work, cfg.vocab_size)
     per_layer = per_layer_eval(model, eval_stream, cfg.context)
     (work / "eval.json").write_text(json.dumps({"per_layer_loss": per_layer}, indent=2))
     from leapc.models.bundled_export import write_bundled_model
 
-    write_bundled_model(model, work, out)
+    write_bundled_model(model, work, out, *CARDS[preset])
     console.print(f"held-out loss per exit layer: {[round(v, 3) for v in per_layer]}")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from leapc.runtime.acceptance import accept_deterministic
+from leapc.runtime.acceptance import accept
 from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.drafters.base import Draft, Drafter, Verification
 from leapc.runtime.kv_cache import KVCache
@@ -131,7 +131,7 @@ def decode(
         draft = drafter.propose(context, root, budget)
         out = step(*tree_inputs(cache, draft))
         logits = out["logits"][0]
-        path, emitted = accept_deterministic(draft.tokens, draft.tree, logits, sampling, rng)
+        path, emitted = accept(draft.tokens, draft.tree, draft.q, logits, sampling, rng)
         cache.commit(out["present"], path)
         stats.drafted_depth.append(int(draft.tree.depth.max()))
         stats.accepted_depth.append(len(path) - 1)

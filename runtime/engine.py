@@ -17,10 +17,11 @@ from leapc.ir.errors import EngineError, InputError
 from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import Drafter, NoDrafter
+from leapc.runtime.drafters.draft_model import DraftModelDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.kv_cache import KVCache
-from leapc.runtime.manifest import Backend, Manifest, Policy, read_manifest
+from leapc.runtime.manifest import Backend, Manifest, ModelInfo, Policy, read_manifest
 from leapc.runtime.sampling import SamplingConfig
 
 
@@ -84,10 +85,12 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str) -> StepFuncti
 
 
 class Engine:
-    def __init__(self, path: Path, manifest: Manifest, step: StepFunction, tokenizer: Tokenizer):
+    def __init__(self, path: Path, manifest: Manifest, steps: dict[str, StepFunction],
+                 tokenizer: Tokenizer):
         self.path = path
         self.manifest = manifest
-        self.step = step
+        self.steps = steps  # by program name: "full", "draft_model", ...
+        self.step = steps["full"]
         self.tokenizer = tokenizer
 
     @classmethod
@@ -99,13 +102,13 @@ class Engine:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
         except Exception as err:  # tokenizers raises plain Exceptions for bad JSON
             raise EngineError(f"{path}: tokenizer file is corrupt ({err})") from None
-        try:
-            step = _load_step(path, manifest, "full")
-        except EngineError:
-            raise
-        except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
-            raise EngineError(f"{path}: program 'full' cannot be loaded ({err})") from None
-        return cls(path, manifest, step, tokenizer)
+        steps = {}
+        for name in manifest.programs:
+            try:
+                steps[name] = _load_step(path, manifest, name)
+            except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
+                raise EngineError(f"{path}: program {name!r} cannot be loaded ({err})") from None
+        return cls(path, manifest, steps, tokenizer)
 
     # ------------------------------------------------------------------ requests
 
@@ -150,16 +153,35 @@ class Engine:
         chosen = self._policy(policy)
         _check_options(max_new_tokens, temperature, top_k, top_p)
         ids = self.encode(prompt)
-        m = self.manifest.model
-        cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, self.manifest.max_seq)
+        sampling = SamplingConfig(temperature, top_k, top_p)
         stats = GenerationStats(policy=chosen.value)
         tokens = decode(
-            self.step, cache, ids, self.manifest.max_new, _drafter(chosen, draft, m.vocab_size),
-            SamplingConfig(temperature, top_k, top_p),
+            self.step, self._cache(self.manifest.model), ids, self.manifest.max_new,
+            self._drafter(chosen, draft, sampling, seed), sampling,
             StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
             np.random.default_rng(seed), stats,
         )
         return Stream(tokens, self.tokenizer, stats)
+
+    def _cache(self, model: ModelInfo) -> KVCache:
+        return KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.dtype,
+                       self.manifest.max_seq)
+
+    def _drafter(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
+                 seed: int) -> Drafter:
+        if options.max_draft < 0 or options.ngram < 1:
+            raise InputError("max-draft must be >= 0 and ngram >= 1")
+        if policy is Policy.LOOKUP:
+            return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft,
+                                 adaptive=options.adaptive)
+        if policy is Policy.RECYCLE:
+            return RecycleDrafter(self.manifest.model.vocab_size)
+        if policy is Policy.DRAFT:
+            return DraftModelDrafter(
+                self.steps["draft_model"], self._cache(self.manifest.draft_model),
+                self.manifest.max_new, sampling, np.random.default_rng([seed, 1]),
+                max_draft=options.max_draft, adaptive=options.adaptive)
+        return NoDrafter()
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:
         stream = self.stream(prompt, max_new_tokens, **options)
@@ -168,15 +190,6 @@ class Engine:
         return Generation(stream.token_ids, stream.text, stream.stats)
 
 
-def _drafter(policy: Policy, options: DraftOptions, vocab_size: int) -> Drafter:
-    if options.max_draft < 0 or options.ngram < 1:
-        raise InputError("max-draft must be >= 0 and ngram >= 1")
-    if policy is Policy.LOOKUP:
-        return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft,
-                             adaptive=options.adaptive)
-    if policy is Policy.RECYCLE:
-        return RecycleDrafter(vocab_size)
-    return NoDrafter()
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -57,6 +57,10 @@ class KVCache:
         mask[: self.length] = True
         return mask
 
+    def truncate(self, length: int) -> None:
+        """Forget every slot from ``length`` on (a draft model's rejected tokens)."""
+        self.length = min(self.length, length)
+
     def commit(self, present: np.ndarray, rows: np.ndarray | list[int]) -> None:
         """Append ``present[..., rows, :]`` (the accepted new tokens, in order)."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -28,6 +28,7 @@ class Policy(str, enum.Enum):
     AR = "ar"
     LOOKUP = "lookup"  # prompt lookup (training-free, any engine)
     RECYCLE = "recycle"  # token recycling (training-free, any engine)
+    DRAFT = "draft"  # a draft model in its own program and KV cache (build --draft-model)
 
 
 class _Frozen(BaseModel):
@@ -64,8 +65,9 @@ class Manifest(_Frozen):
     toolchain: dict[str, str]
     backend: Backend
     model: ModelInfo
+    draft_model: ModelInfo | None = None  # the ``draft_model`` program's model, if any
     tokenizer: TokenizerInfo
-    programs: dict[str, ProgramEntry]  # "full" now; "draft", "remainder" by later passes
+    programs: dict[str, ProgramEntry]  # "full", "draft_model"; "draft", "remainder" later
     passes: tuple[str, ...]
     anatomy: tuple[tuple[str, str], ...] = ()  # landmark -> graph node, for `leapc inspect`
     addons: dict[str, str] = {}

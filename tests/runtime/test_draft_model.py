@@ -1,0 +1,74 @@
+"""Draft-model speculation: greedy identity and rule 2's exactness under sampling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from engines import tiny_source
+from stats import chi2_critical, chi2_homogeneity
+
+import leapc
+from leapc.models.loaders import SourceModel
+from leapc.runtime.engine import DraftOptions
+
+PROMPT = [5, 17, 200, 3]
+
+
+def noisy_copy(source: SourceModel, scale: float, seed: int = 0) -> SourceModel:
+    """A draft that agrees with the target often, but not always: q close to, not equal to, p."""
+    model = copy.deepcopy(source.model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+    return SourceModel(model, source.tokenizer, "noisy-draft", source.bos_id, source.eos_ids)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    target = tiny_source("llama")
+    path = leapc.build(target, tmp_path_factory.mktemp("draft"), "ort", max_seq=256,
+                       draft_model=noisy_copy(target, 0.02))
+    return leapc.load(path)
+
+
+def test_manifest_records_the_draft_program(engine):
+    assert "draft_model" in engine.manifest.programs
+    assert engine.manifest.draft_model.source == "noisy-draft"
+    assert "draft" in [p.value for p in engine.manifest.policies]
+
+
+@pytest.mark.parametrize("options", (DraftOptions(max_draft=4), DraftOptions(max_draft=8),
+                                     DraftOptions(max_draft=6, adaptive=True)))
+def test_greedy_draft_is_token_identical_to_ar(engine, options):
+    for prompt in (PROMPT, [9], list(range(40, 140))):
+        ar = engine.generate(prompt, 64)
+        drafted = engine.generate(prompt, 64, policy="draft", draft=options)
+        assert drafted.token_ids == ar.token_ids
+    assert drafted.stats.tau > 1.1  # the close draft is often right
+
+
+def samples(engine, policy: str, temperature: float, seeds: range) -> list[list[int]]:
+    return [engine.generate(PROMPT, 3, policy=policy, temperature=temperature,
+                            seed=s).token_ids for s in seeds]
+
+
+@pytest.mark.parametrize("temperature", (0.5, 1.0))  # peaked and flat
+def test_speculative_sampling_matches_plain_sampling(engine, temperature):
+    plain = samples(engine, "ar", temperature, range(4000))
+    drafted = samples(engine, "draft", temperature, range(10**6, 10**6 + 4000))
+    for position in (1, 2):  # drafted positions: accepted drafts or residual draws
+        stat, df = chi2_homogeneity([s[position] for s in plain],
+                                    [s[position] for s in drafted])
+        assert df >= 3
+        assert stat < chi2_critical(df), (position, stat, df)
+
+
+def test_rejections_happen_so_the_residual_distribution_is_exercised(engine):
+    gens = [engine.generate(PROMPT, 16, policy="draft", temperature=1.0, seed=s)
+            for s in range(50)]
+    accepted = sum(sum(g.stats.accepted_depth) for g in gens)
+    drafted = sum(sum(g.stats.drafted_depth) for g in gens)
+    assert 0 < accepted < drafted
