@@ -98,7 +98,8 @@ def _histogram(values: list[int]) -> dict[str, int]:
 
 def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
     """transformers ``generate()`` on the engine's source model, same prompts, same process:
-    greedy always; prompt lookup (``prompt_lookup_num_tokens``) when ``lookup`` is benched."""
+    greedy always; prompt lookup (``prompt_lookup_num_tokens``) when ``lookup`` is benched;
+    assisted generation (``assistant_model``: the engine's draft model) when ``draft`` is."""
     import torch
 
     from leapc.models.loaders import load_source, weights_sha256
@@ -133,6 +134,10 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
     if "lookup" in cfg.policies:
         tps, _ = median_of_repeats(prompt_lookup_num_tokens=max(cfg.draft.max_draft, 1))
         baselines["hf_prompt_lookup_tokens_per_s"] = tps
+    if "draft" in cfg.policies and engine.manifest.draft_model is not None:
+        assistant = load_source(engine.manifest.draft_model.source).model
+        tps, _ = median_of_repeats(assistant_model=assistant)
+        baselines["hf_assisted_tokens_per_s"] = tps
     return baselines
 
 

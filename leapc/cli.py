@@ -170,7 +170,8 @@ def bench_table(result: dict) -> Table:
         table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
                       f"{r['speedup_vs_ar']:.2f}×", "yes" if r["identical_to_ar"] else "NO")
     for key, label, policy in (("hf_generate_tokens_per_s", "hf generate", "ar"),
-                               ("hf_prompt_lookup_tokens_per_s", "hf prompt lookup", "lookup")):
+                               ("hf_prompt_lookup_tokens_per_s", "hf prompt lookup", "lookup"),
+                               ("hf_assisted_tokens_per_s", "hf assisted", "draft")):
         hf = result["baselines"].get(key)
         ours = next((r for r in result["results"] if r["policy"] == policy), None)
         if hf:

@@ -22,20 +22,25 @@ def cache_dir() -> Path:
 
 def _engine_key() -> str:
     """Rebuild when the bundled weights or leapc change."""
-    from leapc.models.loaders import BUNDLED_DIR
+    from leapc.models.loaders import BUNDLED_DIR, BUNDLED_DRAFT_DIR
 
     digest = hashlib.sha256(importlib.metadata.version("leapc").encode())
-    digest.update((BUNDLED_DIR / "model.safetensors").read_bytes())
+    for weights in (BUNDLED_DIR / "model.safetensors",
+                    BUNDLED_DRAFT_DIR / "model.safetensors"):
+        if weights.exists():
+            digest.update(weights.read_bytes())
     return digest.hexdigest()[:12]
 
 
 def bundled_engine(console: Console) -> Path:
     import leapc
+    from leapc.models.loaders import BUNDLED_DRAFT, BUNDLED_DRAFT_DIR
 
     path = cache_dir() / f"bundled-ort-{_engine_key()}"
+    draft = BUNDLED_DRAFT if (BUNDLED_DRAFT_DIR / "model.safetensors").exists() else None
     if not (path / "manifest.json").exists():
         with console.status("building the bundled model's engine (once)") as status:
-            leapc.build("bundled", path, "ort",
+            leapc.build("bundled", path, "ort", draft_model=draft,
                         on_stage=lambda s: status.update(f"building engine: [bold]{s}"))
     return path
 
@@ -51,7 +56,8 @@ def run_demo(console: Console) -> None:
         console.print(Panel(f"[dim]{prompt}[/][bold]{generation.text}[/]",
                             title=f"{generation.stats.tokens_per_s:.0f} tok/s", expand=False),
                       markup=True, highlight=False)
-    cfg = BenchConfig(("ar", "lookup", "recycle"), CODE_PROMPTS, max_new_tokens=64, repeats=3)
+    policies = tuple(p.value for p in engine.manifest.policies)
+    cfg = BenchConfig(policies, CODE_PROMPTS, max_new_tokens=64, repeats=3)
     with console.status("benchmarking (leapc vs transformers generate)"):
         result = run_bench(engine, cfg, vs_hf=True)
     console.print(bench_table(result))

@@ -64,7 +64,7 @@ PRESETS = {
     "base": TrainConfig(),
     # its draft model for speculative decoding: same tokenizer, < 2M parameters, no exits
     "draft": TrainConfig(hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
-                         num_kv_heads=2, steps=900, lr=3e-3, min_lr=3e-4,
+                         num_kv_heads=2, steps=600, lr=3e-3, min_lr=3e-4,
                          layer_dropout_max=0.0, early_exit_weight=0.0),
 }
 CARDS = {

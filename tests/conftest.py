@@ -8,28 +8,33 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from engines import require_bundled, require_stories, tiny_source  # noqa: E402
 
 import leapc  # noqa: E402
+from leapc.models.loaders import BUNDLED_DRAFT, BUNDLED_DRAFT_DIR  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory):
     """``engine_dir(key, backend)`` -> an engine directory built once per session.
 
-    ``key`` is ``"stories"`` (../shared, skipped if absent), ``"bundled"``, or
-    ``"tiny-<family>"`` (a random tiny model taking id prompts, max-seq 256).
+    ``key`` is ``"stories"`` (../shared, skipped if absent), ``"bundled"`` (with the
+    bundled draft model when its weights exist), or ``"tiny-<family>"`` (a random tiny
+    model taking id prompts, max-seq 256).
     """
     built = {}
 
     def get(key: str, backend: str = "ort"):
         if (key, backend) not in built:
             out = tmp_path_factory.mktemp(f"{key}-{backend}")
+            draft = None
             if key == "stories":
                 model, max_seq = require_stories(), None
             elif key == "bundled":
                 require_bundled()
                 model, max_seq = "bundled", None
+                draft = BUNDLED_DRAFT if (BUNDLED_DRAFT_DIR / "model.safetensors").exists() else None
             else:
                 model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
-            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq)
+            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq,
+                                              draft_model=draft)
         return built[key, backend]
 
     return get

@@ -59,3 +59,15 @@ def test_adaptive_lookup_is_token_identical_to_ar(engine_dir):
                                draft=DraftOptions(max_draft=12, adaptive=True))
     assert adaptive.token_ids == ar.token_ids
     assert adaptive.stats.steps < ar.stats.steps
+
+
+@pytest.mark.parametrize("policy", ("lookup", "recycle", "draft"))
+def test_policy_is_token_identical_to_ar_on_the_bundled_model(engine_dir, policy):
+    from leapc.models import corpus
+
+    engine = leapc.load(engine_dir("bundled"))
+    if policy not in [p.value for p in engine.manifest.policies]:
+        pytest.skip(f"the bundled engine has no {policy!r} policy (bundled draft model absent)")
+    for prompt in corpus.held_out_prompts(8):
+        assert engine.generate(prompt, 64, policy=policy).token_ids == \
+            engine.generate(prompt, 64).token_ids, prompt
