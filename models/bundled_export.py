@@ -77,10 +77,7 @@ embeddings) trained from scratch on a 2-core CPU by `python -m leapc.models.trai
 - **Training**: context {cfg['context']}, batch {cfg['batch_size']}, {state['step']} steps,
   **{state['tokens'] / 1e6:.1f}M tokens seen**, AdamW (lr {cfg['lr']} cosine to
   {cfg['min_lr']}), bf16 autocast; **wall time {state['seconds'] / 60:.0f} min**.
-- **LayerSkip recipe**: layer dropout rising linearly to {cfg['layer_dropout_max']} at the
-  last layer, and an early-exit loss (weight {cfg['early_exit_weight']}) through the final
-  norm and the shared LM head at one exit per step, rotating over the layers — so early
-  layers already predict the next token (self-speculative drafts).
+{_recipe_line(cfg)}
 - **Stored** as float16 safetensors; loads with `AutoModelForCausalLM.from_pretrained` and
   `AutoTokenizer.from_pretrained`.
 
@@ -96,6 +93,16 @@ Overall (full model): **{per_layer[-1]:.3f}** nats/token.
 
 {samples}
 """)
+
+
+def _recipe_line(cfg: dict) -> str:
+    if not cfg["early_exit_weight"]:
+        return "- **Objective**: plain next-token cross-entropy (no layer dropout, no exits)."
+    return (f"- **LayerSkip recipe**: layer dropout rising linearly to "
+            f"{cfg['layer_dropout_max']} at the\n  last layer, and an early-exit loss (weight "
+            f"{cfg['early_exit_weight']}) through the final\n  norm and the shared LM head at "
+            "one exit per step, rotating over the layers — so early\n  layers already predict "
+            "the next token (self-speculative drafts).")
 
 
 def _python_version() -> str:

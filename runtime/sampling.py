@@ -29,7 +29,9 @@ def probabilities(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     policy as comparing distributions.
     """
     if cfg.greedy:
-        return np.eye(logits.shape[-1])[np.argmax(logits, axis=-1)]
+        one_hot = np.zeros(logits.shape)
+        np.put_along_axis(one_hot, np.argmax(logits, axis=-1)[..., None], 1.0, axis=-1)
+        return one_hot
     z = logits.astype(np.float64) / cfg.temperature
     if 0 < cfg.top_k < z.shape[-1]:
         kth = np.partition(z, -cfg.top_k, axis=-1)[..., -cfg.top_k, None]
