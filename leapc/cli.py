@@ -10,6 +10,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,6 +26,11 @@ from rich.table import Table
 
 from leapc.ir.errors import InputError, LeapcUserError
 from leapc.runtime.manifest import Backend, Policy
+
+# Drafting options shared by `run` and `bench`.
+MaxDraft = Annotated[int, typer.Option(help="longest draft per step (drafting policies)")]
+NGram = Annotated[int, typer.Option(help="lookup: longest n-gram matched")]
+Adaptive = Annotated[bool, typer.Option(help="chain drafts: +2/-1 adaptive draft length")]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
@@ -81,9 +87,9 @@ def run(
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
-    max_draft: int = typer.Option(8, help="longest draft per step (drafting policies)"),
-    ngram: int = typer.Option(4, help="lookup: longest n-gram matched"),
-    adaptive: bool = typer.Option(False, help="chain drafts: +2/-1 adaptive draft length"),
+    max_draft: MaxDraft = 8,
+    ngram: NGram = 4,
+    adaptive: Adaptive = False,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
@@ -133,9 +139,9 @@ def bench(
     prompts: Path = typer.Option(None, help="JSONL prompt file (default: built-in code prompts)"),
     max_new_tokens: int = typer.Option(64),
     repeats: int = typer.Option(3),
-    max_draft: int = typer.Option(8, help="longest draft per step (drafting policies)"),
-    ngram: int = typer.Option(4, help="lookup: longest n-gram matched"),
-    adaptive: bool = typer.Option(False, help="chain drafts: +2/-1 adaptive draft length"),
+    max_draft: MaxDraft = 8,
+    ngram: NGram = 4,
+    adaptive: Adaptive = False,
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
