@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, captured, tiny_model
+from families import captured, tiny_model
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
@@ -13,11 +13,6 @@ from leapc.ir.capture import CaptureOptions, ModelDims, export_step
 from leapc.ir.errors import UnsupportedModelError
 
 NEW, PAST = 5, 3
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
 
 
 @pytest.fixture(scope="module")

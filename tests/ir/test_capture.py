@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, UNSUPPORTED, captured, tiny_checkpoint, tiny_model
+from families import UNSUPPORTED, captured, tiny_checkpoint, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from leapc.ir import signature as sig
 from leapc.ir.capture import CaptureOptions, StepModule, capture, check_supported
 from leapc.ir.errors import UnsupportedModelError
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
 
 
 @pytest.fixture(scope="module")
