@@ -26,6 +26,10 @@ class TreeBuffers:
     def size(self) -> int:
         return len(self.parents)
 
+    @property
+    def is_chain(self) -> bool:
+        return bool((self.parents == np.arange(-1, self.size - 1)).all())
+
     def path_to(self, node: int) -> list[int]:
         """Root-to-``node`` indices (inclusive)."""
         return np.flatnonzero(self.ancestor_mask[node]).tolist()

@@ -25,12 +25,19 @@ from rich.progress import (
 from rich.table import Table
 
 from leapc.ir.errors import InputError, LeapcUserError
+from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.manifest import Backend, Policy
 
 # Drafting options shared by `run` and `bench`.
 MaxDraft = Annotated[int, typer.Option(help="longest draft per step (drafting policies)")]
 NGram = Annotated[int, typer.Option(help="lookup: longest n-gram matched")]
 Adaptive = Annotated[bool, typer.Option(help="chain drafts: +2/-1 adaptive draft length")]
+DraftTree = Annotated[str, typer.Option(
+    help="draft model: children per node at depths 1, 2, ... (e.g. 2,2; deeper is a chain)")]
+Confidence = Annotated[float, typer.Option(
+    help="draft model: stop expanding a node whose draft top-1 probability is below this")]
+TreeSampling = Annotated[ChildSampling, typer.Option(
+    help="draft model, sampled trees: how siblings are drawn (rule 3 or rule 4)")]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
@@ -90,18 +97,21 @@ def run(
     max_draft: MaxDraft = 8,
     ngram: NGram = 4,
     adaptive: Adaptive = False,
+    draft_tree: DraftTree = "",
+    confidence: Confidence = 0.0,
+    tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
     import leapc
-    from leapc.runtime.engine import DraftOptions
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt and --prompt-ids")
     request = prompt if prompt is not None else _parse_ids(prompt_ids)
     stream = leapc.load(engine).stream(request, max_new_tokens, policy=policy,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, draft=DraftOptions(max_draft, ngram, adaptive))
+                                       seed=seed, draft=_draft_options(max_draft, ngram, adaptive, draft_tree,
+                                                                      confidence, tree_sampling))
     if as_json:
         for _ in stream:
             pass
@@ -116,11 +126,20 @@ def run(
     err.print(f"[dim]{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, tau {s.tau:.2f}[/]")
 
 
-def _parse_ids(text: str) -> list[int]:
+def _parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise InputError(f"--prompt-ids must be comma-separated integers (got {text!r})") from None
+        raise InputError(f"{option} must be comma-separated integers (got {text!r})") from None
+
+
+def _draft_options(max_draft: int, ngram: int, adaptive: bool, draft_tree: str,
+                   confidence: float, tree_sampling: ChildSampling):
+    from leapc.runtime.engine import DraftOptions
+
+    return DraftOptions(max_draft=max_draft, ngram=ngram, adaptive=adaptive,
+                        branching=tuple(_parse_ids(draft_tree, "--draft-tree")),
+                        confidence=confidence, children=tree_sampling)
 
 
 @app.command()
@@ -142,6 +161,9 @@ def bench(
     max_draft: MaxDraft = 8,
     ngram: NGram = 4,
     adaptive: Adaptive = False,
+    draft_tree: DraftTree = "",
+    confidence: Confidence = 0.0,
+    tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
@@ -152,10 +174,9 @@ def bench(
 
     if repeats < 1 or max_new_tokens < 1:
         raise InputError("--repeats and --max-new-tokens must be at least 1")
-    from leapc.runtime.engine import DraftOptions
-
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
-                      DraftOptions(max_draft, ngram, adaptive))
+                      _draft_options(max_draft, ngram, adaptive, draft_tree, confidence,
+                                     tree_sampling))
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine), cfg, vs_hf)
     out.print(bench_table(result))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from leapc.ir.tree import TreeBuffers
+from leapc.runtime.drafters.base import ChildSampling, Draft
 from leapc.runtime.sampling import SamplingConfig, probabilities, sample
 
 
@@ -60,12 +61,59 @@ def accept_chain_sampling(
     return path, emitted
 
 
-def accept(tokens: np.ndarray, tree: TreeBuffers, q: np.ndarray | None, logits: np.ndarray,
-           cfg: SamplingConfig, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+def _residual(r: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """norm(max(0, r - q)): what is left of r after a rejected draw from q."""
+    left = np.maximum(r - q, 0.0)
+    total = left.sum()
+    # total = 0 means r <= q everywhere, i.e. r == q: then no draw is ever rejected, so this
+    # is reached only through rounding, where r itself is the exact answer.
+    return left / total if total > 0 else r
+
+
+def accept_tree_sampling(
+    tokens: np.ndarray, tree: TreeBuffers, q: np.ndarray, logits: np.ndarray,
+    cfg: SamplingConfig, rng: np.random.Generator, without_replacement: bool,
+) -> tuple[list[int], list[int]]:
+    """Rules 3 and 4 (multi-draft speculative sampling on a tree).
+
+    At each visited node r := p. Its children, in the order they were drawn, each get one
+    chance. Rule 3 (children i.i.d. from q): accept c with probability min(1, r(c)/q(c)),
+    else r := norm(max(0, r - q)). Rule 4 (drawn without replacement, s := q): accept c if
+    u * s(c) < r(c), else r := norm(max(0, r - s)), s(c) := 0, renormalise s. Either way
+    the accepted token (or the draw from r once every child is rejected) is exactly
+    p-distributed: each rejection removes from r precisely the mass the next draw could
+    have claimed. ``q[c]`` is the draft distribution at c's parent.
+    """
+    path, emitted, node = [0], [], 0
+    while True:
+        r = probabilities(logits[node], cfg)
+        children = _children(tree, node)
+        s = q[children[0]].copy() if len(children) else None
+        for child in children:
+            x = int(tokens[child])
+            if not without_replacement:
+                s = q[child]
+            if rng.random() * s[x] < r[x]:
+                path.append(int(child))
+                emitted.append(x)
+                node = int(child)
+                break
+            r = _residual(r, s)
+            if without_replacement:
+                s[x] = 0.0
+                s /= s.sum() or 1.0  # all of q's support drawn: no child is left to test
+        else:
+            emitted.append(int(rng.choice(len(r), p=r)))
+            return path, emitted
+
+
+def accept(draft: Draft, logits: np.ndarray, cfg: SamplingConfig,
+           rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """The exact rule for this draft: deterministic candidates (or greedy) by rules 1/5,
-    sampled chains by rule 2."""
-    if q is None or cfg.greedy:
-        return accept_deterministic(tokens, tree, logits, cfg, rng)
-    if tree.size != tree.depth[-1] + 1:
-        raise NotImplementedError("sampled trees (rules 3 and 4) are not implemented yet")
-    return accept_chain_sampling(tokens, q, logits, cfg, rng)
+    sampled chains by rule 2, sampled trees by rule 3 or 4."""
+    if draft.q is None or cfg.greedy:
+        return accept_deterministic(draft.tokens, draft.tree, logits, cfg, rng)
+    if draft.tree.is_chain:
+        return accept_chain_sampling(draft.tokens, draft.q, logits, cfg, rng)
+    return accept_tree_sampling(draft.tokens, draft.tree, draft.q, logits, cfg, rng,
+                                draft.children is ChildSampling.WITHOUT_REPLACEMENT)

@@ -131,7 +131,7 @@ def decode(
         draft = drafter.propose(context, root, budget)
         out = step(*tree_inputs(cache, draft))
         logits = out["logits"][0]
-        path, emitted = accept(draft.tokens, draft.tree, draft.q, logits, sampling, rng)
+        path, emitted = accept(draft, logits, sampling, rng)
         cache.commit(out["present"], path)
         stats.drafted_depth.append(int(draft.tree.depth.max()))
         stats.accepted_depth.append(len(path) - 1)

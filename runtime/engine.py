@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 from leapc.ir.errors import EngineError, InputError
 from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
-from leapc.runtime.drafters.base import Drafter, NoDrafter
-from leapc.runtime.drafters.draft_model import DraftModelDrafter
+from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
+from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.kv_cache import KVCache
@@ -45,6 +45,18 @@ class DraftOptions:
     max_draft: int = 8  # longest chain a drafter proposes per step
     ngram: int = 4  # prompt lookup: longest suffix n-gram matched
     adaptive: bool = False  # chain drafters: +2 / -1 draft length instead of max_draft
+    branching: tuple[int, ...] = ()  # draft model: children per node at depths 1, 2, ...
+    confidence: float = 0.0  # draft model: expand only nodes with top-1 probability >= this
+    children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT  # sampled trees: rule 4 or 3
+
+    def tree_shape(self) -> TreeShape:
+        if self.max_draft < 0 or self.ngram < 1:
+            raise InputError("max-draft must be >= 0 and ngram >= 1")
+        if any(width < 1 for width in self.branching):
+            raise InputError(f"draft-tree widths must be >= 1 (got {self.branching})")
+        if not 0.0 <= self.confidence < 1.0:
+            raise InputError(f"confidence must be in [0, 1) (got {self.confidence})")
+        return TreeShape(self.max_draft, self.branching, self.confidence, self.children)
 
 
 @dataclass
@@ -78,7 +90,10 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str) -> StepFuncti
     if manifest.backend is Backend.ORT:
         from leapc.runtime.backends.ort import OrtStep
 
-        return OrtStep(engine_dir / entry.file)
+        # Helper programs (a draft model) run on one thread: they alternate with the target
+        # call by call, and a second multi-threaded pool spinning between its runs takes
+        # the cores from the target (measured: target step 3.0 ms alone, 7.5 ms alternating).
+        return OrtStep(engine_dir / entry.file, threads=None if program == "full" else 1)
     from leapc.runtime.backends.eager import EagerStep
 
     return EagerStep(engine_dir / entry.file, outputs)
@@ -169,8 +184,7 @@ class Engine:
 
     def _drafter(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
                  seed: int) -> Drafter:
-        if options.max_draft < 0 or options.ngram < 1:
-            raise InputError("max-draft must be >= 0 and ngram >= 1")
+        shape = options.tree_shape()
         if policy is Policy.LOOKUP:
             return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft,
                                  adaptive=options.adaptive)
@@ -180,7 +194,7 @@ class Engine:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
                 self.manifest.max_new, sampling, np.random.default_rng([seed, 1]),
-                max_draft=options.max_draft, adaptive=options.adaptive)
+                shape, adaptive=options.adaptive)
         return NoDrafter()
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:

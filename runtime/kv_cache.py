@@ -61,6 +61,14 @@ class KVCache:
         """Forget every slot from ``length`` on (a draft model's rejected tokens)."""
         self.length = min(self.length, length)
 
+    def compact(self, length: int, slots: list[int]) -> None:
+        """Keep the first ``length`` slots followed by the rows at ``slots`` (scratch rows
+        at or after ``length``, increasing): a draft model's accepted tree nodes."""
+        end = length + len(slots)
+        if slots:
+            self.buffer[:, :, :, :, length:end] = self.buffer[:, :, :, :, slots]
+        self.length = end
+
     def commit(self, present: np.ndarray, rows: np.ndarray | list[int]) -> None:
         """Append ``present[..., rows, :]`` (the accepted new tokens, in order)."""
         rows = np.asarray(rows, dtype=np.int64)

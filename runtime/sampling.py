@@ -55,3 +55,15 @@ def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) ->
         return int(np.argmax(logits))
     p = probabilities(logits, cfg)
     return int(rng.choice(p.shape[-1], p=p))
+
+
+def sample_distinct(p: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` distinct tokens drawn from ``p`` without replacement, in draw order.
+
+    Gumbel-top-k: the indices of the k largest ``log p + Gumbel`` keys are distributed as
+    k successive draws without replacement (each from p renormalised over what is left).
+    """
+    k = min(k, int(np.count_nonzero(p)))
+    with np.errstate(divide="ignore"):
+        keys = np.log(p) + rng.gumbel(size=p.shape)
+    return np.argsort(-keys, kind="stable")[:k]

@@ -29,3 +29,18 @@ def chi2_homogeneity(a: list, b: list, min_expected: float = 5.0) -> tuple[float
         ea, eb = total * frac_a, total * (1 - frac_a)
         stat += (oa - ea) ** 2 / ea + (ob - eb) ** 2 / eb
     return stat, len(rows) - 1
+
+
+def chi2_goodness_of_fit(samples: list, expected: dict, min_expected: float = 5.0
+                         ) -> tuple[float, int]:
+    """Statistic and degrees of freedom of ``samples`` against exact probabilities;
+    categories with fewer than ``min_expected`` expected counts are pooled."""
+    counts, n = Counter(samples), len(samples)
+    assert set(counts) <= set(expected), "a sample outside the support"
+    common = [k for k, prob in expected.items() if prob * n >= min_expected]
+    rare_prob = 1.0 - sum(expected[k] for k in common)
+    rows = [(counts[k], expected[k] * n) for k in common]
+    if rare_prob * n > 1e-9:
+        rows.append((n - sum(counts[k] for k in common), rare_prob * n))
+    stat = sum((observed - exp) ** 2 / exp for observed, exp in rows)
+    return stat, len(rows) - 1

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 import numpy as np
 
 from leapc.ir.tree import TreeBuffers, chain
+
+
+class ChildSampling(Enum):
+    """How a sampling drafter drew the children of one node (which exact rule applies)."""
+
+    IID = "iid"  # independent draws from q: rule 3
+    WITHOUT_REPLACEMENT = "without-replacement"  # Gumbel-top-k, distinct tokens: rule 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -16,12 +24,14 @@ class Draft:
 
     ``tokens[0]`` is that root; ``tree`` gives every node's parent and depth. ``q`` holds,
     for drafters that sample, the distribution each node's token was drawn from
-    (``[n, V]``; row 0 unused); ``None`` means deterministic candidates (rule 5).
+    (``[n, V]``: the draft distribution at the node's parent; row 0 unused); ``None``
+    means deterministic candidates (rule 5). ``children`` says how siblings were drawn.
     """
 
     tokens: np.ndarray
     tree: TreeBuffers
     q: np.ndarray | None = None
+    children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT
 
     @classmethod
     def root_only(cls, root: int) -> Draft:
@@ -55,8 +65,8 @@ class Drafter(Protocol):
 
 @dataclass
 class AdaptiveLength:
-    """Draft length for chain drafters by the +2 / -1 heuristic: after a draft accepted in
-    full, try two more tokens next time; after a rejection, one fewer (at least one)."""
+    """Draft depth by the +2 / -1 heuristic: after a draft accepted to its full depth, try
+    two more next time; after a rejection, one fewer (at least one)."""
 
     maximum: int
     current: int = 0
@@ -65,7 +75,7 @@ class AdaptiveLength:
         self.current = self.current or self.maximum
 
     def update(self, result: Verification) -> None:
-        drafted, accepted = result.draft.tree.size - 1, len(result.path) - 1
+        drafted, accepted = int(result.draft.tree.depth.max()), len(result.path) - 1
         if drafted == 0:
             return
         if accepted == drafted:

@@ -1,10 +1,13 @@
-"""Draft-model speculation: a small model with the same vocabulary drafts a chain.
+"""Draft-model speculation: a small model with the same vocabulary drafts a chain or a tree.
 
 The draft model runs in its own step program with its own KV cache. Before drafting it
 catches up on the tokens the target committed since its last call (one chunked call),
-then drafts one token per call, sampling from q (the draft's distribution after the
-same temperature / top-k / top-p as the target) — the q that rule 2 needs. After
-verification the draft cache keeps exactly the committed prefix it had computed.
+then grows the draft one depth per call: every node of the newest depth is evaluated in
+one call, attending to the committed context and to its own ancestors, whose KV rows sit
+as scratch after the committed ones. Children are the top tokens of the draft (greedy) or
+draws from q, the draft's distribution after the target's temperature / top-k / top-p —
+the q rules 2–4 need — i.i.d. or without replacement. After verification the accepted
+nodes' scratch rows are kept (compacted behind the context) and the rest dropped.
 """
 
 from __future__ import annotations
@@ -13,11 +16,51 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from leapc.ir.tree import tree_from_parents
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.decode import prefill, tree_inputs
-from leapc.runtime.drafters.base import AdaptiveLength, Draft, Verification
+from leapc.runtime.decode import prefill
+from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
 from leapc.runtime.kv_cache import KVCache
-from leapc.runtime.sampling import SamplingConfig, probabilities, sample
+from leapc.runtime.sampling import SamplingConfig, probabilities, sample_distinct
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """``branching[d]`` children per node at depth d + 1; deeper depths grow a chain.
+    ``confidence``: a node whose draft top-1 probability is below it is not expanded."""
+
+    max_depth: int = 4
+    branching: tuple[int, ...] = ()
+    confidence: float = 0.0
+    children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT
+
+    def width(self, depth: int) -> int:
+        return self.branching[depth - 1] if depth <= len(self.branching) else 1
+
+
+@dataclass
+class _Growing:
+    """The draft tree under construction."""
+
+    tokens: list[int]
+    parents: list[int] = field(default_factory=lambda: [-1])
+    q: list[np.ndarray | None] = field(default_factory=lambda: [None])
+    ancestors: list[list[int]] = field(default_factory=lambda: [[]])  # non-root ancestors
+    slots: dict[int, int] = field(default_factory=dict)  # node -> scratch cache slot
+    depth: list[int] = field(default_factory=lambda: [0])
+
+    def add(self, token: int, parent: int, q: np.ndarray | None) -> int:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.q.append(q)
+        self.ancestors.append(self.ancestors[parent] + ([parent] if parent else []))
+        self.depth.append(self.depth[parent] + 1)
+        return len(self.tokens) - 1
+
+    def draft(self, children: ChildSampling) -> Draft:
+        q = None if self.q[-1] is None else np.stack([np.zeros_like(self.q[-1]), *self.q[1:]])
+        return Draft(np.asarray(self.tokens, dtype=np.int64),
+                     tree_from_parents(np.asarray(self.parents)), q, children)
 
 
 @dataclass
@@ -27,47 +70,82 @@ class DraftModelDrafter:
     chunk: int
     sampling: SamplingConfig
     rng: np.random.Generator
-    max_draft: int = 4
+    shape: TreeShape = TreeShape()
     adaptive: bool = False
     length: AdaptiveLength = field(init=False)
-    _fed: list[int] = field(default_factory=list)  # tokens whose KV the draft cache holds
+    _context_slots: int = 0  # cache slots holding committed tokens (scratch follows)
+    _last: _Growing | None = None
 
     def __post_init__(self):
-        self.length = AdaptiveLength(self.max_draft)
-
-    def _catch_up(self, tokens: list[int]) -> np.ndarray:
-        """Feed the tokens the draft cache lacks; return the logits after the last one."""
-        missing = tokens[self.cache.length :]
-        self._fed = tokens[:]
-        return prefill(self.step, self.cache, missing, self.chunk)
+        self.length = AdaptiveLength(self.shape.max_depth)
 
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
-        wanted = min(self.length.current if self.adaptive else self.max_draft, budget,
-                     self.cache.max_seq - len(context) - 2)
-        if wanted <= 0:
+        depth = self.length.current if self.adaptive else self.shape.max_depth
+        budget = min(budget, self.cache.max_seq - len(context) - 2)
+        if depth <= 0 or budget <= 0:
             return Draft.root_only(root)
-        logits = self._catch_up([*context, root])
-        drafted, qs = [], [np.zeros(len(logits))]
-        for i in range(wanted):
-            q = probabilities(logits, self.sampling)
-            token = sample(logits, self.sampling, self.rng)
-            drafted.append(token)
-            qs.append(q)
-            if i + 1 < wanted:  # the last drafted token is never fed: nothing reads it
-                out = self.step(*tree_inputs(self.cache, Draft.root_only(token)))
-                self.cache.commit(out["present"], [0])
-                self._fed.append(token)
-                logits = out["logits"][0, -1]
-        return Draft(np.asarray([root, *drafted], dtype=np.int64),
-                     Draft.chain_of(root, drafted).tree, np.stack(qs))
+        tokens = [*context, root]
+        logits = prefill(self.step, self.cache, tokens[self.cache.length:], self.chunk)
+        self._context_slots = self.cache.length
+        tree = _Growing([root])
+        frontier = {0: logits}
+        for d in range(1, depth + 1):
+            grown = self._expand(tree, frontier, self.shape.width(d), budget)
+            if not grown:
+                break
+            frontier = self._evaluate(tree, grown) if d < depth else {}
+        self._last = tree
+        return tree.draft(self.shape.children)
+
+    def _expand(self, tree: _Growing, frontier: dict[int, np.ndarray], width: int,
+                budget: int) -> list[int]:
+        grown = []
+        for node, logits in frontier.items():
+            if self.shape.confidence and _top1(logits) < self.shape.confidence:
+                continue
+            q = None if self.sampling.greedy else probabilities(logits, self.sampling)
+            for token in self._children(logits, q, width):
+                if len(tree.tokens) > budget:
+                    return grown
+                grown.append(tree.add(int(token), node, q))
+        return grown
+
+    def _children(self, logits: np.ndarray, q: np.ndarray | None, width: int) -> np.ndarray:
+        if q is None:  # greedy: the draft's top tokens, the first being its argmax
+            return np.argsort(-logits, kind="stable")[:width]
+        if self.shape.children is ChildSampling.IID:
+            return self.rng.choice(len(q), size=width, p=q)
+        return sample_distinct(q, width, self.rng)
+
+    def _evaluate(self, tree: _Growing, nodes: list[int]) -> dict[int, np.ndarray]:
+        """One draft call over ``nodes`` (one depth); their KV rows become scratch."""
+        n = len(nodes)
+        past = self.cache.past_for(n)
+        mask = np.zeros((n, past.shape[4] + n), dtype=bool)
+        mask[:, : self._context_slots] = True
+        for row, node in enumerate(nodes):
+            mask[row, [tree.slots[a] for a in tree.ancestors[node]]] = True
+        mask[:, past.shape[4]:] = np.eye(n, dtype=bool)
+        positions = self._context_slots - 1 + np.asarray([tree.depth[v] for v in nodes])
+        tokens = np.asarray([tree.tokens[v] for v in nodes], dtype=np.int64)
+        out = self.step(tokens[None], positions[None], past, mask[None])
+        start = self.cache.length
+        self.cache.commit(out["present"], np.arange(n))
+        tree.slots.update({v: start + i for i, v in enumerate(nodes)})
+        return dict(zip(nodes, out["logits"][0], strict=True))
 
     def observe(self, context: list[int], result: Verification) -> None:
-        # The committed context and what the draft fed agree up to the first rejection.
-        agree = 0
-        for fed, kept in zip(self._fed, context, strict=False):
-            if fed != kept:
+        # Keep the scratch rows of the accepted nodes the draft evaluated, in path order.
+        kept = []
+        for node in result.path[1:]:
+            if node not in self._last.slots:
                 break
-            agree += 1
-        self.cache.truncate(agree)
-        self._fed = self._fed[:agree]
+            kept.append(self._last.slots[node])
+        self.cache.compact(self._context_slots, kept)
         self.length.update(result)
+
+
+def _top1(logits: np.ndarray) -> float:
+    """The draft's own top-1 probability (temperature 1): its confidence."""
+    z = logits - logits.max()
+    return float(1.0 / np.exp(z).sum())

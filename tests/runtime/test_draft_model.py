@@ -11,6 +11,7 @@ from stats import chi2_critical, chi2_homogeneity
 
 import leapc
 from leapc.models.loaders import SourceModel
+from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.engine import DraftOptions
 
 PROMPT = [5, 17, 200, 3]
@@ -40,8 +41,9 @@ def test_manifest_records_the_draft_program(engine):
     assert "draft" in [p.value for p in engine.manifest.policies]
 
 
-@pytest.mark.parametrize("options", (DraftOptions(max_draft=4), DraftOptions(max_draft=8),
-                                     DraftOptions(max_draft=6, adaptive=True)))
+@pytest.mark.parametrize("options", (
+    DraftOptions(max_draft=4), DraftOptions(max_draft=8), DraftOptions(max_draft=6, adaptive=True),
+    DraftOptions(max_draft=4, branching=(2, 2)), DraftOptions(max_draft=3, branching=(4,))))
 def test_greedy_draft_is_token_identical_to_ar(engine, options):
     for prompt in (PROMPT, [9], list(range(40, 140))):
         ar = engine.generate(prompt, 64)
@@ -50,15 +52,37 @@ def test_greedy_draft_is_token_identical_to_ar(engine, options):
     assert drafted.stats.tau > 1.1  # the close draft is often right
 
 
-def samples(engine, policy: str, temperature: float, seeds: range) -> list[list[int]]:
-    return [engine.generate(PROMPT, 3, policy=policy, temperature=temperature,
-                            seed=s).token_ids for s in seeds]
+def test_confidence_threshold_stops_unsure_drafts_and_keeps_the_output(engine):
+    ar = engine.generate(PROMPT, 64).token_ids
+    depth = {}
+    for confidence in (0.0, 0.02, 0.99):  # this random draft's top-1 is mostly 0.02-0.05
+        run = engine.generate(PROMPT, 64, policy="draft",
+                              draft=DraftOptions(max_draft=4, confidence=confidence))
+        assert run.token_ids == ar
+        depth[confidence] = sum(run.stats.drafted_depth) / len(run.stats.drafted_depth)
+    assert depth[0.0] > depth[0.02] > depth[0.99] == 0.0
 
 
-@pytest.mark.parametrize("temperature", (0.5, 1.0))  # peaked and flat
-def test_speculative_sampling_matches_plain_sampling(engine, temperature):
+def samples(engine, policy: str, temperature: float, seeds: range,
+            options: DraftOptions = DraftOptions(max_draft=4)) -> list[list[int]]:
+    return [engine.generate(PROMPT, 3, policy=policy, temperature=temperature, seed=s,
+                            draft=options).token_ids for s in seeds]
+
+
+SAMPLED_DRAFTS = {  # rule -> (temperature, drafting options)
+    "2-peaked": (0.5, DraftOptions(max_draft=4)),
+    "2-flat": (1.0, DraftOptions(max_draft=4)),
+    "3": (1.0, DraftOptions(max_draft=2, branching=(3, 2), children=ChildSampling.IID)),
+    "4": (1.0, DraftOptions(max_draft=2, branching=(3, 2))),
+}
+
+
+@pytest.mark.parametrize("rule", SAMPLED_DRAFTS)
+def test_speculative_sampling_matches_plain_sampling(engine, rule):
+    """The engine's drafter hands the acceptance rule the q it really sampled from."""
+    temperature, options = SAMPLED_DRAFTS[rule]
     plain = samples(engine, "ar", temperature, range(4000))
-    drafted = samples(engine, "draft", temperature, range(10**6, 10**6 + 4000))
+    drafted = samples(engine, "draft", temperature, range(10**6, 10**6 + 4000), options)
     for position in (1, 2):  # drafted positions: accepted drafts or residual draws
         stat, df = chi2_homogeneity([s[position] for s in plain],
                                     [s[position] for s in drafted])
