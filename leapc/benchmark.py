@@ -28,12 +28,30 @@ CODE_PROMPTS = (
 
 
 @dataclass(frozen=True)
+class PolicyRun:
+    """One benchmarked configuration: a policy with its drafting options, under a label."""
+
+    label: str
+    policy: str
+    draft: DraftOptions = DraftOptions()
+
+
+@dataclass(frozen=True)
 class BenchConfig:
-    policies: tuple[str, ...]
+    policies: tuple[str, ...]  # each run with ``draft``
     prompts: tuple[str, ...]
     max_new_tokens: int = 64
     repeats: int = 3
     draft: DraftOptions = DraftOptions()
+    variants: tuple[PolicyRun, ...] = ()  # further labelled configurations
+
+    def runs(self) -> list[PolicyRun]:
+        """``ar`` first (the reference), then every configuration once."""
+        named = [PolicyRun(p, p, self.draft) for p in self.policies if p != "ar"]
+        return [PolicyRun("ar", "ar"), *named, *self.variants]
+
+    def options_for(self, policy: str) -> DraftOptions:
+        return next((r.draft for r in self.runs() if r.policy == policy), self.draft)
 
 
 def load_prompts(path: Path | None, default: tuple[str, ...] = CODE_PROMPTS) -> tuple[str, ...]:
@@ -56,38 +74,46 @@ def load_prompts(path: Path | None, default: tuple[str, ...] = CODE_PROMPTS) -> 
     return tuple(prompts)
 
 
-def _run_policy(engine: Engine, policy: str, cfg: BenchConfig) -> tuple[list[Generation], float]:
+def _run_pass(engine: Engine, run: PolicyRun, cfg: BenchConfig) -> tuple[list[Generation], float]:
     """One pass over the prompts; returns the generations and the tokens/s of the pass."""
-    gens = [engine.generate(p, cfg.max_new_tokens, policy=policy, draft=cfg.draft)
+    gens = [engine.generate(p, cfg.max_new_tokens, policy=run.policy, draft=run.draft)
             for p in cfg.prompts]
     tokens = sum(g.stats.new_tokens for g in gens)
     seconds = sum(g.stats.prefill_s + g.stats.decode_s for g in gens)
     return gens, tokens / seconds
 
 
-def _policy_row(engine: Engine, policy: str, cfg: BenchConfig, reference) -> tuple[dict, list]:
-    engine.generate(cfg.prompts[0], cfg.max_new_tokens, policy=policy, draft=cfg.draft)  # warm-up
-    speeds, gens = [], []
+def _timed_runs(engine: Engine, cfg: BenchConfig) -> dict[str, tuple[list[Generation], list[float]]]:
+    """Repeats interleaved across configurations (noise hits them all alike); each is
+    warmed up once first. Returns the last pass's generations and every pass's speed."""
+    runs = cfg.runs()
+    for run in runs:
+        engine.generate(cfg.prompts[0], cfg.max_new_tokens, policy=run.policy, draft=run.draft)
+    timed = {run.label: ([], []) for run in runs}
     for _ in range(cfg.repeats):
-        gens, tps = _run_policy(engine, policy, cfg)
-        speeds.append(tps)
+        for run in runs:
+            gens, tps = _run_pass(engine, run, cfg)
+            timed[run.label] = (gens, [*timed[run.label][1], tps])
+    return timed
+
+
+def _row(run: PolicyRun, gens: list[Generation], speeds: list[float], reference) -> dict:
     steps = sum(g.stats.steps for g in gens)
     new = sum(g.stats.new_tokens for g in gens)
-    ids = [g.token_ids for g in gens]
-    merged = GenerationStats(policy)
+    merged = GenerationStats(run.policy)
     for g in gens:
         merged.drafted_depth += g.stats.drafted_depth
         merged.accepted_depth += g.stats.accepted_depth
         merged.emitted_per_step += g.stats.emitted_per_step
     return {
-        "policy": policy,
+        "policy": run.label,
         "tokens_per_s": statistics.median(speeds),
         "tau": new / steps if steps else 0.0,
         "steps": steps,
-        "identical_to_ar": ids == (reference if reference is not None else ids),
+        "identical_to_ar": [g.token_ids for g in gens] == reference,
         "per_depth_acceptance": merged.per_depth_acceptance(),
         "emitted_histogram": _histogram(merged.emitted_per_step),
-    }, ids
+    }
 
 
 def _histogram(values: list[int]) -> dict[str, int]:
@@ -131,10 +157,12 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
 
     greedy_tps, greedy_ids = median_of_repeats()
     baselines = {"hf_generate_tokens_per_s": greedy_tps, "_hf_ids": greedy_ids}
-    if "lookup" in cfg.policies:
-        tps, _ = median_of_repeats(prompt_lookup_num_tokens=max(cfg.draft.max_draft, 1))
+    policies = {run.policy for run in cfg.runs()}
+    if "lookup" in policies:
+        lookup = cfg.options_for("lookup").max_draft
+        tps, _ = median_of_repeats(prompt_lookup_num_tokens=max(lookup, 1))
         baselines["hf_prompt_lookup_tokens_per_s"] = tps
-    if "draft" in cfg.policies and engine.manifest.draft_model is not None:
+    if "draft" in policies and engine.manifest.draft_model is not None:
         assistant = load_source(engine.manifest.draft_model.source).model
         tps, _ = median_of_repeats(assistant_model=assistant)
         baselines["hf_assisted_tokens_per_s"] = tps
@@ -143,11 +171,14 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
 
 def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
     """The `leapc bench` JSON: one row per policy plus the baselines, same run."""
-    ar_row, reference = _policy_row(engine, "ar", cfg, None)
-    rows = [ar_row] if "ar" in cfg.policies else []
-    rows += [_policy_row(engine, p, cfg, reference)[0] for p in cfg.policies if p != "ar"]
+    timed = _timed_runs(engine, cfg)
+    reference = [g.token_ids for g in timed["ar"][0]]
+    rows = [_row(run, *timed[run.label], reference) for run in cfg.runs()]
+    ar_speed = rows[0]["tokens_per_s"]
     for row in rows:
-        row["speedup_vs_ar"] = row["tokens_per_s"] / ar_row["tokens_per_s"]
+        row["speedup_vs_ar"] = row["tokens_per_s"] / ar_speed
+    if "ar" not in cfg.policies:
+        rows = rows[1:]
     baselines = {}
     if vs_hf:
         baselines = hf_baselines(engine, cfg)

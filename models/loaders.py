@@ -91,3 +91,23 @@ def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
     bos, eos = _special_ids(model)
     name = str(spec) if str(spec) in _NAMED else str(path.resolve())
     return SourceModel(model, tok, name, bos, eos)
+
+
+def save_first_layers(source: SourceModel, layers: int, out_dir: Path) -> Path:
+    """Write a Hugging Face directory holding ``source``'s first ``layers`` decoder layers
+    with its own final norm and LM head: a draft model for a target that has none (same
+    vocabulary, shares the target's early computation but not its cache)."""
+    import copy
+
+    model = copy.deepcopy(source.model)
+    total = model.config.num_hidden_layers
+    if not 0 < layers < total:
+        raise InputError(f"a draft of the first {layers} layers needs 0 < layers < {total}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(out_dir)
+    source.tokenizer.save(str(Path(out_dir) / "tokenizer.json"))
+    return Path(out_dir)

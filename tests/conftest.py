@@ -8,15 +8,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from engines import require_bundled, require_stories, tiny_source  # noqa: E402
 
 import leapc  # noqa: E402
-from leapc.models.loaders import BUNDLED_DRAFT, BUNDLED_DRAFT_DIR  # noqa: E402
+from leapc.models.loaders import (  # noqa: E402
+    BUNDLED_DRAFT,
+    BUNDLED_DRAFT_DIR,
+    load_source,
+    save_first_layers,
+)
 
 
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory):
     """``engine_dir(key, backend)`` -> an engine directory built once per session.
 
-    ``key`` is ``"stories"`` (../shared, skipped if absent), ``"bundled"`` (with the
-    bundled draft model when its weights exist), or ``"tiny-<family>"`` (a random tiny
+    ``key`` is ``"stories"`` (../shared, skipped if absent; its draft model is its own
+    first four of five layers), ``"bundled"`` (with the bundled draft model when its weights exist), or ``"tiny-<family>"`` (a random tiny
     model taking id prompts, max-seq 256).
     """
     built = {}
@@ -26,7 +31,8 @@ def engine_dir(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"{key}-{backend}")
             draft = None
             if key == "stories":
-                model, max_seq = require_stories(), None
+                model, max_seq = load_source(require_stories()), None
+                draft = save_first_layers(model, 4, tmp_path_factory.mktemp("stories-draft"))
             elif key == "bundled":
                 require_bundled()
                 model, max_seq = "bundled", None

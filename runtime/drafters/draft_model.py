@@ -112,7 +112,7 @@ class DraftModelDrafter:
 
     def _children(self, logits: np.ndarray, q: np.ndarray | None, width: int) -> np.ndarray:
         if q is None:  # greedy: the draft's top tokens, the first being its argmax
-            return np.argsort(-logits, kind="stable")[:width]
+            return _top_tokens(logits, width)
         if self.shape.children is ChildSampling.IID:
             return self.rng.choice(len(q), size=width, p=q)
         return sample_distinct(q, width, self.rng)
@@ -143,6 +143,14 @@ class DraftModelDrafter:
             kept.append(self._last.slots[node])
         self.cache.compact(self._context_slots, kept)
         self.length.update(result)
+
+
+def _top_tokens(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k highest-scoring tokens, best first (a partition, not a full sort of V)."""
+    if k == 1:
+        return np.argmax(logits)[None]
+    top = np.argpartition(-logits, k - 1)[:k]
+    return top[np.argsort(-logits[top], kind="stable")]
 
 
 def _top1(logits: np.ndarray) -> float:

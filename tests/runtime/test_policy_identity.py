@@ -6,13 +6,14 @@ import pytest
 
 import leapc
 
-POLICIES = ("lookup", "recycle")
+POLICIES = ("lookup", "recycle")  # training-free: every engine has them
+STORIES_POLICIES = (*POLICIES, "draft")  # its draft model: its own first 4 of 5 layers
 REPETITIVE = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
               "Once upon a time, there was a little")
 
 
 @pytest.mark.parametrize("backend", ("ort", "eager"))
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", STORIES_POLICIES)
 def test_policy_is_token_identical_to_ar_on_stories(engine_dir, policy, backend):
     engine = leapc.load(engine_dir("stories", backend))
     steps = {}
