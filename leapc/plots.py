@@ -19,6 +19,7 @@ def plot_speedups(result: dict, path: Path) -> None:
     fig, (speed, hist) = plt.subplots(1, 2, figsize=(10, 3.8))
     speed.bar([r["policy"] for r in rows], [r["speedup_vs_ar"] for r in rows], color="#4c72b0")
     speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.tick_params(axis="x", labelrotation=30)
     speed.set_ylabel("speedup vs ar")
     speed.set_title(f"{Path(result['model']).name} · {result['backend']}")
     width = 0.8 / len(rows)
