@@ -40,7 +40,7 @@ class Attention(str, enum.Enum):
 
 # The faster lowering on each backend, measured by bench/bench_tree_attention.py
 # (numbers in docs/decisions.md).
-DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.TREE}
+DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE}
 
 
 def pipeline(attention: Attention, dump_dir: Path | None = None) -> Pipeline:
