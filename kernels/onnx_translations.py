@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from onnxscript import opset20 as op
 
-from leapc.kernels import tree_attention as _declares_tree_attention  # noqa: F401
+import leapc.kernels.tree_attention  # noqa: F401  (declares torch.ops.leapc.tree_attention)
 
 
 def _dim(x, axis: int):
