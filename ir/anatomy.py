@@ -18,7 +18,8 @@ from torch.fx import Graph, Node
 
 from leapc.ir.errors import UnsupportedModelError
 
-_ATTENTION_OPS = (torch.ops.aten.scaled_dot_product_attention.default,)
+# By qualified name: leapc's own op is declared in leapc.kernels, which ir does not import.
+ATTENTION_OPS = ("aten::scaled_dot_product_attention", "leapc::tree_attention")
 _VIEW_OPS = (torch.ops.aten.alias.default, torch.ops.aten.slice.Tensor,
              torch.ops.aten.view.default, torch.ops.aten.reshape.default,
              torch.ops.aten.select.int)
@@ -60,6 +61,11 @@ class Anatomy:
         ]
 
 
+def is_attention(node: Node) -> bool:
+    """An attention op: dense SDPA (as captured) or tree attention (after that pass)."""
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.name() in ATTENTION_OPS
+
+
 def module_path(node: Node) -> str:
     """Innermost module that produced ``node``, without the capture wrapper's ``model.``."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -83,7 +89,7 @@ def _decoder_layers(graph: Graph, num_layers: int) -> list[str]:
     """The ModuleList whose children number exactly ``num_layers`` and hold attention ops."""
     indices: dict[str, set[int]] = defaultdict(set)
     for node in graph.nodes:
-        if node.target not in _ATTENTION_OPS:
+        if not is_attention(node):
             continue
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
             match = _INDEXED.match(path.removeprefix("model."))
@@ -104,7 +110,7 @@ def _layer(graph: Graph, index: int, module: str, hidden: int) -> LayerAnatomy:
                        if a not in inside and _is_hidden(a, hidden)]
     escaping = [n for n in nodes if _is_hidden(n, hidden)
                 and any(u not in inside for u in n.users)]
-    attention = [n for n in nodes if n.target in _ATTENTION_OPS]
+    attention = [n for n in nodes if is_attention(n)]
     kv = _cache_updates(attention[0], inside) if attention else None
     missing = [what for what, found in (("an input residual stream", external_hidden),
                                          ("an output residual stream", escaping),

@@ -58,6 +58,8 @@ def build(
     model: str = typer.Argument(..., help="Hugging Face directory, llama2.c .bin, or 'bundled'"),
     output: Path = typer.Option(..., "-o", "--output", help="engine directory to write"),
     backend: Backend = typer.Option(Backend.ORT, help="engine backend"),
+    attention: str = typer.Option(None, help="attention lowering: dense | tree "
+                                             "(default: the faster one on the backend)"),
     max_seq: int = typer.Option(None, help="longest sequence (prompt + generation)"),
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
     draft_model: str = typer.Option(None, help="draft model for --policy draft "
@@ -71,15 +73,17 @@ def build(
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("build", total=stage_count(1 + (draft_model is not None)))
+        programs = 1 + (draft_model is not None)
+        task = bar.add_task("build", total=stage_count(programs, backend, attention))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
                 bar.advance(task)
             bar.update(task, description=stage)
 
-        path = leapc.build(model, output, backend, max_seq=max_seq, tokenizer=tokenizer,
-                           draft_model=draft_model, dump_dir=dump_passes, on_stage=on_stage)
+        path = leapc.build(model, output, backend, attention=attention, max_seq=max_seq,
+                           tokenizer=tokenizer, draft_model=draft_model, dump_dir=dump_passes,
+                           on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 
 

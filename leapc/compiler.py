@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import importlib.metadata
 import shutil
 from collections.abc import Callable
@@ -12,7 +13,8 @@ from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import CaptureOptions, StepModule, capture
 from leapc.ir.errors import InputError
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
-from leapc.passes.pipeline import PipelineResult, check_numerics, default_pipeline
+from leapc.passes.insert_tree_attention import InsertTreeAttention
+from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
 from leapc.runtime.backends import eager, ort
 from leapc.runtime.manifest import (
     Backend,
@@ -29,10 +31,30 @@ DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
 
-def stage_count(programs: int = 1) -> int:
+class Attention(str, enum.Enum):
+    """How the engine computes attention."""
+
+    DENSE = "dense"  # as captured: SDPA under the dense [B, N, T + N] mask
+    TREE = "tree"  # insert_tree_attention: leapc.tree_attention on the compact mask
+
+
+# The faster lowering on each backend, measured by bench/bench_tree_attention.py
+# (numbers in docs/decisions.md).
+DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE}
+
+
+def pipeline(attention: Attention, dump_dir: Path | None = None) -> Pipeline:
+    """The cleanups every engine gets, then the attention lowering."""
+    lowering = (InsertTreeAttention(),) if attention is Attention.TREE else ()
+    return Pipeline((*default_pipeline().passes, *lowering), dump_dir)
+
+
+def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
+                attention: str | Attention | None = None) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
     numeric check and lower."""
-    return 1 + programs * (3 + len(default_pipeline().passes))
+    passes = pipeline(_attention(attention, _backend(backend))).passes
+    return 1 + programs * (3 + len(passes))
 
 
 def _toolchain() -> dict[str, str]:
@@ -45,6 +67,16 @@ def _backend(value: str | Backend) -> Backend:
     except ValueError:
         known = ", ".join(b.value for b in Backend)
         raise InputError(f"unknown backend {value!r} (known: {known})") from None
+
+
+def _attention(value: str | Attention | None, backend: Backend) -> Attention:
+    if value is None:
+        return DEFAULT_ATTENTION[backend]
+    try:
+        return Attention(value)
+    except ValueError:
+        known = ", ".join(a.value for a in Attention)
+        raise InputError(f"unknown attention lowering {value!r} (known: {known})") from None
 
 
 def _options(source: SourceModel, max_seq: int | None, max_new: int) -> CaptureOptions:
@@ -75,12 +107,13 @@ class CompiledProgram:
 
 
 def _compile(source: SourceModel, name: str, options: CaptureOptions, backend: Backend,
-             out: Path, dump_dir: Path | None, on_stage) -> CompiledProgram:
+             attention: Attention, out: Path, dump_dir: Path | None, on_stage) -> CompiledProgram:
     """Capture → passes → numeric check → lower, for one model."""
     on_stage(f"capture {name}")
     captured = capture(source.model, options)
     dump = dump_dir / name if dump_dir else None
-    result = default_pipeline(dump)(captured, on_pass=lambda p: on_stage(f"{name}: pass {p}"))
+    passes = pipeline(attention, dump)
+    result = passes(captured, on_pass=lambda p: on_stage(f"{name}: pass {p}"))
     on_stage(f"numeric check {name}")
     check_numerics(StepModule(source.model), result.program)
     on_stage(f"lower {name} ({backend.value})")
@@ -99,6 +132,7 @@ def build(
     out_dir: str | Path,
     backend: str | Backend = Backend.ORT,
     *,
+    attention: str | Attention | None = None,
     max_seq: int | None = None,
     max_new: int = 128,
     tokenizer: Path | None = None,
@@ -110,10 +144,12 @@ def build(
 
     ``model`` (and ``draft_model``, a smaller model with the same vocabulary for the
     ``draft`` policy) is ``"bundled"``, a Hugging Face directory, a llama2.c ``.bin``, or
-    an already loaded `SourceModel`. ``max_new`` bounds N: the prefill chunk and the
-    largest tree one step verifies.
+    an already loaded `SourceModel`. ``attention`` is ``"dense"`` or ``"tree"`` (default: the
+    faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
+    tree one step verifies.
     """
     chosen = _backend(backend)
+    lowering = _attention(attention, chosen)
     on_stage("load")
     source = _load(model, tokenizer)
     draft = _load(draft_model, None) if draft_model is not None else None
@@ -124,8 +160,8 @@ def build(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    full = _compile(source, "full", options, chosen, out, dump_dir, on_stage)
-    drafter = (_compile(draft, "draft_model", options, chosen, out, dump_dir, on_stage)
+    full = _compile(source, "full", options, chosen, lowering, out, dump_dir, on_stage)
+    drafter = (_compile(draft, "draft_model", options, chosen, lowering, out, dump_dir, on_stage)
                if draft is not None else None)
     source.tokenizer.save(str(out / "tokenizer.json"))
     _manifest(full, drafter, chosen, options).write(out)

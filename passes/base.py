@@ -14,7 +14,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from leapc.ir.anatomy import recover_anatomy
+from leapc.ir.anatomy import is_attention, recover_anatomy
 from leapc.ir.capture import STEP_INPUTS, STEP_OUTPUTS, CapturedProgram
 from leapc.ir.errors import UnsupportedModelError
 
@@ -34,6 +34,7 @@ class Invariant(enum.Enum):
     HAS_ANATOMY = "embedding, layers, final norm and LM head are recoverable"
     NO_NOOP_OPS = "no identity casts, aliases or empty concatenations"
     CONSTANTS_FOLDED = "no op computes from constants alone"
+    TREE_ATTENTION = "every attention op is leapc.tree_attention (no dense SDPA)"
 
 
 class Pass(Protocol):
@@ -85,6 +86,14 @@ def _constants_folded(p: CapturedProgram) -> str | None:
     return f"constant-only nodes remain: {foldable[:5]}" if foldable else None
 
 
+def _tree_attention(p: CapturedProgram) -> str | None:
+    ops = [n.target for n in p.program.graph.nodes if is_attention(n)]
+    dense = ops.count(torch.ops.aten.scaled_dot_product_attention.default)
+    if dense or not ops:
+        return f"{dense} of {len(ops)} attention ops are dense SDPA"
+    return None
+
+
 def _is_parameter_view(node, p: CapturedProgram) -> bool:
     """Ops on trainable weights stay in the graph (folding them would copy the weights)."""
     params = p.program.graph_signature.inputs_to_parameters
@@ -96,6 +105,7 @@ CHECKS: dict[Invariant, Callable[[CapturedProgram], str | None]] = {
     Invariant.HAS_ANATOMY: _has_anatomy,
     Invariant.NO_NOOP_OPS: _no_noop_ops,
     Invariant.CONSTANTS_FOLDED: _constants_folded,
+    Invariant.TREE_ATTENTION: _tree_attention,
 }
 
 

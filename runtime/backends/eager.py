@@ -21,6 +21,8 @@ class EagerStep:
     def __init__(self, path: Path, output_names: tuple[str, ...]):
         import torch
 
+        import leapc.kernels.tree_attention  # noqa: F401  (declares the op a program may call)
+
         self._torch = torch
         self.module = torch.export.load(str(path)).module()
         self.output_names = output_names

@@ -225,6 +225,11 @@ def test_build_missing_model(tmp_path):
     user_error(cli("build", tmp_path / "nowhere", "-o", tmp_path / "out"), "does not exist")
 
 
+def test_build_unknown_attention_lowering(tmp_path):
+    user_error(cli("build", "bundled", "-o", tmp_path / "out", "--attention", "sparse"),
+               "unknown attention lowering 'sparse'", "dense, tree")
+
+
 def test_prompt_longer_than_max_seq(tiny):
     ids = ",".join(str(i % 256) for i in range(300))
     user_error(cli("run", tiny, "--prompt-ids", ids), "300 tokens", "max-seq", "256")

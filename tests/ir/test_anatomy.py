@@ -8,7 +8,7 @@ from families import captured, tiny_model
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
-from leapc.ir.anatomy import _ATTENTION_OPS, recover_anatomy
+from leapc.ir.anatomy import is_attention, recover_anatomy
 from leapc.ir.capture import CaptureOptions, ModelDims, export_step
 from leapc.ir.errors import UnsupportedModelError
 
@@ -97,7 +97,7 @@ def test_attention_and_kv_nodes(cap, anatomy):
     for layer in anatomy.layers:
         assert layer.attention, layer
         for name in layer.attention:
-            assert nodes[name].target in _ATTENTION_OPS
+            assert is_attention(nodes[name])
         attention = nodes[layer.attention[0]]
         keys, values = nodes[layer.keys], nodes[layer.values]
         assert keys.target == values.target == torch.ops.aten.cat.default

@@ -1,0 +1,116 @@
+"""Rewire every layer's attention to ``leapc.tree_attention`` (DESIGN §4).
+
+Captured layers call dense SDPA with an additive mask built from the step's ``mask``
+input, behind ``repeat_kv`` (keys and values copied once per query head of their group).
+This pass computes the compact mask once at the graph head (``past_len [B]`` valid cache
+slots per row, ``tree_mask [B, N, N]`` the new tokens' ancestor matrix) and replaces each
+SDPA by the tree-attention op on the un-repeated keys and values. The step contract is
+unchanged; the program relies on what the runtime's masks always satisfy: a prefix of
+valid cache slots, the same for every new token (`leapc.kernels.tree_attention`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch.fx import GraphModule, Node
+
+from leapc.ir.anatomy import module_path
+from leapc.ir.capture import CapturedProgram
+from leapc.ir.errors import UnsupportedModelError
+from leapc.ir.rewrite import rewrite
+from leapc.kernels.tree_attention import past_lengths, tree_part
+from leapc.passes.base import Invariant, PassError, PassResult
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+TREE_ATTENTION = torch.ops.leapc.tree_attention.default
+_CASTS = (aten.to.dtype, aten._to_copy.default, aten.alias.default)
+# An additive mask value this negative gives weight exactly 0 after the softmax in every
+# float dtype (exp underflows), so the dense mask hides a key exactly as -inf does.
+_HIDDEN = float(torch.finfo(torch.float16).min)
+
+
+def _is_step_mask(node: Node, mask: Node) -> bool:
+    """``node`` is the step mask as SDPA takes it: ``mask[:, None]``, boolean or additive.
+
+    The capture builds ``where(mask, 0, finfo.min)[:, None]`` (casts aside); only that
+    form is known to hide exactly the keys the compact mask hides.
+    """
+    unsqueezed = False
+    while node is not mask:
+        if node.target in _CASTS:
+            node = node.args[0]
+        elif node.target == aten.unsqueeze.default and node.args[1] == 1 and not unsqueezed:
+            node, unsqueezed = node.args[0], True
+        elif (node.target == aten.where.Scalar and node.args[0] is mask
+              and node.args[1] == 0 and node.args[2] <= _HIDDEN):
+            node = mask
+        else:
+            return False
+    return unsqueezed
+
+
+def _unrepeated(node: Node) -> Node:
+    """The ``[B, Hkv, S, D]`` tensor behind transformers' ``repeat_kv``, else ``node`` itself.
+
+    ``repeat_kv`` is ``x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D)``:
+    query head h reads KV head h // G, the grouping tree attention computes without the
+    copy. Any other form is kept as is (one KV head per query head, still exact).
+    """
+    expand = node.args[0] if node.target in (aten.reshape.default, aten.view.default) else None
+    if expand is None or expand.target != aten.expand.default:
+        return node
+    unsqueeze = expand.args[0]
+    if unsqueeze.target != aten.unsqueeze.default or unsqueeze.args[1] != 2:
+        return node
+    return unsqueeze.args[0]
+
+
+def _tree_attention_args(gm: GraphModule, sdpa: Node, mask: Node) -> tuple[Node, Node, Node, float]:
+    """Queries, un-repeated keys and values, and the scale of one SDPA call."""
+    args = sdpa.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
+    layer = module_path(sdpa) or sdpa.name
+    if args["dropout_p"] or args["is_causal"]:
+        raise UnsupportedModelError(f"tree attention: {layer} uses dropout or is_causal attention")
+    if args["attn_mask"] is None or not _is_step_mask(args["attn_mask"], mask):
+        raise UnsupportedModelError(
+            f"tree attention: {layer}'s attention mask is not the step mask input")
+    query = args["query"]
+    scale = args["scale"] or 1 / math.sqrt(query.meta["val"].shape[-1])
+    return query, _unrepeated(args["key"]), _unrepeated(args["value"]), scale
+
+
+def _insert(gm: GraphModule) -> bool:
+    calls = [n for n in gm.graph.nodes if n.target == SDPA]
+    if not calls:
+        raise PassError("insert_tree_attention: no scaled_dot_product_attention op to rewrite")
+    mask = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "mask")
+    with gm.graph.inserting_after(mask):
+        tree_mask = gm.graph.call_function(tree_part, (mask,))
+        past_len = gm.graph.call_function(past_lengths, (mask,))
+    for sdpa in calls:
+        q, k, v, scale = _tree_attention_args(gm, sdpa, mask)
+        with gm.graph.inserting_before(sdpa):
+            tree = gm.graph.call_function(TREE_ATTENTION, (q, k, v, past_len, tree_mask, scale))
+        tree.meta = dict(sdpa.meta)  # nn_module_stack: the op stays inside its layer
+        sdpa.replace_all_uses_with(tree)
+        gm.graph.erase_node(sdpa)
+    return True
+
+
+@dataclass(frozen=True)
+class InsertTreeAttention:
+    name: ClassVar[str] = "insert_tree_attention"
+    requires: ClassVar[frozenset[Invariant]] = frozenset(
+        {Invariant.STEP_CONTRACT, Invariant.HAS_ANATOMY}
+    )
+    ensures: ClassVar[frozenset[Invariant]] = frozenset(
+        {Invariant.STEP_CONTRACT, Invariant.HAS_ANATOMY, Invariant.TREE_ATTENTION}
+    )
+
+    def __call__(self, program: CapturedProgram) -> PassResult:
+        return PassResult(*rewrite(program, _insert))

@@ -1,0 +1,145 @@
+"""insert_tree_attention: structure, numbers against the dense program on random trees,
+refusals, and ORT / eager engines built with it."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from engines import tiny_source
+from families import FAMILIES, captured
+from trees import dense_mask, random_tree, stack_masks
+
+import leapc
+from leapc.compiler import Attention, pipeline
+from leapc.ir.anatomy import recover_anatomy
+from leapc.ir.errors import InputError, UnsupportedModelError
+from leapc.ir.rewrite import rewrite
+from leapc.passes.base import Invariant, PassError, violation
+from leapc.passes.insert_tree_attention import SDPA, TREE_ATTENTION, InsertTreeAttention
+from leapc.runtime.backends import eager
+
+aten = torch.ops.aten
+
+
+@functools.cache
+def tree_program(family: str):
+    result = InsertTreeAttention()(captured(family))
+    assert result.modified
+    return result.program
+
+
+def call_counts(program) -> Counter:
+    return Counter(n.target for n in program.program.graph.nodes if n.op == "call_function")
+
+
+def tree_step_inputs(dims, batch: int, new: int, past: int, seed: int = 0):
+    """A random tree per row over a cache prefix of random length per row (0 .. past)."""
+    g = torch.Generator().manual_seed(seed)
+    trees = [random_tree(new, g) for _ in range(batch)]
+    committed = torch.randint(0, past + 1, (batch,), generator=g)
+    tokens = torch.randint(0, dims.vocab_size, (batch, new), generator=g)
+    depth = torch.from_numpy(np.stack([t.depth for t in trees]))
+    kv = torch.randn(dims.num_layers, 2, batch, dims.num_kv_heads, past, dims.head_dim,
+                     generator=g)
+    return tokens, committed[:, None] + depth, kv, dense_mask(committed, stack_masks(trees), past)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_sdpa_becomes_tree_attention_on_the_unrepeated_cache(family):
+    """Expected per layer: tree_attention(q, keys_cat, values_cat, past_len, tree_mask, scale)
+    with past_len and tree_mask computed once; repeat_kv's expands are gone."""
+    before, after = captured(family), tree_program(family)
+    layers = before.dims.num_layers
+    assert call_counts(before)[SDPA] == layers
+    assert call_counts(after)[SDPA] == 0
+    assert call_counts(after)[TREE_ATTENTION] == layers
+    assert call_counts(after)[aten.expand.default] == 0
+    anatomy = recover_anatomy(after.program, layers, after.dims.hidden_size)
+    nodes = {n.name: n for n in after.program.graph.nodes}
+    calls = [nodes[layer.attention[0]] for layer in anatomy.layers]
+    assert {c.target for c in calls} == {TREE_ATTENTION}
+    for call, layer in zip(calls, anatomy.layers, strict=True):
+        assert (call.args[1].name, call.args[2].name) == (layer.keys, layer.values)
+        assert call.args[5] == 0.25  # the captured SDPA's scale (head_dim 16)
+    assert len({(c.args[3], c.args[4]) for c in calls}) == 1  # the compact mask, once
+    assert violation(Invariant.TREE_ATTENTION, before) is not None
+    assert violation(Invariant.TREE_ATTENTION, after) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tree_program_equals_the_dense_program_on_random_trees(family):
+    dense = captured(family).program.module()
+    tree = tree_program(family).program.module()
+    # (B, N, T): one-token decode over one slot, a batch of trees, T + N = max_seq
+    for seed, shape in enumerate([(1, 1, 1), (2, 6, 9), (3, 16, 48)]):
+        inputs = tree_step_inputs(captured(family).dims, *shape, seed=seed)
+        with torch.no_grad():
+            want, got = dense(*inputs), tree(*inputs)
+        for name, expected, actual in zip(("logits", "present"), want, got, strict=True):
+            torch.testing.assert_close(actual, expected, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_the_pass_needs_something_to_rewrite():
+    with pytest.raises(PassError, match="no scaled_dot_product_attention"):
+        InsertTreeAttention()(tree_program("llama"))
+
+
+def test_an_attention_mask_other_than_the_step_mask_is_refused():
+    """A soft additive bias (-1 instead of finfo.min) does not hide keys: no compact form."""
+    def soften(gm):
+        where = next(n for n in gm.graph.nodes if n.target == aten.where.Scalar)
+        where.args = (*where.args[:2], -1.0)
+        return True
+
+    softened, _ = rewrite(captured("llama"), soften)
+    with pytest.raises(UnsupportedModelError, match="attention mask is not the step mask"):
+        InsertTreeAttention()(softened)
+
+
+def test_build_option_selects_the_pipeline():
+    assert [p.name for p in pipeline(Attention.TREE).passes][-1] == "insert_tree_attention"
+    assert "insert_tree_attention" not in [p.name for p in pipeline(Attention.DENSE).passes]
+    with pytest.raises(InputError, match="unknown attention lowering 'sparse'"):
+        leapc.build("bundled", "unused", attention="sparse")
+
+
+def test_eager_engine_file_loads_in_a_fresh_process(tmp_path):
+    """The .pt2 calls leapc.tree_attention: loading it must declare the op first."""
+    path = eager.lower(tree_program("llama"), tmp_path, "full")
+    code = ("import sys; from leapc.runtime.backends.eager import EagerStep; "
+            "EagerStep(sys.argv[1], ('logits', 'present'))")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def ort_engines(tmp_path_factory):
+    source = tiny_source("llama")
+    return {a: leapc.load(leapc.build(source, tmp_path_factory.mktemp(a), "ort", attention=a,
+                                      max_seq=256))
+            for a in ("dense", "tree")}
+
+
+def test_ort_tree_engine_matches_the_dense_engine(ort_engines):
+    dense, tree = ort_engines["dense"], ort_engines["tree"]
+    assert tree.manifest.passes[-1] == "insert_tree_attention"
+    assert "insert_tree_attention" not in dense.manifest.passes
+    dims = captured("llama").dims
+    for seed, shape in enumerate([(1, 1, 64), (2, 9, 64), (1, 32, 192)]):
+        inputs = [t.numpy() for t in tree_step_inputs(dims, *shape, seed=seed)]
+        want, got = dense.step(*inputs), tree.step(*inputs)
+        for name in ("logits", "present"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ("ar", "recycle"))
+def test_ort_tree_engine_generates_the_same_greedy_tokens(ort_engines, policy):
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+    dense = ort_engines["dense"].generate(prompt, 48, policy=policy)
+    tree = ort_engines["tree"].generate(prompt, 48, policy=policy)
+    assert tree.token_ids == dense.token_ids

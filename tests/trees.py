@@ -1,0 +1,28 @@
+"""Random token trees and the dense step masks the runtime builds for them (shared by the
+kernel and pass tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from leapc.ir.tree import TreeBuffers, tree_from_parents
+
+
+def random_tree(size: int, generator: torch.Generator) -> TreeBuffers:
+    """A tree of ``size`` nodes, each non-root node's parent drawn uniformly before it."""
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=generator)) for i in range(1, size)]
+    return tree_from_parents(parents)
+
+
+def stack_masks(trees: list[TreeBuffers]) -> torch.Tensor:
+    """``[B, N, N]`` ancestor masks."""
+    return torch.from_numpy(np.stack([t.ancestor_mask for t in trees]))
+
+
+def dense_mask(past_len: torch.Tensor, tree_mask: torch.Tensor, past: int) -> torch.Tensor:
+    """The step program's ``[B, N, T + N]`` mask: a valid prefix of ``past_len[b]`` cache
+    slots for every new token, then the tree."""
+    batch, new, _ = tree_mask.shape
+    valid = torch.stack([torch.arange(past) < n for n in past_len.tolist()])
+    return torch.cat([valid[:, None].expand(batch, new, past), tree_mask], dim=-1)
