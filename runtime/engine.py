@@ -45,13 +45,14 @@ class DraftOptions:
     max_draft: int = 8  # longest chain a drafter proposes per step
     ngram: int = 4  # prompt lookup: longest suffix n-gram matched
     adaptive: bool = False  # chain drafters: +2 / -1 draft length instead of max_draft
+    matches: int = 1  # lookup: continuations of that many earlier occurrences, as a tree
     branching: tuple[int, ...] = ()  # draft model: children per node at depths 1, 2, ...
     confidence: float = 0.0  # draft model: expand only nodes with top-1 probability >= this
     children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT  # sampled trees: rule 4 or 3
 
     def tree_shape(self) -> TreeShape:
-        if self.max_draft < 0 or self.ngram < 1:
-            raise InputError("max-draft must be >= 0 and ngram >= 1")
+        if self.max_draft < 0 or self.ngram < 1 or self.matches < 1:
+            raise InputError("max-draft must be >= 0, ngram and matches >= 1")
         if any(width < 1 for width in self.branching):
             raise InputError(f"draft-tree widths must be >= 1 (got {self.branching})")
         if not 0.0 <= self.confidence < 1.0:
@@ -187,7 +188,7 @@ class Engine:
         shape = options.tree_shape()
         if policy is Policy.LOOKUP:
             return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft,
-                                 adaptive=options.adaptive)
+                                 adaptive=options.adaptive, matches=options.matches)
         if policy is Policy.RECYCLE:
             return RecycleDrafter(self.manifest.model.vocab_size)
         if policy is Policy.DRAFT:
