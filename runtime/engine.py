@@ -18,6 +18,7 @@ from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import Drafter, NoDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter
+from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.kv_cache import KVCache
@@ -45,6 +46,7 @@ class DraftOptions:
     max_draft: int = 8  # longest chain a drafter proposes per step
     ngram: int = 4  # prompt lookup: longest suffix n-gram matched
     adaptive: bool = False  # chain drafters: +2 / -1 draft length instead of max_draft
+    lookahead: LookaheadConfig = LookaheadConfig()  # window W, n-gram N, guesses G
 
 
 @dataclass
@@ -176,12 +178,21 @@ class Engine:
                                  adaptive=options.adaptive)
         if policy is Policy.RECYCLE:
             return RecycleDrafter(self.manifest.model.vocab_size)
+        if policy is Policy.LOOKAHEAD:
+            return self._lookahead(options.lookahead, seed)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
                 self.manifest.max_new, sampling, np.random.default_rng([seed, 1]),
                 max_draft=options.max_draft, adaptive=options.adaptive)
         return NoDrafter()
+
+    def _lookahead(self, config: LookaheadConfig, seed: int) -> LookaheadDrafter:
+        if config.smallest_step > self.manifest.max_new:
+            raise InputError(f"lookahead {config} needs steps of {config.smallest_step} tokens "
+                             "(window and one n-gram); this engine's steps take at most "
+                             f"{self.manifest.max_new}")
+        return LookaheadDrafter(config, np.random.default_rng([seed, 2]))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:
         stream = self.stream(prompt, max_new_tokens, **options)
