@@ -25,12 +25,28 @@ from rich.progress import (
 from rich.table import Table
 
 from leapc.ir.errors import InputError, LeapcUserError
+from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.manifest import Backend, Policy
+
+
+def _lookahead(text: str | LookaheadConfig) -> LookaheadConfig:
+    if isinstance(text, LookaheadConfig):  # the default, already parsed
+        return text
+    try:
+        window, ngram, guesses = (int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--lookahead takes W,N,G: three comma-separated integers "
+                         f"(got {text!r})") from None
+    return LookaheadConfig(window, ngram, guesses)
+
 
 # Drafting options shared by `run` and `bench`.
 MaxDraft = Annotated[int, typer.Option(help="longest draft per step (drafting policies)")]
 NGram = Annotated[int, typer.Option(help="lookup: longest n-gram matched")]
 Adaptive = Annotated[bool, typer.Option(help="chain drafts: +2/-1 adaptive draft length")]
+Lookahead = Annotated[LookaheadConfig, typer.Option(
+    parser=_lookahead, metavar="W,N,G",
+    help="lookahead: window W, n-gram size N, n-grams kept and verified per token G")]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
@@ -90,6 +106,7 @@ def run(
     max_draft: MaxDraft = 8,
     ngram: NGram = 4,
     adaptive: Adaptive = False,
+    lookahead: Lookahead = LookaheadConfig(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
@@ -101,7 +118,7 @@ def run(
     request = prompt if prompt is not None else _parse_ids(prompt_ids)
     stream = leapc.load(engine).stream(request, max_new_tokens, policy=policy,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, draft=DraftOptions(max_draft, ngram, adaptive))
+                                       seed=seed, draft=DraftOptions(max_draft, ngram, adaptive, lookahead))
     if as_json:
         for _ in stream:
             pass
@@ -142,6 +159,7 @@ def bench(
     max_draft: MaxDraft = 8,
     ngram: NGram = 4,
     adaptive: Adaptive = False,
+    lookahead: Lookahead = LookaheadConfig(),
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
@@ -155,7 +173,7 @@ def bench(
     from leapc.runtime.engine import DraftOptions
 
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
-                      DraftOptions(max_draft, ngram, adaptive))
+                      DraftOptions(max_draft, ngram, adaptive, lookahead))
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine), cfg, vs_hf)
     out.print(bench_table(result))
