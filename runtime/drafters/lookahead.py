@@ -42,6 +42,7 @@ class LookaheadConfig:
     window: int = 5  # W: future positions the window iterates over
     ngram: int = 4  # N: n-gram length; the window keeps N - 1 iterates
     guesses: int = 5  # G: n-grams the pool keeps per first token (and verifies per step)
+    pool_context: bool = True  # also pool the prompt's and the output's own n-grams
 
     def __post_init__(self):
         if self.window < 1 or self.ngram < 3 or self.guesses < 1:
@@ -186,7 +187,6 @@ def candidate_tree(root: int, continuations: Sequence[Sequence[int]],
 class LookaheadDrafter:
     config: LookaheadConfig
     rng: np.random.Generator  # the window's starting tokens
-    pool_from_context: bool = True  # also pool the prompt's and the output's n-grams
     pool: NGramPool = field(init=False)
     window: JacobiWindow | None = field(init=False, default=None)
     _next_end: int = field(init=False, default=0)  # end of the next context n-gram to pool
@@ -226,7 +226,7 @@ class LookaheadDrafter:
 
     def _pool_context(self, context: list[int]) -> None:
         """Pool the context's n-grams that end in tokens not pooled yet."""
-        if not self.pool_from_context:
+        if not self.config.pool_context:
             return
         n = self.config.ngram
         for end in range(max(self._next_end, n), len(context) + 1):

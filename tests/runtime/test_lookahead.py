@@ -29,8 +29,8 @@ def full_window() -> JacobiWindow:
     return JacobiWindow([np.array([11, 12]), np.array([21, 22, 23]), np.array([31, 32, 33])], 3)
 
 
-def drafter(config: LookaheadConfig = LookaheadConfig(3, 4, 2), **options) -> LookaheadDrafter:
-    return LookaheadDrafter(config, np.random.default_rng(0), **options)
+def drafter(config: LookaheadConfig = LookaheadConfig(3, 4, 2)) -> LookaheadDrafter:
+    return LookaheadDrafter(config, np.random.default_rng(0))
 
 
 # ------------------------------------------------------------------ window
@@ -139,7 +139,7 @@ def test_window_runs_only_beside_room_for_a_whole_candidate():
 
 
 def test_observe_pools_the_diagonals_then_slides():
-    la = drafter(pool_from_context=False)
+    la = drafter(LookaheadConfig(3, 4, 2, pool_context=False))
     la.window = full_window()
     draft = la.propose([], 7, budget=40)
     extra_logits = np.zeros((8, 50))
@@ -224,21 +224,16 @@ def test_greedy_lookahead_is_token_identical_to_ar_on_the_bundled_model(engine_d
             engine.generate(prompt, 64).token_ids, prompt
 
 
-def test_the_jacobi_window_alone_gets_tokens_accepted(engine_dir, monkeypatch):
+def test_the_jacobi_window_alone_gets_tokens_accepted(engine_dir):
     """With the context's n-grams kept out of the pool, every accepted token comes from an
     n-gram the lookahead branch generated. (Windows that see only themselves get about
     0.84 of the AR steps here; the trajectory mask about 0.72.)"""
-    from leapc.runtime.engine import Engine
-
-    def window_only(self, config, seed):
-        return LookaheadDrafter(config, np.random.default_rng(seed), pool_from_context=False)
-
-    monkeypatch.setattr(Engine, "_lookahead", window_only)
     engine = leapc.load(engine_dir("stories"))
+    window_only = DraftOptions(lookahead=LookaheadConfig(pool_context=False))
     steps = {"ar": 0, "lookahead": 0}
     for prompt in (REPETITIVE, "", "One day, Tom"):
         ar = engine.generate(prompt, 96)
-        lookahead = engine.generate(prompt, 96, policy="lookahead")
+        lookahead = engine.generate(prompt, 96, policy="lookahead", draft=window_only)
         assert lookahead.token_ids == ar.token_ids
         steps["ar"] += ar.stats.steps
         steps["lookahead"] += lookahead.stats.steps
