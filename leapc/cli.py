@@ -26,11 +26,26 @@ from rich.table import Table
 
 from leapc.ir.errors import InputError, LeapcUserError
 from leapc.runtime.drafters.base import ChildSampling
+from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.manifest import Backend, Policy
+
+
+def _lookahead(text: str | LookaheadConfig) -> LookaheadConfig:
+    if isinstance(text, LookaheadConfig):  # the default, already parsed
+        return text
+    try:
+        window, ngram, guesses = (int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--lookahead takes W,N,G: three comma-separated integers "
+                         f"(got {text!r})") from None
+    return LookaheadConfig(window, ngram, guesses)
+
 
 # Drafting options shared by `run` and `bench`.
 MaxDraft = Annotated[int, typer.Option(help="longest draft per step (drafting policies)")]
 NGram = Annotated[int, typer.Option(help="lookup: longest n-gram matched")]
+Matches = Annotated[int, typer.Option(
+    help="lookup: continuations of this many earlier occurrences, verified as one tree")]
 Adaptive = Annotated[bool, typer.Option(help="chain drafts: +2/-1 adaptive draft length")]
 DraftTree = Annotated[str, typer.Option(
     help="draft model: children per node at depths 1, 2, ... (e.g. 2,2; deeper is a chain)")]
@@ -38,6 +53,9 @@ Confidence = Annotated[float, typer.Option(
     help="draft model: stop expanding a node whose draft top-1 probability is below this")]
 TreeSampling = Annotated[ChildSampling, typer.Option(
     help="draft model, sampled trees: how siblings are drawn (rule 3 or rule 4)")]
+Lookahead = Annotated[LookaheadConfig, typer.Option(
+    parser=_lookahead, metavar="W,N,G",
+    help="lookahead: window W, n-gram size N, n-grams kept and verified per token G")]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
@@ -100,10 +118,12 @@ def run(
     seed: int = typer.Option(0),
     max_draft: MaxDraft = 8,
     ngram: NGram = 4,
+    matches: Matches = 1,
     adaptive: Adaptive = False,
     draft_tree: DraftTree = "",
     confidence: Confidence = 0.0,
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
+    lookahead: Lookahead = LookaheadConfig(),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
@@ -114,8 +134,9 @@ def run(
     request = prompt if prompt is not None else _parse_ids(prompt_ids)
     stream = leapc.load(engine).stream(request, max_new_tokens, policy=policy,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, draft=_draft_options(max_draft, ngram, adaptive, draft_tree,
-                                                                      confidence, tree_sampling))
+                                       seed=seed, draft=_draft_options(
+                                           max_draft, ngram, matches, adaptive, draft_tree,
+                                           confidence, tree_sampling, lookahead))
     if as_json:
         for _ in stream:
             pass
@@ -137,13 +158,13 @@ def _parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
         raise InputError(f"{option} must be comma-separated integers (got {text!r})") from None
 
 
-def _draft_options(max_draft: int, ngram: int, adaptive: bool, draft_tree: str,
-                   confidence: float, tree_sampling: ChildSampling):
+def _draft_options(max_draft: int, ngram: int, matches: int, adaptive: bool, draft_tree: str,
+                   confidence: float, tree_sampling: ChildSampling, lookahead: LookaheadConfig):
     from leapc.runtime.engine import DraftOptions
 
-    return DraftOptions(max_draft=max_draft, ngram=ngram, adaptive=adaptive,
+    return DraftOptions(max_draft=max_draft, ngram=ngram, matches=matches, adaptive=adaptive,
                         branching=tuple(_parse_ids(draft_tree, "--draft-tree")),
-                        confidence=confidence, children=tree_sampling)
+                        confidence=confidence, children=tree_sampling, lookahead=lookahead)
 
 
 @app.command()
@@ -164,10 +185,12 @@ def bench(
     repeats: int = typer.Option(3),
     max_draft: MaxDraft = 8,
     ngram: NGram = 4,
+    matches: Matches = 1,
     adaptive: Adaptive = False,
     draft_tree: DraftTree = "",
     confidence: Confidence = 0.0,
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
+    lookahead: Lookahead = LookaheadConfig(),
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
@@ -179,8 +202,8 @@ def bench(
     if repeats < 1 or max_new_tokens < 1:
         raise InputError("--repeats and --max-new-tokens must be at least 1")
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
-                      _draft_options(max_draft, ngram, adaptive, draft_tree, confidence,
-                                     tree_sampling))
+                      _draft_options(max_draft, ngram, matches, adaptive, draft_tree,
+                                     confidence, tree_sampling, lookahead))
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine), cfg, vs_hf)
     out.print(bench_table(result))

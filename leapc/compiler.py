@@ -172,7 +172,8 @@ def _manifest(full: CompiledProgram, draft: CompiledProgram | None, backend: Bac
               options: CaptureOptions) -> Manifest:
     dims = full.result.program.dims
     programs = {"full": full.entry} | ({"draft_model": draft.entry} if draft else {})
-    policies = (Policy.AR, Policy.LOOKUP, Policy.RECYCLE) + ((Policy.DRAFT,) if draft else ())
+    policies = (Policy.AR, Policy.LOOKUP, Policy.RECYCLE, Policy.LOOKAHEAD) + (
+        (Policy.DRAFT,) if draft else ())
     return Manifest(
         leapc_version=importlib.metadata.version("leapc"),
         toolchain=_toolchain(),

@@ -75,14 +75,22 @@ def prefill(step: StepFunction, cache: KVCache, prompt: list[int], chunk: int) -
 
 
 def tree_inputs(cache: KVCache, draft: Draft):
-    """Step inputs verifying a draft tree: depth positions, past validity + ancestor mask."""
-    n = draft.tree.size
+    """Step inputs verifying a draft: positions = cache length + each node's offset from
+    the root (its depth, for tree nodes); mask = the valid past, then the node mask (the
+    ancestor mask for a plain tree)."""
+    tokens, offsets, nodes_mask = draft.step_nodes()
+    n = len(tokens)
     past = cache.past_for(n)
     mask = np.concatenate(
-        [np.broadcast_to(cache.valid_mask(), (n, past.shape[4])), draft.tree.ancestor_mask], axis=1
+        [np.broadcast_to(cache.valid_mask(), (n, past.shape[4])), nodes_mask], axis=1
     )
-    positions = cache.length + draft.tree.depth
-    return draft.tokens[None], positions[None], past, mask[None]
+    return tokens[None], (cache.length + offsets)[None], past, mask[None]
+
+
+def _split_logits(logits: np.ndarray, draft: Draft) -> tuple[np.ndarray, np.ndarray | None]:
+    """The tree's rows (all that acceptance sees) and the extra nodes' rows, if any."""
+    tree = draft.tree.size
+    return logits[:tree], (logits[tree:] if draft.extra is not None else None)
 
 
 def _truncate(tokens: list[int], stop: StopConfig, emitted: int) -> tuple[list[int], bool]:
@@ -130,12 +138,12 @@ def decode(
         budget = min(chunk - 1, room, stop.max_new_tokens - stats.new_tokens - 1)
         draft = drafter.propose(context, root, budget)
         out = step(*tree_inputs(cache, draft))
-        logits = out["logits"][0]
+        logits, extra_logits = _split_logits(out["logits"][0], draft)
         path, emitted = accept(draft, logits, sampling, rng)
-        cache.commit(out["present"], path)
+        cache.commit(out["present"], path)  # path indices are tree nodes: extra rows never land
         stats.drafted_depth.append(int(draft.tree.depth.max()))
         stats.accepted_depth.append(len(path) - 1)
         context.extend(draft.tokens[path].tolist())
-        drafter.observe(context, Verification(draft, logits, path, emitted))
+        drafter.observe(context, Verification(draft, logits, path, emitted, extra_logits))
         root = emitted[-1]
         new, done = _truncate(emitted, stop, stats.new_tokens)

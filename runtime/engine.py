@@ -18,6 +18,7 @@ from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
+from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.kv_cache import KVCache
@@ -49,6 +50,8 @@ class DraftOptions:
     branching: tuple[int, ...] = ()  # draft model: children per node at depths 1, 2, ...
     confidence: float = 0.0  # draft model: expand only nodes with top-1 probability >= this
     children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT  # sampled trees: rule 4 or 3
+
+    lookahead: LookaheadConfig = LookaheadConfig()  # window W, n-gram N, guesses G
 
     def tree_shape(self) -> TreeShape:
         if self.max_draft < 0 or self.ngram < 1 or self.matches < 1:
@@ -191,12 +194,21 @@ class Engine:
                                  adaptive=options.adaptive, matches=options.matches)
         if policy is Policy.RECYCLE:
             return RecycleDrafter(self.manifest.model.vocab_size)
+        if policy is Policy.LOOKAHEAD:
+            return self._lookahead(options.lookahead, seed)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
                 self.manifest.max_new, sampling, np.random.default_rng([seed, 1]),
                 shape, adaptive=options.adaptive)
         return NoDrafter()
+
+    def _lookahead(self, config: LookaheadConfig, seed: int) -> LookaheadDrafter:
+        if config.smallest_step > self.manifest.max_new:
+            raise InputError(f"lookahead {config} needs steps of {config.smallest_step} tokens "
+                             "(window and one n-gram); this engine's steps take at most "
+                             f"{self.manifest.max_new}")
+        return LookaheadDrafter(config, np.random.default_rng([seed, 2]))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:
         stream = self.stream(prompt, max_new_tokens, **options)

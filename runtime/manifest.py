@@ -29,6 +29,7 @@ class Policy(str, enum.Enum):
     LOOKUP = "lookup"  # prompt lookup (training-free, any engine)
     RECYCLE = "recycle"  # token recycling (training-free, any engine)
     DRAFT = "draft"  # a draft model in its own program and KV cache (build --draft-model)
+    LOOKAHEAD = "lookahead"  # Jacobi lookahead decoding (training-free, any engine)
 
 
 class _Frozen(BaseModel):

@@ -19,6 +19,26 @@ class ChildSampling(Enum):
 
 
 @dataclass(frozen=True, eq=False)
+class ExtraNodes:
+    """Step nodes after the token tree that are computed but never accepted or committed.
+
+    A drafter that wants the target's logits at tokens of its own (lookahead decoding's
+    Jacobi window) appends them to its draft. ``offsets`` are positions relative to the
+    root, as tree depths are; row i of ``mask`` says which of the step's nodes (the tree's
+    first, then these) node i attends to, besides the committed past. Tree nodes never
+    attend to extra nodes, so the tree's logits are those of a step without them.
+    """
+
+    tokens: np.ndarray  # [E] int64
+    offsets: np.ndarray  # [E] int64: position minus the root's position
+    mask: np.ndarray  # [E, tree size + E] bool
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True, eq=False)
 class Draft:
     """A token tree rooted at the last emitted (not yet verified) token.
 
@@ -26,12 +46,37 @@ class Draft:
     for drafters that sample, the distribution each node's token was drawn from
     (``[n, V]``: the draft distribution at the node's parent; row 0 unused); ``None``
     means deterministic candidates (rule 5). ``children`` says how siblings were drawn.
+    ``extra`` holds nodes that ride along in the same step after the tree (see
+    `ExtraNodes`); acceptance and the KV cache only ever see the tree.
     """
 
     tokens: np.ndarray
     tree: TreeBuffers
     q: np.ndarray | None = None
     children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT
+    extra: ExtraNodes | None = None
+
+    def __post_init__(self):
+        if self.extra is not None and self.extra.mask.shape != (self.extra.size, self.step_size):
+            raise ValueError(f"extra nodes' mask is {self.extra.mask.shape}; a step of "
+                             f"{self.step_size} nodes needs ({self.extra.size}, {self.step_size})")
+
+    @property
+    def step_size(self) -> int:
+        """Nodes the verify step runs: the tree's, then the extra ones."""
+        return self.tree.size + (self.extra.size if self.extra is not None else 0)
+
+    def step_nodes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The step's tokens, positions relative to the root, and ``[n, n]`` node mask."""
+        tree = self.tree
+        if self.extra is None:
+            return self.tokens, tree.depth, tree.ancestor_mask
+        extra = self.extra
+        tree_rows = np.zeros((tree.size, self.step_size), dtype=bool)
+        tree_rows[:, : tree.size] = tree.ancestor_mask
+        return (np.concatenate([self.tokens, extra.tokens]),
+                np.concatenate([tree.depth, extra.offsets]),
+                np.concatenate([tree_rows, extra.mask]))
 
     @classmethod
     def root_only(cls, root: int) -> Draft:
@@ -44,18 +89,25 @@ class Draft:
 
 @dataclass(frozen=True, eq=False)
 class Verification:
-    """What one verify step found: the target's logits at every node of the draft, the
-    accepted path (node indices, root first) and the emitted tokens (path + bonus)."""
+    """What one verify step found: the target's logits at every node of the draft's tree,
+    the accepted path (node indices, root first), the emitted tokens (path + bonus), and
+    the logits at the draft's extra nodes, if it had any.
+
+    ``logits`` stays row-aligned with ``draft.tokens``, so code that reads the tree's
+    logits cannot mistake an extra node's row for a tree node's.
+    """
 
     draft: Draft
-    logits: np.ndarray  # [n, V]
+    logits: np.ndarray  # [tree size, V]
     path: list[int]
     emitted: list[int]
+    extra_logits: np.ndarray | None = None  # [E, V] when draft.extra is not None
 
 
 class Drafter(Protocol):
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
-        """Draft at most ``budget`` tokens after ``context + [root]``."""
+        """Draft after ``context + [root]``: at most ``budget`` nodes besides the root,
+        tree and extra nodes together."""
         ...
 
     def observe(self, context: list[int], result: Verification) -> None:

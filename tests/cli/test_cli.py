@@ -178,6 +178,49 @@ def test_bench_unknown_policy(tiny):
                "unknown policy", "warp")
 
 
+# ------------------------------------------------------------------ lookahead
+
+
+def test_run_lookahead_uses_the_window_setting(tiny):
+    from leapc.runtime.drafters.lookahead import LookaheadConfig
+    from leapc.runtime.engine import DraftOptions
+
+    result = cli("run", tiny, "--prompt-ids", "1,2,3", "--max-new-tokens", "24", "--json",
+                 "--policy", "lookahead", "--lookahead", "3,3,2")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    engine = leapc.load(tiny)
+    chosen = engine.generate([1, 2, 3], 24, policy="lookahead",
+                             draft=DraftOptions(lookahead=LookaheadConfig(3, 3, 2)))
+    default = engine.generate([1, 2, 3], 24, policy="lookahead")
+    assert data["policy"] == "lookahead"
+    assert data["token_ids"] == chosen.token_ids == engine.generate([1, 2, 3], 24).token_ids
+    assert data["steps"] == chosen.stats.steps != default.stats.steps  # 3,3,2 reached it
+
+
+def test_bench_lookahead_row(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('"5"\n"17"\n')
+    out = tmp_path / "bench.json"
+    result = cli("bench", tiny, "--policies", "ar,lookahead", "--lookahead", "3,3,2",
+                 "--max-new-tokens", "16", "--repeats", "1", "--prompts", prompts, "--json", out)
+    assert result.returncode == 0, result.stderr
+    rows = {row["policy"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows["lookahead"]["identical_to_ar"] is True
+    assert rows["lookahead"]["steps"] <= rows["ar"]["steps"] == 2 * 16
+
+
+@pytest.mark.parametrize("value, fragments", [
+    ("5,4", ("--lookahead", "W,N,G", "'5,4'")),
+    ("5,x,5", ("--lookahead", "'5,x,5'")),
+    ("5,2,5", ("5,2,5", "N >= 3")),
+    ("40,10,5", ("40,10,5", "369 tokens", "at most 128")),
+])
+def test_bad_lookahead_setting(tiny, value, fragments):
+    user_error(cli("run", tiny, "--prompt-ids", "1", "--policy", "lookahead", "--lookahead", value),
+               *fragments)
+
+
 # ------------------------------------------------------------------ user errors
 
 
