@@ -39,9 +39,11 @@ from leapc.runtime.drafters.base import Draft, ExtraNodes, Verification
 
 @dataclass(frozen=True)
 class LookaheadConfig:
-    window: int = 5  # W: future positions the window iterates over
-    ngram: int = 4  # N: n-gram length; the window keeps N - 1 iterates
-    guesses: int = 5  # G: n-grams the pool keeps per first token (and verifies per step)
+    # Defaults: the fastest measured on the bundled 15M model on a 2-core CPU, where every
+    # extra step token costs (docs/decisions.md); wider windows raise tau, not speed, there.
+    window: int = 3  # W: future positions the window iterates over
+    ngram: int = 3  # N: n-gram length; the window keeps N - 1 iterates
+    guesses: int = 3  # G: n-grams the pool keeps per first token (and verifies per step)
     pool_context: bool = True  # also pool the prompt's and the output's own n-grams
 
     def __post_init__(self):

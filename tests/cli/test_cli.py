@@ -186,16 +186,16 @@ def test_run_lookahead_uses_the_window_setting(tiny):
     from leapc.runtime.engine import DraftOptions
 
     result = cli("run", tiny, "--prompt-ids", "1,2,3", "--max-new-tokens", "24", "--json",
-                 "--policy", "lookahead", "--lookahead", "3,3,2")
+                 "--policy", "lookahead", "--lookahead", "5,4,5")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     engine = leapc.load(tiny)
     chosen = engine.generate([1, 2, 3], 24, policy="lookahead",
-                             draft=DraftOptions(lookahead=LookaheadConfig(3, 3, 2)))
+                             draft=DraftOptions(lookahead=LookaheadConfig(5, 4, 5)))
     default = engine.generate([1, 2, 3], 24, policy="lookahead")
     assert data["policy"] == "lookahead"
     assert data["token_ids"] == chosen.token_ids == engine.generate([1, 2, 3], 24).token_ids
-    assert data["steps"] == chosen.stats.steps != default.stats.steps  # 3,3,2 reached it
+    assert data["steps"] == chosen.stats.steps != default.stats.steps  # 5,4,5 reached it
 
 
 def test_bench_lookahead_row(tiny, tmp_path):

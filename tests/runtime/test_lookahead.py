@@ -187,7 +187,7 @@ def test_window_logits_are_those_of_each_trajectory_read_as_plain_text(engine_di
     np.testing.assert_allclose(logits[: draft.tree.size], alone, atol=1e-4)
 
 
-CONFIGS = (LookaheadConfig(), LookaheadConfig(3, 3, 2), LookaheadConfig(1, 5, 1))
+CONFIGS = (LookaheadConfig(), LookaheadConfig(5, 4, 5), LookaheadConfig(1, 5, 1))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
@@ -229,7 +229,7 @@ def test_the_jacobi_window_alone_gets_tokens_accepted(engine_dir):
     n-gram the lookahead branch generated. (Windows that see only themselves get about
     0.84 of the AR steps here; the trajectory mask about 0.72.)"""
     engine = leapc.load(engine_dir("stories"))
-    window_only = DraftOptions(lookahead=LookaheadConfig(pool_context=False))
+    window_only = DraftOptions(lookahead=LookaheadConfig(5, 4, 5, pool_context=False))
     steps = {"ar": 0, "lookahead": 0}
     for prompt in (REPETITIVE, "", "One day, Tom"):
         ar = engine.generate(prompt, 96)
