@@ -53,8 +53,9 @@ def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
                 attention: str | Attention | None = None) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
     numeric check and lower."""
-    passes = pipeline(_attention(attention, _backend(backend))).passes
-    return 1 + programs * (3 + len(passes))
+    full = len(pipeline(_attention(attention, _backend(backend))).passes)
+    draft = len(pipeline(Attention.DENSE).passes)
+    return 1 + (3 + full) + (programs - 1) * (3 + draft)
 
 
 def _toolchain() -> dict[str, str]:
@@ -161,8 +162,11 @@ def build(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     full = _compile(source, "full", options, chosen, lowering, out, dump_dir, on_stage)
-    drafter = (_compile(draft, "draft_model", options, chosen, lowering, out, dump_dir, on_stage)
-               if draft is not None else None)
+    # The draft model keeps dense attention: its tree drafts put ancestors' KV rows as
+    # scratch after the committed ones, so its valid slots are not a prefix, which the tree
+    # lowering's compact mask assumes.
+    drafter = (_compile(draft, "draft_model", options, chosen, Attention.DENSE, out, dump_dir,
+                        on_stage) if draft is not None else None)
     source.tokenizer.save(str(out / "tokenizer.json"))
     _manifest(full, drafter, chosen, options).write(out)
     return out
