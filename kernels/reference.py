@@ -1,6 +1,6 @@
 """Pure-torch references of the leapc kernels: readable ground truth, no performance tricks.
 
-Every optimised kernel (Triton, an ONNX decomposition) is tested against the function of
+Every optimised kernel (Triton, an ONNX translation) is tested against the function of
 the same name here. They run on any device and in any floating dtype.
 """
 

@@ -21,7 +21,7 @@ def lower(program, out_dir: Path, name: str) -> Path:
     import torch
 
     from leapc.ir.capture import STEP_INPUTS
-    from leapc.kernels.onnx_translations import TRANSLATIONS
+    from leapc.kernels.onnx_translations import OPSET, translations
 
     # The exporter warns once per torchvision op it cannot register; none are used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -32,7 +32,8 @@ def lower(program, out_dir: Path, name: str) -> Path:
         program.program,
         input_names=list(STEP_INPUTS),
         output_names=output_names,
-        custom_translation_table=TRANSLATIONS,  # leapc's custom ops, as standard ONNX ops
+        custom_translation_table=translations(),  # leapc's custom ops, as standard ONNX ops
+        opset_version=OPSET,
         dynamo=True,
         optimize=True,
         verbose=False,

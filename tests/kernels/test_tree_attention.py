@@ -14,7 +14,7 @@ from trees import dense_mask, random_tree, stack_masks
 
 from leapc.ir.tree import chain, tree_from_parents
 from leapc.kernels import reference
-from leapc.kernels.onnx_translations import TRANSLATIONS
+from leapc.kernels.onnx_translations import OPSET, translations
 from leapc.kernels.tree_attention import past_lengths, tree_part
 from leapc.runtime.decode import tree_inputs
 from leapc.runtime.drafters.base import Draft
@@ -125,10 +125,12 @@ def test_op_survives_export_with_dynamic_shapes():
 
 def test_onnx_translation_runs_in_onnx_runtime(tmp_path):
     path = tmp_path / "tree_attention.onnx"
-    torch.onnx.export(exported_attention(), dynamo=True, custom_translation_table=TRANSLATIONS,
-                      verbose=False).save(str(path))
+    torch.onnx.export(exported_attention(), dynamo=True, opset_version=OPSET,
+                      custom_translation_table=translations(), verbose=False).save(str(path))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert {n.domain for n in onnx.load(str(path)).graph.node} == {""}  # standard ops only
+    nodes = onnx.load(str(path)).graph.node
+    assert {n.domain for n in nodes} == {""}  # standard ops only
+    assert [n.op_type for n in nodes].count("Attention") == 1  # fused, not decomposed
     for shape in [(1, 4, 2, 1, 9, 24), (2, 4, 2, 5, 9, 24), (3, 4, 2, 16, 2, 24)]:
         inputs = attention_inputs(*shape, seed=2)
         mask = dense_mask(inputs[3], inputs[4], shape[4])

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from engines import tiny_source
@@ -135,6 +136,19 @@ def test_ort_tree_engine_matches_the_dense_engine(ort_engines):
         want, got = dense.step(*inputs), tree.step(*inputs)
         for name in ("logits", "present"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_ort_engines_use_fused_opset_23_ops(ort_engines):
+    """Decomposed attention, norms or RoPE (a lower opset, an exporter change) cost ~30% of
+    a step; and the tree engine's layers share one attention mask."""
+    layers = captured("llama").dims.num_layers
+    for attention, engine in ort_engines.items():
+        graph = onnx.load(str(engine.path / engine.manifest.programs["full"].file)).graph
+        ops = Counter(n.op_type for n in graph.node)
+        assert (ops["Attention"], ops["RotaryEmbedding"], ops["Softmax"]) == (layers, 2 * layers, 0)
+        assert ops["RMSNormalization"] == 2 * layers + 1  # per layer, and the final norm
+        if attention == "tree":
+            assert ops["Range"] == 1
 
 
 @pytest.mark.parametrize("policy", ("ar", "recycle"))
