@@ -7,6 +7,11 @@
 - ``code_edit.jsonl``: a held-out function, then a request for a copy of it: the answer
   repeats the context (where lookup-style drafters shine).
 - ``stories.jsonl``: story openings for stories260K.
+
+Code prompts end on the last line's text, not on a newline: the tokenizer merges a newline
+with the next line's indentation into one token, so a prompt ending in a bare newline
+hands the model a token that in training text only ever precedes a blank line or
+top-level code, and it abandons the function.
 """
 
 from __future__ import annotations
@@ -60,14 +65,14 @@ def documented_functions(limit: int) -> list[tuple[ast.FunctionDef, list[str]]]:
 
 def heldout_prompt(node: ast.FunctionDef, lines: list[str]) -> str:
     body_start = node.body[1].lineno  # the statement after the docstring
-    return "\n".join(lines[node.lineno - 1 : body_start + 1]) + "\n"
+    return "\n".join(lines[node.lineno - 1 : body_start + 1])
 
 
 def edit_prompt(node: ast.FunctionDef, lines: list[str]) -> str:
     source = "\n".join(lines[node.lineno - 1 : node.end_lineno])
     indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
     header = lines[node.lineno - 1][indent:]
-    return f"{source}\n\n# An unchanged copy of {node.name}, for comparison:\n{header}\n"
+    return f"{source}\n\n# An unchanged copy of {node.name}, for comparison:\n{header}"
 
 
 def write(name: str, prompts: list[str]) -> None:
