@@ -5,8 +5,10 @@
 
 Greedy, 128 new tokens by default, median of repeats interleaved across policies, with
 transformers' generate(), prompt lookup and assisted generation timed in the same process.
-The bundled engine carries the bundled draft model; stories260K has none, so its draft
-model is its own first 4 of 5 layers (not trained to exit early: an honest weak draft).
+The bundled engine carries the bundled draft model and a retrieval datastore of its own
+training corpus; stories260K has no draft model, so its draft model is its own first 4 of
+5 layers (not trained to exit early: an honest weak draft), and no datastore (its corpus,
+TinyStories, is not on this machine), so no retrieval row.
 Writes bench/results/policies_<model>_<prompt set>.{json,md,png}.
 """
 
@@ -32,6 +34,7 @@ VARIANTS = (  # label, policy, drafting options
     PolicyRun("lookup", "lookup", DraftOptions(max_draft=8)),
     PolicyRun("recycle", "recycle"),
     PolicyRun("lookahead", "lookahead"),
+    PolicyRun("retrieval", "retrieval"),
     PolicyRun("draft", "draft", DraftOptions(max_draft=4)),
     PolicyRun("draft tree 2,2", "draft", DraftOptions(max_draft=4, branching=(2, 2))),
     PolicyRun("draft conf 0.3", "draft", DraftOptions(max_draft=8, confidence=0.3)),
@@ -42,8 +45,8 @@ def engine_for(model: str) -> Path:
     out = CACHE / f"policies-{model}"
     if (out / "manifest.json").exists():
         return out
-    if model == "bundled":
-        leapc.build("bundled", out, "ort", draft_model=BUNDLED_DRAFT)
+    if model == "bundled":  # its datastore: its own training corpus (held-out files excluded)
+        leapc.build("bundled", out, "ort", draft_model=BUNDLED_DRAFT, datastore="bundled")
     else:
         source = load_source(STORIES)
         draft = save_first_layers(source, 4, CACHE / "stories-draft-4-layers")

@@ -27,6 +27,7 @@ from rich.table import Table
 from leapc.ir.errors import InputError, LeapcUserError
 from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.drafters.lookahead import LookaheadConfig
+from leapc.runtime.drafters.retrieval import RetrievalConfig
 from leapc.runtime.manifest import Backend, Policy
 
 
@@ -56,6 +57,8 @@ TreeSampling = Annotated[ChildSampling, typer.Option(
 Lookahead = Annotated[LookaheadConfig, typer.Option(
     parser=_lookahead, metavar="W,N,G",
     help="lookahead: window W, n-gram size N, n-grams kept and verified per token G")]
+RetrievalNodes = Annotated[int, typer.Option(
+    help="retrieval: draft nodes per step (context continuation and datastore together)")]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
@@ -82,6 +85,9 @@ def build(
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
     draft_model: str = typer.Option(None, help="draft model for --policy draft "
                                                 "(HF dir, llama2.c .bin, or 'bundled-draft')"),
+    datastore: list[str] = typer.Option(
+        None, help="corpus for --policy retrieval: text files/directories (repeatable), or "
+                   "'bundled' (the bundled model's training corpus)"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
 ) -> None:
     """Compile MODEL into an engine directory."""
@@ -92,7 +98,8 @@ def build(
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         programs = 1 + (draft_model is not None)
-        task = bar.add_task("build", total=stage_count(programs, backend, attention))
+        task = bar.add_task("build", total=stage_count(programs, backend, attention,
+                                                       datastore=bool(datastore)))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
@@ -100,9 +107,20 @@ def build(
             bar.update(task, description=stage)
 
         path = leapc.build(model, output, backend, attention=attention, max_seq=max_seq,
-                           tokenizer=tokenizer, draft_model=draft_model, dump_dir=dump_passes,
+                           tokenizer=tokenizer, draft_model=draft_model,
+                           datastore=_datastore_source(datastore), dump_dir=dump_passes,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
+
+
+def _datastore_source(values: list[str] | None) -> str | list[Path] | None:
+    if not values:
+        return None
+    if "bundled" in values:
+        if len(values) > 1:
+            raise InputError("--datastore bundled cannot be combined with other sources")
+        return "bundled"
+    return [Path(v) for v in values]
 
 
 @app.command()
@@ -124,6 +142,7 @@ def run(
     confidence: Confidence = 0.0,
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     lookahead: Lookahead = LookaheadConfig(),
+    retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
@@ -136,7 +155,8 @@ def run(
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        seed=seed, draft=_draft_options(
                                            max_draft, ngram, matches, adaptive, draft_tree,
-                                           confidence, tree_sampling, lookahead))
+                                           confidence, tree_sampling, lookahead,
+                                           retrieval_nodes))
     if as_json:
         for _ in stream:
             pass
@@ -159,12 +179,14 @@ def _parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
 
 
 def _draft_options(max_draft: int, ngram: int, matches: int, adaptive: bool, draft_tree: str,
-                   confidence: float, tree_sampling: ChildSampling, lookahead: LookaheadConfig):
+                   confidence: float, tree_sampling: ChildSampling, lookahead: LookaheadConfig,
+                   retrieval_nodes: int):
     from leapc.runtime.engine import DraftOptions
 
     return DraftOptions(max_draft=max_draft, ngram=ngram, matches=matches, adaptive=adaptive,
                         branching=tuple(_parse_ids(draft_tree, "--draft-tree")),
-                        confidence=confidence, children=tree_sampling, lookahead=lookahead)
+                        confidence=confidence, children=tree_sampling, lookahead=lookahead,
+                        retrieval=RetrievalConfig(nodes=retrieval_nodes))
 
 
 @app.command()
@@ -191,6 +213,7 @@ def bench(
     confidence: Confidence = 0.0,
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     lookahead: Lookahead = LookaheadConfig(),
+    retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
@@ -203,7 +226,7 @@ def bench(
         raise InputError("--repeats and --max-new-tokens must be at least 1")
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
                       _draft_options(max_draft, ngram, matches, adaptive, draft_tree,
-                                     confidence, tree_sampling, lookahead))
+                                     confidence, tree_sampling, lookahead, retrieval_nodes))
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine), cfg, vs_hf)
     out.print(bench_table(result))

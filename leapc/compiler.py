@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from leapc.datastore import DatastoreSource, build_datastore, read_texts
 from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import CaptureOptions, StepModule, capture
 from leapc.ir.errors import InputError
@@ -18,6 +19,7 @@ from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, defa
 from leapc.runtime.backends import eager, ort
 from leapc.runtime.manifest import (
     Backend,
+    DatastoreInfo,
     Manifest,
     ModelInfo,
     Policy,
@@ -50,12 +52,12 @@ def pipeline(attention: Attention, dump_dir: Path | None = None) -> Pipeline:
 
 
 def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
-                attention: str | Attention | None = None) -> int:
+                attention: str | Attention | None = None, datastore: bool = False) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
-    numeric check and lower."""
+    numeric check and lower, then the datastore if any."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
-    return 1 + (3 + full) + (programs - 1) * (3 + draft)
+    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore
 
 
 def _toolchain() -> dict[str, str]:
@@ -138,6 +140,7 @@ def build(
     max_new: int = 128,
     tokenizer: Path | None = None,
     draft_model: str | Path | SourceModel | None = None,
+    datastore: DatastoreSource | None = None,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
@@ -145,7 +148,9 @@ def build(
 
     ``model`` (and ``draft_model``, a smaller model with the same vocabulary for the
     ``draft`` policy) is ``"bundled"``, a Hugging Face directory, a llama2.c ``.bin``, or
-    an already loaded `SourceModel`. ``attention`` is ``"dense"`` or ``"tree"`` (default: the
+    an already loaded `SourceModel`. ``datastore`` (for the ``retrieval`` policy) is
+    ``"bundled"`` (the bundled model's training corpus) or text files and directories.
+    ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.
     """
@@ -157,6 +162,7 @@ def build(
     if draft is not None and draft.model.config.vocab_size != source.model.config.vocab_size:
         raise InputError("the draft model's vocabulary size differs from the model's")
     options = _options(source, max_seq, max_new)
+    corpus = read_texts(datastore) if datastore is not None else None  # user errors first
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -167,23 +173,29 @@ def build(
     # lowering's compact mask assumes.
     drafter = (_compile(draft, "draft_model", options, chosen, Attention.DENSE, out, dump_dir,
                         on_stage) if draft is not None else None)
+    store = None
+    if corpus is not None:
+        on_stage("datastore")
+        store = build_datastore(*corpus, source.tokenizer, out)
     source.tokenizer.save(str(out / "tokenizer.json"))
-    _manifest(full, drafter, chosen, options).write(out)
+    _manifest(full, drafter, store, chosen, options).write(out)
     return out
 
 
-def _manifest(full: CompiledProgram, draft: CompiledProgram | None, backend: Backend,
+def _manifest(full: CompiledProgram, draft: CompiledProgram | None,
+              datastore: DatastoreInfo | None, backend: Backend,
               options: CaptureOptions) -> Manifest:
     dims = full.result.program.dims
     programs = {"full": full.entry} | ({"draft_model": draft.entry} if draft else {})
     policies = (Policy.AR, Policy.LOOKUP, Policy.RECYCLE, Policy.LOOKAHEAD) + (
-        (Policy.DRAFT,) if draft else ())
+        (Policy.DRAFT,) if draft else ()) + ((Policy.RETRIEVAL,) if datastore else ())
     return Manifest(
         leapc_version=importlib.metadata.version("leapc"),
         toolchain=_toolchain(),
         backend=backend,
         model=full.info,
         draft_model=draft.info if draft else None,
+        datastore=datastore,
         tokenizer=TokenizerInfo(bos_id=full.source.bos_id, eos_ids=full.source.eos_ids),
         programs=programs,
         passes=full.result.ran,

@@ -15,12 +15,14 @@ from tokenizers import Tokenizer
 
 from leapc.ir.errors import EngineError, InputError
 from leapc.runtime.backends.base import StepFunction
+from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
 from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
+from leapc.runtime.drafters.retrieval import RetrievalConfig, RetrievalDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, Manifest, ModelInfo, Policy, read_manifest
 from leapc.runtime.sampling import SamplingConfig
@@ -52,6 +54,7 @@ class DraftOptions:
     children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT  # sampled trees: rule 4 or 3
 
     lookahead: LookaheadConfig = LookaheadConfig()  # window W, n-gram N, guesses G
+    retrieval: RetrievalConfig = RetrievalConfig()  # datastore tree: nodes, n-gram, backoff
 
     def tree_shape(self) -> TreeShape:
         if self.max_draft < 0 or self.ngram < 1 or self.matches < 1:
@@ -105,12 +108,13 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str) -> StepFuncti
 
 class Engine:
     def __init__(self, path: Path, manifest: Manifest, steps: dict[str, StepFunction],
-                 tokenizer: Tokenizer):
+                 tokenizer: Tokenizer, datastore: Datastore | None = None):
         self.path = path
         self.manifest = manifest
         self.steps = steps  # by program name: "full", "draft_model", ...
         self.step = steps["full"]
         self.tokenizer = tokenizer
+        self.datastore = datastore  # the retrieval policy's corpus, if built with one
 
     @classmethod
     def load(cls, path: str | Path) -> Engine:
@@ -127,7 +131,10 @@ class Engine:
                 steps[name] = _load_step(path, manifest, name)
             except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
                 raise EngineError(f"{path}: program {name!r} cannot be loaded ({err})") from None
-        return cls(path, manifest, steps, tokenizer)
+        store = manifest.datastore
+        datastore = (Datastore.load(path / store.directory, store.depth)
+                     if store is not None else None)
+        return cls(path, manifest, steps, tokenizer, datastore)
 
     # ------------------------------------------------------------------ requests
 
@@ -196,6 +203,9 @@ class Engine:
             return RecycleDrafter(self.manifest.model.vocab_size)
         if policy is Policy.LOOKAHEAD:
             return self._lookahead(options.lookahead, seed)
+        if policy is Policy.RETRIEVAL:
+            return RetrievalDrafter(self.datastore, options.retrieval, max_draft=options.max_draft,
+                                    max_ngram=options.ngram)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),

@@ -30,6 +30,7 @@ class Policy(str, enum.Enum):
     RECYCLE = "recycle"  # token recycling (training-free, any engine)
     DRAFT = "draft"  # a draft model in its own program and KV cache (build --draft-model)
     LOOKAHEAD = "lookahead"  # Jacobi lookahead decoding (training-free, any engine)
+    RETRIEVAL = "retrieval"  # REST datastore + prompt lookup (build --datastore)
 
 
 class _Frozen(BaseModel):
@@ -60,6 +61,17 @@ class ProgramEntry(_Frozen):
     signature: dict  # StepSignature.to_json(); shapes as strings of B, N, T
 
 
+class DatastoreInfo(_Frozen):
+    """The retrieval policy's corpus: a token stream and its suffix array (two .npy files)."""
+
+    directory: str = "datastore"
+    source: str  # what it was built from: "bundled" (the bundled model's corpus) or paths
+    documents: int
+    tokens: int
+    depth: int  # suffixes are sorted on this many leading tokens
+    sha256: dict[str, str]  # file name -> digest
+
+
 class Manifest(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     leapc_version: str
@@ -67,6 +79,7 @@ class Manifest(_Frozen):
     backend: Backend
     model: ModelInfo
     draft_model: ModelInfo | None = None  # the ``draft_model`` program's model, if any
+    datastore: DatastoreInfo | None = None  # the ``retrieval`` policy's corpus, if any
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model"; "draft", "remainder" later
     passes: tuple[str, ...]
@@ -119,9 +132,17 @@ def _check_files(engine_dir: Path, manifest: Manifest) -> None:
     if not tokenizer.is_file():
         raise EngineError(f"{engine_dir}: tokenizer file {manifest.tokenizer.file} is missing")
     for name, entry in manifest.programs.items():
-        file = engine_dir / entry.file
-        if not file.is_file():
-            raise EngineError(f"{engine_dir}: {name} program file {entry.file} is missing")
-        if sha256_file(file) != entry.sha256:
-            raise EngineError(f"{engine_dir}: {name} program file {entry.file} is corrupt "
-                              "(sha256 differs from the manifest)")
+        _check_file(engine_dir, entry.file, entry.sha256, f"{name} program file")
+    if manifest.datastore is not None:
+        store = manifest.datastore
+        for name, digest in store.sha256.items():
+            _check_file(engine_dir, f"{store.directory}/{name}", digest, "datastore file")
+
+
+def _check_file(engine_dir: Path, relpath: str, digest: str, what: str) -> None:
+    file = engine_dir / relpath
+    if not file.is_file():
+        raise EngineError(f"{engine_dir}: {what} {relpath} is missing")
+    if sha256_file(file) != digest:
+        raise EngineError(f"{engine_dir}: {what} {relpath} is corrupt "
+                          "(sha256 differs from the manifest)")

@@ -273,6 +273,28 @@ def test_build_unknown_attention_lowering(tmp_path):
                "unknown attention lowering 'sparse'", "dense, tree")
 
 
+def test_build_missing_datastore_source_fails_before_compiling(tmp_path):
+    user_error(cli("build", "bundled", "-o", tmp_path / "out", "--datastore", tmp_path / "none"),
+               "datastore source", "does not exist")
+    user_error(cli("build", "bundled", "-o", tmp_path / "out", "--datastore", "bundled",
+                   "--datastore", tmp_path), "cannot be combined")
+
+
+def test_retrieval_needs_an_engine_built_with_a_datastore(tiny):
+    user_error(cli("run", tiny, "--prompt-ids", "1", "--policy", "retrieval"),
+               "does not support policy 'retrieval'")
+
+
+def test_run_retrieval_matches_ar_on_stories(stories):
+    args = ("run", stories, "--prompt", "Once upon a time", "--max-new-tokens", "48", "--json")
+    ar = json.loads(cli(*args).stdout)
+    result = cli(*args, "--policy", "retrieval", "--retrieval-nodes", "3")
+    assert result.returncode == 0, result.stderr
+    retrieval = json.loads(result.stdout)
+    assert retrieval["token_ids"] == ar["token_ids"]
+    assert retrieval["steps"] < ar["steps"]  # its datastore holds this very story
+
+
 def test_prompt_longer_than_max_seq(tiny):
     ids = ",".join(str(i % 256) for i in range(300))
     user_error(cli("run", tiny, "--prompt-ids", ids), "300 tokens", "max-seq", "256")

@@ -7,7 +7,7 @@ import pytest
 import leapc
 
 POLICIES = ("lookup", "recycle")  # training-free: every engine has them
-STORIES_POLICIES = (*POLICIES, "draft")  # its draft model: its own first 4 of 5 layers
+STORIES_POLICIES = (*POLICIES, "draft", "retrieval")  # draft: its own first 4 of 5 layers
 REPETITIVE = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
               "Once upon a time, there was a little")
 
@@ -62,7 +62,7 @@ def test_adaptive_lookup_is_token_identical_to_ar(engine_dir):
     assert adaptive.stats.steps < ar.stats.steps
 
 
-@pytest.mark.parametrize("policy", ("lookup", "recycle", "draft"))
+@pytest.mark.parametrize("policy", ("lookup", "recycle", "draft", "retrieval"))
 def test_policy_is_token_identical_to_ar_on_the_bundled_model(engine_dir, policy):
     from leapc.models import corpus
 
