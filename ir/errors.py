@@ -22,3 +22,19 @@ class EngineError(LeapcUserError):
 
 class InputError(LeapcUserError):
     """A request the engine cannot serve (prompt too long, unknown policy, bad option)."""
+
+
+class MissingDependencyError(LeapcUserError):
+    """A feature needs packages this install lacks (building engines on a runtime install)."""
+
+    COMPILE_PACKAGES = frozenset({"torch", "transformers", "onnx", "onnxscript", "safetensors",
+                                  "sympy"})
+
+    @classmethod
+    def from_import(cls, err: ModuleNotFoundError) -> MissingDependencyError | None:
+        """The user-facing error for a missing compiler package; None for anything else."""
+        package = (err.name or "").partition(".")[0]
+        if package not in cls.COMPILE_PACKAGES:
+            return None
+        return cls(f"this needs the compiler dependencies ({package} is not installed): "
+                   "pip install 'leapc[compile]'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from leapc.ir.errors import MissingDependencyError
 from leapc.runtime.engine import Engine, Generation, StreamChunk
 
 __all__ = ["Engine", "Generation", "StreamChunk", "build", "load"]
@@ -16,11 +17,16 @@ __all__ = ["Engine", "Generation", "StreamChunk", "build", "load"]
 
 def build(model, out_dir, backend="ort", **options) -> Path:
     """Compile ``model`` (``"bundled"``, an HF directory, a llama2.c ``.bin``) to an engine."""
-    from leapc.compiler import build as _build
+    try:
+        from leapc.compiler import build as _build
+    except ModuleNotFoundError as err:  # a runtime-only install (`pip install leapc`)
+        missing = MissingDependencyError.from_import(err)
+        raise missing or err from None
 
     return _build(model, out_dir, backend, **options)
 
 
-def load(path: str | Path) -> Engine:
-    """Open an engine directory, validating its manifest and files first."""
-    return Engine.load(path)
+def load(path: str | Path, device: str = "cpu") -> Engine:
+    """Open an engine directory, validating its manifest and files first; ``device``
+    (``cpu``, ``cuda``, ``tensorrt``) picks ORT's execution providers."""
+    return Engine.load(path, device)

@@ -24,11 +24,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from leapc.ir.errors import InputError, LeapcUserError
+from leapc.ir.errors import InputError, LeapcUserError, MissingDependencyError
+from leapc.runtime.backends.base import Device
 from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
-from leapc.runtime.manifest import Backend, Policy
+from leapc.runtime.manifest import Backend, Policy, Quantization
 
 
 def _lookahead(text: str | LookaheadConfig) -> LookaheadConfig:
@@ -57,6 +58,8 @@ TreeSampling = Annotated[ChildSampling, typer.Option(
 Lookahead = Annotated[LookaheadConfig, typer.Option(
     parser=_lookahead, metavar="W,N,G",
     help="lookahead: window W, n-gram size N, n-grams kept and verified per token G")]
+DeviceOption = Annotated[Device, typer.Option(
+    help="ort engines: cpu, or the cuda / tensorrt execution provider (onnxruntime-gpu)")]
 RetrievalNodes = Annotated[int, typer.Option(
     help="retrieval: draft nodes per step (context continuation and datastore together)")]
 
@@ -88,6 +91,8 @@ def build(
     datastore: list[str] = typer.Option(
         None, help="corpus for --policy retrieval: text files/directories (repeatable), or "
                    "'bundled' (the bundled model's training corpus)"),
+    quantize: Quantization = typer.Option(
+        Quantization.NONE, help="ort: store MatMul weights as int8 (weight-only)"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
 ) -> None:
     """Compile MODEL into an engine directory."""
@@ -108,7 +113,8 @@ def build(
 
         path = leapc.build(model, output, backend, attention=attention, max_seq=max_seq,
                            tokenizer=tokenizer, draft_model=draft_model,
-                           datastore=_datastore_source(datastore), dump_dir=dump_passes,
+                           datastore=_datastore_source(datastore), quantize=quantize,
+                           dump_dir=dump_passes,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 
@@ -143,6 +149,7 @@ def run(
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     lookahead: Lookahead = LookaheadConfig(),
     retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
+    device: DeviceOption = Device.CPU,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate from a prompt."""
@@ -151,7 +158,7 @@ def run(
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt and --prompt-ids")
     request = prompt if prompt is not None else _parse_ids(prompt_ids)
-    stream = leapc.load(engine).stream(request, max_new_tokens, policy=policy,
+    stream = leapc.load(engine, device).stream(request, max_new_tokens, policy=policy,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        seed=seed, draft=_draft_options(
                                            max_draft, ngram, matches, adaptive, draft_tree,
@@ -214,6 +221,7 @@ def bench(
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     lookahead: Lookahead = LookaheadConfig(),
     retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
+    device: DeviceOption = Device.CPU,
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
@@ -228,7 +236,7 @@ def bench(
                       _draft_options(max_draft, ngram, matches, adaptive, draft_tree,
                                      confidence, tree_sampling, lookahead, retrieval_nodes))
     with out.status("benchmarking"):
-        result = run_bench(leapc.load(engine), cfg, vs_hf)
+        result = run_bench(leapc.load(engine, device), cfg, vs_hf)
     out.print(bench_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
@@ -265,21 +273,29 @@ def demo() -> None:
     run_demo(out)
 
 
+def _fail(message: object) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     # torch warns about its own pytree internals whenever a program is copied
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
         app(args=argv, standalone_mode=False)
     except LeapcUserError as e:
-        err.print(f"error: {e}", markup=False, highlight=False)
-        sys.exit(2)
+        _fail(e)
+    except ModuleNotFoundError as e:  # a compile-side command on a runtime-only install
+        missing = MissingDependencyError.from_import(e)
+        if missing is None:
+            raise
+        _fail(missing)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(130)
     except typer.TyperException as e:  # bad flag, missing argument, bad value
-        err.print(f"error: {e.format_message()}", markup=False, highlight=False)
-        sys.exit(2)
+        _fail(e.format_message())
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from leapc.runtime.manifest import (
     ModelInfo,
     Policy,
     ProgramEntry,
+    Quantization,
     TokenizerInfo,
     sha256_file,
 )
@@ -82,6 +83,17 @@ def _attention(value: str | Attention | None, backend: Backend) -> Attention:
         raise InputError(f"unknown attention lowering {value!r} (known: {known})") from None
 
 
+def _quantization(value: str | Quantization, backend: Backend) -> Quantization:
+    try:
+        chosen = Quantization(value)
+    except ValueError:
+        known = ", ".join(q.value for q in Quantization)
+        raise InputError(f"unknown quantization {value!r} (known: {known})") from None
+    if chosen is not Quantization.NONE and backend is not Backend.ORT:
+        raise InputError(f"--quantize {chosen.value} needs the ort backend (got {backend.value})")
+    return chosen
+
+
 def _options(source: SourceModel, max_seq: int | None, max_new: int) -> CaptureOptions:
     trained = getattr(source.model.config.get_text_config(), "max_position_embeddings", None)
     seq = max_seq or min(trained or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
@@ -110,8 +122,9 @@ class CompiledProgram:
 
 
 def _compile(source: SourceModel, name: str, options: CaptureOptions, backend: Backend,
-             attention: Attention, out: Path, dump_dir: Path | None, on_stage) -> CompiledProgram:
-    """Capture → passes → numeric check → lower, for one model."""
+             attention: Attention, quantization: Quantization, out: Path, dump_dir: Path | None,
+             on_stage) -> CompiledProgram:
+    """Capture → passes → numeric check → lower (→ quantize), for one model."""
     on_stage(f"capture {name}")
     captured = capture(source.model, options)
     dump = dump_dir / name if dump_dir else None
@@ -121,6 +134,8 @@ def _compile(source: SourceModel, name: str, options: CaptureOptions, backend: B
     check_numerics(StepModule(source.model), result.program)
     on_stage(f"lower {name} ({backend.value})")
     file = LOWERINGS[backend](result.program, out, name)
+    if quantization is Quantization.INT8:
+        ort.quantize_weights(file, bits=8)
     entry = ProgramEntry(file=file.name, sha256=sha256_file(file),
                          signature=result.program.signature.to_json())
     return CompiledProgram(source, result, entry)
@@ -141,6 +156,7 @@ def build(
     tokenizer: Path | None = None,
     draft_model: str | Path | SourceModel | None = None,
     datastore: DatastoreSource | None = None,
+    quantize: str | Quantization = Quantization.NONE,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
@@ -150,12 +166,14 @@ def build(
     ``draft`` policy) is ``"bundled"``, a Hugging Face directory, a llama2.c ``.bin``, or
     an already loaded `SourceModel`. ``datastore`` (for the ``retrieval`` policy) is
     ``"bundled"`` (the bundled model's training corpus) or text files and directories.
+    ``quantize="int8"`` (ORT only) stores MatMul weights as int8 (weight-only).
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.
     """
     chosen = _backend(backend)
     lowering = _attention(attention, chosen)
+    quantization = _quantization(quantize, chosen)
     on_stage("load")
     source = _load(model, tokenizer)
     draft = _load(draft_model, None) if draft_model is not None else None
@@ -167,28 +185,34 @@ def build(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    full = _compile(source, "full", options, chosen, lowering, out, dump_dir, on_stage)
+    full = _compile(source, "full", options, chosen, lowering, quantization, out, dump_dir,
+                    on_stage)
     # The draft model keeps dense attention: its tree drafts put ancestors' KV rows as
     # scratch after the committed ones, so its valid slots are not a prefix, which the tree
     # lowering's compact mask assumes.
-    drafter = (_compile(draft, "draft_model", options, chosen, Attention.DENSE, out, dump_dir,
-                        on_stage) if draft is not None else None)
+    drafter = (_compile(draft, "draft_model", options, chosen, Attention.DENSE, quantization,
+                        out, dump_dir, on_stage) if draft is not None else None)
     store = None
     if corpus is not None:
         on_stage("datastore")
         store = build_datastore(*corpus, source.tokenizer, out)
     source.tokenizer.save(str(out / "tokenizer.json"))
-    _manifest(full, drafter, store, chosen, options).write(out)
+    _manifest(full, drafter, store, chosen, quantization, options).write(out)
     return out
 
 
 def _manifest(full: CompiledProgram, draft: CompiledProgram | None,
-              datastore: DatastoreInfo | None, backend: Backend,
+              datastore: DatastoreInfo | None, backend: Backend, quantization: Quantization,
               options: CaptureOptions) -> Manifest:
     dims = full.result.program.dims
     programs = {"full": full.entry} | ({"draft_model": draft.entry} if draft else {})
     policies = (Policy.AR, Policy.LOOKUP, Policy.RECYCLE, Policy.LOOKAHEAD) + (
         (Policy.DRAFT,) if draft else ()) + ((Policy.RETRIEVAL,) if datastore else ())
+    if quantization is Quantization.INT8:
+        # ORT's int8 MatMulNBits gives a token's logits differently (by up to ~0.02 on
+        # stories260K) in a one-token step and in a wider verify step, so drafting policies
+        # would not reproduce `ar`: int8 engines decode autoregressively only.
+        policies = (Policy.AR,)
     return Manifest(
         leapc_version=importlib.metadata.version("leapc"),
         toolchain=_toolchain(),
@@ -196,6 +220,7 @@ def _manifest(full: CompiledProgram, draft: CompiledProgram | None,
         model=full.info,
         draft_model=draft.info if draft else None,
         datastore=datastore,
+        quantization=quantization,
         tokenizer=TokenizerInfo(bos_id=full.source.bos_id, eos_ids=full.source.eos_ids),
         programs=programs,
         passes=full.result.ran,

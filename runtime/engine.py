@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from leapc.ir.errors import EngineError, InputError
-from leapc.runtime.backends.base import StepFunction
+from leapc.runtime.backends.base import Device, StepFunction
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
@@ -91,7 +91,27 @@ class Stream:
         return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
 
-def _load_step(engine_dir: Path, manifest: Manifest, program: str) -> StepFunction:
+def _device(value: str | Device) -> Device:
+    try:
+        return Device(value)
+    except ValueError:
+        known = ", ".join(d.value for d in Device)
+        raise InputError(f"unknown device {value!r} (known: {known})") from None
+
+
+def _check_device(manifest: Manifest, device: Device) -> None:
+    if device is Device.CPU:
+        return
+    if manifest.backend is not Backend.ORT:
+        raise InputError(f"--device {device.value} is for ort engines; this engine's backend "
+                         f"is {manifest.backend.value}")
+    from leapc.runtime.backends.ort import check_device
+
+    check_device(device)
+
+
+def _load_step(engine_dir: Path, manifest: Manifest, program: str,
+               device: Device) -> StepFunction:
     entry = manifest.programs[program]
     outputs = tuple(o["name"] for o in entry.signature["outputs"])
     if manifest.backend is Backend.ORT:
@@ -100,7 +120,8 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str) -> StepFuncti
         # Helper programs (a draft model) run on one thread: they alternate with the target
         # call by call, and a second multi-threaded pool spinning between its runs takes
         # the cores from the target (measured: target step 3.0 ms alone, 7.5 ms alternating).
-        return OrtStep(engine_dir / entry.file, threads=None if program == "full" else 1)
+        return OrtStep(engine_dir / entry.file, threads=None if program == "full" else 1,
+                       device=device)
     from leapc.runtime.backends.eager import EagerStep
 
     return EagerStep(engine_dir / entry.file, outputs)
@@ -117,10 +138,12 @@ class Engine:
         self.datastore = datastore  # the retrieval policy's corpus, if built with one
 
     @classmethod
-    def load(cls, path: str | Path) -> Engine:
+    def load(cls, path: str | Path, device: str | Device = Device.CPU) -> Engine:
         """Validate the directory fully, then load the program and tokenizer."""
         path = Path(path)
         manifest = read_manifest(path)
+        device = _device(device)
+        _check_device(manifest, device)
         try:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
         except Exception as err:  # tokenizers raises plain Exceptions for bad JSON
@@ -128,7 +151,7 @@ class Engine:
         steps = {}
         for name in manifest.programs:
             try:
-                steps[name] = _load_step(path, manifest, name)
+                steps[name] = _load_step(path, manifest, name, device)
             except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
                 raise EngineError(f"{path}: program {name!r} cannot be loaded ({err})") from None
         store = manifest.datastore

@@ -33,6 +33,11 @@ class Policy(str, enum.Enum):
     RETRIEVAL = "retrieval"  # REST datastore + prompt lookup (build --datastore)
 
 
+class Quantization(str, enum.Enum):
+    NONE = "none"  # weights as the model stores them (float32 here)
+    INT8 = "int8"  # MatMul weights int8 per 32-row block (ORT MatMulNBits), int8 compute
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -80,6 +85,7 @@ class Manifest(_Frozen):
     model: ModelInfo
     draft_model: ModelInfo | None = None  # the ``draft_model`` program's model, if any
     datastore: DatastoreInfo | None = None  # the ``retrieval`` policy's corpus, if any
+    quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model"; "draft", "remainder" later
     passes: tuple[str, ...]

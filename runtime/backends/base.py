@@ -7,6 +7,7 @@ torch inside the function, so loading an ORT engine never imports it.
 
 from __future__ import annotations
 
+import enum
 from typing import Protocol
 
 import numpy as np
@@ -20,3 +21,11 @@ class StepFunction(Protocol):
     def __call__(
         self, tokens: np.ndarray, positions: np.ndarray, past: np.ndarray, mask: np.ndarray
     ) -> dict[str, np.ndarray]: ...
+
+
+class Device(str, enum.Enum):
+    """Where an engine's programs run. ORT engines pick execution providers by it."""
+
+    CPU = "cpu"
+    CUDA = "cuda"  # ORT's CUDA execution provider
+    TENSORRT = "tensorrt"  # ORT's TensorRT execution provider (CUDA for what it lacks)
