@@ -16,7 +16,7 @@ from leapc.ir.errors import InputError
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
-from leapc.runtime.backends import eager, ort
+from leapc.runtime.backends import eager, ort, tensorrt
 from leapc.runtime.manifest import (
     Backend,
     DatastoreInfo,
@@ -29,7 +29,7 @@ from leapc.runtime.manifest import (
     sha256_file,
 )
 
-LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower}
+LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower, Backend.TENSORRT: tensorrt.lower}
 DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
@@ -43,7 +43,10 @@ class Attention(str, enum.Enum):
 
 # The faster lowering on each backend, measured by bench/bench_tree_attention.py
 # (numbers in docs/decisions.md).
-DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE}
+# TensorRT has no converter for the Python custom op (it would run it in torch between
+# engine pieces), so dense attention there.
+DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE,
+                     Backend.TENSORRT: Attention.DENSE}
 
 
 def pipeline(attention: Attention, dump_dir: Path | None = None) -> Pipeline:
@@ -174,6 +177,8 @@ def build(
     chosen = _backend(backend)
     lowering = _attention(attention, chosen)
     quantization = _quantization(quantize, chosen)
+    if chosen is Backend.TENSORRT:
+        tensorrt.require()  # before minutes of capture, not after
     on_stage("load")
     source = _load(model, tokenizer)
     draft = _load(draft_model, None) if draft_model is not None else None

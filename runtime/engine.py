@@ -100,6 +100,11 @@ def _device(value: str | Device) -> Device:
 
 
 def _check_device(manifest: Manifest, device: Device) -> None:
+    if manifest.backend is Backend.TENSORRT:  # always on the GPU, whatever --device says
+        from leapc.runtime.backends.tensorrt import require
+
+        require()
+        return
     if device is Device.CPU:
         return
     if manifest.backend is not Backend.ORT:
@@ -122,6 +127,10 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str,
         # the cores from the target (measured: target step 3.0 ms alone, 7.5 ms alternating).
         return OrtStep(engine_dir / entry.file, threads=None if program == "full" else 1,
                        device=device)
+    if manifest.backend is Backend.TENSORRT:
+        from leapc.runtime.backends.tensorrt import load_step
+
+        return load_step(engine_dir / entry.file, outputs)
     from leapc.runtime.backends.eager import EagerStep
 
     return EagerStep(engine_dir / entry.file, outputs)

@@ -18,7 +18,10 @@ def lower(program, out_dir: Path, name: str) -> Path:
 
 
 class EagerStep:
-    def __init__(self, path: Path, output_names: tuple[str, ...]):
+    """A saved exported program (the eager backend's, or a TensorRT-compiled one on
+    ``device="cuda"``), called on numpy arrays."""
+
+    def __init__(self, path: Path, output_names: tuple[str, ...], device: str = "cpu"):
         import torch
 
         import leapc.kernels.tree_attention  # noqa: F401  (declares the op a program may call)
@@ -26,10 +29,11 @@ class EagerStep:
         self._torch = torch
         self.module = torch.export.load(str(path)).module()
         self.output_names = output_names
+        self.device = device
 
     def __call__(self, tokens, positions, past, mask) -> dict[str, np.ndarray]:
         t = self._torch
         with t.inference_mode():
-            outs = self.module(t.from_numpy(tokens), t.from_numpy(positions),
-                               t.from_numpy(past), t.from_numpy(mask))
-        return {name: o.numpy() for name, o in zip(self.output_names, outs, strict=True)}
+            outs = self.module(*(t.from_numpy(a).to(self.device)
+                                 for a in (tokens, positions, past, mask)))
+        return {name: o.cpu().numpy() for name, o in zip(self.output_names, outs, strict=True)}
