@@ -7,6 +7,11 @@ else is an internal invariant failure and keeps its traceback.
 
 from __future__ import annotations
 
+import enum
+from typing import TypeVar
+
+Choice = TypeVar("Choice", bound=enum.Enum)
+
 
 class LeapcUserError(Exception):
     """A mistake the user can fix; its message is one self-contained line."""
@@ -38,3 +43,12 @@ class MissingDependencyError(LeapcUserError):
             return None
         return cls(f"this needs the compiler dependencies ({package} is not installed): "
                    "pip install 'leapc[compile]'")
+
+
+def parse_choice(kind: type[Choice], value: object, what: str) -> Choice:
+    """``kind(value)``, or an `InputError` naming ``what`` and the known values."""
+    try:
+        return kind(value)
+    except ValueError:
+        known = ", ".join(str(member.value) for member in kind)
+        raise InputError(f"unknown {what} {value!r} (known: {known})") from None

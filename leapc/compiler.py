@@ -12,7 +12,7 @@ from pathlib import Path
 from leapc.datastore import DatastoreSource, build_datastore, read_texts
 from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import CaptureOptions, StepModule, capture
-from leapc.ir.errors import InputError
+from leapc.ir.errors import InputError, parse_choice
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
@@ -69,29 +69,17 @@ def _toolchain() -> dict[str, str]:
 
 
 def _backend(value: str | Backend) -> Backend:
-    try:
-        return Backend(value)
-    except ValueError:
-        known = ", ".join(b.value for b in Backend)
-        raise InputError(f"unknown backend {value!r} (known: {known})") from None
+    return parse_choice(Backend, value, "backend")
 
 
 def _attention(value: str | Attention | None, backend: Backend) -> Attention:
     if value is None:
         return DEFAULT_ATTENTION[backend]
-    try:
-        return Attention(value)
-    except ValueError:
-        known = ", ".join(a.value for a in Attention)
-        raise InputError(f"unknown attention lowering {value!r} (known: {known})") from None
+    return parse_choice(Attention, value, "attention lowering")
 
 
 def _quantization(value: str | Quantization, backend: Backend) -> Quantization:
-    try:
-        chosen = Quantization(value)
-    except ValueError:
-        known = ", ".join(q.value for q in Quantization)
-        raise InputError(f"unknown quantization {value!r} (known: {known})") from None
+    chosen = parse_choice(Quantization, value, "quantization")
     if chosen is not Quantization.NONE and backend is not Backend.ORT:
         raise InputError(f"--quantize {chosen.value} needs the ort backend (got {backend.value})")
     return chosen

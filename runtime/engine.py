@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from leapc.ir.errors import EngineError, InputError
+from leapc.ir.errors import EngineError, InputError, parse_choice
 from leapc.runtime.backends.base import Device, StepFunction
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
@@ -91,14 +91,6 @@ class Stream:
         return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
 
-def _device(value: str | Device) -> Device:
-    try:
-        return Device(value)
-    except ValueError:
-        known = ", ".join(d.value for d in Device)
-        raise InputError(f"unknown device {value!r} (known: {known})") from None
-
-
 def _check_device(manifest: Manifest, device: Device) -> None:
     if manifest.backend is Backend.TENSORRT:  # always on the GPU, whatever --device says
         from leapc.runtime.backends.tensorrt import require
@@ -151,7 +143,7 @@ class Engine:
         """Validate the directory fully, then load the program and tokenizer."""
         path = Path(path)
         manifest = read_manifest(path)
-        device = _device(device)
+        device = parse_choice(Device, device, "device")
         _check_device(manifest, device)
         try:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
@@ -187,11 +179,7 @@ class Engine:
         return ids
 
     def _policy(self, policy: str | Policy) -> Policy:
-        try:
-            chosen = Policy(policy)
-        except ValueError:
-            known = ", ".join(p.value for p in Policy)
-            raise InputError(f"unknown policy {policy!r} (known: {known})") from None
+        chosen = parse_choice(Policy, policy, "policy")
         if chosen not in self.manifest.policies:
             supported = ", ".join(p.value for p in self.manifest.policies)
             raise InputError(f"engine does not support policy {chosen.value!r} ({supported})")
