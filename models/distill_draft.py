@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,12 +26,12 @@ import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from tokenizers import Tokenizer
 
 from leapc.models import corpus
 from leapc.models.loaders import BUNDLED_DIR, BUNDLED_DRAFT_DIR, load_source
 from leapc.models.train_base import sample_batch
+from leapc.models.training import StepLoss, resume, run_steps
 
 console = Console()
 CARD_SECTION = "## Distillation from pycoder-15m"
@@ -97,37 +96,18 @@ def distill(cfg: DistillConfig, work: Path):
     student = load_source("bundled-draft").model.train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
-    state = {"step": 0, "tokens": 0, "seconds": 0.0}
     ckpt = work / "ckpt.pt"
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        student.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
-    else:
+    state = resume(ckpt, student, opt, {"step": 0, "tokens": 0, "seconds": 0.0})
+    if not state["step"]:
         state["agreement_before"] = agreement(student, teacher, eval_stream, cfg.context)
-    rng = np.random.default_rng([cfg.seed, state["step"]])
-    columns = (TextColumn("[bold]distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("distill", total=cfg.steps, completed=state["step"], info="")
-        while state["step"] < cfg.steps:
-            t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, state["step"])
-            x, _ = sample_batch(train_stream, cfg.batch_size, cfg.context, rng)
-            loss = distill_loss(student, teacher, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            state["step"] += 1
-            state["tokens"] += x.numel()
-            state["seconds"] += time.perf_counter() - t0
-            bar.update(task, advance=1, info=f"KL {loss.item():.3f}")
-            if state["step"] % 25 == 0 or state["step"] == cfg.steps:
-                torch.save({"model": student.state_dict(), "opt": opt.state_dict(),
-                            "state": state}, ckpt)
+
+    def loss_at(step: int, rng: np.random.Generator) -> StepLoss:
+        x, _ = sample_batch(train_stream, cfg.batch_size, cfg.context, rng)
+        loss = distill_loss(student, teacher, x)
+        return StepLoss(loss, x.numel(), f"KL {loss.item():.3f}")
+
+    run_steps("distill", student, opt, cfg.steps, lambda step: lr_at(cfg, step), loss_at, ckpt,
+              state, cfg.seed, save_every=25, console=console)
     state["agreement_after"] = agreement(student.eval(), teacher, eval_stream, cfg.context)
     return student, state
 

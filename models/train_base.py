@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,10 +30,10 @@ import torch
 import torch.nn.functional as F
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from leapc.models import corpus
+from leapc.models.training import StepLoss, resume, run_steps
 
 console = Console()
 
@@ -189,38 +188,20 @@ def train(cfg: TrainConfig, work: Path) -> LlamaForCausalLM:
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
     )
-    state = {"step": 0, "tokens": 0, "seconds": 0.0, "log": []}
     ckpt = work / "ckpt.pt"
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        state = saved["state"]
+    state = resume(ckpt, model, opt, {"step": 0, "tokens": 0, "seconds": 0.0, "log": []})
+    if state["step"]:
         console.print(f"resumed at step {state['step']}")
-    rng = np.random.default_rng([cfg.seed, state["step"]])
-    columns = (TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("train", total=cfg.steps, completed=state["step"], info="")
-        while state["step"] < cfg.steps:
-            step, t0 = state["step"], time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step)
-            x, y = sample_batch(train_stream, cfg.batch_size, cfg.context, rng)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, final = training_loss(model, cfg, x, y, step, rng)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            state["step"] += 1
-            state["tokens"] += x.numel()
-            state["seconds"] += time.perf_counter() - t0
-            state["log"].append((step, final.item()))
-            bar.update(task, advance=1, info=f"loss {final.item():.3f}")
-            if state["step"] % 100 == 0 or state["step"] == cfg.steps:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                            "state": state}, ckpt)
+
+    def loss_at(step: int, rng: np.random.Generator) -> StepLoss:
+        x, y = sample_batch(train_stream, cfg.batch_size, cfg.context, rng)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, final = training_loss(model, cfg, x, y, step, rng)
+        state["log"].append((step, final.item()))
+        return StepLoss(loss, x.numel(), f"loss {final.item():.3f}")
+
+    run_steps("train", model, opt, cfg.steps, lambda step: lr_at(cfg, step), loss_at, ckpt,
+              state, cfg.seed, save_every=100, console=console)
     (work / "train_state.json").write_text(json.dumps(
         {k: v for k, v in state.items() if k != "log"} | {"config": asdict(cfg)}, indent=2))
     return model
