@@ -51,6 +51,9 @@ def inspect_engine(path: Path) -> list[Table]:
         ("backend", m.backend.value),
         ("passes", " → ".join(m.passes) or "none"),
         ("policies", ", ".join(p.value for p in m.policies)),
+        ("quantization", m.quantization.value),
+        ("datastore", f"{m.datastore.tokens:,} tokens in {m.datastore.documents:,} documents "
+                      f"({m.datastore.source})" if m.datastore else "none"),
         ("weights sha256", m.model.weights_sha256[:16] + "…"),
         ("toolchain", ", ".join(f"{k} {v}" for k, v in m.toolchain.items())),
     ):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,14 @@ def test_inspect_engine(tiny):
         assert name in text, name
     assert "ort" in text
     assert "anatomy" in text
+    assert re.search(r"quantization\s+│ none", text)
+    assert re.search(r"datastore\s+│ none", text)
+
+
+def test_inspect_shows_the_datastore(stories):
+    text = cli("inspect", stories).stdout
+    assert "retrieval" in text
+    assert re.search(r"datastore\s+│ [\d,]+ tokens in 1 documents .*stories\.txt", text)
 
 
 def test_inspect_corrupt_engine_is_a_user_error(broken):
