@@ -56,3 +56,71 @@ def tree_attention(
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     weights = scores.softmax(dim=-1).view(batch, kv_heads, group * new, total)
     return (weights @ v).view(batch, heads, new, v.shape[-1])
+
+
+
+def check_commit(cache: torch.Tensor, present: torch.Tensor, rows: torch.Tensor,
+                 start: torch.Tensor) -> None:
+    """Refuse a commit that would read a node ``present`` lacks or write past the cache's
+    end. Reads the indices on the host (one device sync): a GPU kernel cannot raise, and an
+    out-of-bounds access there corrupts memory instead of failing."""
+    new, capacity = present.shape[4], cache.shape[4]
+    if bool((rows >= new).any()):
+        raise ValueError(f"kv_commit: rows {rows.tolist()} name nodes beyond the step's {new}")
+    offsets = torch.arange(rows.shape[1], device=rows.device)
+    ends = torch.where(rows >= 0, start[:, None] + offsets + 1, 0)  # one past each write
+    if rows.numel() and int(ends.max()) > capacity:
+        raise ValueError(f"kv_commit: committing rows {rows.tolist()} at slots {start.tolist()} "
+                         f"needs {int(ends.max())} slots; the cache holds {capacity}")
+
+
+def kv_commit(cache: torch.Tensor, present: torch.Tensor, rows: torch.Tensor,
+              start: torch.Tensor) -> None:
+    """Write a step's accepted keys and values into the cache, in place.
+
+    Shapes: ``cache [L, 2, B, Hkv, C, D]``, ``present [L, 2, B, Hkv, N, D]`` (the step's new
+    tokens), ``rows [B, A]`` int64 (row b's accepted node indices in order, padded with -1:
+    the path `verify_greedy` returns), ``start [B]`` int64 (row b's first free slot, its
+    past length). For every ``rows[b, j] >= 0``::
+
+        cache[:, :, b, :, start[b] + j] = present[:, :, b, :, rows[b, j]]
+
+    which is `leapc.runtime.kv_cache.KVCache.commit` with a length per row. ``present``
+    must not overlap ``cache``: a parallel kernel could read a row after overwriting it.
+    """
+    check_commit(cache, present, rows, start)
+    batch_index, offset = (rows >= 0).nonzero(as_tuple=True)
+    nodes, slots = rows[batch_index, offset], start[batch_index] + offset
+    cache[:, :, batch_index, :, slots] = present[:, :, batch_index, :, nodes]
+
+
+def verify_greedy(target: torch.Tensor, tokens: torch.Tensor,
+                  parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest accepted root-to-node path of each row's token tree (DESIGN §7, rule 1).
+
+    Shapes: ``target [B, N]`` int64 (the target's argmax at each node), ``tokens [B, N]``
+    int64 (the drafted tokens, node 0 the root), ``parents [B, N]`` int64 (-1 for the root;
+    a parent precedes its child). Starting at the root, descend to the first child, in
+    index order, whose token equals the target's argmax at the current node; stop when none
+    does. This is `leapc.runtime.acceptance.accept_deterministic` under greedy sampling.
+    A row with a smaller tree pads with parent -1: such nodes are nobody's child.
+
+    Returns ``path [B, N]`` int64 (node indices, root first, padded with -1) and
+    ``length [B]`` int64 (nodes on the path: accepted drafts + 1). The step emits
+    ``target[b, path[b, :length[b]]]``: each accepted token (it equals the argmax at its
+    parent) and then the bonus token, the argmax at the last node.
+    """
+    batch, new = tokens.shape
+    path = torch.full((batch, new), -1, dtype=torch.int64, device=tokens.device)
+    length = torch.ones(batch, dtype=torch.int64, device=tokens.device)
+    path[:, 0] = 0
+    for b in range(batch):
+        node = 0
+        while True:
+            match = (parents[b] == node) & (tokens[b] == target[b, node])
+            if not bool(match.any()):
+                break
+            node = int(match.nonzero()[0])  # the first matching child, as acceptance.py takes
+            path[b, length[b]] = node
+            length[b] += 1
+    return path, length

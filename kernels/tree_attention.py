@@ -10,17 +10,18 @@ step mask; the op computes exactly the dense-mask attention from them (see
 
 The op is declared with ``torch.library`` so it survives ``torch.export``: its fake
 implementation checks the shapes and gives the output's. Its ONNX translation is in
-`leapc.kernels.onnx_translations`.
+`leapc.kernels.onnx_translations`; its Triton kernel, registered for CUDA tensors where
+triton is installed, in `leapc.kernels.triton_tree_attention`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from leapc.kernels import reference
+from leapc.kernels import reference, triton_installed
 
 
-def _check_shapes(q, k, v, past_len, tree_mask) -> None:
+def check_shapes(q, k, v, past_len, tree_mask) -> None:
     """The static part of the contract (head counts, head dim, ranks). Symbolic sizes are
     not compared: under export that would add guards narrowing the program's dims."""
     heads, kv_heads = q.shape[1], k.shape[1]
@@ -43,9 +44,21 @@ tree_attention = torch.library.custom_op("leapc::tree_attention", mutates_args=(
 
 @tree_attention.register_fake
 def _(q, k, v, past_len, tree_mask, scale):
-    _check_shapes(q, k, v, past_len, tree_mask)
+    check_shapes(q, k, v, past_len, tree_mask)
     batch, heads, new, _ = q.shape
     return q.new_empty(batch, heads, new, v.shape[-1])
+
+
+def triton_kernel(q, k, v, past_len, tree_mask, scale):
+    """The CUDA implementation. The kernel module is imported at the first launch, not with
+    the declaration (see `leapc.kernels.triton_installed`)."""
+    from leapc.kernels.triton_tree_attention import tree_attention as launch
+
+    return launch(q, k, v, past_len, tree_mask, scale)
+
+
+if triton_installed():
+    tree_attention.register_kernel("cuda")(triton_kernel)
 
 
 def past_lengths(mask: torch.Tensor) -> torch.Tensor:

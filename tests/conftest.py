@@ -1,7 +1,16 @@
+import os
 import pathlib
 import sys
 
 import pytest
+import torch
+
+# Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors
+# (tests/kernels/test_triton_*.py). Triton reads TRITON_INTERPRET when it is first imported
+# (triton.language builds its own helpers then), and the imports below already import it:
+# transformers imports torch._dynamo, which imports triton. Importing torch does not.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 

@@ -26,3 +26,18 @@ def dense_mask(past_len: torch.Tensor, tree_mask: torch.Tensor, past: int) -> to
     batch, new, _ = tree_mask.shape
     valid = torch.stack([torch.arange(past) < n for n in past_len.tolist()])
     return torch.cat([valid[:, None].expand(batch, new, past), tree_mask], dim=-1)
+
+
+def stack_parents(trees: list[TreeBuffers]) -> torch.Tensor:
+    """``[B, N]`` int64 parent indices (-1 for the root)."""
+    return torch.from_numpy(np.stack([t.parents for t in trees]))
+
+
+def greedy_step(trees: list[TreeBuffers], vocab: int, generator: torch.Generator):
+    """``(target, tokens, parents)``, each ``[B, N]``: random drafted tokens and target
+    argmaxes from a small vocabulary, so that paths are accepted deep and sibling tokens
+    often tie."""
+    parents = stack_parents(trees)
+    tokens = torch.randint(0, vocab, parents.shape, generator=generator)
+    target = torch.randint(0, vocab, parents.shape, generator=generator)
+    return target, tokens, parents
