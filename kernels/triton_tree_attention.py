@@ -50,13 +50,14 @@ MIN_BLOCK = 16
 
 
 @triton.jit
-def _attend_block(acc, row_max, row_sum, q, k_block, v_block, visible, scale_log2):
+def _attend_block(acc, row_max, row_sum, q, k_block, v_block, visible, scale_log2,
+                  DOT_PRECISION: tl.constexpr):
     """Fold one block of keys into the running softmax of each query row.
 
     ``q [M, D]``, ``k_block [D, T]`` (transposed), ``v_block [T, Dv]``, ``visible [M, T]``.
     Returns the updated ``acc [M, Dv]``, ``row_max [M]`` and ``row_sum [M]`` (base 2).
     """
-    scores = tl.dot(q, k_block, input_precision="ieee") * scale_log2
+    scores = tl.dot(q, k_block, input_precision=DOT_PRECISION) * scale_log2
     scores = tl.where(visible, scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
     # A row that has seen no visible key yet has max -inf; subtracting 0 instead keeps its
@@ -66,7 +67,7 @@ def _attend_block(acc, row_max, row_sum, q, k_block, v_block, visible, scale_log
     alpha = tl.exp2(row_max - shift)  # rescales the sums taken relative to the old max
     row_sum = row_sum * alpha + tl.sum(weights, axis=1)
     acc = acc * alpha[:, None] + tl.dot(weights.to(v_block.dtype), v_block,
-                                        input_precision="ieee")
+                                        input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
 
@@ -80,7 +81,7 @@ def _tree_attention_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     scale_log2, new, past, group, head_dim, value_dim,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     row_block, kv_head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
 
@@ -113,7 +114,7 @@ def _tree_attention_kernel(
                           mask=key_valid[:, None] & value_dim_valid[None, :], other=0.0)
         visible = row_valid[:, None] & key_valid[None, :]
         acc, row_max, row_sum = _attend_block(acc, row_max, row_sum, q, k_block, v_block,
-                                              visible, scale_log2)
+                                              visible, scale_log2, DOT_PRECISION)
 
     # The tree: node i (key past + i) is visible to node n iff tree_mask[b, n, i].
     for start in range(0, new, BLOCK_T):
@@ -128,7 +129,7 @@ def _tree_attention_kernel(
                            + tree_nodes[None, :] * stride_mi,
                            mask=row_valid[:, None] & in_tree[None, :], other=0)
         acc, row_max, row_sum = _attend_block(acc, row_max, row_sum, q, k_block, v_block,
-                                              ancestor != 0, scale_log2)
+                                              ancestor != 0, scale_log2, DOT_PRECISION)
 
     # Every real row saw its own node (the diagonal), so its sum is > 0; padding rows saw
     # nothing and are not stored, but dividing them by 1 keeps NaN out of the arithmetic.
@@ -143,6 +144,13 @@ def _block(size: int, cap: int | None = None) -> int:
     """The power-of-two block covering ``size`` (at least `MIN_BLOCK`, at most ``cap``)."""
     block = max(MIN_BLOCK, triton.next_power_of_2(size))
     return min(block, cap) if cap else block
+
+
+def _dot_precision(dtype: torch.dtype) -> str | None:
+    """float32 products in full precision: a GPU's default TF32 keeps 10 mantissa bits,
+    enough to move verify logits off the reference's. Half types have one precision (None:
+    Triton's default)."""
+    return "ieee" if dtype == torch.float32 else None
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: torch.Tensor,
@@ -166,6 +174,6 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: 
         *q.stride(), *k.stride(), *v.stride(), *mask.stride(), *out.stride(),
         scale * math.log2(math.e), new, total - new, group, head_dim, value_dim,
         BLOCK_M=rows_block, BLOCK_T=block_t, BLOCK_D=_block(head_dim),
-        BLOCK_DV=_block(value_dim),
+        BLOCK_DV=_block(value_dim), DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out
