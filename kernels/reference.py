@@ -58,7 +58,6 @@ def tree_attention(
     return (weights @ v).view(batch, heads, new, v.shape[-1])
 
 
-
 def check_commit(cache: torch.Tensor, present: torch.Tensor, rows: torch.Tensor,
                  start: torch.Tensor) -> None:
     """Refuse a commit that would read a node ``present`` lacks or write past the cache's
@@ -112,15 +111,14 @@ def verify_greedy(target: torch.Tensor, tokens: torch.Tensor,
     """
     batch, new = tokens.shape
     path = torch.full((batch, new), -1, dtype=torch.int64, device=tokens.device)
-    length = torch.ones(batch, dtype=torch.int64, device=tokens.device)
-    path[:, 0] = 0
+    length = torch.empty(batch, dtype=torch.int64, device=tokens.device)
     for b in range(batch):
-        node = 0
+        walk = [0]
         while True:
-            match = (parents[b] == node) & (tokens[b] == target[b, node])
+            match = (parents[b] == walk[-1]) & (tokens[b] == target[b, walk[-1]])
             if not bool(match.any()):
                 break
-            node = int(match.nonzero()[0])  # the first matching child, as acceptance.py takes
-            path[b, length[b]] = node
-            length[b] += 1
+            walk.append(int(match.nonzero()[0]))  # the first matching child, as acceptance.py
+        path[b, : len(walk)] = torch.tensor(walk)
+        length[b] = len(walk)
     return path, length
