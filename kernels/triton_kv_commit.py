@@ -40,12 +40,14 @@ def _kv_commit_kernel(
     planes, kv_heads, head_dim,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    entry, batch, plane_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    entry, plane_block = tl.program_id(0), tl.program_id(2)
+    batch = tl.program_id(1).to(tl.int64)
     node = tl.load(rows_ptr + batch * stride_rb + entry * stride_rj)
     slot = tl.load(start_ptr + batch) + entry
 
-    # Plane p is (layer, kind, head) with p = (layer * 2 + kind) * Hkv + head.
-    plane = plane_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    # Plane p is (layer, kind, head) with p = (layer * 2 + kind) * Hkv + head. int64:
+    # layer * stride_c0 passes 2^31 once the cache does (4 GiB in half precision).
+    plane = (plane_block * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     layer, kind, head = plane // (2 * kv_heads), (plane // kv_heads) % 2, plane % kv_heads
     dims = tl.arange(0, BLOCK_D)
     copied_planes = tl.where(node >= 0, planes, 0)  # -1, padding after the path: none

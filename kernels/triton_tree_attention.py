@@ -83,7 +83,9 @@ def _tree_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    row_block, kv_head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # int64: batch * stride_kb passes 2^31 once one layer's keys do (4 GiB in half).
+    row_block = tl.program_id(0)
+    kv_head, batch = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
 
     # This program's query rows: (query head, node) pairs of the KV head's group.
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
