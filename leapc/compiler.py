@@ -16,7 +16,7 @@ from leapc.ir.errors import InputError
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
-from leapc.runtime.backends import eager, ort
+from leapc.runtime.backends import aoti, eager, ort
 from leapc.runtime.manifest import (
     Backend,
     DatastoreInfo,
@@ -28,7 +28,7 @@ from leapc.runtime.manifest import (
     sha256_file,
 )
 
-LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower}
+LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower, Backend.AOTI: aoti.lower}
 DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
@@ -42,7 +42,8 @@ class Attention(str, enum.Enum):
 
 # The faster lowering on each backend, measured by bench/bench_tree_attention.py
 # (numbers in docs/decisions.md).
-DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE}
+DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE,
+                     Backend.AOTI: Attention.TREE}
 
 
 def pipeline(attention: Attention, dump_dir: Path | None = None) -> Pipeline:

@@ -1,0 +1,114 @@
+"""The aoti backend: AOTInductor packages run every policy token-identically to ``ar`` and
+to the ORT and eager engines, need neither leapc nor Python ops to run, and are validated
+like every other program file.
+
+Compiling is slow (~20 s a program on 2 cores): the engines come from the session's
+``engine_dir`` fixture (tiny Llama; stories260K with its draft model and datastore) plus
+one tiny Llama with the other attention lowering.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from engines import STORIES_REFERENCE, tiny_source
+from trees import tree_step_inputs
+
+import leapc
+from leapc.compiler import DEFAULT_ATTENTION, Attention
+from leapc.ir.errors import EngineError
+from leapc.runtime.manifest import Backend
+
+PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
+TINY_POLICIES = ("ar", "lookup", "recycle", "lookahead")
+STORIES_PROMPTS = ("", "One day, Tom", "Once upon a time, there was a little girl named Lily. "
+                   "She loved to play outside. Once upon a time, there was a little")
+
+
+@pytest.fixture(scope="module")
+def tiny(engine_dir) -> leapc.Engine:
+    return leapc.load(engine_dir("tiny-llama", "aoti"))
+
+
+@pytest.fixture(scope="module")
+def tiny_other_attention(tmp_path_factory) -> leapc.Engine:
+    """The tiny Llama lowered with the attention aoti does not use by default."""
+    other = next(a for a in Attention if a is not DEFAULT_ATTENTION[Backend.AOTI])
+    out = tmp_path_factory.mktemp(f"tiny-llama-aoti-{other.value}")
+    return leapc.load(leapc.build(tiny_source("llama"), out, "aoti", attention=other,
+                                  max_seq=256))
+
+
+def test_engine_is_a_package_per_program(engine_dir):
+    engine = leapc.load(engine_dir("stories", "aoti"))
+    assert engine.manifest.backend is Backend.AOTI
+    assert {name: entry.file for name, entry in engine.manifest.programs.items()} == \
+        {"full": "full.pt2", "draft_model": "draft_model.pt2"}
+
+
+@pytest.mark.parametrize("policy", TINY_POLICIES)
+def test_tiny_policies_match_ort_and_eager_greedy(engine_dir, tiny, policy):
+    expected = leapc.load(engine_dir("tiny-llama", "ort")).generate(PROMPT, 40).token_ids
+    assert leapc.load(engine_dir("tiny-llama", "eager")).generate(PROMPT, 40).token_ids == expected
+    assert tiny.generate(PROMPT, 40, policy=policy).token_ids == expected
+
+
+def test_both_attention_lowerings_agree(tiny, tiny_other_attention):
+    for seed, shape in enumerate([(1, 1, 64), (2, 9, 64), (1, 32, 192)]):
+        inputs = [t.numpy() for t in tree_step_inputs(tiny.manifest.model, *shape, seed=seed)]
+        want, got = tiny.step(*inputs), tiny_other_attention.step(*inputs)
+        for name in ("logits", "present"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+    for policy in ("ar", "lookahead"):
+        assert tiny_other_attention.generate(PROMPT, 40, policy=policy).token_ids == \
+            tiny.generate(PROMPT, 40).token_ids
+
+
+def test_tree_package_runs_in_a_process_without_leapc(tiny, tiny_other_attention, tmp_path):
+    """Tree attention is decomposed into aten ops before compiling: no call back into the
+    Python op, so plain torch runs the package."""
+    engine = next(e for e in (tiny, tiny_other_attention) if "insert_tree_attention" in
+                  e.manifest.passes)
+    inputs = [t.numpy() for t in tree_step_inputs(engine.manifest.model, 1, 5, 64)]
+    np.savez(tmp_path / "inputs.npz", *inputs)
+    code = ("import sys, numpy as np, torch; "
+            "runner = torch._inductor.aoti_load_package(sys.argv[1]); "
+            "inputs = np.load(sys.argv[2]); "
+            "logits, _ = runner(*(torch.from_numpy(inputs[f'arr_{i}']) for i in range(4))); "
+            "assert not [m for m in sys.modules if m.startswith('leapc')]; "
+            "np.save(sys.argv[3], logits.numpy())")
+    package = engine.path / engine.manifest.programs["full"].file
+    subprocess.run([sys.executable, "-c", code, str(package), str(tmp_path / "inputs.npz"),
+                    str(tmp_path / "logits.npy")], check=True)
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), engine.step(*inputs)["logits"],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_stories_reproduces_the_reference_text(engine_dir):
+    engine = leapc.load(engine_dir("stories", "aoti"))
+    assert engine.generate("", 60).text.strip() == STORIES_REFERENCE
+
+
+@pytest.mark.parametrize("policy", ("lookup", "recycle", "lookahead", "draft", "retrieval"))
+def test_stories_policies_match_ort_greedy(engine_dir, policy):
+    ort = leapc.load(engine_dir("stories", "ort"))
+    aoti = leapc.load(engine_dir("stories", "aoti"))
+    for prompt in STORIES_PROMPTS:
+        expected = ort.generate(prompt, 96).token_ids
+        assert aoti.generate(prompt, 96).token_ids == expected, prompt
+        assert aoti.generate(prompt, 96, policy=policy).token_ids == expected, prompt
+
+
+def test_corrupt_package_is_refused(engine_dir, tmp_path):
+    copy = tmp_path / "engine"
+    shutil.copytree(engine_dir("tiny-llama", "aoti"), copy)
+    package = copy / "full.pt2"
+    data = bytearray(package.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    package.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="full program file full.pt2 is corrupt"):
+        leapc.load(copy)
