@@ -91,7 +91,7 @@ def main(backends: str = "ort,eager", pasts: str = "64,990", sizes: str = "1,8,3
     threads = int(os.environ.get("LEAPC_THREADS", "0")) or os.cpu_count()
     rows = []
     for backend in backends.split(","):
-        if backend == "eager":
+        if backend in ("eager", "aoti"):  # torch's thread pool runs both
             import torch
 
             torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,11 +37,19 @@ def tiny(engine_dir) -> leapc.Engine:
 
 @pytest.fixture(scope="module")
 def tiny_other_attention(tmp_path_factory) -> leapc.Engine:
-    """The tiny Llama lowered with the attention aoti does not use by default."""
+    """The tiny Llama built by ``leapc build --backend aoti`` with the attention lowering
+    aoti does not use by default."""
+    source = tiny_source("llama")
+    checkpoint = tmp_path_factory.mktemp("tiny-llama-checkpoint")
+    source.model.config.eos_token_id = None  # as tiny_source: never stop early
+    source.model.save_pretrained(checkpoint)
+    source.tokenizer.save(str(checkpoint / "tokenizer.json"))
     other = next(a for a in Attention if a is not DEFAULT_ATTENTION[Backend.AOTI])
     out = tmp_path_factory.mktemp(f"tiny-llama-aoti-{other.value}")
-    return leapc.load(leapc.build(tiny_source("llama"), out, "aoti", attention=other,
-                                  max_seq=256))
+    leapc_cli = Path(sys.executable).parent / "leapc"
+    subprocess.run([leapc_cli, "build", checkpoint, "-o", out, "--backend", "aoti",
+                    "--attention", other.value, "--max-seq", "256"], check=True)
+    return leapc.load(out)
 
 
 def test_engine_is_a_package_per_program(engine_dir):
@@ -58,6 +67,8 @@ def test_tiny_policies_match_ort_and_eager_greedy(engine_dir, tiny, policy):
 
 
 def test_both_attention_lowerings_agree(tiny, tiny_other_attention):
+    lowered = [e.manifest.passes[-1] == "insert_tree_attention" for e in (tiny, tiny_other_attention)]
+    assert sorted(lowered) == [False, True]
     for seed, shape in enumerate([(1, 1, 64), (2, 9, 64), (1, 32, 192)]):
         inputs = [t.numpy() for t in tree_step_inputs(tiny.manifest.model, *shape, seed=seed)]
         want, got = tiny.step(*inputs), tiny_other_attention.step(*inputs)
