@@ -4,7 +4,7 @@ like every other program file.
 
 Compiling is slow (~20 s a program on 2 cores): the engines come from the session's
 ``engine_dir`` fixture (tiny Llama; stories260K with its draft model and datastore) plus
-one tiny Llama with the other attention lowering.
+one tiny Llama with the other attention lowering, built through the CLI.
 """
 
 from __future__ import annotations
