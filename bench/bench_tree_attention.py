@@ -1,13 +1,14 @@
 """Verify-step latency: dense-mask SDPA vs ``leapc.tree_attention``, per backend.
 
     LEAPC_THREADS=1 python bench/bench_tree_attention.py [--calls 10] [--rounds 20]
+        [--backends ort,eager] [--results tree_attention]
 
 Builds the bundled model's engines with both attention lowerings under
 .cache/bench/tree-attention/, then times one step call verifying a tree of N nodes
 (a heap-shaped tree: node i's parent is (i - 1) // 2) against a cache holding ``past``
 committed tokens, with the inputs the runtime builds (`runtime.decode.tree_inputs`).
 Dense and tree calls alternate in rounds, so load from other processes hits both alike;
-each number is the median over all calls. Writes bench/results/tree_attention.{json,md}.
+each number is the median over all calls. Writes bench/results/<results>.{json,md}.
 """
 
 from __future__ import annotations
@@ -87,11 +88,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(backends: str = "ort,eager", pasts: str = "64,990", sizes: str = "1,8,32",
-         calls: int = 10, rounds: int = 20) -> None:
+         calls: int = 10, rounds: int = 20, results: str = "tree_attention") -> None:
     threads = int(os.environ.get("LEAPC_THREADS", "0")) or os.cpu_count()
     rows = []
     for backend in backends.split(","):
-        if backend == "eager":
+        if backend in ("eager", "aoti"):  # torch's thread pool runs both
             import torch
 
             torch.set_num_threads(threads)
@@ -104,9 +105,9 @@ def main(backends: str = "ort,eager", pasts: str = "64,990", sizes: str = "1,8,3
     out.mkdir(parents=True, exist_ok=True)
     setup = {"threads": threads, "calls": calls * rounds, "machine": platform.processor()
              or platform.machine(), "cpus": os.cpu_count()}
-    (out / "tree_attention.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    (out / f"{results}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
     table = markdown(rows)
-    (out / "tree_attention.md").write_text(
+    (out / f"{results}.md").write_text(
         f"Bundled model (12 layers, 10 query / 2 KV heads), one verify step, median of "
         f"{calls * rounds} calls, {threads} thread(s), dense and tree calls interleaved "
         f"(`python bench/bench_tree_attention.py`). T is the cache capacity the runtime "

@@ -16,7 +16,7 @@ from leapc.ir.errors import InputError, parse_choice
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
-from leapc.runtime.backends import eager, ort, tensorrt
+from leapc.runtime.backends import aoti, eager, ort, tensorrt
 from leapc.runtime.manifest import (
     Backend,
     DatastoreInfo,
@@ -29,7 +29,8 @@ from leapc.runtime.manifest import (
     sha256_file,
 )
 
-LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower, Backend.TENSORRT: tensorrt.lower}
+LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower, Backend.AOTI: aoti.lower,
+             Backend.TENSORRT: tensorrt.lower}
 DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
 
@@ -46,7 +47,7 @@ class Attention(str, enum.Enum):
 # TensorRT has no converter for the Python custom op (it would run it in torch between
 # engine pieces), so dense attention there.
 DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE,
-                     Backend.TENSORRT: Attention.DENSE}
+                     Backend.AOTI: Attention.TREE, Backend.TENSORRT: Attention.DENSE}
 
 
 def pipeline(attention: Attention, dump_dir: Path | None = None) -> Pipeline:

@@ -1,7 +1,8 @@
 """A loaded engine: manifest + step program + tokenizer + the decode loop.
 
 Importing this module (and running an ORT engine) needs numpy, onnxruntime, tokenizers
-and pydantic only; the eager backend imports torch when, and only when, it is loaded.
+and pydantic only; the eager and aoti backends import torch when, and only when, they are
+loaded.
 """
 
 from __future__ import annotations
@@ -123,6 +124,10 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str,
         from leapc.runtime.backends.tensorrt import load_step
 
         return load_step(engine_dir / entry.file, outputs)
+    if manifest.backend is Backend.AOTI:
+        from leapc.runtime.backends.aoti import AotiStep
+
+        return AotiStep(engine_dir / entry.file, outputs)
     from leapc.runtime.backends.eager import EagerStep
 
     return EagerStep(engine_dir / entry.file, outputs)

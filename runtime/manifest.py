@@ -22,6 +22,7 @@ MANIFEST_FILE = "manifest.json"
 class Backend(str, enum.Enum):
     EAGER = "eager"
     ORT = "ort"
+    AOTI = "aoti"
     TENSORRT = "tensorrt"  # Torch-TensorRT; needs CUDA
 
 

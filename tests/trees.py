@@ -1,5 +1,5 @@
 """Random token trees and the dense step masks the runtime builds for them (shared by the
-kernel and pass tests)."""
+kernel, pass and backend tests)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,16 @@ def greedy_step(trees: list[TreeBuffers], vocab: int, generator: torch.Generator
     tokens = torch.randint(0, vocab, parents.shape, generator=generator)
     target = torch.randint(0, vocab, parents.shape, generator=generator)
     return target, tokens, parents
+
+
+def tree_step_inputs(dims, batch: int, new: int, past: int, seed: int = 0):
+    """Step inputs of a random tree per row over a cache prefix of random length per row
+    (0 .. past); ``dims`` is the program's `ModelDims`."""
+    g = torch.Generator().manual_seed(seed)
+    trees = [random_tree(new, g) for _ in range(batch)]
+    committed = torch.randint(0, past + 1, (batch,), generator=g)
+    tokens = torch.randint(0, dims.vocab_size, (batch, new), generator=g)
+    depth = torch.from_numpy(np.stack([t.depth for t in trees]))
+    kv = torch.randn(dims.num_layers, 2, batch, dims.num_kv_heads, past, dims.head_dim,
+                     generator=g)
+    return tokens, committed[:, None] + depth, kv, dense_mask(committed, stack_masks(trees), past)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from engines import tiny_source
 from families import FAMILIES, captured
-from trees import dense_mask, random_tree, stack_masks
+from trees import tree_step_inputs
 
 import leapc
 from leapc.compiler import Attention, pipeline
@@ -37,18 +37,6 @@ def tree_program(family: str):
 
 def call_counts(program) -> Counter:
     return Counter(n.target for n in program.program.graph.nodes if n.op == "call_function")
-
-
-def tree_step_inputs(dims, batch: int, new: int, past: int, seed: int = 0):
-    """A random tree per row over a cache prefix of random length per row (0 .. past)."""
-    g = torch.Generator().manual_seed(seed)
-    trees = [random_tree(new, g) for _ in range(batch)]
-    committed = torch.randint(0, past + 1, (batch,), generator=g)
-    tokens = torch.randint(0, dims.vocab_size, (batch, new), generator=g)
-    depth = torch.from_numpy(np.stack([t.depth for t in trees]))
-    kv = torch.randn(dims.num_layers, 2, batch, dims.num_kv_heads, past, dims.head_dim,
-                     generator=g)
-    return tokens, committed[:, None] + depth, kv, dense_mask(committed, stack_masks(trees), past)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,0 +1,84 @@
+"""AOTInductor backend: each program compiled ahead of time into a ``.pt2`` package.
+
+The package holds a shared library (the generated C++ kernels and the wrapper that calls
+them, weights embedded) that ``aoti_load_package`` runs through torch's C++ runtime: no
+Python runs inside a step. Loading needs torch (same version as the build) but no
+compiler and no leapc op declarations.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+PROGRAM_SUFFIX = ".pt2"
+
+
+def lower(program, out_dir: Path, name: str) -> Path:
+    """Compile a `CapturedProgram` into ``out_dir/<name>.pt2``."""
+    import torch
+
+    path = out_dir / f"{name}{PROGRAM_SUFFIX}"
+    torch._inductor.aoti_compile_and_package(_without_custom_ops(program.program),
+                                             package_path=str(path))
+    return path
+
+
+def _without_custom_ops(program):
+    """The program with ``leapc.tree_attention`` decomposed into aten ops before compiling.
+
+    AOTInductor would otherwise compile each call into a proxy-executor call back into the
+    Python kernel: the package would need leapc's op declarations to load and would take
+    the GIL once per layer. Other ops are kept as they are (the table names only this one).
+    """
+    import torch
+
+    import leapc.kernels.tree_attention  # noqa: F401  (declares the op to decompose)
+
+    return program.run_decompositions({torch.ops.leapc.tree_attention.default: fused_sdpa})
+
+
+def fused_sdpa(q, k, v, past_len, tree_mask, scale: float):
+    """``leapc.tree_attention`` as one SDPA call: the boolean mask is the reference's
+    `visible_keys`, and ``enable_gqa`` reads KV head h // G as the reference does.
+
+    Inductor keeps SDPA as torch's fused CPU attention kernel; the reference's matmuls and
+    masked softmax, decomposed instead, made a verify step of 32 nodes over a 990-token
+    past 1.4x slower than the dense program (docs/decisions.md).
+    """
+    from torch.nn.functional import scaled_dot_product_attention
+
+    from leapc.kernels.reference import visible_keys
+
+    visible = visible_keys(past_len, tree_mask, k.shape[2] - q.shape[2])[:, None]
+    return scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+
+
+class AotiStep:
+    """One AOTInductor package, called on numpy arrays like the other backends' steps.
+
+    Its kernels run on torch's OpenMP pool, which is per process: ``LEAPC_THREADS``, when
+    set, sizes that pool for every program loaded (there is no per-program pool to give a
+    helper program one thread, as ORT sessions have).
+    """
+
+    def __init__(self, path: Path, output_names: tuple[str, ...]):
+        import torch
+
+        threads = int(os.environ.get("LEAPC_THREADS", "0"))
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.runner = torch._inductor.aoti_load_package(str(path))
+        self.output_names = output_names
+
+    def __call__(self, tokens, positions, past, mask) -> dict[str, np.ndarray]:
+        t = self._torch
+        # The generated kernels index inputs with the contiguous strides they were traced
+        # with and do not check them: a strided view would be read wrongly, not refused.
+        inputs = [t.from_numpy(np.ascontiguousarray(a)) for a in (tokens, positions, past, mask)]
+        with t.inference_mode():
+            outs = self.runner(*inputs)
+        return {name: o.numpy() for name, o in zip(self.output_names, outs, strict=True)}
