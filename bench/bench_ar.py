@@ -9,13 +9,12 @@ same prompts in the same process. Writes bench/results/ar_bundled.{json,md}.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 import leapc
-from leapc.benchmark import BenchConfig, run_bench
+from leapc.benchmark import BenchConfig, run_bench, save_results
 from leapc.models import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,14 +43,9 @@ def main(max_new_tokens: int = 64, repeats: int = 5, backends: str = "ort,eager"
         # transformers is timed once, in the first backend's run (same process, same prompts)
         results.append(run_bench(leapc.load(engine_dir), cfg, vs_hf=i == 0))
     results[1:] = [r | {"baselines": results[0]["baselines"]} for r in results[1:]]
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ar_bundled.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (out / "ar_bundled.md").write_text(
-        f"Bundled model, {len(prompts)} held-out prompts × {max_new_tokens} new tokens, greedy, "
-        f"median of {repeats} (`python bench/bench_ar.py`)\n\n{table}\n")
-    print(table)
+    save_results(ROOT / "bench" / "results", "ar_bundled", results,
+                 f"Bundled model, {len(prompts)} held-out prompts × {max_new_tokens} new tokens, "
+                 f"greedy, median of {repeats} (`python bench/bench_ar.py`)", markdown(results))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 import typer
 
 import leapc
+from leapc.benchmark import save_results
 from leapc.models import corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,16 +95,11 @@ def main(backends: str = "ort,aoti,eager", threads: int = 2, max_new_tokens: int
     setup = {"date": date.today().isoformat(), "threads": threads, "cpus": os.cpu_count(),
              "machine": platform.processor() or platform.machine(), "prompts": len(prompts),
              "max_new_tokens": max_new_tokens, "repeats": repeats}
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "backends_bundled.json").write_text(json.dumps({"setup": setup, "rows": rows},
-                                                          indent=2))
-    table = markdown(rows)
-    (out / "backends_bundled.md").write_text(
-        f"Bundled model, {len(prompts)} held-out prompts × {max_new_tokens} new tokens, greedy "
-        f"`ar`, {threads} threads, median of {repeats} interleaved repeats, {setup['date']}, "
-        f"{setup['cpus']}-core CPU (`python bench/bench_backends.py`)\n\n{table}\n")
-    print(table)
+    save_results(ROOT / "bench" / "results", "backends_bundled", {"setup": setup, "rows": rows},
+                 f"Bundled model, {len(prompts)} held-out prompts × {max_new_tokens} new tokens, "
+                 f"greedy `ar`, {threads} threads, median of {repeats} interleaved repeats, "
+                 f"{setup['date']}, {setup['cpus']}-core CPU (`python bench/bench_backends.py`)",
+                 markdown(rows))
 
 
 if __name__ == "__main__":

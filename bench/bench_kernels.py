@@ -16,11 +16,12 @@ under Triton's interpreter, whose speed says nothing about a GPU's.
 from __future__ import annotations
 
 import importlib.util
-import json
 import platform
 from pathlib import Path
 
 import typer
+
+from leapc.benchmark import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, batch, heads, kv_heads, head_dim)
@@ -108,17 +109,12 @@ def main(pasts: str = "64,1024,4096", sizes: str = "1,8,32", dtype: str = "float
             for new in map(int, sizes.split(",")):
                 rows.append(measure(layout, past, new, torch_dtype))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     setup = {"device": torch.cuda.get_device_name(), "dtype": dtype,
              "torch": torch.__version__, "machine": platform.machine()}
-    (out / "kernels.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    table = markdown(rows)
-    (out / "kernels.md").write_text(
-        f"`leapc.tree_attention` on {setup['device']} ({dtype}), one call, heap-shaped tree "
-        f"of N nodes over a full past, median of `triton.testing.do_bench` "
-        f"(`python bench/bench_kernels.py`).\n\n{table}\n")
-    print(table)
+    save_results(ROOT / "bench" / "results", "kernels", {"setup": setup, "rows": rows},
+                 f"`leapc.tree_attention` on {setup['device']} ({dtype}), one call, heap-shaped "
+                 f"tree of N nodes over a full past, median of `triton.testing.do_bench` "
+                 f"(`python bench/bench_kernels.py`).", markdown(rows))
 
 
 if __name__ == "__main__":

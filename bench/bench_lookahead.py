@@ -13,14 +13,13 @@ and of the speedup, tau, and whether every output equals ar's. Builds the engine
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import typer
 
 import leapc
-from leapc.benchmark import load_prompts
+from leapc.benchmark import load_prompts, save_results
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.engine import DraftOptions, Engine
 
@@ -88,16 +87,12 @@ def main(settings: str = "3,3,3,5,4,5", max_new_tokens: int = 128, repeats: int 
     results = {name: measure(engine, load_prompts(ROOT / "bench" / "prompts" / f"{name}.jsonl"),
                              policies, max_new_tokens, repeats)
                for name in PROMPT_SETS}
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     stem = "lookahead_bundled" + ("" if pool_context else "_window_only")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    (out / f"{stem}.md").write_text(
-        f"Bundled model, ORT, greedy, {max_new_tokens} new tokens, policies interleaved prompt "
-        f"by prompt, median of {repeats} (`python bench/bench_lookahead.py --settings "
-        f"{settings}{'' if pool_context else ' --no-pool-context'}`)\n\n{table}\n")
-    print(table)
+    save_results(ROOT / "bench" / "results", stem, results,
+                 f"Bundled model, ORT, greedy, {max_new_tokens} new tokens, policies interleaved "
+                 f"prompt by prompt, median of {repeats} (`python bench/bench_lookahead.py "
+                 f"--settings {settings}{'' if pool_context else ' --no-pool-context'}`)",
+                 markdown(results))
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ Writes bench/results/quantization_bundled.{json,md}.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 import typer
 
 import leapc
-from leapc.benchmark import load_prompts
+from leapc.benchmark import load_prompts, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("none", "int8")
@@ -57,22 +56,17 @@ def main(max_new_tokens: int = 128, repeats: int = 3) -> None:
               "tokens_per_s": {k: statistics.median(v) for k, v in speeds.items()},
               "all_tokens_per_s": speeds, "program_mib": size,
               "changed_outputs": len(changed), "first_changed_token": diffs}
-    out = ROOT / "bench" / "results"
-    (out / "quantization_bundled.json").write_text(json.dumps(result, indent=2))
     tps = result["tokens_per_s"]
-    table = "\n".join([
-        f"Bundled model, ORT, `code_heldout` ({len(prompts)} prompts × {max_new_tokens} new "
-        f"tokens), greedy `ar`, median of {repeats} interleaved passes "
-        "(`python bench/bench_quantization.py`)", "",
-        "| weights | full.onnx MiB | tokens/s | vs float32 | outputs changed vs float32 |",
-        "| --- | --- | --- | --- | --- |",
-        f"| float32 | {size['none']:.1f} | {tps['none']:.1f} | 1.00× | — |",
-        f"| int8 (MatMulNBits, block 32, int8 compute) | {size['int8']:.1f} | {tps['int8']:.1f} | "
-        f"{tps['int8'] / tps['none']:.2f}× | {len(changed)} of {len(prompts)} "
-        f"(first changed token: {sorted(changed)}) |"])
-    (out / "quantization_bundled.md").write_text(table + "\n")
-    print(table)
-
+    save_results(ROOT / "bench" / "results", "quantization_bundled", result,
+                 f"Bundled model, ORT, `code_heldout` ({len(prompts)} prompts × {max_new_tokens} "
+                 f"new tokens), greedy `ar`, median of {repeats} interleaved passes "
+                 "(`python bench/bench_quantization.py`)", "\n".join([
+                     "| weights | full.onnx MiB | tokens/s | vs float32 | outputs changed vs float32 |",
+                     "| --- | --- | --- | --- | --- |",
+                     f"| float32 | {size['none']:.1f} | {tps['none']:.1f} | 1.00× | — |",
+                     f"| int8 (MatMulNBits, block 32, int8 compute) | {size['int8']:.1f} | "
+                     f"{tps['int8']:.1f} | {tps['int8'] / tps['none']:.2f}× | {len(changed)} of "
+                     f"{len(prompts)} (first changed token: {sorted(changed)}) |"]))
 
 if __name__ == "__main__":
     typer.run(main)

@@ -13,7 +13,6 @@ each number is the median over all calls. Writes bench/results/<results>.{json,m
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ import numpy as np
 import typer
 
 import leapc
+from leapc.benchmark import save_results
 from leapc.ir.tree import tree_from_parents
 from leapc.runtime.decode import tree_inputs
 from leapc.runtime.drafters.base import Draft
@@ -101,19 +101,14 @@ def main(backends: str = "ort,eager", pasts: str = "64,990", sizes: str = "1,8,3
             for new in map(int, sizes.split(",")):
                 rows.append({"backend": backend} | compare(engines, past, new, calls, rounds))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     setup = {"threads": threads, "calls": calls * rounds, "machine": platform.processor()
              or platform.machine(), "cpus": os.cpu_count()}
-    (out / f"{results}.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    table = markdown(rows)
-    (out / f"{results}.md").write_text(
-        f"Bundled model (12 layers, 10 query / 2 KV heads), one verify step, median of "
-        f"{calls * rounds} calls, {threads} thread(s), dense and tree calls interleaved "
-        f"(`python bench/bench_tree_attention.py`). T is the cache capacity the runtime "
-        f"passes; the long case is the longest past that leaves room for N = 32 under "
-        f"max-seq 1024.\n\n{table}\n")
-    print(table)
+    save_results(ROOT / "bench" / "results", results, {"setup": setup, "rows": rows},
+                 f"Bundled model (12 layers, 10 query / 2 KV heads), one verify step, median of "
+                 f"{calls * rounds} calls, {threads} thread(s), dense and tree calls interleaved "
+                 f"(`python bench/bench_tree_attention.py`). T is the cache capacity the runtime "
+                 f"passes; the long case is the longest past that leaves room for N = 32 under "
+                 f"max-seq 1024.", markdown(rows))
 
 
 if __name__ == "__main__":

@@ -192,3 +192,13 @@ def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
         "results": rows,
         "baselines": baselines,
     }
+
+
+def save_results(directory: Path, name: str, data, caption: str, table: str) -> None:
+    """Write ``name.json`` (the data) and ``name.md`` (the caption, then the markdown
+    table) into ``directory``, and print the table: what every bench script records."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(data, indent=2))
+    (directory / f"{name}.md").write_text(f"{caption}\n\n{table}\n")
+    print(table)
+
