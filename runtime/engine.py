@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +136,12 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str,
 
 class Engine:
     def __init__(self, path: Path, manifest: Manifest, steps: dict[str, StepFunction],
-                 tokenizer: Tokenizer, datastore: Datastore | None = None):
+                 tokenizer: Tokenizer):
         self.path = path
         self.manifest = manifest
         self.steps = steps  # by program name: "full", "draft_model", ...
         self.step = steps["full"]
         self.tokenizer = tokenizer
-        self.datastore = datastore  # the retrieval policy's corpus, if built with one
 
     @classmethod
     def load(cls, path: str | Path, device: str | Device = Device.CPU) -> Engine:
@@ -160,10 +160,14 @@ class Engine:
                 steps[name] = _load_step(path, manifest, name, device)
             except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
                 raise EngineError(f"{path}: program {name!r} cannot be loaded ({err})") from None
-        store = manifest.datastore
-        datastore = (Datastore.load(path / store.directory, store.depth)
-                     if store is not None else None)
-        return cls(path, manifest, steps, tokenizer, datastore)
+        return cls(path, manifest, steps, tokenizer)
+
+    @cached_property
+    def datastore(self) -> Datastore | None:
+        """The retrieval policy's corpus, if the engine has one; read on first use, so
+        loading an engine for other policies does not read it (tens of MB)."""
+        store = self.manifest.datastore
+        return Datastore.load(self.path / store.directory, store.depth) if store else None
 
     # ------------------------------------------------------------------ requests
 
