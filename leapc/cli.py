@@ -25,8 +25,10 @@ from rich.progress import (
 from rich.table import Table
 
 from leapc.ir.errors import InputError, LeapcUserError, MissingDependencyError
+from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.backends.base import Device
 from leapc.runtime.drafters.base import ChildSampling
+from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
 from leapc.runtime.manifest import Backend, Policy, Quantization
@@ -62,6 +64,10 @@ DeviceOption = Annotated[Device, typer.Option(
     help="ort engines: cpu, or the cuda / tensorrt execution provider (onnxruntime-gpu)")]
 RetrievalNodes = Annotated[int, typer.Option(
     help="retrieval: draft nodes per step (context continuation and datastore together)")]
+TreeNodes = Annotated[int, typer.Option(
+    help="medusa-dynamic / hydra-dynamic: drafted nodes kept per step")]
+Beam = Annotated[int, typer.Option(
+    help="medusa-dynamic / hydra-dynamic: nodes expanded per depth, children per node")]
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
@@ -93,6 +99,15 @@ def build(
                    "'bundled' (the bundled model's training corpus)"),
     quantize: Quantization = typer.Option(
         Quantization.NONE, help="ort: store MatMul weights as int8 (weight-only)"),
+    heads: int = typer.Option(0, help="add K decoding heads (policies medusa / hydra)"),
+    head_kind: HeadKind = typer.Option(HeadKind.MEDUSA, help="medusa or hydra heads"),
+    train_heads: list[Path] = typer.Option(
+        None, help="train the heads on this text (files/directories, repeatable); "
+                   "default: the heads the bundled model ships"),
+    tree: str = typer.Option(None, help="static head tree: 'auto' (measured, Sequoia) or a "
+                                        "JSON file of rank paths (default: hand-written)"),
+    head_placement: HeadPlacement = typer.Option(
+        HeadPlacement.PROGRAM, help="heads in their own program, or in the step program"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
 ) -> None:
     """Compile MODEL into an engine directory."""
@@ -104,7 +119,8 @@ def build(
     with Progress(*columns, console=err, transient=True) as bar:
         programs = 1 + (draft_model is not None)
         task = bar.add_task("build", total=stage_count(programs, backend, attention,
-                                                       datastore=bool(datastore)))
+                                                       datastore=bool(datastore),
+                                                       heads=heads > 0))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
@@ -114,9 +130,23 @@ def build(
         path = leapc.build(model, output, backend, attention=attention, max_seq=max_seq,
                            tokenizer=tokenizer, draft_model=draft_model,
                            datastore=_datastore_source(datastore), quantize=quantize,
+                           heads=_heads_options(heads, head_kind, train_heads, tree,
+                                                head_placement),
                            dump_dir=dump_passes,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
+
+
+def _heads_options(count: int, kind: HeadKind, text: list[Path] | None, tree: str | None,
+                   placement: HeadPlacement):
+    from leapc.heads import HeadsOptions
+
+    if count <= 0:
+        if text or tree:
+            raise InputError("--train-heads and --tree need --heads K")
+        return None
+    return HeadsOptions(count=count, kind=kind, train_text=list(text) if text else None,
+                        tree=tree, placement=placement)
 
 
 def _datastore_source(values: list[str] | None) -> str | list[Path] | None:
@@ -149,6 +179,8 @@ def run(
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     lookahead: Lookahead = LookaheadConfig(),
     retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
+    tree_nodes: TreeNodes = DynamicTree().total,
+    beam: Beam = DynamicTree().beam,
     device: DeviceOption = Device.CPU,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -163,7 +195,7 @@ def run(
                                        seed=seed, draft=_draft_options(
                                            max_draft, ngram, matches, adaptive, draft_tree,
                                            confidence, tree_sampling, lookahead,
-                                           retrieval_nodes))
+                                           retrieval_nodes, DynamicTree(tree_nodes, beam)))
     if as_json:
         for _ in stream:
             pass
@@ -187,13 +219,13 @@ def _parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
 
 def _draft_options(max_draft: int, ngram: int, matches: int, adaptive: bool, draft_tree: str,
                    confidence: float, tree_sampling: ChildSampling, lookahead: LookaheadConfig,
-                   retrieval_nodes: int):
+                   retrieval_nodes: int, dynamic: DynamicTree):
     from leapc.runtime.engine import DraftOptions
 
     return DraftOptions(max_draft=max_draft, ngram=ngram, matches=matches, adaptive=adaptive,
                         branching=tuple(_parse_ids(draft_tree, "--draft-tree")),
                         confidence=confidence, children=tree_sampling, lookahead=lookahead,
-                        retrieval=RetrievalConfig(nodes=retrieval_nodes))
+                        retrieval=RetrievalConfig(nodes=retrieval_nodes), dynamic=dynamic)
 
 
 @app.command()
@@ -221,6 +253,8 @@ def bench(
     tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
     lookahead: Lookahead = LookaheadConfig(),
     retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
+    tree_nodes: TreeNodes = DynamicTree().total,
+    beam: Beam = DynamicTree().beam,
     device: DeviceOption = Device.CPU,
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
@@ -234,7 +268,8 @@ def bench(
         raise InputError("--repeats and --max-new-tokens must be at least 1")
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
                       _draft_options(max_draft, ngram, matches, adaptive, draft_tree,
-                                     confidence, tree_sampling, lookahead, retrieval_nodes))
+                                     confidence, tree_sampling, lookahead, retrieval_nodes,
+                                     DynamicTree(tree_nodes, beam)))
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine, device), cfg, vs_hf)
     out.print(bench_table(result))

@@ -10,22 +10,42 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leapc.datastore import DatastoreSource, build_datastore, read_texts
+from leapc.heads import (
+    AUTO,
+    HeadsOptions,
+    auto_tree,
+    calibration_prompts,
+    default_tree,
+    heads_seconds,
+    measure_acceptance,
+    obtain_heads,
+    read_tree,
+    step_seconds,
+)
 from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import CaptureOptions, StepModule, capture
 from leapc.ir.errors import InputError, parse_choice
+from leapc.ir.head_spec import HeadKind, HeadPlacement
+from leapc.ir.heads import DecodingHeads, capture_heads
+from leapc.models.heads import HeadsReport, save_heads
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
+from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
 from leapc.runtime.backends import aoti, eager, ort, tensorrt
+from leapc.runtime.engine import load_program
 from leapc.runtime.manifest import (
+    HEAD_POLICIES,
     Backend,
     DatastoreInfo,
+    HeadsInfo,
     Manifest,
     ModelInfo,
     Policy,
     ProgramEntry,
     Quantization,
     TokenizerInfo,
+    TreeChoice,
     sha256_file,
 )
 
@@ -50,19 +70,23 @@ DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE
                      Backend.AOTI: Attention.TREE, Backend.TENSORRT: Attention.DENSE}
 
 
-def pipeline(attention: Attention, dump_dir: Path | None = None) -> Pipeline:
-    """The cleanups every engine gets, then the attention lowering."""
+def pipeline(attention: Attention, dump_dir: Path | None = None,
+             heads: InsertDecodingHeads | None = None) -> Pipeline:
+    """The cleanups every engine gets, the heads if any, then the attention lowering."""
+    added = (heads,) if heads is not None else ()
     lowering = (InsertTreeAttention(),) if attention is Attention.TREE else ()
-    return Pipeline((*default_pipeline().passes, *lowering), dump_dir)
+    return Pipeline((*default_pipeline().passes, *added, *lowering), dump_dir)
 
 
 def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
-                attention: str | Attention | None = None, datastore: bool = False) -> int:
+                attention: str | Attention | None = None, datastore: bool = False,
+                heads: bool = False) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
-    numeric check and lower, then the datastore if any."""
+    numeric check and lower, then the datastore if any; heads add their pass, their
+    program's capture and lowering, and the tree."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
-    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore
+    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + 4 * heads
 
 
 def _toolchain() -> dict[str, str]:
@@ -115,12 +139,12 @@ class CompiledProgram:
 
 def _compile(source: SourceModel, name: str, options: CaptureOptions, backend: Backend,
              attention: Attention, quantization: Quantization, out: Path, dump_dir: Path | None,
-             on_stage) -> CompiledProgram:
+             on_stage, heads: InsertDecodingHeads | None = None) -> CompiledProgram:
     """Capture → passes → numeric check → lower (→ quantize), for one model."""
     on_stage(f"capture {name}")
     captured = capture(source.model, options)
     dump = dump_dir / name if dump_dir else None
-    passes = pipeline(attention, dump)
+    passes = pipeline(attention, dump, heads)
     result = passes(captured, on_pass=lambda p: on_stage(f"{name}: pass {p}"))
     on_stage(f"numeric check {name}")
     check_numerics(StepModule(source.model), result.program)
@@ -149,6 +173,7 @@ def build(
     draft_model: str | Path | SourceModel | None = None,
     datastore: DatastoreSource | None = None,
     quantize: str | Quantization = Quantization.NONE,
+    heads: HeadsOptions | None = None,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
@@ -159,6 +184,7 @@ def build(
     an already loaded `SourceModel`. ``datastore`` (for the ``retrieval`` policy) is
     ``"bundled"`` (the bundled model's training corpus) or text files and directories.
     ``quantize="int8"`` (ORT only) stores MatMul weights as int8 (weight-only).
+    ``heads`` adds decoding heads (Medusa or Hydra) and their static tree.
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.
@@ -175,12 +201,16 @@ def build(
         raise InputError("the draft model's vocabulary size differs from the model's")
     options = _options(source, max_seq, max_new)
     corpus = read_texts(datastore) if datastore is not None else None  # user errors first
+    if heads is not None:
+        _check_heads(heads, chosen, quantization)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    trained = _heads(source, heads, out, on_stage) if heads is not None else None
+    insert = InsertDecodingHeads(trained[0], heads.placement) if trained else None
     full = _compile(source, "full", options, chosen, lowering, quantization, out, dump_dir,
-                    on_stage)
+                    on_stage, insert)
     # The draft model keeps dense attention: its tree drafts put ancestors' KV rows as
     # scratch after the committed ones, so its valid slots are not a prefix, which the tree
     # lowering's compact mask assumes.
@@ -190,18 +220,95 @@ def build(
     if corpus is not None:
         on_stage("datastore")
         store = build_datastore(*corpus, source.tokenizer, out)
+    head_info = None
+    if trained is not None:
+        head_info = _heads_program(source, trained, heads, full, options, chosen, out, on_stage)
     source.tokenizer.save(str(out / "tokenizer.json"))
-    _manifest(full, drafter, store, chosen, quantization, options).write(out)
+    _manifest(full, drafter, store, head_info, chosen, quantization, options).write(out)
     return out
 
 
+def _check_heads(heads: HeadsOptions, backend: Backend, quantization: Quantization) -> None:
+    if backend is Backend.TENSORRT:
+        raise InputError("decoding heads are not supported on the tensorrt backend yet")
+    if quantization is not Quantization.NONE:
+        raise InputError("decoding heads need float weights (int8 engines decode with ar only)")
+    if heads.count < 1:
+        raise InputError(f"--heads must be at least 1 (got {heads.count})")
+    if heads.placement is HeadPlacement.STEP and heads.kind is HeadKind.HYDRA:
+        raise InputError("Hydra heads read drafted tokens: they need --head-placement program")
+    if heads.tree not in (None, AUTO):
+        read_tree(Path(heads.tree), heads.count)  # a bad file fails before minutes of work
+
+
+def _heads(source: SourceModel, heads: HeadsOptions, out: Path,
+           on_stage) -> tuple[DecodingHeads, HeadsReport]:
+    on_stage("heads: train" if heads.train_text is not None else "heads: load")
+    work = out / ".train-heads"
+    trained = obtain_heads(source, heads, work)
+    shutil.rmtree(work, ignore_errors=True)
+    return trained
+
+
+def _heads_program(source: SourceModel, trained: tuple[DecodingHeads, HeadsReport],
+                   options: HeadsOptions, full: CompiledProgram, capture_options: CaptureOptions,
+                   backend: Backend, out: Path, on_stage) -> tuple[HeadsInfo, ProgramEntry | None]:
+    """Lower the ``heads`` program (program placement), save the weights, choose the tree."""
+    heads, report = trained
+    entry = None
+    if options.placement is HeadPlacement.PROGRAM:
+        on_stage("capture heads")
+        program = capture_heads(heads, source.model, capture_options.max_new,
+                                capture_options.max_seq)
+        on_stage(f"lower heads ({backend.value})")
+        file = LOWERINGS[backend](program, out, "heads")
+        entry = ProgramEntry(file=file.name, sha256=sha256_file(file),
+                             signature=program.signature.to_json())
+    directory = save_heads(heads, report, out / "heads")
+    on_stage("heads: tree")
+    tree, choice = _tree(source, heads, options, full, entry, backend, out)
+    info = HeadsInfo(kind=heads.config.kind, num_heads=heads.config.num_heads,
+                     num_blocks=heads.config.num_blocks, placement=options.placement,
+                     tree=tree, tree_choice=choice, top1=report.top1, top5=report.top5,
+                     sha256={f.name: sha256_file(f) for f in sorted(directory.iterdir())})
+    return info, entry
+
+
+def _tree(source: SourceModel, heads: DecodingHeads, options: HeadsOptions,
+          full: CompiledProgram, entry: ProgramEntry | None, backend: Backend, out: Path):
+    if options.tree is None:
+        return default_tree(heads.config.num_heads), TreeChoice(source="default")
+    if options.tree != AUTO:
+        return read_tree(Path(options.tree), heads.config.num_heads), TreeChoice(
+            source=str(options.tree))
+    dims = full.result.program.dims
+    table = measure_acceptance(source.model, heads, calibration_prompts(source,
+                                                                       options.train_text))
+    step = load_program(backend, out / full.entry.file, _outputs(full.entry))
+    steps = step_seconds(step, dims, range(1, min(full.result.program.signature.bounds["N"][1],
+                                                  64) + 1))
+    program = load_program(backend, out / entry.file, _outputs(entry), threads=1) \
+        if entry else None
+    drafting = heads_seconds(program, heads, dims.hidden_size, dims.dtype)
+    paths, choice, _ = auto_tree(table, steps, drafting)
+    return paths, choice
+
+
+def _outputs(entry: ProgramEntry) -> tuple[str, ...]:
+    return tuple(o["name"] for o in entry.signature["outputs"])
+
+
 def _manifest(full: CompiledProgram, draft: CompiledProgram | None,
-              datastore: DatastoreInfo | None, backend: Backend, quantization: Quantization,
-              options: CaptureOptions) -> Manifest:
+              datastore: DatastoreInfo | None,
+              heads: tuple[HeadsInfo, ProgramEntry | None] | None, backend: Backend,
+              quantization: Quantization, options: CaptureOptions) -> Manifest:
     dims = full.result.program.dims
     programs = {"full": full.entry} | ({"draft_model": draft.entry} if draft else {})
+    if heads is not None and heads[1] is not None:
+        programs["heads"] = heads[1]
     policies = (Policy.AR, Policy.LOOKUP, Policy.RECYCLE, Policy.LOOKAHEAD) + (
-        (Policy.DRAFT,) if draft else ()) + ((Policy.RETRIEVAL,) if datastore else ())
+        (Policy.DRAFT,) if draft else ()) + ((Policy.RETRIEVAL,) if datastore else ()) + (
+        HEAD_POLICIES[heads[0].kind] if heads else ())
     if quantization is Quantization.INT8:
         # ORT's int8 MatMulNBits gives a token's logits differently (by up to ~0.02 on
         # stories260K) in a one-token step and in a wider verify step, so drafting policies
@@ -214,6 +321,7 @@ def _manifest(full: CompiledProgram, draft: CompiledProgram | None,
         model=full.info,
         draft_model=draft.info if draft else None,
         datastore=datastore,
+        heads=heads[0] if heads else None,
         quantization=quantization,
         tokenizer=TokenizerInfo(bos_id=full.source.bos_id, eos_ids=full.source.eos_ids),
         programs=programs,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from leapc.ir.signature import B, S, StepSignature
-from leapc.runtime.manifest import MANIFEST_FILE, read_manifest
+from leapc.runtime.manifest import MANIFEST_FILE, HeadsInfo, read_manifest
 
 
 def _kv_row(signature: StepSignature, itemsize: int, max_seq: int) -> str:
@@ -25,8 +26,32 @@ def _signature_table(name: str, signature: StepSignature, itemsize: int) -> Tabl
             shape = "[" + ", ".join(str(d) for d in spec.shape) + "]"
             table.add_row(f"{kind} {spec.name}", spec.dtype, shape)
     bounds = ", ".join(f"{lo} ≤ {k} ≤ {hi}" for k, (lo, hi) in signature.bounds.items())
-    table.add_row("bounds", "", f"{bounds}, T + N ≤ {signature.max_seq}")
-    table.add_row("KV bytes", "", _kv_row(signature, itemsize, signature.max_seq))
+    has_cache = any(spec.name == "past" for spec in signature.inputs)
+    table.add_row("bounds", "", f"{bounds}, T + N ≤ {signature.max_seq}" if has_cache else bounds)
+    if has_cache:
+        table.add_row("KV bytes", "", _kv_row(signature, itemsize, signature.max_seq))
+    return table
+
+
+def _heads_table(heads: HeadsInfo) -> Table:
+    """The heads, their held-out agreement, the static tree and what it was chosen from."""
+    table = Table(title=f"decoding heads · {heads.num_heads} × {heads.kind.value} "
+                        f"({heads.num_blocks} blocks, {heads.placement.value} placement)")
+    for column in ("depth", "top-1 agreement", "top-5 agreement", "tree nodes",
+                   "measured acceptance (rank 0 / any of 8)"):
+        table.add_column(column, justify="right")
+    depths = np.asarray([len(p) for p in heads.tree], dtype=int)
+    acceptance = heads.tree_choice.acceptance
+    for d in range(heads.num_heads):
+        measured = (f"{acceptance[d][0]:.2f} / {sum(acceptance[d]):.2f}"
+                    if d < len(acceptance) else "—")
+        table.add_row(str(d + 1), f"{heads.top1[d]:.3f}", f"{heads.top5[d]:.3f}",
+                      str(int((depths == d + 1).sum())), measured)
+    chosen = f"{len(heads.tree)} nodes, chosen by {heads.tree_choice.source}"
+    if heads.tree_choice.curve:
+        best = max(heads.tree_choice.curve, key=lambda row: row[2])
+        chosen += f" (predicted tau {best[1]:.2f}, {best[2]:.0f} tok/s)"
+    table.caption = f"static tree: {chosen}"
     return table
 
 
@@ -40,8 +65,6 @@ def _anatomy_table(rows) -> Table:
 
 
 def inspect_engine(path: Path) -> list[Table]:
-    import numpy as np
-
     m = read_manifest(path)
     itemsize = np.dtype(m.model.dtype).itemsize
     summary = Table(title=f"engine {path}", show_header=False)
@@ -58,7 +81,7 @@ def inspect_engine(path: Path) -> list[Table]:
         ("toolchain", ", ".join(f"{k} {v}" for k, v in m.toolchain.items())),
     ):
         summary.add_row(key, value)
-    tables = [summary, _anatomy_table(m.anatomy)]
+    tables = [summary, _anatomy_table(m.anatomy)] + ([_heads_table(m.heads)] if m.heads else [])
     for name, entry in m.programs.items():
         tables.append(_signature_table(name, StepSignature.from_json(entry.signature), itemsize))
     return tables

@@ -144,6 +144,7 @@ def decode(
         stats.drafted_depth.append(int(draft.tree.depth.max()))
         stats.accepted_depth.append(len(path) - 1)
         context.extend(draft.tokens[path].tolist())
-        drafter.observe(context, Verification(draft, logits, path, emitted, extra_logits))
+        others = {k: v for k, v in out.items() if k not in ("logits", "present")}
+        drafter.observe(context, Verification(draft, logits, path, emitted, extra_logits, others))
         root = emitted[-1]
         new, done = _truncate(emitted, stop, stats.new_tokens)

@@ -21,6 +21,7 @@ from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
+from leapc.runtime.drafters.heads import DynamicTree, HeadsDrafter
 from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
@@ -57,6 +58,7 @@ class DraftOptions:
 
     lookahead: LookaheadConfig = LookaheadConfig()  # window W, n-gram N, guesses G
     retrieval: RetrievalConfig = RetrievalConfig()  # datastore tree: nodes, n-gram, backoff
+    dynamic: DynamicTree = DynamicTree()  # *-dynamic head policies: nodes kept, beam
 
     def tree_shape(self) -> TreeShape:
         if self.max_draft < 0 or self.ngram < 1 or self.matches < 1:
@@ -113,25 +115,31 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str,
                device: Device) -> StepFunction:
     entry = manifest.programs[program]
     outputs = tuple(o["name"] for o in entry.signature["outputs"])
-    if manifest.backend is Backend.ORT:
+    # Helper programs (a draft model, heads) run on one thread: they alternate with the
+    # target call by call, and a second multi-threaded pool spinning between its runs takes
+    # the cores from the target (measured: target step 3.0 ms alone, 7.5 ms alternating).
+    return load_program(manifest.backend, engine_dir / entry.file, outputs, device,
+                        threads=None if program == "full" else 1)
+
+
+def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
+                 device: Device = Device.CPU, threads: int | None = None) -> StepFunction:
+    """One lowered program of ``backend``, callable on numpy arrays in signature order."""
+    if backend is Backend.ORT:
         from leapc.runtime.backends.ort import OrtStep
 
-        # Helper programs (a draft model) run on one thread: they alternate with the target
-        # call by call, and a second multi-threaded pool spinning between its runs takes
-        # the cores from the target (measured: target step 3.0 ms alone, 7.5 ms alternating).
-        return OrtStep(engine_dir / entry.file, threads=None if program == "full" else 1,
-                       device=device)
-    if manifest.backend is Backend.TENSORRT:
+        return OrtStep(path, threads=threads, device=device)
+    if backend is Backend.TENSORRT:
         from leapc.runtime.backends.tensorrt import load_step
 
-        return load_step(engine_dir / entry.file, outputs)
-    if manifest.backend is Backend.AOTI:
+        return load_step(path, outputs)
+    if backend is Backend.AOTI:
         from leapc.runtime.backends.aoti import AotiStep
 
-        return AotiStep(engine_dir / entry.file, outputs)
+        return AotiStep(path, outputs)
     from leapc.runtime.backends.eager import EagerStep
 
-    return EagerStep(engine_dir / entry.file, outputs)
+    return EagerStep(path, outputs)
 
 
 class Engine:
@@ -235,12 +243,21 @@ class Engine:
         if policy is Policy.RETRIEVAL:
             return RetrievalDrafter(self.datastore, options.retrieval, max_draft=options.max_draft,
                                     max_ngram=options.ngram)
+        if policy in _HEAD_POLICIES:
+            return self._heads(policy, options.dynamic)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
                 self.manifest.max_new, sampling, np.random.default_rng([seed, 1]),
                 shape, adaptive=options.adaptive)
         return NoDrafter()
+
+    def _heads(self, policy: Policy, dynamic: DynamicTree) -> HeadsDrafter:
+        if dynamic.total < 1 or dynamic.beam < 1:
+            raise InputError(f"dynamic tree needs nodes and beam >= 1 (got {dynamic})")
+        heads = self.manifest.heads
+        return HeadsDrafter(heads.kind, heads.num_heads, heads.placement, self.steps.get("heads"),
+                            heads.tree, dynamic if policy in _DYNAMIC else None)
 
     def _lookahead(self, config: LookaheadConfig, seed: int) -> LookaheadDrafter:
         if config.smallest_step > self.manifest.max_new:
@@ -256,6 +273,8 @@ class Engine:
         return Generation(stream.token_ids, stream.text, stream.stats)
 
 
+_HEAD_POLICIES = (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC, Policy.HYDRA, Policy.HYDRA_DYNAMIC)
+_DYNAMIC = (Policy.MEDUSA_DYNAMIC, Policy.HYDRA_DYNAMIC)
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from leapc.ir.errors import EngineError
+from leapc.ir.head_spec import HeadKind, HeadPlacement
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -33,6 +34,14 @@ class Policy(str, enum.Enum):
     DRAFT = "draft"  # a draft model in its own program and KV cache (build --draft-model)
     LOOKAHEAD = "lookahead"  # Jacobi lookahead decoding (training-free, any engine)
     RETRIEVAL = "retrieval"  # REST datastore + prompt lookup (build --datastore)
+    MEDUSA = "medusa"  # Medusa heads, static tree (build --heads K)
+    MEDUSA_DYNAMIC = "medusa-dynamic"  # Medusa heads, EAGLE-2 dynamic tree
+    HYDRA = "hydra"  # Hydra heads, static tree (build --heads K --head-kind hydra)
+    HYDRA_DYNAMIC = "hydra-dynamic"  # Hydra heads, EAGLE-2 dynamic tree
+
+
+HEAD_POLICIES = {HeadKind.MEDUSA: (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC),
+                 HeadKind.HYDRA: (Policy.HYDRA, Policy.HYDRA_DYNAMIC)}
 
 
 class Quantization(str, enum.Enum):
@@ -79,6 +88,30 @@ class DatastoreInfo(_Frozen):
     sha256: dict[str, str]  # file name -> digest
 
 
+class TreeChoice(_Frozen):
+    """How the static tree was chosen: by hand (a file, or the default) or by `--tree auto`
+    (Sequoia's program on the measured acceptance table, for the measured best budget)."""
+
+    source: str  # "default", "auto", or the tree file's path
+    acceptance: tuple[tuple[float, ...], ...] = ()  # [depth][rank], measured at build
+    curve: tuple[tuple[int, float, float], ...] = ()  # (nodes, expected tau, predicted tok/s)
+
+
+class HeadsInfo(_Frozen):
+    """Trained decoding heads: their config, where they run, the static tree, and training."""
+
+    directory: str = "heads"  # heads.safetensors + heads.json, as trained
+    kind: HeadKind
+    num_heads: int
+    num_blocks: int
+    placement: HeadPlacement
+    tree: tuple[tuple[int, ...], ...]  # static tree, rank paths
+    tree_choice: TreeChoice
+    top1: tuple[float, ...]  # per head, held out: P(top-1 == the model's argmax at t + k)
+    top5: tuple[float, ...]
+    sha256: dict[str, str]  # file name -> digest
+
+
 class Manifest(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     leapc_version: str
@@ -87,6 +120,7 @@ class Manifest(_Frozen):
     model: ModelInfo
     draft_model: ModelInfo | None = None  # the ``draft_model`` program's model, if any
     datastore: DatastoreInfo | None = None  # the ``retrieval`` policy's corpus, if any
+    heads: HeadsInfo | None = None  # decoding heads (the ``heads`` program), if any
     quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model"; "draft", "remainder" later
@@ -145,6 +179,10 @@ def _check_files(engine_dir: Path, manifest: Manifest) -> None:
         store = manifest.datastore
         for name, digest in store.sha256.items():
             _check_file(engine_dir, f"{store.directory}/{name}", digest, "datastore file")
+    if manifest.heads is not None:
+        heads = manifest.heads
+        for name, digest in heads.sha256.items():
+            _check_file(engine_dir, f"{heads.directory}/{name}", digest, "heads file")
 
 
 def _check_file(engine_dir: Path, relpath: str, digest: str, what: str) -> None:

@@ -65,3 +65,39 @@ def engine_dir(tmp_path_factory):
         return built[key, backend]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def heads_engine_dir(tmp_path_factory):
+    """``heads_engine_dir(key, kind, placement="program", backend="ort")`` -> an engine
+    with decoding heads, built once per session: ``"bundled"`` with the heads it ships,
+    ``"stories"`` and ``"tiny-llama"`` with heads the recipe trains in a few steps (on
+    ``STORIES_CORPUS`` and on random id text)."""
+    from tokenizers import pre_tokenizers
+
+    from leapc.heads import HeadsOptions
+    from leapc.ir.head_spec import HeadKind, HeadPlacement
+
+    built = {}
+
+    def get(key: str, kind: str, placement: str = "program", backend: str = "ort"):
+        if (key, kind, placement, backend) not in built:
+            out = tmp_path_factory.mktemp(f"{key}-{kind}-{placement}-{backend}")
+            text, max_seq, count = tmp_path_factory.mktemp("heads-text") / "text.txt", None, 3
+            if key == "bundled":
+                require_bundled()
+                model, text, count = "bundled", None, 4
+            elif key == "stories":
+                model = load_source(require_stories())
+                text.write_text(STORIES_CORPUS * 8)
+            else:
+                model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
+                model.tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+                text.write_text(" ".join(str(3 + (i * 7919) % 250) for i in range(4000)))
+            options = HeadsOptions(count=count, kind=HeadKind(kind), train_text=text,
+                                   placement=HeadPlacement(placement), training_steps=15)
+            built[key, kind, placement, backend] = leapc.build(model, out, backend,
+                                                               max_seq=max_seq, heads=options)
+        return built[key, kind, placement, backend]
+
+    return get

@@ -74,11 +74,11 @@ class AotiStep:
         self.runner = torch._inductor.aoti_load_package(str(path))
         self.output_names = output_names
 
-    def __call__(self, tokens, positions, past, mask) -> dict[str, np.ndarray]:
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
         t = self._torch
         # The generated kernels index inputs with the contiguous strides they were traced
         # with and do not check them: a strided view would be read wrongly, not refused.
-        inputs = [t.from_numpy(np.ascontiguousarray(a)) for a in (tokens, positions, past, mask)]
+        tensors = [t.from_numpy(np.ascontiguousarray(a)) for a in inputs]
         with t.inference_mode():
-            outs = self.runner(*inputs)
+            outs = self.runner(*tensors)
         return {name: o.numpy() for name, o in zip(self.output_names, outs, strict=True)}

@@ -31,9 +31,8 @@ class EagerStep:
         self.output_names = output_names
         self.device = device
 
-    def __call__(self, tokens, positions, past, mask) -> dict[str, np.ndarray]:
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
         t = self._torch
         with t.inference_mode():
-            outs = self.module(*(t.from_numpy(a).to(self.device)
-                                 for a in (tokens, positions, past, mask)))
+            outs = self.module(*(t.from_numpy(a).to(self.device) for a in inputs))
         return {name: o.cpu().numpy() for name, o in zip(self.output_names, outs, strict=True)}

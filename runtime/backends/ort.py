@@ -23,7 +23,6 @@ def lower(program, out_dir: Path, name: str) -> Path:
 
     import torch
 
-    from leapc.ir.capture import STEP_INPUTS
     from leapc.kernels.onnx_translations import OPSET, translations
 
     # The exporter warns once per torchvision op it cannot register; none are used here.
@@ -33,7 +32,7 @@ def lower(program, out_dir: Path, name: str) -> Path:
     output_names = [s.name for s in program.signature.outputs]
     onnx_program = torch.onnx.export(
         program.program,
-        input_names=list(STEP_INPUTS),
+        input_names=[s.name for s in program.signature.inputs],
         output_names=output_names,
         custom_translation_table=translations(),  # leapc's custom ops, as standard ONNX ops
         opset_version=OPSET,
@@ -103,15 +102,17 @@ def check_device(device: Device) -> None:
 
 
 class OrtStep:
-    """One ONNX step program in an InferenceSession."""
+    """One ONNX program (a step program, or a helper such as ``heads``) in an
+    InferenceSession, called with its inputs in signature order."""
 
     def __init__(self, path: Path, threads: int | None = None, device: Device = Device.CPU):
         threads = threads or int(os.environ.get("LEAPC_THREADS", "0")) or os.cpu_count() or 1
         self.session = ort.InferenceSession(
             str(path), _session_options(threads), providers=list(PROVIDERS[device])
         )
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
-    def __call__(self, tokens, positions, past, mask) -> dict[str, np.ndarray]:
-        feeds = {"tokens": tokens, "positions": positions, "past": past, "mask": mask}
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = dict(zip(self.input_names, inputs, strict=True))
         return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))

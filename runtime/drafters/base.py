@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
@@ -91,7 +91,9 @@ class Draft:
 class Verification:
     """What one verify step found: the target's logits at every node of the draft's tree,
     the accepted path (node indices, root first), the emitted tokens (path + bonus), and
-    the logits at the draft's extra nodes, if it had any.
+    the logits at the draft's extra nodes, if it had any, and the step's other outputs
+    as the program returned them (batch axis and every step row included: ``hidden``,
+    ``head_logits`` of engines with decoding heads).
 
     ``logits`` stays row-aligned with ``draft.tokens``, so code that reads the tree's
     logits cannot mistake an extra node's row for a tree node's.
@@ -102,6 +104,7 @@ class Verification:
     path: list[int]
     emitted: list[int]
     extra_logits: np.ndarray | None = None  # [E, V] when draft.extra is not None
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Drafter(Protocol):

@@ -373,3 +373,33 @@ def test_missing_command_and_argument():
     user_error(cli())
     user_error(cli("run"), "engine")
     user_error(cli("frobnicate"))
+
+
+# ------------------------------------------------------------------ decoding heads
+
+
+def test_inspect_shows_the_heads_and_their_tree(heads_engine_dir):
+    text = cli("inspect", heads_engine_dir("tiny-llama", "medusa")).stdout
+    assert "decoding heads · 3 × medusa" in text
+    assert re.search(r"static tree: \d+ nodes, chosen by default", text)
+    assert "step signature · heads" in text and "head_logits" in text
+
+
+def test_run_a_head_policy(heads_engine_dir):
+    engine = heads_engine_dir("tiny-llama", "hydra")
+    plain = cli("run", engine, "--prompt-ids", "5,6,7", "--max-new-tokens", "20", "--json")
+    drafted = cli("run", engine, "--prompt-ids", "5,6,7", "--max-new-tokens", "20", "--json",
+                  "--policy", "hydra-dynamic", "--tree-nodes", "8", "--beam", "2")
+    assert drafted.returncode == 0, drafted.stderr
+    assert json.loads(drafted.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+
+
+def test_head_build_mistakes_are_user_errors(tmp_path):
+    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--tree", "auto"),
+               "--train-heads and --tree need --heads K")
+    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "4", "--head-kind",
+                   "hydra", "--head-placement", "step"), "Hydra heads")
+    tree = tmp_path / "tree.json"
+    tree.write_text("[[0], [0, 0, 0, 0, 0]]")
+    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "4", "--tree", tree),
+               "needs more than the 4 heads")

@@ -1,0 +1,140 @@
+"""Decoding heads (Medusa, Hydra): extra next-next-token predictors over the last hidden state.
+
+A model's LM head maps the final-norm hidden state ``h_t`` to the distribution of token
+``t + 1``. Head ``k`` (k = 1..K) maps the same ``h_t`` to token ``t + 1 + k``:
+
+    z_k = h_t (+ U_k e(x_{t+k}) for Hydra)       U_k: [H, H], e: the token embedding
+    z_k <- z_k + SiLU(W_kb z_k + b_kb)           for each of the head's residual blocks b
+    head_logits_k = lm_head(z_k)                 the model's own LM head (shared, frozen)
+
+Medusa heads read ``h_t`` alone, so one hidden state yields every depth of a draft at
+once. Hydra heads are sequentially dependent: head k also reads the token drafted at
+depth k - 1 (depth 0 is the root, the token the LM head chose), so a draft grows one depth
+per call. With zero-initialised blocks (and U) every head reproduces the LM head, which is
+where training starts. Sharing the LM head keeps a head at H*H*(blocks + Hydra's U)
+weights, so trained heads ship in kilobytes, not a vocabulary matrix each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leapc.ir.head_spec import HeadKind, HeadsConfig
+
+
+class DecodingHeads(nn.Module):
+    """The K heads' trainable weights, stacked so all heads run as batched matmuls."""
+
+    def __init__(self, config: HeadsConfig, hidden_size: int):
+        super().__init__()
+        k, blocks, h = config.num_heads, config.num_blocks, hidden_size
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(k, blocks, h, h))
+        self.bias = nn.Parameter(torch.zeros(k, blocks, h))
+        if config.kind is HeadKind.HYDRA:
+            self.token_proj = nn.Parameter(torch.zeros(k, h, h))
+
+    @property
+    def is_hydra(self) -> bool:
+        return self.config.kind is HeadKind.HYDRA
+
+    def states(self, hidden: torch.Tensor, token_embeddings: torch.Tensor | None = None,
+               heads: torch.Tensor | None = None) -> torch.Tensor:
+        """``[S, M, H]`` head states for the heads ``heads`` (default all K, in order).
+
+        ``hidden`` is ``[M, H]`` (or ``[S, M, H]``: one row set per head, as in training);
+        Hydra's ``token_embeddings`` are ``[S, M, H]``: for head k, the embedding of the
+        token at depth k - 1 of the draft that row extends.
+        """
+        weight, bias = self.weight, self.bias
+        token_proj = self.token_proj if self.is_hydra else None
+        if heads is not None:
+            weight, bias = weight.index_select(0, heads), bias.index_select(0, heads)
+            token_proj = token_proj.index_select(0, heads) if token_proj is not None else None
+        z = hidden if hidden.ndim == 3 else hidden.expand(weight.shape[0], *hidden.shape)
+        if token_proj is not None:
+            z = z + torch.bmm(token_embeddings, token_proj.transpose(1, 2))
+        for b in range(weight.shape[1]):
+            z = z + F.silu(torch.bmm(z, weight[:, b].transpose(1, 2)) + bias[:, b, None])
+        return z
+
+
+def project(states: torch.Tensor, lm_weight: torch.Tensor,
+            lm_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The shared LM head over head states: ``[S, M, H] -> [S, M, V]``."""
+    return F.linear(states, lm_weight, lm_bias)
+
+
+class MedusaProgram(nn.Module):
+    """The ``heads`` program of a Medusa engine: ``hidden [N, H] -> head_logits [K, N, V]``
+    (outputs are a tuple, as every program's are)."""
+
+    def __init__(self, heads: DecodingHeads, lm_weight: torch.Tensor,
+                 lm_bias: torch.Tensor | None):
+        super().__init__()
+        self.heads = heads
+        self.register_buffer("lm_weight", lm_weight.detach().clone())
+        self.register_buffer("lm_bias", None if lm_bias is None else lm_bias.detach().clone())
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor]:
+        return (project(self.heads.states(hidden), self.lm_weight, self.lm_bias),)
+
+
+class HydraProgram(nn.Module):
+    """The ``heads`` program of a Hydra engine, one depth per call:
+    ``hidden [N, H], tokens [N], head [1] -> head_logits [1, N, V]`` (head index 0-based:
+    head ``k + 1`` predicts depth ``k + 1`` from the token at depth ``k``)."""
+
+    def __init__(self, heads: DecodingHeads, lm_weight: torch.Tensor,
+                 lm_bias: torch.Tensor | None, embedding: torch.Tensor):
+        super().__init__()
+        self.heads = heads
+        self.register_buffer("lm_weight", lm_weight.detach().clone())
+        self.register_buffer("lm_bias", None if lm_bias is None else lm_bias.detach().clone())
+        self.register_buffer("embedding", embedding.detach().clone())
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor,
+                head: torch.Tensor) -> tuple[torch.Tensor]:
+        embedded = F.embedding(tokens, self.embedding)[None]
+        states = self.heads.states(hidden[None], embedded, heads=head)
+        return (project(states, self.lm_weight, self.lm_bias),)
+
+
+def heads_signature(config: HeadsConfig, dims, max_rows: int, max_seq: int):
+    """Inputs and outputs of the ``heads`` program; ``N`` counts the rows (draft nodes)."""
+    from leapc.ir import signature as sig
+
+    n, hidden = sig.N, sig.TensorSpec("hidden", dims.dtype, (sig.N, dims.hidden_size))
+    if config.kind is HeadKind.HYDRA:
+        inputs = (hidden, sig.TensorSpec("tokens", "int64", (n,)),
+                  sig.TensorSpec("head", "int64", (1,)))
+        out_heads = 1
+    else:
+        inputs, out_heads = (hidden,), config.num_heads
+    outputs = (sig.TensorSpec("head_logits", dims.dtype, (out_heads, n, dims.vocab_size)),)
+    return sig.StepSignature(inputs, outputs, {"N": (1, max_rows)}, max_seq)
+
+
+def capture_heads(heads: DecodingHeads, model, max_rows: int, max_seq: int):
+    """Export the ``heads`` program of ``model`` (a transformers causal LM) with its own
+    LM head (and, for Hydra, its input embedding), rows dynamic up to ``max_rows``."""
+    from torch.export import Dim
+
+    from leapc.ir.capture import CapturedProgram, ModelDims
+
+    dims = ModelDims.of(model)
+    out = model.get_output_embeddings()
+    rows = Dim("N", min=1, max=max_rows)
+    hidden = torch.randn(3, dims.hidden_size, dtype=getattr(torch, dims.dtype))
+    if heads.is_hydra:
+        module = HydraProgram(heads, out.weight, out.bias, model.get_input_embeddings().weight)
+        args = (hidden, torch.zeros(3, dtype=torch.int64), torch.ones(1, dtype=torch.int64))
+        shapes = {"hidden": {0: rows}, "tokens": {0: rows}, "head": None}
+    else:
+        module, args, shapes = MedusaProgram(heads, out.weight, out.bias), (hidden,), {
+            "hidden": {0: rows}}
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), args, dynamic_shapes=shapes, strict=False)
+    return CapturedProgram(program, heads_signature(heads.config, dims, max_rows, max_seq), dims)

@@ -1,0 +1,212 @@
+"""Decoding heads at build time: where the trained heads come from, and which static tree.
+
+Heads come from ``--train-heads TEXT`` (the self-distillation recipe, run on that text) or,
+for the bundled model, from the heads it ships. The static tree is a hand-written default,
+a file of rank paths, or ``auto``: the acceptance of every head rank is measured on the
+model's own greedy continuations of calibration text, the verify step's cost by node count
+is measured on the engine just lowered, and Sequoia's program (`leapc.ir.tree_search`)
+picks the tree and node budget that maximise predicted tokens per second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from leapc.datastore import DatastoreSource, read_texts
+from leapc.ir.errors import InputError
+from leapc.ir.head_spec import HeadKind, HeadPlacement, HeadsConfig
+from leapc.ir.heads import DecodingHeads, project
+from leapc.ir.tree_search import AcceptanceTable, Budget, best_budget
+from leapc.models import corpus
+from leapc.models.heads import HeadsReport, bundled_heads_dir, load_heads
+from leapc.models.loaders import BUNDLED, SourceModel
+from leapc.models.train_heads import HeadsTraining, train_heads
+from leapc.runtime.backends.base import StepFunction
+from leapc.runtime.manifest import TreeChoice
+
+AUTO = "auto"
+# Hand-written for four heads (Medusa-style: wide near the root, one path deep), 15 nodes.
+DEFAULT_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (0, 2), (1, 0), (0, 0, 0), (0, 0, 1),
+                (0, 1, 0), (1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0))
+CALIBRATION = dict(prompts=16, prompt_tokens=64, new_tokens=96, ranks=8)
+
+
+@dataclass(frozen=True)
+class HeadsOptions:
+    """``leapc build --heads K --head-kind ... --train-heads TEXT --tree auto|FILE``."""
+
+    count: int = 4
+    kind: HeadKind = HeadKind.MEDUSA
+    train_text: DatastoreSource | None = None  # None: the heads the bundled model ships
+    tree: str | Path | None = None  # None: DEFAULT_TREE (trimmed to K heads); "auto"; a file
+    placement: HeadPlacement = HeadPlacement.PROGRAM
+    training_steps: int = 400
+
+
+def _token_stream(source: SourceModel, text: DatastoreSource) -> np.ndarray:
+    description, texts = read_texts(text)
+    ids = [enc.ids for enc in source.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    stream = np.concatenate([np.asarray(d, dtype=np.int64) for d in ids])
+    if len(stream) < 1024:
+        raise InputError(f"--train-heads {description}: {len(stream)} tokens is too little "
+                         "text to train heads on (at least 1024)")
+    return stream
+
+
+def obtain_heads(source: SourceModel, options: HeadsOptions,
+                 work: Path) -> tuple[DecodingHeads, HeadsReport]:
+    """Train heads on ``options.train_text`` or load the bundled model's."""
+    hidden = source.model.config.get_text_config().hidden_size
+    if options.train_text is None:
+        if source.name != BUNDLED:
+            raise InputError(f"no trained heads ship for {source.name}: pass --train-heads TEXT")
+        heads, report = load_heads(bundled_heads_dir(options.kind), hidden)
+        if heads.config.num_heads != options.count:
+            raise InputError(f"the bundled model ships {heads.config.num_heads} "
+                             f"{options.kind.value} heads; pass --heads "
+                             f"{heads.config.num_heads} or --train-heads TEXT")
+        return heads, report
+    stream = _token_stream(source, options.train_text)
+    split = int(len(stream) * 0.95)
+    config = HeadsTraining(HeadsConfig(options.kind, options.count),
+                           steps=options.training_steps,
+                           context=min(256, split // 4 - options.count - 1))
+    return train_heads(source.model, stream[:split], stream[split:], config, work)
+
+
+# ---------------------------------------------------------------------------- trees
+
+
+def read_tree(path: Path, num_heads: int) -> tuple[tuple[int, ...], ...]:
+    """A JSON list of rank paths (``[[0], [1], [0, 0]]``), checked against the heads."""
+    try:
+        paths = tuple(tuple(int(r) for r in p) for p in json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise InputError(f"--tree {path}: not a JSON list of rank paths ({err})") from None
+    if not paths or any(not p or min(p) < 0 for p in paths):
+        raise InputError(f"--tree {path}: every path needs one or more ranks >= 0")
+    if max(map(len, paths)) > num_heads:
+        raise InputError(f"--tree {path}: a path of {max(map(len, paths))} ranks needs more "
+                         f"than the {num_heads} heads")
+    return paths
+
+
+def default_tree(num_heads: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(p for p in DEFAULT_TREE if len(p) <= num_heads)
+
+
+def calibration_prompts(source: SourceModel, text: DatastoreSource | None) -> list[list[int]]:
+    """Token windows of the training text (never the held-out files benchmarks use)."""
+    if text is None:
+        texts = [f.text for f in corpus.read_stdlib() if not f.held_out]
+    else:
+        texts = read_texts(text)[1]
+    return _windows(source.tokenizer, texts, CALIBRATION["prompts"], CALIBRATION["prompt_tokens"])
+
+
+def _windows(tokenizer: Tokenizer, texts: list[str], count: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    long = [t for t in texts if len(t) > 8 * length]
+    chosen = rng.choice(len(long), size=min(count, len(long)), replace=False)
+    windows = []
+    for i in chosen:
+        ids = tokenizer.encode(long[i], add_special_tokens=False).ids
+        start = int(rng.integers(0, max(1, len(ids) - length)))
+        windows.append(ids[start : start + length])
+    return windows
+
+
+@torch.no_grad()
+def measure_acceptance(model, heads: DecodingHeads, prompts: list[list[int]]) -> AcceptanceTable:
+    """Per depth and rank: how often the model's own greedy token is the head's rank-r
+    candidate, counted where every shallower depth's token was within the measured ranks
+    (its parent would have been in a tree of those ranks)."""
+    ranks, k = CALIBRATION["ranks"], heads.config.num_heads
+    hits, trials = np.zeros((k, ranks)), np.zeros(k)
+    for prompt in prompts:
+        seq = _greedy(model, prompt, CALIBRATION["new_tokens"])
+        found = _ranks(model, heads, seq, len(prompt) - 1)  # [positions, K]
+        reached = np.ones(len(found), dtype=bool)
+        for d in range(k):
+            trials[d] += reached.sum()
+            hit = reached & (found[:, d] < ranks)
+            np.add.at(hits[d], found[hit, d], 1)
+            reached = hit
+    return AcceptanceTable.from_counts(hits, trials)
+
+
+def _greedy(model, prompt: list[int], new: int) -> torch.Tensor:
+    x = torch.tensor([prompt])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
+                         do_sample=False, pad_token_id=0)
+    return out[0]
+
+
+def _ranks(model, heads: DecodingHeads, seq: torch.Tensor, start: int) -> np.ndarray:
+    """For each root position t >= start: the rank of seq[t + 1 + d] in head d's logits."""
+    k = heads.config.num_heads
+    hidden = model.model(seq[None]).last_hidden_state[0]  # [L, H]
+    t = torch.arange(start, len(seq) - 1 - k)
+    rows = hidden[t].expand(k, len(t), hidden.shape[-1])
+    embedded = None
+    if heads.is_hydra:  # head d reads the token at depth d - 1: seq[t + d]
+        table = model.get_input_embeddings().weight
+        embedded = torch.stack([table[seq[t + d]] for d in range(1, k + 1)])
+    out = model.get_output_embeddings()
+    logits = project(heads.states(rows, embedded), out.weight, out.bias)  # [K, M, V]
+    target = torch.stack([seq[t + 1 + d] for d in range(1, k + 1)])  # [K, M]
+    chosen = logits.gather(-1, target[..., None])
+    return (logits > chosen).sum(-1).T.numpy()  # tokens strictly ahead = rank
+
+
+def step_seconds(step: StepFunction, dims, nodes: range, past: int = 256,
+                 repeats: int = 15) -> dict[int, float]:
+    """Median seconds of one verify step of N nodes (N in ``nodes``) over ``past`` slots."""
+    rng = np.random.default_rng(0)
+    cache = np.zeros((dims.num_layers, 2, 1, dims.num_kv_heads, past, dims.head_dim),
+                     dtype=dims.dtype)
+    measured = {}
+    for n in nodes:
+        tokens = rng.integers(0, dims.vocab_size, (1, n))
+        positions = (past + np.arange(n))[None]
+        mask = np.concatenate([np.ones((n, past), bool), np.tril(np.ones((n, n), bool))], 1)
+        measured[n] = _median_seconds(step, (tokens, positions, cache, mask[None]), repeats)
+    return measured
+
+
+def _median_seconds(call, args: tuple, repeats: int) -> float:
+    call(*args)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(*args)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def heads_seconds(program: StepFunction | None, heads: DecodingHeads, hidden: int,
+                  dtype: str) -> float:
+    """Drafting cost per step: one Medusa call, or one Hydra call per depth."""
+    if program is None:
+        return 0.0
+    state = np.zeros((1, hidden), dtype=dtype)
+    if not heads.is_hydra:
+        return _median_seconds(program, (state,), 15)
+    rows = np.zeros((4, hidden), dtype=dtype)
+    call = _median_seconds(program, (rows, np.zeros(4, np.int64), np.zeros(1, np.int64)), 15)
+    return call * heads.config.num_heads
+
+
+def auto_tree(table: AcceptanceTable, steps: dict[int, float], drafting: float) -> tuple[
+        tuple[tuple[int, ...], ...], TreeChoice, Budget]:
+    budget = best_budget(table, steps, drafting)
+    choice = TreeChoice(source=AUTO, acceptance=tuple(map(tuple, table.to_json())),
+                        curve=budget.curve)
+    return budget.paths, choice, budget

@@ -1,0 +1,50 @@
+"""Decoding-head policies (Medusa, Hydra; static and dynamic trees): token-identical to
+``ar`` under greedy decoding on the bundled model (shipped heads), stories260K and a tiny
+model (heads trained by the recipe), on every placement and on the eager backend too."""
+
+from __future__ import annotations
+
+import pytest
+from engines import STORIES_REFERENCE
+
+import leapc
+from leapc.runtime.drafters.heads import DynamicTree
+from leapc.runtime.engine import DraftOptions
+
+TINY_PROMPT = [5, 17, 33, 2 + 7, 101]
+
+
+def assert_heads_policies_match_ar(engine, prompt, new_tokens=48) -> dict[str, float]:
+    expected = engine.generate(prompt, new_tokens).token_ids
+    heads = [p for p in engine.manifest.policies if p.value.startswith(("medusa", "hydra"))]
+    assert len(heads) == 2
+    taus = {}
+    for policy in heads:
+        for draft in (DraftOptions(), DraftOptions(dynamic=DynamicTree(total=24, beam=3))):
+            got = engine.generate(prompt, new_tokens, policy=policy, draft=draft)
+            assert got.token_ids == expected, (policy, draft.dynamic)
+            taus[policy.value] = got.stats.tau
+    return taus
+
+
+@pytest.mark.parametrize("kind", ("medusa", "hydra"))
+def test_stories_heads_policies_equal_ar(heads_engine_dir, kind):
+    engine = leapc.load(heads_engine_dir("stories", kind))
+    assert_heads_policies_match_ar(engine, STORIES_REFERENCE[:60])
+
+
+@pytest.mark.parametrize(("kind", "placement", "backend"), [
+    ("medusa", "program", "ort"), ("medusa", "step", "ort"), ("hydra", "program", "ort"),
+    ("medusa", "step", "eager"), ("hydra", "program", "eager")])
+def test_tiny_heads_policies_equal_ar(heads_engine_dir, kind, placement, backend):
+    engine = leapc.load(heads_engine_dir("tiny-llama", kind, placement, backend))
+    assert_heads_policies_match_ar(engine, TINY_PROMPT)
+
+
+def test_step_placement_engine_has_no_heads_program(heads_engine_dir):
+    step = leapc.load(heads_engine_dir("tiny-llama", "medusa", "step"))
+    program = leapc.load(heads_engine_dir("tiny-llama", "medusa", "program"))
+    assert set(step.manifest.programs) == {"full"}
+    assert "head_logits" in step.step.output_names
+    assert set(program.manifest.programs) == {"full", "heads"}
+    assert "hidden" in program.step.output_names
