@@ -32,6 +32,7 @@ from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
 from leapc.runtime.manifest import Backend, Policy, Quantization
+from leapc.runtime.sampling import TypicalAcceptance
 
 
 def _lookahead(text: str | LookaheadConfig) -> LookaheadConfig:
@@ -181,6 +182,8 @@ def run(
     retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
     tree_nodes: TreeNodes = DynamicTree().total,
     beam: Beam = DynamicTree().beam,
+    typical: bool = typer.Option(
+        False, help="sampling: Medusa's typical acceptance (lossy: output distribution changes)"),
     device: DeviceOption = Device.CPU,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -195,7 +198,8 @@ def run(
                                        seed=seed, draft=_draft_options(
                                            max_draft, ngram, matches, adaptive, draft_tree,
                                            confidence, tree_sampling, lookahead,
-                                           retrieval_nodes, DynamicTree(tree_nodes, beam)))
+                                           retrieval_nodes, DynamicTree(tree_nodes, beam)),
+                                       typical=TypicalAcceptance() if typical else None)
     if as_json:
         for _ in stream:
             pass

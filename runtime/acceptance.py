@@ -107,10 +107,35 @@ def accept_tree_sampling(
             return path, emitted
 
 
+def accept_typical(
+    tokens: np.ndarray, tree: TreeBuffers, logits: np.ndarray, cfg: SamplingConfig,
+    rng: np.random.Generator,
+) -> tuple[list[int], list[int]]:
+    """Rule 6 (lossy, opt-in): at each visited node follow the most probable child whose
+    token passes p(x) > min(epsilon, delta * exp(-H(p))); where none passes, emit a draw
+    from p. Emitted tokens are no longer exact draws from p: that is the trade it makes."""
+    typical = cfg.typical
+    path, emitted, node = [0], [], 0
+    while True:
+        p = probabilities(logits[node], cfg)
+        entropy = -float(np.sum(p * np.log(np.where(p > 0, p, 1.0))))
+        threshold = min(typical.epsilon, typical.delta * np.exp(-entropy))
+        passing = [c for c in _children(tree, node) if p[tokens[c]] > threshold]
+        if not passing:
+            emitted.append(int(rng.choice(len(p), p=p)))
+            return path, emitted
+        node = int(max(passing, key=lambda c: p[tokens[c]]))
+        path.append(node)
+        emitted.append(int(tokens[node]))
+
+
 def accept(draft: Draft, logits: np.ndarray, cfg: SamplingConfig,
            rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """The exact rule for this draft: deterministic candidates (or greedy) by rules 1/5,
-    sampled chains by rule 2, sampled trees by rule 3 or 4."""
+    sampled chains by rule 2, sampled trees by rule 3 or 4; rule 6 when typical acceptance
+    is asked for (sampling only: greedy decoding stays exact)."""
+    if cfg.typical is not None and not cfg.greedy:
+        return accept_typical(draft.tokens, draft.tree, logits, cfg, rng)
     if draft.q is None or cfg.greedy:
         return accept_deterministic(draft.tokens, draft.tree, logits, cfg, rng)
     if draft.tree.is_chain:

@@ -14,7 +14,7 @@ import numpy as np
 
 from leapc.runtime.acceptance import accept
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.drafters.base import Draft, Drafter, Verification
+from leapc.runtime.drafters.base import Draft, Drafter, ReadsPrefill, Verification
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, sample
 
@@ -65,13 +65,15 @@ class StopConfig:
     eos_ids: tuple[int, ...]
 
 
-def prefill(step: StepFunction, cache: KVCache, prompt: list[int], chunk: int) -> np.ndarray:
-    """Run the prompt through in chunks of at most ``chunk``; return the last logits row."""
+def prefill(step: StepFunction, cache: KVCache, prompt: list[int],
+            chunk: int) -> dict[str, np.ndarray]:
+    """Run the prompt through in chunks of at most ``chunk``; return the last call's outputs
+    (its last ``logits`` row predicts the first new token)."""
     for start in range(0, len(prompt), chunk):
         piece = prompt[start : start + chunk]
         out = step(*tree_inputs(cache, Draft.chain_of(piece[0], piece[1:])))
         cache.commit(out["present"], np.arange(len(piece)))
-    return out["logits"][0, -1]
+    return out
 
 
 def tree_inputs(cache: KVCache, draft: Draft):
@@ -118,7 +120,10 @@ def decode(
     together with the drafts writes its KV row and yields the logits that check depth 1.
     """
     start = time.perf_counter()
-    logits = prefill(step, cache, prompt, chunk)
+    out = prefill(step, cache, prompt, chunk)
+    logits = out["logits"][0, -1]
+    if isinstance(drafter, ReadsPrefill):
+        drafter.observe_prefill(out)
     stats.prompt_tokens, stats.prefill_calls = len(prompt), -(-len(prompt) // chunk)
     stats.prefill_s = time.perf_counter() - start
     start = time.perf_counter()

@@ -28,7 +28,7 @@ from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.drafters.retrieval import RetrievalConfig, RetrievalDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, Manifest, ModelInfo, Policy, read_manifest
-from leapc.runtime.sampling import SamplingConfig
+from leapc.runtime.sampling import SamplingConfig, TypicalAcceptance
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class DraftOptions:
     lookahead: LookaheadConfig = LookaheadConfig()  # window W, n-gram N, guesses G
     retrieval: RetrievalConfig = RetrievalConfig()  # datastore tree: nodes, n-gram, backoff
     dynamic: DynamicTree = DynamicTree()  # *-dynamic head policies: nodes kept, beam
+    head_tree: tuple[tuple[int, ...], ...] = ()  # medusa / hydra: rank paths (() = the engine's)
 
     def tree_shape(self) -> TreeShape:
         if self.max_draft < 0 or self.ngram < 1 or self.matches < 1:
@@ -212,11 +213,14 @@ class Engine:
         top_p: float = 1.0,
         seed: int = 0,
         draft: DraftOptions = DraftOptions(),
+        typical: TypicalAcceptance | None = None,
     ) -> Stream:
+        """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
+        tokens per step, but the output no longer follows the model's distribution."""
         chosen = self._policy(policy)
         _check_options(max_new_tokens, temperature, top_k, top_p)
         ids = self.encode(prompt)
-        sampling = SamplingConfig(temperature, top_k, top_p)
+        sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
         tokens = decode(
             self.step, self._cache(self.manifest.model), ids, self.manifest.max_new,
@@ -244,7 +248,7 @@ class Engine:
             return RetrievalDrafter(self.datastore, options.retrieval, max_draft=options.max_draft,
                                     max_ngram=options.ngram)
         if policy in _HEAD_POLICIES:
-            return self._heads(policy, options.dynamic)
+            return self._heads(policy, options)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
@@ -252,12 +256,16 @@ class Engine:
                 shape, adaptive=options.adaptive)
         return NoDrafter()
 
-    def _heads(self, policy: Policy, dynamic: DynamicTree) -> HeadsDrafter:
+    def _heads(self, policy: Policy, options: DraftOptions) -> HeadsDrafter:
+        dynamic, heads = options.dynamic, self.manifest.heads
         if dynamic.total < 1 or dynamic.beam < 1:
             raise InputError(f"dynamic tree needs nodes and beam >= 1 (got {dynamic})")
-        heads = self.manifest.heads
+        tree = options.head_tree or heads.tree
+        if max(map(len, tree), default=0) > heads.num_heads:
+            raise InputError(f"a head tree of depth {max(map(len, tree))} needs more than "
+                             f"this engine's {heads.num_heads} heads")
         return HeadsDrafter(heads.kind, heads.num_heads, heads.placement, self.steps.get("heads"),
-                            heads.tree, dynamic if policy in _DYNAMIC else None)
+                            tree, dynamic if policy in _DYNAMIC else None)
 
     def _lookahead(self, config: LookaheadConfig, seed: int) -> LookaheadDrafter:
         if config.smallest_step > self.manifest.max_new:

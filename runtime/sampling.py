@@ -12,10 +12,21 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class TypicalAcceptance:
+    """Medusa's typical acceptance (DESIGN §7 rule 6), lossy by design: a drafted token x
+    is accepted where p(x) > min(epsilon, delta * exp(-H(p))), i.e. where it is plausible
+    enough under the target, judged against how uncertain the target is."""
+
+    epsilon: float = 0.09  # Medusa's posterior_threshold
+    delta: float = 0.3  # Medusa's posterior_alpha
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 disables
     top_p: float = 1.0
+    typical: TypicalAcceptance | None = None  # opt-in lossy acceptance (sampling only)
 
     @property
     def greedy(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -115,6 +115,17 @@ class Drafter(Protocol):
 
     def observe(self, context: list[int], result: Verification) -> None:
         """Learn from a verify step; ``context`` already includes its committed tokens."""
+        ...
+
+
+@runtime_checkable
+class ReadsPrefill(Protocol):
+    """A drafter that drafts from the target's outputs (decoding heads) also reads the last
+    prefill call's, so the first decode step is drafted too."""
+
+    def observe_prefill(self, outputs: dict[str, np.ndarray]) -> None:
+        """``outputs``: the last prefill call's, batch axis and rows included; its last row
+        is the last prompt token's."""
         ...
 
 

@@ -85,7 +85,7 @@ class DraftModelDrafter:
         if depth <= 0 or budget <= 0:
             return Draft.root_only(root)
         tokens = [*context, root]
-        logits = prefill(self.step, self.cache, tokens[self.cache.length:], self.chunk)
+        logits = prefill(self.step, self.cache, tokens[self.cache.length:], self.chunk)["logits"][0, -1]
         self._context_slots = self.cache.length
         tree = _Growing([root])
         frontier = {0: logits}

@@ -12,8 +12,8 @@ best nodes of all generated. A node's score is at most its parent's, so the best
 always include their ancestors. Candidates are deterministic: lossless under greedy
 acceptance (rule 1) and sampled acceptance (rule 5) alike.
 
-The first step after prefill drafts nothing: the heads need the hidden state of the last
-prompt token, which the prefill call does not hand to drafters.
+The first draft reads the last prefill call's outputs (`ReadsPrefill`): the heads at the
+last prompt token propose the tokens after the first new one.
 """
 
 from __future__ import annotations
@@ -73,11 +73,17 @@ class HeadsDrafter:
     # ---------------------------------------------------------------- verification
 
     def observe(self, context: list[int], result: Verification) -> None:
-        last = result.path[-1]
+        self._remember(result.outputs, result.path[-1])
+
+    def observe_prefill(self, outputs: dict[str, np.ndarray]) -> None:
+        self._remember(outputs, -1)
+
+    def _remember(self, outputs: dict[str, np.ndarray], row: int) -> None:
+        """Keep what the heads need at step row ``row``: the last accepted node's."""
         if self.placement is HeadPlacement.STEP:
-            self._state = result.outputs["head_logits"][:, 0, last]
+            self._state = outputs["head_logits"][:, 0, row]
         else:
-            self._state = result.outputs["hidden"][0, last]
+            self._state = outputs["hidden"][0, row]
         self._medusa_logits = None
 
     # ---------------------------------------------------------------- candidates

@@ -94,3 +94,18 @@ def test_a_tree_deeper_than_the_heads_is_refused():
     with pytest.raises(ValueError, match="more than the 3 heads"):
         HeadsDrafter(HeadKind.MEDUSA, K, HeadPlacement.PROGRAM, medusa_program,
                      ((0, 0, 0, 0),))
+
+
+def test_the_first_draft_reads_the_last_prefill_row():
+    drafter = HeadsDrafter(HeadKind.HYDRA, K, HeadPlacement.PROGRAM, hydra_program, ((0,),))
+    seen = []
+
+    def program(hidden, tokens, head):
+        seen.append(hidden.copy())
+        return hydra_program(hidden, tokens, head)
+
+    drafter.program = program
+    hidden = np.arange(3 * H, dtype=np.float32).reshape(1, 3, H)
+    drafter.observe_prefill({"hidden": hidden})
+    assert drafter.propose([1, 2, 3], 7, 10).tokens.tolist() == [7, 8]
+    np.testing.assert_array_equal(seen[0][0], hidden[0, -1])
