@@ -59,10 +59,20 @@ def _stack(gm: GraphModule, layers: list[Node]) -> Node:
 
 
 def _prune(gm: GraphModule) -> None:
-    """Drop what no output needs. FX keeps unused SDPA (dropout makes it "random") and
-    export's metadata asserts as side effects; the graph is functional, and re-export
-    inserts the asserts again for what is left."""
+    """Drop what no output needs, weights included (export would keep every parameter of
+    the module as a program input, so a draft would carry the whole model).
+
+    FX keeps an unused SDPA (dropout makes it "random") and export's metadata asserts
+    as side effects; the graph is functional, and re-export inserts the asserts again
+    for what is left.
+    """
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    weights = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name, _ in weights:
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner), attr)
 
 
 def _slice_signature(program: CapturedProgram, layers: int, inputs, outputs) -> sig.StepSignature:
