@@ -114,7 +114,6 @@ def _take_hidden(gm: GraphModule, residual: Node) -> None:
     tokens = graph_nodes(gm)["tokens"]
     with gm.graph.inserting_before(tokens):
         hidden = gm.graph.placeholder(HIDDEN_INPUT)
-    hidden.meta = dict(residual.meta)
     residual.replace_all_uses_with(hidden)
     for user in list(tokens.users):
         if user.target == aten.sym_size.int:
