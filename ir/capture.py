@@ -9,6 +9,7 @@ B, N, T.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from leapc.ir.errors import UnsupportedModelError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
 STEP_INPUTS = ("tokens", "positions", "past", "mask")
 STEP_OUTPUTS = ("logits", "present")
+# A remainder program (passes/slice_early_exit.py) takes the residual stream instead of tokens.
+HIDDEN_INPUT = "hidden"
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ def dynamic_shapes(options: CaptureOptions) -> dict:
                step_bounds(options).items())
     return {
         "tokens": {0: b, 1: n},
+        HIDDEN_INPUT: {0: b, 1: n},
         "positions": {0: b, 1: n},
         "past": {2: b, 4: t},
         # T + N of two Dims is not expressible; AUTO lets export derive it.
@@ -198,10 +202,19 @@ def export_step(module: torch.nn.Module, dims: ModelDims, options: CaptureOption
     keeps ``>= 4``, so the program would refuse ``T = N = 1`` (a one-token prompt behind
     the dummy slot). Its range is recomputed from the declared dims and capped at
     ``max_seq``, which also makes the program check ``T + N <= max_seq`` on every call.
+
+    Inputs are those named by ``module.forward``'s parameters: the step inputs, or
+    ``hidden [B, N, H]`` in place of ``tokens`` for a remainder program.
     """
+    examples = dict(zip(STEP_INPUTS, example_inputs(dims), strict=True))
+    batch, new = examples["tokens"].shape
+    examples[HIDDEN_INPUT] = torch.randn(batch, new, dims.hidden_size).to(getattr(torch, dims.dtype))
+    names = tuple(inspect.signature(module.forward).parameters)
+    shapes = dynamic_shapes(options)
     with torch.no_grad():
         program = torch.export.export(
-            module, example_inputs(dims), dynamic_shapes=dynamic_shapes(options), strict=False,
+            module, tuple(examples[n] for n in names),
+            dynamic_shapes={n: shapes[n] for n in names}, strict=False,
         )
     _fix_mask_range(program, options)
     return program
