@@ -285,8 +285,7 @@ def _tree(source: SourceModel, heads: DecodingHeads, options: HeadsOptions,
     table = measure_acceptance(source.model, heads, calibration_prompts(source,
                                                                        options.train_text))
     step = load_program(backend, out / full.entry.file, _outputs(full.entry))
-    steps = step_seconds(step, dims, range(1, min(full.result.program.signature.bounds["N"][1],
-                                                  64) + 1))
+    steps = step_seconds(step, dims, min(full.result.program.signature.bounds["N"][1], 64))
     program = load_program(backend, out / entry.file, _outputs(entry), threads=1) \
         if entry else None
     drafting = heads_seconds(program, heads, dims.hidden_size, dims.dtype)

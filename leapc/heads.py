@@ -47,14 +47,17 @@ class HeadsOptions:
     train_text: DatastoreSource | None = None  # None: the heads the bundled model ships
     tree: str | Path | None = None  # None: DEFAULT_TREE (trimmed to K heads); "auto"; a file
     placement: HeadPlacement = HeadPlacement.PROGRAM
-    training_steps: int = 400
+    # --train-heads: the recipe's budget (`leapc.models.train_heads.HeadsTraining`)
+    training_steps: int = HeadsTraining.steps
+    training_sequences: int = HeadsTraining.sequences
+    training_context: int = HeadsTraining.context
 
 
 def _token_stream(source: SourceModel, text: DatastoreSource) -> np.ndarray:
     description, texts = read_texts(text)
     ids = [enc.ids for enc in source.tokenizer.encode_batch(texts, add_special_tokens=False)]
     stream = np.concatenate([np.asarray(d, dtype=np.int64) for d in ids])
-    if len(stream) < 1024:
+    if len(stream) < 1024:  # 5% is held out, and prompts are windows of 32 tokens
         raise InputError(f"--train-heads {description}: {len(stream)} tokens is too little "
                          "text to train heads on (at least 1024)")
     return stream
@@ -76,8 +79,8 @@ def obtain_heads(source: SourceModel, options: HeadsOptions,
     stream = _token_stream(source, options.train_text)
     split = int(len(stream) * 0.95)
     config = HeadsTraining(HeadsConfig(options.kind, options.count),
-                           steps=options.training_steps,
-                           context=min(256, split // 4 - options.count - 1))
+                           steps=options.training_steps, sequences=options.training_sequences,
+                           context=options.training_context)
     return train_heads(source.model, stream[:split], stream[split:], config, work)
 
 
@@ -166,29 +169,40 @@ def _ranks(model, heads: DecodingHeads, seq: torch.Tensor, start: int) -> np.nda
     return (logits > chosen).sum(-1).T.numpy()  # tokens strictly ahead = rank
 
 
-def step_seconds(step: StepFunction, dims, nodes: range, past: int = 256,
-                 repeats: int = 15) -> dict[int, float]:
-    """Median seconds of one verify step of N nodes (N in ``nodes``) over ``past`` slots."""
+MEASURED_NODES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def step_seconds(step: StepFunction, dims, max_nodes: int, past: int = 256,
+                 repeats: int = 9) -> dict[int, float]:
+    """Seconds of one verify step of N = 1..max_nodes nodes over ``past`` slots.
+
+    Measured at a grid of N (the fastest of ``repeats`` calls: the work is deterministic,
+    so slower calls only measure interference), then a least-squares line through them:
+    a step costs a fixed part plus a part per node, and the line keeps one noisy point on
+    a shared machine from choosing the tree.
+    """
     rng = np.random.default_rng(0)
     cache = np.zeros((dims.num_layers, 2, 1, dims.num_kv_heads, past, dims.head_dim),
                      dtype=dims.dtype)
-    measured = {}
-    for n in nodes:
+    grid = [n for n in MEASURED_NODES if n <= max_nodes]
+    times = []
+    for n in grid:
         tokens = rng.integers(0, dims.vocab_size, (1, n))
         positions = (past + np.arange(n))[None]
         mask = np.concatenate([np.ones((n, past), bool), np.tril(np.ones((n, n), bool))], 1)
-        measured[n] = _median_seconds(step, (tokens, positions, cache, mask[None]), repeats)
-    return measured
+        times.append(_fastest(step, (tokens, positions, cache, mask[None]), repeats))
+    slope, intercept = np.polyfit(grid, times, 1) if len(grid) > 1 else (0.0, times[0])
+    return {n: float(intercept + slope * n) for n in range(1, max_nodes + 1)}
 
 
-def _median_seconds(call, args: tuple, repeats: int) -> float:
+def _fastest(call, args: tuple, repeats: int) -> float:
     call(*args)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call(*args)
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return min(times)
 
 
 def heads_seconds(program: StepFunction | None, heads: DecodingHeads, hidden: int,
@@ -198,9 +212,9 @@ def heads_seconds(program: StepFunction | None, heads: DecodingHeads, hidden: in
         return 0.0
     state = np.zeros((1, hidden), dtype=dtype)
     if not heads.is_hydra:
-        return _median_seconds(program, (state,), 15)
+        return _fastest(program, (state,), 15)
     rows = np.zeros((4, hidden), dtype=dtype)
-    call = _median_seconds(program, (rows, np.zeros(4, np.int64), np.zeros(1, np.int64)), 15)
+    call = _fastest(program, (rows, np.zeros(4, np.int64), np.zeros(1, np.int64)), 15)
     return call * heads.config.num_heads
 
 

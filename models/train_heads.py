@@ -8,8 +8,14 @@ read the text's token at t + k (teacher forcing: at decode time they read the dr
 Per-head losses are weighted 0.8^(k-1) as in Medusa: far heads are harder, and their
 drafts are only reached when the near ones were accepted.
 
-What matters for decoding is reported on held-out text: per head, how often its top-1
-(and top-5) contains the model's own argmax at t + k.
+The text the model reads is its own: greedy continuations of windows of the given text
+(Medusa-2's self-distillation). At decode time the heads extend the model's own greedy
+output, which is far more predictable than human text; trained on the corpus itself, the
+bundled model's first head agreed with it 0.34 of the time on held-out corpus text, and its
+rank-0 candidate was accepted 0.53 of the time on greedy output.
+
+What matters for decoding is reported on held-out prompts' continuations: per head, how
+often its top-1 (and top-5) contains the model's own argmax at t + k.
 
 Usage::
 
@@ -33,7 +39,6 @@ from transformers import PreTrainedModel
 from leapc.ir.head_spec import HeadKind, HeadsConfig
 from leapc.ir.heads import DecodingHeads, project
 from leapc.models.heads import HeadsReport, save_heads
-from leapc.models.train_base import sample_batch
 from leapc.models.training import StepLoss, resume, run_steps
 
 console = Console()
@@ -45,11 +50,22 @@ class HeadsTraining:
     heads: HeadsConfig
     context: int = 256
     batch_size: int = 16
-    steps: int = 400
+    steps: int = 300
     lr: float = 1e-3
     min_lr: float = 1e-4
     seed: int = 0
-    eval_windows: int = 32
+    sequences: int = 640  # self-generated training sequences
+    prompt_tokens: int = 32  # each a window of the text, continued greedily by the model
+    eval_sequences: int = 32  # the same, from the held-out text
+
+    @property
+    def width(self) -> int:
+        """Tokens a training window reads: the context plus K more for the far teachers."""
+        return self.context + self.heads.num_heads
+
+    @property
+    def generated_tokens(self) -> int:
+        return max(self.width - self.prompt_tokens, 1)
 
 
 @dataclass(frozen=True)
@@ -101,15 +117,31 @@ def heads_loss(heads: DecodingHeads, model: PreTrainedModel, batch: _Batch) -> t
 
 
 @torch.no_grad()
-def agreement(heads: DecodingHeads, model: PreTrainedModel, stream: np.ndarray,
+def continuations(model: PreTrainedModel, stream: np.ndarray, count: int,
+                  config: HeadsTraining, seed: int, batch: int = 32) -> torch.Tensor:
+    """``[count, width]`` sequences: windows of ``stream`` continued greedily by the model
+    (EOS suppressed, so every row is full length)."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(stream) - config.prompt_tokens, size=count)
+    prompts = torch.from_numpy(np.stack([stream[s : s + config.prompt_tokens]
+                                         for s in starts]).astype(np.int64))
+    rows = []
+    for chunk in prompts.split(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(chunk, attention_mask=torch.ones_like(chunk), do_sample=False,
+                                 max_new_tokens=config.generated_tokens,
+                                 min_new_tokens=config.generated_tokens, pad_token_id=0)
+        rows.append(out[:, : config.width])
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def agreement(heads: DecodingHeads, model: PreTrainedModel, sequences: torch.Tensor,
               config: HeadsTraining) -> tuple[list[float], list[float]]:
     """Held-out per-head top-1 and top-5 agreement with the model's argmax at t + k."""
     k = config.heads.num_heads
-    width = config.context + k
-    starts = np.linspace(0, len(stream) - width - 1, config.eval_windows).astype(np.int64)
     top1, top5, total = torch.zeros(k), torch.zeros(k), 0
-    for s in starts:
-        x = torch.from_numpy(stream[s : s + width].astype(np.int64))[None]
+    for x in sequences.split(1):
         batch = _teacher_batch(model, x, k, heads.is_hydra)
         target = batch.teacher.argmax(-1, keepdim=True)  # [K, M, 1]
         ranked = _head_logits(heads, model, batch).topk(5, dim=-1).indices
@@ -127,12 +159,28 @@ def _lr(config: HeadsTraining, step: int) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def _generated(model: PreTrainedModel, stream: np.ndarray, count: int, config: HeadsTraining,
+               seed: int, file: Path) -> torch.Tensor:
+    """`continuations`, cached in ``file`` so a resumed run reads the same text."""
+    if file.exists():
+        return torch.load(file)
+    rows = continuations(model, stream, count, config, seed)
+    torch.save(rows, file)
+    return rows
+
+
 def train_heads(model: PreTrainedModel, train: np.ndarray, held_out: np.ndarray,
                 config: HeadsTraining, work: Path) -> tuple[DecodingHeads, HeadsReport]:
-    """Train ``config.heads`` on ``model`` (frozen) over token streams; resumable in ``work``."""
+    """Train ``config.heads`` on ``model`` (frozen) over its continuations of token streams;
+    resumable in ``work``."""
     torch.manual_seed(config.seed)
     work.mkdir(parents=True, exist_ok=True)
     model.eval().requires_grad_(False)
+    console.print(f"generating {config.sequences} + {config.eval_sequences} continuations "
+                  f"of {config.generated_tokens} tokens")
+    texts = _generated(model, train, config.sequences, config, config.seed, work / "train.pt")
+    held = _generated(model, held_out, config.eval_sequences, config, config.seed + 1,
+                      work / "held_out.pt")
     heads = DecodingHeads(config.heads, model.config.get_text_config().hidden_size)
     opt = torch.optim.AdamW(heads.parameters(), lr=config.lr, betas=(0.9, 0.95),
                             weight_decay=0.0)
@@ -140,7 +188,7 @@ def train_heads(model: PreTrainedModel, train: np.ndarray, held_out: np.ndarray,
     k = config.heads.num_heads
 
     def loss_at(step: int, rng: np.random.Generator) -> StepLoss:
-        x, _ = sample_batch(train, config.batch_size, config.context + k, rng)
+        x = texts[rng.integers(0, len(texts), size=config.batch_size)]
         loss, per_head = heads_loss(heads, model, _teacher_batch(model, x, k, heads.is_hydra))
         shown = " ".join(f"{v:.2f}" for v in per_head.tolist())
         return StepLoss(loss, config.batch_size * config.context, f"KL/head {shown}")
@@ -148,7 +196,7 @@ def train_heads(model: PreTrainedModel, train: np.ndarray, held_out: np.ndarray,
     label = f"{config.heads.kind.value} heads"
     run_steps(label, heads, opt, config.steps, lambda s: _lr(config, s), loss_at,
               work / "heads.pt", state, config.seed, save_every=50, console=console)
-    top1, top5 = agreement(heads.eval(), model, held_out, config)
+    top1, top5 = agreement(heads.eval(), model, held, config)
     report = HeadsReport(steps=state["step"], tokens=state["tokens"], seconds=state["seconds"],
                          top1=tuple(top1), top5=tuple(top5), training=_describe(config))
     return heads, report

@@ -95,7 +95,8 @@ def heads_engine_dir(tmp_path_factory):
                 model.tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
                 text.write_text(" ".join(str(3 + (i * 7919) % 250) for i in range(4000)))
             options = HeadsOptions(count=count, kind=HeadKind(kind), train_text=text,
-                                   placement=HeadPlacement(placement), training_steps=15)
+                                   placement=HeadPlacement(placement), training_steps=15,
+                                   training_sequences=16, training_context=64)
             built[key, kind, placement, backend] = leapc.build(model, out, backend,
                                                                max_seq=max_seq, heads=options)
         return built[key, kind, placement, backend]

@@ -4,8 +4,9 @@ model (heads trained by the recipe), on every placement and on the eager backend
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from engines import STORIES_REFERENCE
+from engines import STORIES_REFERENCE, tiny_source
 
 import leapc
 from leapc.runtime.drafters.heads import DynamicTree
@@ -48,3 +49,29 @@ def test_step_placement_engine_has_no_heads_program(heads_engine_dir):
     assert "head_logits" in step.step.output_names
     assert set(program.manifest.programs) == {"full", "heads"}
     assert "hidden" in program.step.output_names
+
+
+def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
+    """``--tree auto`` records the acceptance it measured and the predicted curve, and the
+    tree it keeps is the curve's best point, still token-identical to ``ar``."""
+    from tokenizers import pre_tokenizers
+
+    from leapc.heads import HeadsOptions
+    from leapc.ir.tree_search import AcceptanceTable, optimal_tree
+
+    source = tiny_source("llama")
+    source.tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(str(3 + (i * 7919) % 250) for i in range(4000)))
+    options = HeadsOptions(count=2, train_text=text, tree="auto", training_steps=5,
+                           training_sequences=8, training_context=32)
+    engine = leapc.load(leapc.build(source, tmp_path / "e", "ort", max_seq=256, max_new=16,
+                                    heads=options))
+    heads = engine.manifest.heads
+    choice = heads.tree_choice
+    assert choice.source == "auto" and len(choice.acceptance) == 2
+    assert [row[0] for row in choice.curve] == list(range(16))
+    best = max(choice.curve, key=lambda row: row[2])
+    table = AcceptanceTable(np.asarray(choice.acceptance))
+    assert set(heads.tree) == set(optimal_tree(table, best[0]))
+    assert_heads_policies_match_ar(engine, TINY_PROMPT)
