@@ -121,7 +121,8 @@ def build(
         programs = 1 + (draft_model is not None)
         task = bar.add_task("build", total=stage_count(programs, backend, attention,
                                                        datastore=bool(datastore),
-                                                       heads=heads > 0))
+                                                       heads=head_placement if heads > 0
+                                                       else None))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":

@@ -80,13 +80,15 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
 
 def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
                 attention: str | Attention | None = None, datastore: bool = False,
-                heads: bool = False) -> int:
+                heads: HeadPlacement | None = None) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
-    numeric check and lower, then the datastore if any; heads add their pass, their
-    program's capture and lowering, and the tree."""
+    numeric check and lower, then the datastore if any; heads add their training (or
+    loading), their pass, the tree, and in program placement their program's capture and
+    lowering."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
-    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + 4 * heads
+    added = 0 if heads is None else 3 + 2 * (heads is HeadPlacement.PROGRAM)
+    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added
 
 
 def _toolchain() -> dict[str, str]:

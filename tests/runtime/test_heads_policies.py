@@ -56,7 +56,9 @@ def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
     tree it keeps is the curve's best point, still token-identical to ``ar``."""
     from tokenizers import pre_tokenizers
 
+    from leapc.compiler import stage_count
     from leapc.heads import HeadsOptions
+    from leapc.ir.head_spec import HeadPlacement
     from leapc.ir.tree_search import AcceptanceTable, optimal_tree
 
     source = tiny_source("llama")
@@ -65,8 +67,10 @@ def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
     text.write_text(" ".join(str(3 + (i * 7919) % 250) for i in range(4000)))
     options = HeadsOptions(count=2, train_text=text, tree="auto", training_steps=5,
                            training_sequences=8, training_context=32)
+    stages = []
     engine = leapc.load(leapc.build(source, tmp_path / "e", "ort", max_seq=256, max_new=16,
-                                    heads=options))
+                                    heads=options, on_stage=stages.append))
+    assert len(stages) == stage_count(heads=HeadPlacement.PROGRAM), stages
     heads = engine.manifest.heads
     choice = heads.tree_choice
     assert choice.source == "auto" and len(choice.acceptance) == 2
