@@ -11,8 +11,10 @@ from rich.console import Console
 from rich.panel import Panel
 
 from leapc.benchmark import CODE_PROMPTS, BenchConfig, run_bench
+from leapc.ir.head_spec import HeadKind
 
 DEMO_PROMPTS = CODE_PROMPTS[:3]
+DEMO_HEADS = HeadKind.HYDRA  # the better of the shipped heads (bench/results/heads_bundled.md)
 
 
 def cache_dir() -> Path:
@@ -21,19 +23,23 @@ def cache_dir() -> Path:
 
 
 def _engine_key() -> str:
-    """Rebuild when the bundled weights or leapc change."""
+    """Rebuild when the bundled weights (model, draft, heads) or leapc change."""
+    from leapc.models.heads import WEIGHTS_FILE, bundled_heads_dir
     from leapc.models.loaders import BUNDLED_DIR, BUNDLED_DRAFT_DIR
 
     digest = hashlib.sha256(importlib.metadata.version("leapc").encode())
     for weights in (BUNDLED_DIR / "model.safetensors",
-                    BUNDLED_DRAFT_DIR / "model.safetensors"):
+                    BUNDLED_DRAFT_DIR / "model.safetensors",
+                    bundled_heads_dir(DEMO_HEADS) / WEIGHTS_FILE):
         if weights.exists():
             digest.update(weights.read_bytes())
     return digest.hexdigest()[:12]
 
 
 def bundled_engine(console: Console) -> Path:
+    """The bundled model with its draft model and its shipped heads (tree measured here)."""
     import leapc
+    from leapc.heads import HeadsOptions
     from leapc.models.loaders import BUNDLED_DRAFT, BUNDLED_DRAFT_DIR
 
     path = cache_dir() / f"bundled-ort-{_engine_key()}"
@@ -41,6 +47,7 @@ def bundled_engine(console: Console) -> Path:
     if not (path / "manifest.json").exists():
         with console.status("building the bundled model's engine (once)") as status:
             leapc.build("bundled", path, "ort", draft_model=draft,
+                        heads=HeadsOptions(count=4, kind=DEMO_HEADS, tree="auto"),
                         on_stage=lambda s: status.update(f"building engine: [bold]{s}"))
     return path
 

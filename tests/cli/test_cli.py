@@ -397,6 +397,8 @@ def test_run_a_head_policy(heads_engine_dir):
 def test_head_build_mistakes_are_user_errors(tmp_path):
     user_error(cli("build", "bundled", "-o", tmp_path / "e", "--tree", "auto"),
                "--train-heads and --tree need --heads K")
+    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "3"),
+               "ships 4 medusa heads", "--train-heads TEXT")
     user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "4", "--head-kind",
                    "hydra", "--head-placement", "step"), "Hydra heads")
     tree = tmp_path / "tree.json"

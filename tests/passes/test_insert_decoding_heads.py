@@ -127,8 +127,9 @@ def test_heads_program_in_onnx_runtime_equals_the_heads(kind, tmp_path):
         if kind is HeadKind.HYDRA:
             tokens = rng.integers(0, 256, 5)
             got = step(hidden, tokens, np.asarray([2]))["head_logits"]
-            embedded = model.get_input_embeddings().weight[torch.from_numpy(tokens)][None]
-            expected = project(heads.states(h[None], embedded, torch.tensor([2])), lm.weight)
+            embedded = model.get_input_embeddings().weight[torch.from_numpy(tokens)]
+            states = heads.states(h, embedded.expand(K, -1, -1))
+            expected = project(states[2:3], lm.weight)
         else:
             got = step(hidden)["head_logits"]
             expected = project(heads.states(h), lm.weight)

@@ -5,6 +5,7 @@ model (heads trained by the recipe), on every placement and on the eager backend
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from engines import STORIES_REFERENCE, tiny_source
 
@@ -12,6 +13,7 @@ import leapc
 from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.engine import DraftOptions
 
+CODE_PROMPT = 'def parse_header(line):\n    """Split an HTTP header line into name and value."""'
 TINY_PROMPT = [5, 17, 33, 2 + 7, 101]
 
 
@@ -26,6 +28,14 @@ def assert_heads_policies_match_ar(engine, prompt, new_tokens=48) -> dict[str, f
             assert got.token_ids == expected, (policy, draft.dynamic)
             taus[policy.value] = got.stats.tau
     return taus
+
+
+@pytest.mark.parametrize("kind", ("medusa", "hydra"))
+def test_bundled_heads_policies_equal_ar_and_draft_usefully(heads_engine_dir, kind):
+    engine = leapc.load(heads_engine_dir("bundled", kind))
+    taus = assert_heads_policies_match_ar(engine, CODE_PROMPT, 96)
+    # The shipped heads are trained: a static tree accepts well over one token per step.
+    assert taus[kind] > 1.4, taus
 
 
 @pytest.mark.parametrize("kind", ("medusa", "hydra"))
@@ -49,6 +59,9 @@ def test_step_placement_engine_has_no_heads_program(heads_engine_dir):
     assert "head_logits" in step.step.output_names
     assert set(program.manifest.programs) == {"full", "heads"}
     assert "hidden" in program.step.output_names
+    # the heads program only drafts, so its vocabulary projection is int8 (ORT MatMulNBits)
+    heads_graph = onnx.load(str(program.path / program.manifest.programs["heads"].file)).graph
+    assert "MatMulNBits" in {node.op_type for node in heads_graph.node}
 
 
 def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
