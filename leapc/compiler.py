@@ -16,7 +16,7 @@ from leapc.heads import (
     auto_tree,
     calibration_prompts,
     default_tree,
-    heads_seconds,
+    drafting_seconds,
     measure_acceptance,
     obtain_heads,
     read_tree,
@@ -295,7 +295,7 @@ def _tree(source: SourceModel, heads: DecodingHeads, options: HeadsOptions,
     steps = step_seconds(step, dims, min(full.result.program.signature.bounds["N"][1], 64))
     program = load_program(backend, out / entry.file, _outputs(entry), threads=1) \
         if entry else None
-    drafting = heads_seconds(program, heads, dims.hidden_size, dims.dtype)
+    drafting = drafting_seconds(program, heads, dims.hidden_size, dims.dtype)
     paths, choice, _ = auto_tree(table, steps, drafting)
     return paths, choice
 

@@ -205,22 +205,27 @@ def _fastest(call, args: tuple, repeats: int) -> float:
     return min(times)
 
 
-def heads_seconds(program: StepFunction | None, heads: DecodingHeads, hidden: int,
-                  dtype: str) -> float:
-    """Drafting cost per step: one Medusa call, or one Hydra call per depth."""
+def drafting_seconds(program: StepFunction | None, heads: DecodingHeads, hidden: int,
+                     dtype: str) -> list[float]:
+    """Drafting cost per step of a tree of depth 1..K: one Medusa call whatever the depth,
+    one Hydra call per depth (over that depth's nodes)."""
+    k = heads.config.num_heads
     if program is None:
-        return 0.0
-    state = np.zeros((1, hidden), dtype=dtype)
+        return [0.0] * k
     if not heads.is_hydra:
-        return _fastest(program, (state,), 15)
+        return [_fastest(program, (np.zeros((1, hidden), dtype=dtype),), 15)] * k
     rows = np.zeros((4, hidden), dtype=dtype)
     call = _fastest(program, (rows, np.zeros(4, np.int64), np.zeros(1, np.int64)), 15)
-    return call * heads.config.num_heads
+    return [call * depth for depth in range(1, k + 1)]
 
 
-def auto_tree(table: AcceptanceTable, steps: dict[int, float], drafting: float) -> tuple[
-        tuple[tuple[int, ...], ...], TreeChoice, Budget]:
-    budget = best_budget(table, steps, drafting)
+def auto_tree(table: AcceptanceTable, steps: dict[int, float],
+              drafting: list[float]) -> tuple[tuple[tuple[int, ...], ...], TreeChoice, Budget]:
+    """The best predicted tree over every depth limit (a shallower tree drafts in fewer
+    Hydra calls), with the acceptance table and the winning depth's curve."""
+    budgets = [best_budget(AcceptanceTable(table.probs[:depth]), steps, drafting[depth - 1])
+               for depth in range(1, len(drafting) + 1)]
+    budget = max(budgets, key=lambda b: b.predicted_tokens_per_s)
     choice = TreeChoice(source=AUTO, acceptance=tuple(map(tuple, table.to_json())),
                         curve=budget.curve)
     return budget.paths, choice, budget

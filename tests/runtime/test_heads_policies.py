@@ -66,7 +66,7 @@ def test_step_placement_engine_has_no_heads_program(heads_engine_dir):
 
 def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
     """``--tree auto`` records the acceptance it measured and the predicted curve, and the
-    tree it keeps is the curve's best point, still token-identical to ``ar``."""
+    tree it keeps is Sequoia's at the curve's best point, still token-identical to ``ar``."""
     from tokenizers import pre_tokenizers
 
     from leapc.compiler import stage_count
@@ -89,6 +89,8 @@ def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
     assert choice.source == "auto" and len(choice.acceptance) == 2
     assert [row[0] for row in choice.curve] == list(range(16))
     best = max(choice.curve, key=lambda row: row[2])
-    table = AcceptanceTable(np.asarray(choice.acceptance))
-    assert set(heads.tree) == set(optimal_tree(table, best[0]))
+    probs = np.asarray(choice.acceptance)
+    # the best tree under one of the depth limits (Hydra drafts one call per depth)
+    assert any(set(heads.tree) == set(optimal_tree(AcceptanceTable(probs[:depth]), best[0]))
+               for depth in (1, 2))
     assert_heads_policies_match_ar(engine, TINY_PROMPT)
