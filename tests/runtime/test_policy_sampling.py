@@ -37,3 +37,13 @@ def test_the_chi_square_test_detects_a_biased_sampler(engine_dir):
     hotter = second_and_third_tokens(engine, "ar", 2.0, 10**6)
     stat, df = chi2_homogeneity(plain, hotter)
     assert stat > chi2_critical(df)
+
+
+def test_head_policy_sampling_matches_plain_sampling(heads_engine_dir):
+    """Medusa heads propose deterministic candidates: rule 5 keeps sampling exact."""
+    engine = leapc.load(heads_engine_dir("stories", "medusa"))
+    plain = second_and_third_tokens(engine, "ar", 1.0, 0)
+    drafted = second_and_third_tokens(engine, "medusa-dynamic", 1.0, 10**6)
+    stat, df = chi2_homogeneity(plain, drafted)
+    assert df >= 3, "the test needs a distribution with several outcomes"
+    assert stat < chi2_critical(df), (stat, df)
