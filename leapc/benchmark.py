@@ -166,6 +166,9 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
         assistant = load_source(engine.manifest.draft_model.source).model
         tps, _ = median_of_repeats(assistant_model=assistant)
         baselines["hf_assisted_tokens_per_s"] = tps
+    if "early-exit" in policies and engine.manifest.exit_layer is not None:
+        tps, _ = median_of_repeats(assistant_early_exit=engine.manifest.exit_layer)
+        baselines["hf_assistant_early_exit_tokens_per_s"] = tps
     return baselines
 
 

@@ -109,6 +109,8 @@ def build(
                                         "JSON file of rank paths (default: hand-written)"),
     head_placement: HeadPlacement = typer.Option(
         HeadPlacement.PROGRAM, help="heads in their own program, or in the step program"),
+    exit_layer: int = typer.Option(None, help="add an exit after layer E's input (1..L-1): "
+                                              "policies early-exit and kangaroo"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
 ) -> None:
     """Compile MODEL into an engine directory."""
@@ -122,7 +124,8 @@ def build(
         task = bar.add_task("build", total=stage_count(programs, backend, attention,
                                                        datastore=bool(datastore),
                                                        heads=head_placement if heads > 0
-                                                       else None))
+                                                       else None)
+                             + (exit_layer is not None))  # the draft program's lowering
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
@@ -134,7 +137,7 @@ def build(
                            datastore=_datastore_source(datastore), quantize=quantize,
                            heads=_heads_options(heads, head_kind, train_heads, tree,
                                                 head_placement),
-                           dump_dir=dump_passes,
+                           exit_layer=exit_layer, dump_dir=dump_passes,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 

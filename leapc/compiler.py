@@ -30,8 +30,10 @@ from leapc.ir.heads import DecodingHeads, capture_heads
 from leapc.models.heads import HeadsReport, save_heads
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
+from leapc.passes.insert_early_exit import check_exit_layer
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
+from leapc.passes.slice_early_exit import slice_draft
 from leapc.runtime.backends import aoti, eager, ort, tensorrt
 from leapc.runtime.engine import load_program
 from leapc.runtime.manifest import (
@@ -176,6 +178,7 @@ def build(
     datastore: DatastoreSource | None = None,
     quantize: str | Quantization = Quantization.NONE,
     heads: HeadsOptions | None = None,
+    exit_layer: int | None = None,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
@@ -187,6 +190,7 @@ def build(
     ``"bundled"`` (the bundled model's training corpus) or text files and directories.
     ``quantize="int8"`` (ORT only) stores MatMul weights as int8 (weight-only).
     ``heads`` adds decoding heads (Medusa or Hydra) and their static tree.
+    ``exit_layer`` E adds the ``draft`` program (layers < E and the exit) for ``early-exit``.
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.
@@ -205,6 +209,9 @@ def build(
     corpus = read_texts(datastore) if datastore is not None else None  # user errors first
     if heads is not None:
         _check_heads(heads, chosen, quantization)
+    if exit_layer is not None:
+        check_exit_layer(exit_layer, source.model.config.get_text_config().num_hidden_layers,
+                         "--exit-layer")
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -226,8 +233,26 @@ def build(
     if trained is not None:
         head_info = _heads_program(source, trained, heads, full, options, chosen, out, on_stage)
     source.tokenizer.save(str(out / "tokenizer.json"))
-    _manifest(full, drafter, store, head_info, chosen, quantization, options).write(out)
+    manifest = _manifest(full, drafter, store, head_info, chosen, quantization, options)
+    if exit_layer is not None:
+        manifest = _with_exit(manifest, full, exit_layer, chosen, out, on_stage)
+    manifest.write(out)
     return out
+
+
+def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int, backend: Backend,
+               out: Path, on_stage) -> Manifest:
+    """Add the early-exit ``draft`` program (sliced from the final full program, so it keeps
+    its rewrites and numbers) and the policies that draft with it."""
+    on_stage(f"lower draft, exit at layer {exit_layer} ({backend.value})")
+    program = slice_draft(full.result.program, exit_layer)
+    file = LOWERINGS[backend](program, out, "draft")
+    entry = ProgramEntry(file=file.name, sha256=sha256_file(file),
+                         signature=program.signature.to_json())
+    drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
+    policies = manifest.policies + ((Policy.EARLY_EXIT, Policy.KANGAROO) if drafting else ())
+    return manifest.model_copy(update={"programs": manifest.programs | {"draft": entry},
+                                       "exit_layer": exit_layer, "policies": policies})
 
 
 def _check_heads(heads: HeadsOptions, backend: Backend, quantization: Quantization) -> None:

@@ -249,12 +249,35 @@ class Engine:
                                     max_ngram=options.ngram)
         if policy in _HEAD_POLICIES:
             return self._heads(policy, options)
+        if policy in _EXIT_POLICIES:
+            return self._early_exit(policy, options, sampling, seed)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
                 self.manifest.max_new, sampling, np.random.default_rng([seed, 1]),
                 shape, adaptive=options.adaptive)
         return NoDrafter()
+
+    def _early_exit(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
+                    seed: int) -> DraftModelDrafter:
+        """The model's own first E layers and exit, as a draft model with an E-layer cache.
+
+        Always a chain: the draft program keeps the full program's attention lowering,
+        whose compact mask needs the valid cache slots to be a prefix (tree drafts put
+        ancestors' rows as scratch). Kangaroo is the same drafter stopping the chain at the
+        first token whose exit top-1 probability is below the confidence (its double exit).
+        """
+        options.tree_shape()  # validates the knobs
+        confidence = 0.0
+        if policy is Policy.KANGAROO:
+            confidence = options.confidence or KANGAROO_CONFIDENCE
+        shape = TreeShape(options.max_draft, (), confidence, options.children)
+        model = self.manifest.model
+        cache = KVCache(self.manifest.exit_layer, model.num_kv_heads, model.head_dim,
+                        model.dtype, self.manifest.max_seq)
+        return DraftModelDrafter(self.steps["draft"], cache, self.manifest.max_new, sampling,
+                                 np.random.default_rng([seed, 1]), shape,
+                                 adaptive=options.adaptive)
 
     def _heads(self, policy: Policy, options: DraftOptions) -> HeadsDrafter:
         dynamic, heads = options.dynamic, self.manifest.heads
@@ -283,6 +306,9 @@ class Engine:
 
 _HEAD_POLICIES = (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC, Policy.HYDRA, Policy.HYDRA_DYNAMIC)
 _DYNAMIC = (Policy.MEDUSA_DYNAMIC, Policy.HYDRA_DYNAMIC)
+_EXIT_POLICIES = (Policy.EARLY_EXIT, Policy.KANGAROO)
+# Kangaroo's default stop: drafting from the exit stops below this top-1 probability.
+KANGAROO_CONFIDENCE = 0.5
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

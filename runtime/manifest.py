@@ -38,6 +38,8 @@ class Policy(str, enum.Enum):
     MEDUSA_DYNAMIC = "medusa-dynamic"  # Medusa heads, EAGLE-2 dynamic tree
     HYDRA = "hydra"  # Hydra heads, static tree (build --heads K --head-kind hydra)
     HYDRA_DYNAMIC = "hydra-dynamic"  # Hydra heads, EAGLE-2 dynamic tree
+    EARLY_EXIT = "early-exit"  # LayerSkip self-speculation from layer E's exit (build --exit-layer)
+    KANGAROO = "kangaroo"  # early exit + stop drafting below a top-1 confidence (no adapter)
 
 
 HEAD_POLICIES = {HeadKind.MEDUSA: (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC),
@@ -121,6 +123,7 @@ class Manifest(_Frozen):
     draft_model: ModelInfo | None = None  # the ``draft_model`` program's model, if any
     datastore: DatastoreInfo | None = None  # the ``retrieval`` policy's corpus, if any
     heads: HeadsInfo | None = None  # decoding heads (the ``heads`` program), if any
+    exit_layer: int | None = None  # early exit: the ``draft`` program runs layers < it + exit
     quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model"; "draft", "remainder" later

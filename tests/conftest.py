@@ -102,3 +102,29 @@ def heads_engine_dir(tmp_path_factory):
         return built[key, kind, placement, backend]
 
     return get
+
+
+EXIT_LAYERS = {"bundled": 4, "stories": 3, "tiny-llama": 1}
+
+
+@pytest.fixture(scope="session")
+def exit_engine_dir(tmp_path_factory):
+    """``exit_engine_dir(key, backend="ort")`` -> an engine with an early exit (policies
+    early-exit and kangaroo) at ``EXIT_LAYERS[key]``, built once per session."""
+    built = {}
+
+    def get(key: str, backend: str = "ort"):
+        if (key, backend) not in built:
+            if key == "stories":
+                model, max_seq = load_source(require_stories()), None
+            elif key == "bundled":
+                require_bundled()
+                model, max_seq = "bundled", None
+            else:
+                model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
+            out = tmp_path_factory.mktemp(f"{key}-exit-{backend}")
+            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq,
+                                              exit_layer=EXIT_LAYERS[key])
+        return built[key, backend]
+
+    return get

@@ -405,3 +405,9 @@ def test_head_build_mistakes_are_user_errors(tmp_path):
     tree.write_text("[[0], [0, 0, 0, 0, 0]]")
     user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "4", "--tree", tree),
                "needs more than the 4 heads")
+
+
+@pytest.mark.parametrize("exit_layer", ["0", "12"])
+def test_build_refuses_an_exit_layer_out_of_range(tmp_path, exit_layer):
+    result = cli("build", "bundled", "-o", tmp_path / "e", "--exit-layer", exit_layer)
+    user_error(result, "exit layer", "1 to 11")

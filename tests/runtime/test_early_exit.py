@@ -1,0 +1,115 @@
+"""Early-exit self-speculation (policies early-exit, kangaroo): greedy output equals `ar`,
+the KV cache ends as `ar` leaves it, sampling keeps the model's distribution (rule 2 with
+q the exit's distribution). The CLI's exit-layer errors are in tests/cli/test_cli.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import EXIT_LAYERS
+from stats import chi2_critical, chi2_homogeneity
+
+import leapc
+from leapc.runtime.decode import GenerationStats, StopConfig, decode
+from leapc.runtime.drafters.draft_model import DraftModelDrafter
+from leapc.runtime.engine import DraftOptions
+from leapc.runtime.sampling import SamplingConfig
+
+PROMPTS = {
+    "bundled": ["def add(a, b):\n    return", "import os\n\n\ndef read_lines(path):\n"],
+    "stories": ["Once upon a time, there was a little girl", "One day, Tom went to the park"],
+    "tiny-llama": [[5, 17, 33, 2, 9], [100, 7, 7, 40]],
+}
+EXIT_POLICIES = ("early-exit", "kangaroo")
+CASES = [("bundled", "ort"), ("stories", "ort"), ("tiny-llama", "ort"), ("tiny-llama", "eager")]
+
+
+@pytest.mark.parametrize(("key", "backend"), CASES)
+def test_greedy_output_equals_ar(exit_engine_dir, key, backend):
+    engine = leapc.load(exit_engine_dir(key, backend))
+    for prompt in PROMPTS[key]:
+        reference = engine.generate(prompt, 48).token_ids
+        for policy in EXIT_POLICIES:
+            for length in (1, 4):
+                got = engine.generate(prompt, 48, policy=policy,
+                                      draft=DraftOptions(max_draft=length)).token_ids
+                assert got == reference, (policy, length, prompt)
+
+
+def _run(engine, prompt, policy: str, sampling=SamplingConfig()):
+    """Generate and return the target cache and the drafter (its own cache included)."""
+    ids = engine.encode(prompt)
+    cache = engine._cache(engine.manifest.model)
+    drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4), sampling, 0)
+    stop = StopConfig(40, ())
+    list(decode(engine.step, cache, ids, engine.manifest.max_new, drafter, sampling, stop,
+                np.random.default_rng(0), GenerationStats(policy)))
+    return cache, drafter
+
+
+@pytest.mark.parametrize("key", ["bundled"])
+def test_kv_cache_ends_as_ar_leaves_it(exit_engine_dir, key):
+    """Rejected drafts leave no row behind: the target cache equals `ar`'s, and the draft's
+    own cache holds exactly `ar`'s rows of layers < E for the tokens it has seen."""
+    engine = leapc.load(exit_engine_dir(key))
+    prompt = PROMPTS[key][0]
+    reference, _ = _run(engine, prompt, "ar")
+    cache, drafter = _run(engine, prompt, "early-exit")
+    assert cache.length == reference.length
+    rows = reference.buffer[:, :, :, :, : reference.length]  # [L, 2, B, H, T, D]
+    np.testing.assert_allclose(cache.buffer[:, :, :, :, : cache.length], rows, atol=1e-4)
+    seen = drafter.cache.length
+    assert 0 < seen <= reference.length
+    np.testing.assert_allclose(drafter.cache.buffer[:, :, :, :, :seen],
+                               rows[: EXIT_LAYERS[key], :, :, :, :seen], atol=1e-4)
+
+
+def test_the_draft_program_holds_layers_below_the_exit(exit_engine_dir):
+    engine = leapc.load(exit_engine_dir("tiny-llama"))
+    manifest = engine.manifest
+    assert manifest.exit_layer == EXIT_LAYERS["tiny-llama"]
+    outputs = [o["name"] for o in manifest.programs["draft"].signature["outputs"]]
+    assert outputs == ["logits", "present", "hidden"]
+    assert {"early-exit", "kangaroo"} <= {p.value for p in manifest.policies}
+
+
+PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
+          "Once upon a time, there was a little girl")
+SAMPLES = 2000
+
+
+def _second_and_third(engine, policy: str, seed0: int) -> list:
+    draft = DraftOptions(max_draft=2)
+    return [tuple(engine.generate(PROMPT, 3, policy=policy, temperature=1.0, seed=seed,
+                                  draft=draft).token_ids[1:3])
+            for seed in range(seed0, seed0 + SAMPLES)]
+
+
+def _uniform_q(monkeypatch):
+    """Acceptance told the draft came from a uniform q instead of the exit's distribution."""
+    propose = DraftModelDrafter.propose
+
+    def wrong_q(self, *args):
+        draft = propose(self, *args)
+        if draft.q is None:  # nothing drafted
+            return draft
+        return dataclasses.replace(draft, q=np.full_like(draft.q, 1 / draft.q.shape[1]))
+
+    monkeypatch.setattr(DraftModelDrafter, "propose", wrong_q)
+
+
+@pytest.mark.parametrize("wrong_q", [False, True], ids=["exit-q", "uniform-q"])
+def test_sampling_matches_plain_sampling_only_with_the_exit_q(exit_engine_dir, monkeypatch,
+                                                               wrong_q):
+    """Rule 2 with q the exit distribution actually sampled keeps the output distribution;
+    the same draws checked against a wrong q do not (the test sees q)."""
+    engine = leapc.load(exit_engine_dir("stories"))
+    plain = _second_and_third(engine, "ar", 0)
+    if wrong_q:
+        _uniform_q(monkeypatch)
+    drafted = _second_and_third(engine, "early-exit", 10**6)
+    stat, df = chi2_homogeneity(plain, drafted)
+    assert df >= 3, "the test needs a distribution with several outcomes"
+    assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)
