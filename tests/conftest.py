@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from engines import require_bundled, require_stories, tiny_source  # noqa: E402
+from engines import EXIT_LAYERS, require_bundled, require_stories, tiny_source  # noqa: E402
 
 import leapc  # noqa: E402
 from leapc.models import corpus  # noqa: E402
@@ -104,7 +104,6 @@ def heads_engine_dir(tmp_path_factory):
     return get
 
 
-EXIT_LAYERS = {"bundled": 4, "stories": 3, "tiny-llama": 1}
 
 
 @pytest.fixture(scope="session")

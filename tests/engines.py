@@ -17,6 +17,8 @@ from leapc.models.loaders import BUNDLED_DIR, SourceModel
 REPO = Path(__file__).resolve().parents[1]
 STORIES_DIR = REPO.parent / "shared" / "models" / "stories260K"
 STORIES_BIN = STORIES_DIR / "stories260K.bin"
+# The exit layer of each engine the early-exit tests build (conftest.exit_engine_dir).
+EXIT_LAYERS = {"bundled": 4, "stories": 3, "tiny-llama": 1}
 STORIES_REFERENCE = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
     "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high"

@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import EXIT_LAYERS
+from engines import EXIT_LAYERS
 from stats import chi2_critical, chi2_homogeneity
 
 import leapc
