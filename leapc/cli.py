@@ -124,8 +124,8 @@ def build(
         task = bar.add_task("build", total=stage_count(programs, backend, attention,
                                                        datastore=bool(datastore),
                                                        heads=head_placement if heads > 0
-                                                       else None)
-                             + (exit_layer is not None))  # the draft program's lowering
+                                                       else None,
+                                                       early_exit=exit_layer is not None))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":

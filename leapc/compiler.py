@@ -33,7 +33,7 @@ from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_early_exit import check_exit_layer
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
-from leapc.passes.slice_early_exit import slice_draft
+from leapc.passes.slice_early_exit import slice_draft, slice_remainder
 from leapc.runtime.backends import aoti, eager, ort, tensorrt
 from leapc.runtime.engine import load_program
 from leapc.runtime.manifest import (
@@ -82,15 +82,15 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
 
 def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
                 attention: str | Attention | None = None, datastore: bool = False,
-                heads: HeadPlacement | None = None) -> int:
+                heads: HeadPlacement | None = None, early_exit: bool = False) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
     numeric check and lower, then the datastore if any; heads add their training (or
     loading), their pass, the tree, and in program placement their program's capture and
-    lowering."""
+    lowering; an early exit adds the draft's and the remainder's lowering."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
     added = 0 if heads is None else 3 + 2 * (heads is HeadPlacement.PROGRAM)
-    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added
+    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added + 2 * early_exit
 
 
 def _toolchain() -> dict[str, str]:
@@ -242,16 +242,23 @@ def build(
 
 def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int, backend: Backend,
                out: Path, on_stage) -> Manifest:
-    """Add the early-exit ``draft`` program (sliced from the final full program, so it keeps
-    its rewrites and numbers) and the policies that draft with it."""
-    on_stage(f"lower draft, exit at layer {exit_layer} ({backend.value})")
-    program = slice_draft(full.result.program, exit_layer)
-    file = LOWERINGS[backend](program, out, "draft")
-    entry = ProgramEntry(file=file.name, sha256=sha256_file(file),
-                         signature=program.signature.to_json())
+    """Add the early-exit ``draft`` (layers < E and the exit) and ``remainder`` (layers >= E)
+    programs, sliced from the final full program so they keep its rewrites and numbers,
+    and the policies that draft with them."""
+    programs = {}
+    for name, cut in (("draft", slice_draft), ("remainder", slice_remainder)):
+        on_stage(f"lower {name}, exit at layer {exit_layer} ({backend.value})")
+        program = cut(full.result.program, exit_layer)
+        file = LOWERINGS[backend](program, out, name)
+        if name == "draft" and backend is Backend.ORT:
+            # The exit's logits only propose: an int8 vocabulary projection drafts from the
+            # same hidden state and KV rows, which stay float and exact.
+            ort.quantize_vocab_projection(file, program.dims.vocab_size)
+        programs[name] = ProgramEntry(file=file.name, sha256=sha256_file(file),
+                                      signature=program.signature.to_json())
     drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
     policies = manifest.policies + ((Policy.EARLY_EXIT, Policy.KANGAROO) if drafting else ())
-    return manifest.model_copy(update={"programs": manifest.programs | {"draft": entry},
+    return manifest.model_copy(update={"programs": manifest.programs | programs,
                                        "exit_layer": exit_layer, "policies": policies})
 
 
@@ -318,7 +325,7 @@ def _tree(source: SourceModel, heads: DecodingHeads, options: HeadsOptions,
                                                                        options.train_text))
     step = load_program(backend, out / full.entry.file, _outputs(full.entry))
     steps = step_seconds(step, dims, min(full.result.program.signature.bounds["N"][1], 64))
-    program = load_program(backend, out / entry.file, _outputs(entry), threads=1) \
+    program = load_program(backend, out / entry.file, _outputs(entry)) \
         if entry else None
     drafting = drafting_seconds(program, heads, dims.hidden_size, dims.dtype)
     paths, choice, _ = auto_tree(table, steps, drafting)

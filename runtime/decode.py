@@ -14,7 +14,13 @@ import numpy as np
 
 from leapc.runtime.acceptance import accept
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.drafters.base import Draft, Drafter, ReadsPrefill, Verification
+from leapc.runtime.drafters.base import (
+    Draft,
+    Drafter,
+    ReadsPrefill,
+    Verification,
+    VerifiesDraft,
+)
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, sample
 
@@ -142,7 +148,8 @@ def decode(
         start = time.perf_counter()
         budget = min(chunk - 1, room, stop.max_new_tokens - stats.new_tokens - 1)
         draft = drafter.propose(context, root, budget)
-        out = step(*tree_inputs(cache, draft))
+        out = (drafter.verify(cache, draft) if isinstance(drafter, VerifiesDraft)
+               else step(*tree_inputs(cache, draft)))
         logits, extra_logits = _split_logits(out["logits"][0], draft)
         path, emitted = accept(draft, logits, sampling, rng)
         cache.commit(out["present"], path)  # path indices are tree nodes: extra rows never land

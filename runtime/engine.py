@@ -21,6 +21,7 @@ from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
+from leapc.runtime.drafters.early_exit import EarlyExitDrafter
 from leapc.runtime.drafters.heads import DynamicTree, HeadsDrafter
 from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
@@ -116,20 +117,16 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str,
                device: Device) -> StepFunction:
     entry = manifest.programs[program]
     outputs = tuple(o["name"] for o in entry.signature["outputs"])
-    # Helper programs (a draft model, heads) run on one thread: they alternate with the
-    # target call by call, and a second multi-threaded pool spinning between its runs takes
-    # the cores from the target (measured: target step 3.0 ms alone, 7.5 ms alternating).
-    return load_program(manifest.backend, engine_dir / entry.file, outputs, device,
-                        threads=None if program == "full" else 1)
+    return load_program(manifest.backend, engine_dir / entry.file, outputs, device)
 
 
 def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
-                 device: Device = Device.CPU, threads: int | None = None) -> StepFunction:
+                 device: Device = Device.CPU) -> StepFunction:
     """One lowered program of ``backend``, callable on numpy arrays in signature order."""
     if backend is Backend.ORT:
         from leapc.runtime.backends.ort import OrtStep
 
-        return OrtStep(path, threads=threads, device=device)
+        return OrtStep(path, device=device)
     if backend is Backend.TENSORRT:
         from leapc.runtime.backends.tensorrt import load_step
 
@@ -222,9 +219,10 @@ class Engine:
         ids = self.encode(prompt)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
+        cache = self._cache(self.manifest.model)
         tokens = decode(
-            self.step, self._cache(self.manifest.model), ids, self.manifest.max_new,
-            self._drafter(chosen, draft, sampling, seed), sampling,
+            self.step, cache, ids, self.manifest.max_new,
+            self._drafter(chosen, draft, sampling, seed, cache), sampling,
             StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
             np.random.default_rng(seed), stats,
         )
@@ -235,7 +233,8 @@ class Engine:
                        self.manifest.max_seq)
 
     def _drafter(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
-                 seed: int) -> Drafter:
+                 seed: int, cache: KVCache) -> Drafter:
+        """The policy's drafter; ``cache`` is the target's (early exit drafts inside it)."""
         shape = options.tree_shape()
         if policy is Policy.LOOKUP:
             return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft,
@@ -250,7 +249,7 @@ class Engine:
         if policy in _HEAD_POLICIES:
             return self._heads(policy, options)
         if policy in _EXIT_POLICIES:
-            return self._early_exit(policy, options, sampling, seed)
+            return self._early_exit(policy, options, sampling, seed, cache)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
@@ -259,25 +258,18 @@ class Engine:
         return NoDrafter()
 
     def _early_exit(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
-                    seed: int) -> DraftModelDrafter:
-        """The model's own first E layers and exit, as a draft model with an E-layer cache.
-
-        Always a chain: the draft program keeps the full program's attention lowering,
-        whose compact mask needs the valid cache slots to be a prefix (tree drafts put
-        ancestors' rows as scratch). Kangaroo is the same drafter stopping the chain at the
-        first token whose exit top-1 probability is below the confidence (its double exit).
-        """
+                    seed: int, cache: KVCache) -> EarlyExitDrafter:
+        """The model's own first E layers and exit draft a chain in the target's cache; the
+        remainder verifies it. Kangaroo is the same drafter stopping the chain at the first
+        token whose exit top-1 probability is below the confidence (its double exit)."""
         options.tree_shape()  # validates the knobs
         confidence = 0.0
         if policy is Policy.KANGAROO:
             confidence = options.confidence or KANGAROO_CONFIDENCE
-        shape = TreeShape(options.max_draft, (), confidence, options.children)
-        model = self.manifest.model
-        cache = KVCache(self.manifest.exit_layer, model.num_kv_heads, model.head_dim,
-                        model.dtype, self.manifest.max_seq)
-        return DraftModelDrafter(self.steps["draft"], cache, self.manifest.max_new, sampling,
-                                 np.random.default_rng([seed, 1]), shape,
-                                 adaptive=options.adaptive)
+        return EarlyExitDrafter(self.steps["draft"], self.steps["remainder"], cache,
+                                self.manifest.exit_layer, sampling,
+                                np.random.default_rng([seed, 1]), options.max_draft,
+                                confidence, options.adaptive)
 
     def _heads(self, policy: Policy, options: DraftOptions) -> HeadsDrafter:
         dynamic, heads = options.dynamic, self.manifest.heads

@@ -36,9 +36,16 @@ class KVCache:
         return self.buffer.shape[4]
 
     def _resize(self, capacity: int) -> None:
+        # Scratch rows after the committed ones move too (a self-drafting program's, which
+        # verification may still read), as far as they fit.
         fresh = self._allocate(capacity)
-        fresh[:, :, :, :, : self.length] = self.buffer[:, :, :, :, : self.length]
+        kept = min(capacity, self.capacity)
+        fresh[:, :, :, :, :kept] = self.buffer[:, :, :, :, :kept]
         self.buffer = fresh
+
+    def _fit(self, end: int) -> None:
+        if end > self.capacity:
+            self._resize(min(_round_up(end, BLOCK), self.max_seq))
 
     def past_for(self, new: int) -> np.ndarray:
         """The buffer to pass as ``past`` for a step of ``new`` tokens (``T + N <= max_seq``)."""
@@ -69,12 +76,20 @@ class KVCache:
             self.buffer[:, :, :, :, length:end] = self.buffer[:, :, :, :, slots]
         self.length = end
 
+    def write_scratch(self, present: np.ndarray, offset: int) -> None:
+        """Write ``present`` (``[l, 2, B, H, n, Dh]``: the first l layers' rows of n tokens)
+        at slots ``length + offset`` on, without committing them: an early-exit draft's
+        rows, which become the target's when verification accepts their tokens."""
+        start = self.length + offset
+        end = start + present.shape[4]
+        self._fit(end)
+        self.buffer[: present.shape[0], :, :, :, start:end] = present
+
     def commit(self, present: np.ndarray, rows: np.ndarray | list[int]) -> None:
         """Append ``present[..., rows, :]`` (the accepted new tokens, in order)."""
         rows = np.asarray(rows, dtype=np.int64)
         end = self.length + len(rows)
-        if end > self.capacity:
-            self._resize(min(_round_up(end, BLOCK), self.max_seq))
+        self._fit(end)
         if len(rows) == present.shape[4] and (rows == np.arange(len(rows))).all():
             self.buffer[:, :, :, :, self.length : end] = present
         else:

@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from leapc.ir.tree import TreeBuffers, chain
+from leapc.runtime.kv_cache import KVCache
 
 
 class ChildSampling(Enum):
@@ -126,6 +127,17 @@ class ReadsPrefill(Protocol):
     def observe_prefill(self, outputs: dict[str, np.ndarray]) -> None:
         """``outputs``: the last prefill call's, batch axis and rows included; its last row
         is the last prompt token's."""
+        ...
+
+
+@runtime_checkable
+class VerifiesDraft(Protocol):
+    """A drafter whose drafts are verified by programs of its own rather than the step
+    program (early exit: the remainder after the exit, over the draft's hidden states)."""
+
+    def verify(self, cache: KVCache, draft: Draft) -> dict[str, np.ndarray]:
+        """The step's outputs for ``draft``: ``logits`` at every node and ``present``
+        (every layer's rows, committed by the loop like the step program's)."""
         ...
 
 

@@ -101,7 +101,7 @@ class DraftModelDrafter:
                 budget: int) -> list[int]:
         grown = []
         for node, logits in frontier.items():
-            if self.shape.confidence and _top1(logits) < self.shape.confidence:
+            if self.shape.confidence and top1_probability(logits) < self.shape.confidence:
                 continue
             q = None if self.sampling.greedy else probabilities(logits, self.sampling)
             for token in self._children(logits, q, width):
@@ -153,7 +153,7 @@ def _top_tokens(logits: np.ndarray, k: int) -> np.ndarray:
     return top[np.argsort(-logits[top], kind="stable")]
 
 
-def _top1(logits: np.ndarray) -> float:
-    """The draft's own top-1 probability (temperature 1): its confidence."""
+def top1_probability(logits: np.ndarray) -> float:
+    """A drafter's own top-1 probability (temperature 1): its confidence."""
     z = logits - logits.max()
     return float(1.0 / np.exp(z).sum())

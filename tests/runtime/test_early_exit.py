@@ -13,7 +13,7 @@ from stats import chi2_critical, chi2_homogeneity
 
 import leapc
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
-from leapc.runtime.drafters.draft_model import DraftModelDrafter
+from leapc.runtime.drafters.early_exit import EarlyExitDrafter
 from leapc.runtime.engine import DraftOptions
 from leapc.runtime.sampling import SamplingConfig
 
@@ -38,41 +38,61 @@ def test_greedy_output_equals_ar(exit_engine_dir, key, backend):
                 assert got == reference, (policy, length, prompt)
 
 
-def _run(engine, prompt, policy: str, sampling=SamplingConfig()):
-    """Generate and return the target cache and the drafter (its own cache included)."""
+def _run(engine, prompt, policy: str, sampling=SamplingConfig()) -> tuple:
+    """Generate; return the target cache and the generation's stats."""
     ids = engine.encode(prompt)
     cache = engine._cache(engine.manifest.model)
-    drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4), sampling, 0)
-    stop = StopConfig(40, ())
-    list(decode(engine.step, cache, ids, engine.manifest.max_new, drafter, sampling, stop,
-                np.random.default_rng(0), GenerationStats(policy)))
-    return cache, drafter
+    drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4), sampling, 0,
+                              cache)
+    stats = GenerationStats(policy)
+    list(decode(engine.step, cache, ids, engine.manifest.max_new, drafter, sampling,
+                StopConfig(40, ()), np.random.default_rng(0), stats))
+    return cache, stats
 
 
-@pytest.mark.parametrize("key", ["bundled"])
+@pytest.mark.parametrize("key", ["bundled", "tiny-llama"])
 def test_kv_cache_ends_as_ar_leaves_it(exit_engine_dir, key):
-    """Rejected drafts leave no row behind: the target cache equals `ar`'s, and the draft's
-    own cache holds exactly `ar`'s rows of layers < E for the tokens it has seen."""
+    """The draft writes layers < E in the target's cache and the remainder layers >= E:
+    after rejected drafts and reused rows the cache equals `ar`'s, every layer."""
     engine = leapc.load(exit_engine_dir(key))
     prompt = PROMPTS[key][0]
     reference, _ = _run(engine, prompt, "ar")
-    cache, drafter = _run(engine, prompt, "early-exit")
+    cache, stats = _run(engine, prompt, "early-exit")
+    assert max(stats.accepted_depth) > 0 and min(stats.accepted_depth) < 4, \
+        "the test needs both accepted and rejected drafts"
     assert cache.length == reference.length
     rows = reference.buffer[:, :, :, :, : reference.length]  # [L, 2, B, H, T, D]
     np.testing.assert_allclose(cache.buffer[:, :, :, :, : cache.length], rows, atol=1e-4)
-    seen = drafter.cache.length
-    assert 0 < seen <= reference.length
-    np.testing.assert_allclose(drafter.cache.buffer[:, :, :, :, :seen],
-                               rows[: EXIT_LAYERS[key], :, :, :, :seen], atol=1e-4)
 
 
 def test_the_draft_program_holds_layers_below_the_exit(exit_engine_dir):
     engine = leapc.load(exit_engine_dir("tiny-llama"))
     manifest = engine.manifest
     assert manifest.exit_layer == EXIT_LAYERS["tiny-llama"]
-    outputs = [o["name"] for o in manifest.programs["draft"].signature["outputs"]]
-    assert outputs == ["logits", "present", "hidden"]
+
+    def names(program: str, kind: str) -> list[str]:
+        return [o["name"] for o in manifest.programs[program].signature[kind]]
+
+    assert names("draft", "outputs") == ["logits", "present", "hidden"]
+    assert names("remainder", "inputs") == ["hidden", "positions", "past", "mask"]
+    assert names("remainder", "outputs") == ["logits", "present"]
     assert {"early-exit", "kangaroo"} <= {p.value for p in manifest.policies}
+
+
+def test_only_the_drafts_vocabulary_projection_is_int8(exit_engine_dir):
+    """The exit's logits only propose; the hidden state and KV rows the target reuses are
+    computed in float32, and the remainder is untouched."""
+    import onnx
+
+    path = exit_engine_dir("tiny-llama")
+
+    def matmuls(program: str) -> list[str]:
+        graph = onnx.load(str(path / f"{program}.onnx")).graph
+        return sorted(n.op_type for n in graph.node if n.op_type.startswith("MatMul"))
+
+    draft = matmuls("draft")
+    assert draft.count("MatMulNBits") == 1 and draft.count("MatMul") > 1
+    assert "MatMulNBits" not in matmuls("remainder")
 
 
 PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
@@ -89,7 +109,7 @@ def _second_and_third(engine, policy: str, seed0: int) -> list:
 
 def _uniform_q(monkeypatch):
     """Acceptance told the draft came from a uniform q instead of the exit's distribution."""
-    propose = DraftModelDrafter.propose
+    propose = EarlyExitDrafter.propose
 
     def wrong_q(self, *args):
         draft = propose(self, *args)
@@ -97,7 +117,7 @@ def _uniform_q(monkeypatch):
             return draft
         return dataclasses.replace(draft, q=np.full_like(draft.q, 1 / draft.q.shape[1]))
 
-    monkeypatch.setattr(DraftModelDrafter, "propose", wrong_q)
+    monkeypatch.setattr(EarlyExitDrafter, "propose", wrong_q)
 
 
 @pytest.mark.parametrize("wrong_q", [False, True], ids=["exit-q", "uniform-q"])

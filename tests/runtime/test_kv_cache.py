@@ -230,3 +230,20 @@ def test_decode_near_max_seq_does_not_copy_every_step():
         if cache.buffer is not buffers[-1]:
             buffers.append(cache.buffer)
     assert len(buffers) - 1 <= math.ceil(156 / BLOCK) + 2, len(buffers) - 1
+
+
+def test_scratch_rows_wait_after_the_committed_ones_and_survive_growth():
+    """An early-exit draft writes layer 0's rows of three chain nodes past the committed
+    slots; the block overflows on the way, and committing the first two keeps them."""
+    cache = make_cache()
+    cache.commit(present(BLOCK - 1), np.arange(BLOCK - 1))
+    rows = present(3)[:1]  # layers < E = 1
+    for offset in range(3):
+        cache.write_scratch(rows[:, :, :, :, offset : offset + 1], offset)
+    assert cache.length == BLOCK - 1 and cache.capacity == 2 * BLOCK
+    np.testing.assert_array_equal(cache.buffer[:1, :, :, :, BLOCK - 1 : BLOCK + 2], rows)
+    verified = present(3)
+    verified[:1] = rows
+    cache.commit(verified, [0, 1])
+    np.testing.assert_array_equal(committed(cache)[:, :, :, :, -2:], verified[:, :, :, :, :2])
+    assert cache.length == BLOCK + 1
