@@ -3,7 +3,8 @@
 
     python bench/bench_self_spec.py      # bundled + stories260K, 8 prompts x 128, median of 3
 
-One ORT engine per exit layer (`leapc build --exit-layer E`), greedy, interleaved passes.
+One ORT engine per exit layer (`leapc build --exit-layer E`, and `--exit-layer auto`: the
+layer and draft length its build-time sweep measured fastest), greedy, interleaved passes.
 Writes bench/results/self_spec_{bundled,stories}.{json,md}.
 """
 
@@ -21,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"
 STORIES = ROOT.parent / "shared" / "models" / "stories260K" / "stories260K.bin"
 MODELS = {  # name -> (source, exit layers, prompt file)
-    "bundled": ("bundled", (3, 4, 6), "code_heldout.jsonl"),
+    "bundled": ("bundled", (3, 4, 6, "auto"), "code_heldout.jsonl"),
     "stories": (str(STORIES), (2, 3), "stories.jsonl"),
 }
-LENGTHS = (2, 4, 6)
+LENGTHS = (2, 3, 4, 6)
 
 
-def engine_for(name: str, exit_layer: int) -> Path:
+def engine_for(name: str, exit_layer: int | str) -> Path:
     out = CACHE / f"self-spec-{name}-e{exit_layer}"
     if not (out / "manifest.json").exists():
         leapc.build(MODELS[name][0], out, "ort", exit_layer=exit_layer)
@@ -35,7 +36,8 @@ def engine_for(name: str, exit_layer: int) -> Path:
 
 
 def variants() -> tuple[PolicyRun, ...]:
-    return (*(PolicyRun(f"early-exit d={d}", "early-exit", DraftOptions(max_draft=d))
+    return (PolicyRun("early-exit (engine's d)", "early-exit", DraftOptions()),
+            *(PolicyRun(f"early-exit d={d}", "early-exit", DraftOptions(max_draft=d))
               for d in LENGTHS),
             PolicyRun("kangaroo d=8", "kangaroo", DraftOptions(max_draft=8)))
 
@@ -62,7 +64,10 @@ def bench_model(name: str, max_new_tokens: int, repeats: int, max_prompts: int) 
     for exit_layer in exits:
         engine = leapc.load(engine_for(name, exit_layer))
         cfg = BenchConfig(("ar",), prompts, max_new_tokens, repeats, variants=variants())
-        results[exit_layer] = run_bench(engine, cfg, vs_hf=True)
+        choice = engine.manifest.exit_choice
+        key = f"{engine.manifest.exit_layer} (auto, d={choice.depth})" \
+            if exit_layer == "auto" else exit_layer
+        results[key] = run_bench(engine, cfg, vs_hf=True)
     caption = (f"{name}, ORT, greedy, `{prompt_file}` ({len(prompts)} prompts) × "
                f"{max_new_tokens} new tokens, median of {repeats} interleaved passes, same run "
                f"(`python bench/bench_self_spec.py`); `vs ar` is against `ar` on the same engine.")

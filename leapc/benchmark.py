@@ -159,7 +159,7 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
     baselines = {"hf_generate_tokens_per_s": greedy_tps, "_hf_ids": greedy_ids}
     policies = {run.policy for run in cfg.runs()}
     if "lookup" in policies:
-        lookup = cfg.options_for("lookup").max_draft
+        lookup = cfg.options_for("lookup").draft_length()
         tps, _ = median_of_repeats(prompt_lookup_num_tokens=max(lookup, 1))
         baselines["hf_prompt_lookup_tokens_per_s"] = tps
     if "draft" in policies and engine.manifest.draft_model is not None:

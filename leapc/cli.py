@@ -47,7 +47,8 @@ def _lookahead(text: str | LookaheadConfig) -> LookaheadConfig:
 
 
 # Drafting options shared by `run` and `bench`.
-MaxDraft = Annotated[int, typer.Option(help="longest draft per step (drafting policies)")]
+MaxDraft = Annotated[int | None, typer.Option(
+    help="longest draft per step (drafting policies; default 8, early exit: the engine's)")]
 NGram = Annotated[int, typer.Option(help="lookup: longest n-gram matched")]
 Matches = Annotated[int, typer.Option(
     help="lookup: continuations of this many earlier occurrences, verified as one tree")]
@@ -109,8 +110,9 @@ def build(
                                         "JSON file of rank paths (default: hand-written)"),
     head_placement: HeadPlacement = typer.Option(
         HeadPlacement.PROGRAM, help="heads in their own program, or in the step program"),
-    exit_layer: int = typer.Option(None, help="add an exit after layer E's input (1..L-1): "
-                                              "policies early-exit and kangaroo"),
+    exit_layer: str = typer.Option(None, help="add an exit after layer E's input (1..L-1), or "
+                                              "'auto' (the fastest measured): policies "
+                                              "early-exit and kangaroo"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
 ) -> None:
     """Compile MODEL into an engine directory."""
@@ -125,7 +127,7 @@ def build(
                                                        datastore=bool(datastore),
                                                        heads=head_placement if heads > 0
                                                        else None,
-                                                       early_exit=exit_layer is not None))
+                                                       exit_layer=_exit_layer(exit_layer)))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
@@ -137,9 +139,18 @@ def build(
                            datastore=_datastore_source(datastore), quantize=quantize,
                            heads=_heads_options(heads, head_kind, train_heads, tree,
                                                 head_placement),
-                           exit_layer=exit_layer, dump_dir=dump_passes,
+                           exit_layer=_exit_layer(exit_layer), dump_dir=dump_passes,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
+
+
+def _exit_layer(text: str | None) -> int | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"--exit-layer must be a layer number or 'auto' (got {text!r})") from None
 
 
 def _heads_options(count: int, kind: HeadKind, text: list[Path] | None, tree: str | None,
@@ -175,7 +186,7 @@ def run(
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
-    max_draft: MaxDraft = 8,
+    max_draft: MaxDraft = None,
     ngram: NGram = 4,
     matches: Matches = 1,
     adaptive: Adaptive = False,
@@ -225,9 +236,9 @@ def _parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
         raise InputError(f"{option} must be comma-separated integers (got {text!r})") from None
 
 
-def _draft_options(max_draft: int, ngram: int, matches: int, adaptive: bool, draft_tree: str,
-                   confidence: float, tree_sampling: ChildSampling, lookahead: LookaheadConfig,
-                   retrieval_nodes: int, dynamic: DynamicTree):
+def _draft_options(max_draft: int | None, ngram: int, matches: int, adaptive: bool,
+                   draft_tree: str, confidence: float, tree_sampling: ChildSampling,
+                   lookahead: LookaheadConfig, retrieval_nodes: int, dynamic: DynamicTree):
     from leapc.runtime.engine import DraftOptions
 
     return DraftOptions(max_draft=max_draft, ngram=ngram, matches=matches, adaptive=adaptive,
@@ -252,7 +263,7 @@ def bench(
     prompts: Path = typer.Option(None, help="JSONL prompt file (default: built-in code prompts)"),
     max_new_tokens: int = typer.Option(64),
     repeats: int = typer.Option(3),
-    max_draft: MaxDraft = 8,
+    max_draft: MaxDraft = None,
     ngram: NGram = 4,
     matches: Matches = 1,
     adaptive: Adaptive = False,

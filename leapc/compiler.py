@@ -10,6 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leapc.datastore import DatastoreSource, build_datastore, read_texts
+from leapc.early_exit import AUTO as EXIT_AUTO
+from leapc.early_exit import (
+    EXIT_DEPTHS,
+    exit_candidates,
+    lower_exit,
+    move_programs,
+    sweep_exits,
+)
+from leapc.early_exit import SWEEP as EXIT_SWEEP
 from leapc.heads import (
     AUTO,
     HeadsOptions,
@@ -33,13 +42,13 @@ from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_early_exit import check_exit_layer
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
-from leapc.passes.slice_early_exit import slice_draft, slice_remainder
 from leapc.runtime.backends import aoti, eager, ort, tensorrt
-from leapc.runtime.engine import load_program
+from leapc.runtime.engine import DEFAULT_EXIT_DEPTH, load_program
 from leapc.runtime.manifest import (
     HEAD_POLICIES,
     Backend,
     DatastoreInfo,
+    ExitChoice,
     HeadsInfo,
     Manifest,
     ModelInfo,
@@ -82,15 +91,17 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
 
 def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
                 attention: str | Attention | None = None, datastore: bool = False,
-                heads: HeadPlacement | None = None, early_exit: bool = False) -> int:
+                heads: HeadPlacement | None = None, exit_layer: int | str | None = None) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
     numeric check and lower, then the datastore if any; heads add their training (or
     loading), their pass, the tree, and in program placement their program's capture and
-    lowering; an early exit adds the draft's and the remainder's lowering."""
+    lowering; an early exit adds the draft's and remainder's lowering (and for ``auto``,
+    the candidates' lowering then the sweep)."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
     added = 0 if heads is None else 3 + 2 * (heads is HeadPlacement.PROGRAM)
-    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added + 2 * early_exit
+    early_exit = 0 if exit_layer is None else 1 + (exit_layer == EXIT_AUTO)
+    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added + early_exit
 
 
 def _toolchain() -> dict[str, str]:
@@ -178,7 +189,7 @@ def build(
     datastore: DatastoreSource | None = None,
     quantize: str | Quantization = Quantization.NONE,
     heads: HeadsOptions | None = None,
-    exit_layer: int | None = None,
+    exit_layer: int | str | None = None,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
@@ -190,7 +201,9 @@ def build(
     ``"bundled"`` (the bundled model's training corpus) or text files and directories.
     ``quantize="int8"`` (ORT only) stores MatMul weights as int8 (weight-only).
     ``heads`` adds decoding heads (Medusa or Hydra) and their static tree.
-    ``exit_layer`` E adds the ``draft`` program (layers < E and the exit) for ``early-exit``.
+    ``exit_layer`` E adds the ``draft`` (layers < E and the exit) and ``remainder`` (layers
+    >= E) programs for ``early-exit`` and ``kangaroo``; ``"auto"`` measures every candidate
+    exit layer and draft length on the backend and keeps the fastest.
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.
@@ -209,7 +222,9 @@ def build(
     corpus = read_texts(datastore) if datastore is not None else None  # user errors first
     if heads is not None:
         _check_heads(heads, chosen, quantization)
-    if exit_layer is not None:
+    if exit_layer is not None and exit_layer != EXIT_AUTO:
+        if not isinstance(exit_layer, int):
+            raise InputError(f"exit layer must be a layer number or 'auto' (got {exit_layer!r})")
         check_exit_layer(exit_layer, source.model.config.get_text_config().num_hidden_layers,
                          "--exit-layer")
     out = Path(out_dir)
@@ -235,31 +250,52 @@ def build(
     source.tokenizer.save(str(out / "tokenizer.json"))
     manifest = _manifest(full, drafter, store, head_info, chosen, quantization, options)
     if exit_layer is not None:
-        manifest = _with_exit(manifest, full, exit_layer, chosen, out, on_stage)
+        manifest = _with_exit(manifest, full, exit_layer, chosen, options, out, on_stage)
     manifest.write(out)
     return out
 
 
-def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int, backend: Backend,
-               out: Path, on_stage) -> Manifest:
-    """Add the early-exit ``draft`` (layers < E and the exit) and ``remainder`` (layers >= E)
-    programs, sliced from the final full program so they keep its rewrites and numbers,
-    and the policies that draft with them."""
-    programs = {}
-    for name, cut in (("draft", slice_draft), ("remainder", slice_remainder)):
-        on_stage(f"lower {name}, exit at layer {exit_layer} ({backend.value})")
-        program = cut(full.result.program, exit_layer)
-        file = LOWERINGS[backend](program, out, name)
-        if name == "draft" and backend is Backend.ORT:
-            # The exit's logits only propose: an int8 vocabulary projection drafts from the
-            # same hidden state and KV rows, which stay float and exact.
-            ort.quantize_vocab_projection(file, program.dims.vocab_size)
-        programs[name] = ProgramEntry(file=file.name, sha256=sha256_file(file),
-                                      signature=program.signature.to_json())
+def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int | str,
+               backend: Backend, options: CaptureOptions, out: Path, on_stage) -> Manifest:
+    """Add the early-exit ``draft`` and ``remainder`` programs at ``exit_layer`` (or at the
+    fastest point of the measured sweep, for ``"auto"``) and the policies that use them."""
+    program, lower = full.result.program, LOWERINGS[backend]
+    if exit_layer == EXIT_AUTO:
+        exit_layer, entries, choice = _sweep_exit(full, backend, options, out, on_stage)
+    else:
+        on_stage(f"lower draft and remainder, exit at layer {exit_layer} ({backend.value})")
+        entries = lower_exit(program, exit_layer, backend, lower, out)
+        choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
     drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
     policies = manifest.policies + ((Policy.EARLY_EXIT, Policy.KANGAROO) if drafting else ())
-    return manifest.model_copy(update={"programs": manifest.programs | programs,
-                                       "exit_layer": exit_layer, "policies": policies})
+    return manifest.model_copy(update={"programs": manifest.programs | entries,
+                                       "exit_layer": exit_layer, "exit_choice": choice,
+                                       "policies": policies})
+
+
+def _sweep_exit(full: CompiledProgram, backend: Backend, options: CaptureOptions, out: Path,
+                on_stage) -> tuple[int, dict[str, ProgramEntry], ExitChoice]:
+    program, dims = full.result.program, full.result.program.dims
+    layers = exit_candidates(dims.num_layers)
+    on_stage(f"lower exits at layers {layers.start}..{layers.stop - 1} ({backend.value})")
+    work = out / ".exit-sweep"
+    lowered = {}
+    for layer in layers:
+        (work / str(layer)).mkdir(parents=True)
+        lowered[layer] = lower_exit(program, layer, backend, LOWERINGS[backend], work / str(layer))
+    on_stage(f"exit sweep: {len(layers)} layers x {len(EXIT_DEPTHS)} draft lengths")
+    programs = {layer: tuple(load_program(backend, work / str(layer) / entries[name].file,
+                                          _outputs(entries[name]))
+                             for name in ("draft", "remainder"))
+                for layer, entries in lowered.items()}
+    step = load_program(backend, out / full.entry.file, _outputs(full.entry))
+    prompts = calibration_prompts(full.source, None)[: EXIT_SWEEP["prompts"]]
+    ar, points = sweep_exits(step, programs, dims, prompts, options.max_seq, options.max_new)
+    best = max(points, key=lambda p: p.tokens_per_s)
+    move_programs(lowered[best.layer], work / str(best.layer), out)
+    shutil.rmtree(work)
+    choice = ExitChoice(source="auto", depth=best.depth, ar_tokens_per_s=ar, sweep=points)
+    return best.layer, lowered[best.layer], choice
 
 
 def _check_heads(heads: HeadsOptions, backend: Backend, quantization: Quantization) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 from rich.table import Table
 
 from leapc.ir.signature import B, S, StepSignature
-from leapc.runtime.manifest import MANIFEST_FILE, HeadsInfo, read_manifest
+from leapc.runtime.manifest import MANIFEST_FILE, HeadsInfo, Manifest, read_manifest
 
 
 def _kv_row(signature: StepSignature, itemsize: int, max_seq: int) -> str:
@@ -55,6 +55,23 @@ def _heads_table(heads: HeadsInfo) -> Table:
     return table
 
 
+def _exit_table(manifest: Manifest) -> Table:
+    """The early exit, and the sweep `--exit-layer auto` chose it from (fastest first)."""
+    choice = manifest.exit_choice
+    table = Table(title=f"early exit · layer {manifest.exit_layer} of "
+                        f"{manifest.model.num_layers}, draft length {choice.depth} "
+                        f"({choice.source})")
+    for column in ("exit layer", "draft length", "tau", "tokens/s", "vs ar"):
+        table.add_column(column, justify="right")
+    for point in sorted(choice.sweep, key=lambda p: -p.tokens_per_s):
+        table.add_row(str(point.layer), str(point.depth), f"{point.tau:.2f}",
+                      f"{point.tokens_per_s:.1f}", f"{point.tokens_per_s / choice.ar_tokens_per_s:.2f}×")
+    if choice.ar_tokens_per_s:
+        table.caption = (f"greedy, calibration prompts, this build's machine; ar "
+                         f"{choice.ar_tokens_per_s:.1f} tokens/s in the same run")
+    return table
+
+
 def _anatomy_table(rows) -> Table:
     table = Table(title="anatomy")
     table.add_column("landmark")
@@ -82,6 +99,8 @@ def inspect_engine(path: Path) -> list[Table]:
     ):
         summary.add_row(key, value)
     tables = [summary, _anatomy_table(m.anatomy)] + ([_heads_table(m.heads)] if m.heads else [])
+    if m.exit_choice is not None:
+        tables.append(_exit_table(m))
     for name, entry in m.programs.items():
         tables.append(_signature_table(name, StepSignature.from_json(entry.signature), itemsize))
     return tables

@@ -45,11 +45,16 @@ class StreamChunk:
     text: str  # the text these tokens complete (held back while a UTF-8 char is split)
 
 
+DEFAULT_MAX_DRAFT = 8
+
+
 @dataclass(frozen=True)
 class DraftOptions:
     """Per-policy drafting knobs (ignored by policies that do not use them)."""
 
-    max_draft: int = 8  # longest chain a drafter proposes per step
+    # Longest chain a drafter proposes per step; None: the policy's default (the engine's
+    # measured best for early exit, else DEFAULT_MAX_DRAFT).
+    max_draft: int | None = None
     ngram: int = 4  # prompt lookup: longest suffix n-gram matched
     adaptive: bool = False  # chain drafters: +2 / -1 draft length instead of max_draft
     matches: int = 1  # lookup: continuations of that many earlier occurrences, as a tree
@@ -62,14 +67,17 @@ class DraftOptions:
     dynamic: DynamicTree = DynamicTree()  # *-dynamic head policies: nodes kept, beam
     head_tree: tuple[tuple[int, ...], ...] = ()  # medusa / hydra: rank paths (() = the engine's)
 
+    def draft_length(self, default: int = DEFAULT_MAX_DRAFT) -> int:
+        return default if self.max_draft is None else self.max_draft
+
     def tree_shape(self) -> TreeShape:
-        if self.max_draft < 0 or self.ngram < 1 or self.matches < 1:
+        if self.draft_length() < 0 or self.ngram < 1 or self.matches < 1:
             raise InputError("max-draft must be >= 0, ngram and matches >= 1")
         if any(width < 1 for width in self.branching):
             raise InputError(f"draft-tree widths must be >= 1 (got {self.branching})")
         if not 0.0 <= self.confidence < 1.0:
             raise InputError(f"confidence must be in [0, 1) (got {self.confidence})")
-        return TreeShape(self.max_draft, self.branching, self.confidence, self.children)
+        return TreeShape(self.draft_length(), self.branching, self.confidence, self.children)
 
 
 @dataclass
@@ -237,14 +245,14 @@ class Engine:
         """The policy's drafter; ``cache`` is the target's (early exit drafts inside it)."""
         shape = options.tree_shape()
         if policy is Policy.LOOKUP:
-            return LookupDrafter(max_ngram=options.ngram, max_draft=options.max_draft,
+            return LookupDrafter(max_ngram=options.ngram, max_draft=options.draft_length(),
                                  adaptive=options.adaptive, matches=options.matches)
         if policy is Policy.RECYCLE:
             return RecycleDrafter(self.manifest.model.vocab_size)
         if policy is Policy.LOOKAHEAD:
             return self._lookahead(options.lookahead, seed)
         if policy is Policy.RETRIEVAL:
-            return RetrievalDrafter(self.datastore, options.retrieval, max_draft=options.max_draft,
+            return RetrievalDrafter(self.datastore, options.retrieval, max_draft=options.draft_length(),
                                     max_ngram=options.ngram)
         if policy in _HEAD_POLICIES:
             return self._heads(policy, options)
@@ -268,8 +276,14 @@ class Engine:
             confidence = options.confidence or KANGAROO_CONFIDENCE
         return EarlyExitDrafter(self.steps["draft"], self.steps["remainder"], cache,
                                 self.manifest.exit_layer, sampling,
-                                np.random.default_rng([seed, 1]), options.max_draft,
-                                confidence, options.adaptive)
+                                np.random.default_rng([seed, 1]),
+                                options.draft_length(self._exit_depth()), confidence,
+                                options.adaptive)
+
+    def _exit_depth(self) -> int:
+        """Early exit's chain length: the one `--exit-layer auto` measured fastest."""
+        choice = self.manifest.exit_choice
+        return choice.depth if choice is not None else DEFAULT_EXIT_DEPTH
 
     def _heads(self, policy: Policy, options: DraftOptions) -> HeadsDrafter:
         dynamic, heads = options.dynamic, self.manifest.heads
@@ -301,6 +315,9 @@ _DYNAMIC = (Policy.MEDUSA_DYNAMIC, Policy.HYDRA_DYNAMIC)
 _EXIT_POLICIES = (Policy.EARLY_EXIT, Policy.KANGAROO)
 # Kangaroo's default stop: drafting from the exit stops below this top-1 probability.
 KANGAROO_CONFIDENCE = 0.5
+# Early exit's chain length when the engine measured none (`--exit-layer E` without a sweep
+# records this one): the bundled model's best at E = 4 (docs/decisions.md).
+DEFAULT_EXIT_DEPTH = 3
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -114,6 +114,26 @@ class HeadsInfo(_Frozen):
     sha256: dict[str, str]  # file name -> digest
 
 
+class ExitPoint(_Frozen):
+    """One measured configuration of `--exit-layer auto`: greedy ``early-exit`` with chains of
+    ``depth`` from the exit after ``layer`` layers, on the build's calibration prompts."""
+
+    layer: int
+    depth: int
+    tokens_per_s: float
+    tau: float
+
+
+class ExitChoice(_Frozen):
+    """How the exit layer was chosen (``given`` by `--exit-layer E`, or ``auto``: the fastest
+    point of the sweep) and the draft length ``early-exit`` uses unless told otherwise."""
+
+    source: Literal["given", "auto"]
+    depth: int
+    ar_tokens_per_s: float | None = None  # ``ar`` on the same prompts, same run
+    sweep: tuple[ExitPoint, ...] = ()
+
+
 class Manifest(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     leapc_version: str
@@ -124,9 +144,10 @@ class Manifest(_Frozen):
     datastore: DatastoreInfo | None = None  # the ``retrieval`` policy's corpus, if any
     heads: HeadsInfo | None = None  # decoding heads (the ``heads`` program), if any
     exit_layer: int | None = None  # early exit: the ``draft`` program runs layers < it + exit
+    exit_choice: ExitChoice | None = None  # with exit_layer: how it and the draft length were chosen
     quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
-    programs: dict[str, ProgramEntry]  # "full", "draft_model"; "draft", "remainder" later
+    programs: dict[str, ProgramEntry]  # "full", "draft_model", "heads", "draft", "remainder"
     passes: tuple[str, ...]
     anatomy: tuple[tuple[str, str], ...] = ()  # landmark -> graph node, for `leapc inspect`
     addons: dict[str, str] = {}

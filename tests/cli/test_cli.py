@@ -411,3 +411,8 @@ def test_head_build_mistakes_are_user_errors(tmp_path):
 def test_build_refuses_an_exit_layer_out_of_range(tmp_path, exit_layer):
     result = cli("build", "bundled", "-o", tmp_path / "e", "--exit-layer", exit_layer)
     user_error(result, "exit layer", "1 to 11")
+
+
+def test_build_refuses_an_exit_layer_that_is_not_a_number(tmp_path):
+    result = cli("build", "bundled", "-o", tmp_path / "e", "--exit-layer", "middle")
+    user_error(result, "--exit-layer must be a layer number or 'auto'", "'middle'")

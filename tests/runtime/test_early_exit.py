@@ -133,3 +133,32 @@ def test_sampling_matches_plain_sampling_only_with_the_exit_q(exit_engine_dir, m
     stat, df = chi2_homogeneity(plain, drafted)
     assert df >= 3, "the test needs a distribution with several outcomes"
     assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)
+
+
+def test_exit_layer_auto_keeps_the_fastest_measured_point(tmp_path):
+    """`--exit-layer auto` lowers every candidate, measures each (layer, draft length), and
+    keeps the fastest; the policy then drafts that many tokens by default."""
+    from engines import tiny_source
+
+    from leapc.early_exit import EXIT_DEPTHS, exit_candidates
+    from leapc.inspection import inspect_engine
+
+    engine = leapc.load(leapc.build(tiny_source("llama"), tmp_path / "auto", "ort", max_seq=256,
+                                    exit_layer="auto"))
+    manifest = engine.manifest
+    choice = manifest.exit_choice
+    candidates = list(exit_candidates(manifest.model.num_layers))
+    assert choice.source == "auto" and choice.ar_tokens_per_s > 0
+    assert [(p.layer, p.depth) for p in choice.sweep] == [
+        (layer, depth) for layer in candidates for depth in EXIT_DEPTHS]
+    best = max(choice.sweep, key=lambda p: p.tokens_per_s)
+    assert (manifest.exit_layer, choice.depth) == (best.layer, best.depth)
+    assert not (tmp_path / "auto" / ".exit-sweep").exists()
+    prompt = PROMPTS["tiny-llama"][0]
+    stats = engine.generate(prompt, 24, policy="early-exit").stats
+    assert max(stats.drafted_depth) == choice.depth
+    assert engine.generate(prompt, 24, policy="early-exit").token_ids == \
+        engine.generate(prompt, 24).token_ids
+    titles = [table.title for table in inspect_engine(tmp_path / "auto")]
+    assert f"early exit · layer {best.layer} of {manifest.model.num_layers}, draft length " \
+           f"{best.depth} (auto)" in titles
