@@ -23,6 +23,7 @@ ATTENTION_OPS = ("aten::scaled_dot_product_attention", "leapc::tree_attention")
 _VIEW_OPS = (torch.ops.aten.alias.default, torch.ops.aten.slice.Tensor,
              torch.ops.aten.view.default, torch.ops.aten.reshape.default,
              torch.ops.aten.select.int)
+_CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
 _INDEXED = re.compile(r"^(?P<prefix>.+)\.(?P<index>\d+)$")
 
 
@@ -35,6 +36,9 @@ class LayerAnatomy:
     attention: tuple[str, ...]
     keys: str  # the node holding past + new keys (the cache update)
     values: str
+    # residual_in + the attention branch: what the MLP branch reads and adds to (None where
+    # a family runs attention and MLP in parallel from residual_in)
+    residual_mid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,49 @@ def _layer(graph: Graph, index: int, module: str, hidden: int) -> LayerAnatomy:
     if missing:
         raise UnsupportedModelError(f"anatomy: layer {module} lacks {', '.join(missing)}")
     keys, values = kv
+    mid = _residual_mid(external_hidden[0], escaping[-1], attention[0])
     return LayerAnatomy(index, module, external_hidden[0].name, escaping[-1].name,
-                        tuple(n.name for n in attention), keys.name, values.name)
+                        tuple(n.name for n in attention), keys.name, values.name,
+                        mid.name if mid is not None else None)
+
+
+def _residual_mid(residual_in: Node, residual_out: Node, attention: Node) -> Node | None:
+    """The add of ``residual_in`` and the attention branch, if ``residual_out`` adds the MLP
+    branch to it (identity casts and views may sit between them)."""
+    if residual_out.target != torch.ops.aten.add.Tensor:
+        return None
+    after_attention = descendants(attention)
+    for arg in residual_out.args[:2]:
+        mid = _unaliased(arg)
+        if (mid.target == torch.ops.aten.add.Tensor and mid in after_attention
+                and residual_in in map(_unaliased, mid.args[:2])):
+            return mid
+    return None
+
+
+def _unaliased(node) -> Node:
+    """``node`` behind views and same-dtype casts (the same values)."""
+    while (isinstance(node, Node) and node.op == "call_function" and node.all_input_nodes
+           and (node.target in _VIEW_OPS or node.target in _CASTS)
+           and _same_shape(node, node.all_input_nodes[0])):
+        node = node.all_input_nodes[0]
+    return node
+
+
+def _same_shape(a: Node, b: Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+            and va.shape == vb.shape and va.dtype == vb.dtype)
+
+
+def descendants(node: Node) -> set[Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
 
 
 def _cache_updates(attention: Node, inside: set[Node]) -> tuple[Node, Node] | None:

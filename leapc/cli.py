@@ -113,6 +113,10 @@ def build(
     exit_layer: str = typer.Option(None, help="add an exit after layer E's input (1..L-1), or "
                                               "'auto' (the fastest measured): policies "
                                               "early-exit and kangaroo"),
+    skip: str = typer.Option(None, help="sublayers the layer-skip draft bypasses: "
+                                        "comma-separated layers (3), attention (a3) or MLP "
+                                        "(m3) sublayers, or 'auto' (searched, then "
+                                        "measured): policy layer-skip"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
 ) -> None:
     """Compile MODEL into an engine directory."""
@@ -127,7 +131,8 @@ def build(
                                                        datastore=bool(datastore),
                                                        heads=head_placement if heads > 0
                                                        else None,
-                                                       exit_layer=_exit_layer(exit_layer)))
+                                                       exit_layer=_exit_layer(exit_layer),
+                                                       skip=skip))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
@@ -139,7 +144,7 @@ def build(
                            datastore=_datastore_source(datastore), quantize=quantize,
                            heads=_heads_options(heads, head_kind, train_heads, tree,
                                                 head_placement),
-                           exit_layer=_exit_layer(exit_layer), dump_dir=dump_passes,
+                           exit_layer=_exit_layer(exit_layer), skip=skip, dump_dir=dump_passes,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from leapc.datastore import DatastoreSource, build_datastore, read_texts
-from leapc.early_exit import AUTO as EXIT_AUTO
 from leapc.early_exit import (
     EXIT_DEPTHS,
     exit_candidates,
@@ -18,7 +19,6 @@ from leapc.early_exit import (
     move_programs,
     sweep_exits,
 )
-from leapc.early_exit import SWEEP as EXIT_SWEEP
 from leapc.heads import (
     AUTO,
     HeadsOptions,
@@ -36,14 +36,20 @@ from leapc.ir.capture import CaptureOptions, StepModule, capture
 from leapc.ir.errors import InputError, parse_choice
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.ir.heads import DecodingHeads, capture_heads
+from leapc.ir.skip_spec import SkipSet
+from leapc.layer_skip import SKIP_DEPTHS, search_path
+from leapc.layer_skip import candidates as skip_candidates
+from leapc.measure import AR, measure_drafters
 from leapc.models.heads import HeadsReport, save_heads
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_early_exit import check_exit_layer
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
+from leapc.passes.skip_layers import SkipLayers
 from leapc.runtime.backends import aoti, eager, ort, tensorrt
-from leapc.runtime.engine import DEFAULT_EXIT_DEPTH, load_program
+from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
+from leapc.runtime.engine import DEFAULT_EXIT_DEPTH, DEFAULT_SKIP_DEPTH, load_program
 from leapc.runtime.manifest import (
     HEAD_POLICIES,
     Backend,
@@ -55,10 +61,13 @@ from leapc.runtime.manifest import (
     Policy,
     ProgramEntry,
     Quantization,
+    SkipChoice,
+    SkipPoint,
     TokenizerInfo,
     TreeChoice,
     sha256_file,
 )
+from leapc.runtime.sampling import SamplingConfig
 
 LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower, Backend.AOTI: aoti.lower,
              Backend.TENSORRT: tensorrt.lower}
@@ -91,17 +100,20 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
 
 def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
                 attention: str | Attention | None = None, datastore: bool = False,
-                heads: HeadPlacement | None = None, exit_layer: int | str | None = None) -> int:
+                heads: HeadPlacement | None = None, exit_layer: int | str | None = None,
+                skip: str | None = None) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
     numeric check and lower, then the datastore if any; heads add their training (or
     loading), their pass, the tree, and in program placement their program's capture and
     lowering; an early exit adds the draft's and remainder's lowering (and for ``auto``,
-    the candidates' lowering then the sweep)."""
+    the candidates' lowering then the sweep); a skip set its draft's lowering (``auto``:
+    the search, then the candidates' lowering and measurement)."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
     added = 0 if heads is None else 3 + 2 * (heads is HeadPlacement.PROGRAM)
-    early_exit = 0 if exit_layer is None else 1 + (exit_layer == EXIT_AUTO)
-    return 1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added + early_exit
+    early_exit = 0 if exit_layer is None else 1 + (exit_layer == AUTO)
+    return (1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added + early_exit
+            + (0 if skip is None else 1 + (skip == AUTO)))
 
 
 def _toolchain() -> dict[str, str]:
@@ -190,6 +202,7 @@ def build(
     quantize: str | Quantization = Quantization.NONE,
     heads: HeadsOptions | None = None,
     exit_layer: int | str | None = None,
+    skip: str | None = None,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
@@ -203,7 +216,9 @@ def build(
     ``heads`` adds decoding heads (Medusa or Hydra) and their static tree.
     ``exit_layer`` E adds the ``draft`` (layers < E and the exit) and ``remainder`` (layers
     >= E) programs for ``early-exit`` and ``kangaroo``; ``"auto"`` measures every candidate
-    exit layer and draft length on the backend and keeps the fastest.
+    exit layer and draft length on the backend and keeps the fastest. ``skip`` (``"2,a5,m7"``:
+    whole layers, attention or MLP sublayers) adds the ``skip_draft`` program for
+    ``layer-skip``.
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.
@@ -222,11 +237,12 @@ def build(
     corpus = read_texts(datastore) if datastore is not None else None  # user errors first
     if heads is not None:
         _check_heads(heads, chosen, quantization)
-    if exit_layer is not None and exit_layer != EXIT_AUTO:
+    layers = source.model.config.get_text_config().num_hidden_layers
+    if exit_layer is not None and exit_layer != AUTO:
         if not isinstance(exit_layer, int):
             raise InputError(f"exit layer must be a layer number or 'auto' (got {exit_layer!r})")
-        check_exit_layer(exit_layer, source.model.config.get_text_config().num_hidden_layers,
-                         "--exit-layer")
+        check_exit_layer(exit_layer, layers, "--exit-layer")
+    skip_set = SkipSet.parse(skip, layers) if skip not in (None, AUTO) else skip
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -251,6 +267,8 @@ def build(
     manifest = _manifest(full, drafter, store, head_info, chosen, quantization, options)
     if exit_layer is not None:
         manifest = _with_exit(manifest, full, exit_layer, chosen, options, out, on_stage)
+    if skip_set is not None:
+        manifest = _with_skip(manifest, full, skip_set, chosen, options, out, on_stage)
     manifest.write(out)
     return out
 
@@ -260,7 +278,7 @@ def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int | str,
     """Add the early-exit ``draft`` and ``remainder`` programs at ``exit_layer`` (or at the
     fastest point of the measured sweep, for ``"auto"``) and the policies that use them."""
     program, lower = full.result.program, LOWERINGS[backend]
-    if exit_layer == EXIT_AUTO:
+    if exit_layer == AUTO:
         exit_layer, entries, choice = _sweep_exit(full, backend, options, out, on_stage)
     else:
         on_stage(f"lower draft and remainder, exit at layer {exit_layer} ({backend.value})")
@@ -271,6 +289,68 @@ def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int | str,
     return manifest.model_copy(update={"programs": manifest.programs | entries,
                                        "exit_layer": exit_layer, "exit_choice": choice,
                                        "policies": policies})
+
+
+def _with_skip(manifest: Manifest, full: CompiledProgram, skip: SkipSet | str,
+               backend: Backend, options: CaptureOptions, out: Path, on_stage) -> Manifest:
+    """Add the ``skip_draft`` program (the final full program with ``skip`` bypassed, or the
+    fastest measured set of the `--skip auto` search) and the ``layer-skip`` policy."""
+    if skip == AUTO:
+        skip, entry, choice = _search_skip(full, backend, options, out, on_stage)
+    else:
+        on_stage(f"lower skip_draft, skipping {skip} ({backend.value})")
+        entry = _lower_skip(full.result.program, skip, backend, out)
+        choice = SkipChoice(source="given", depth=DEFAULT_SKIP_DEPTH)
+    drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
+    return manifest.model_copy(update={
+        "programs": manifest.programs | {"skip_draft": entry}, "skip": str(skip),
+        "skip_choice": choice,
+        "policies": manifest.policies + ((Policy.LAYER_SKIP,) if drafting else ())})
+
+
+def _lower_skip(program, skip: SkipSet, backend: Backend, out: Path) -> ProgramEntry:
+    sliced = SkipLayers(skip)(program).program
+    file = LOWERINGS[backend](sliced, out, "skip_draft")
+    if backend is Backend.ORT:
+        # The draft only proposes and its rows are scratch: all of it may be approximate.
+        ort.quantize_weights(file, bits=8)
+    return ProgramEntry(file=file.name, sha256=sha256_file(file),
+                        signature=sliced.signature.to_json())
+
+
+def _search_skip(full: CompiledProgram, backend: Backend, options: CaptureOptions, out: Path,
+                 on_stage) -> tuple[SkipSet, ProgramEntry, SkipChoice]:
+    program, dims = full.result.program, full.result.program.dims
+    on_stage("skip search: greedy agreement path")
+    prompts = calibration_prompts(full.source, None)
+    path = search_path(full.source.model, prompts)
+    sets = skip_candidates(path, dims.num_layers)
+    on_stage(f"skip search: lower and measure {len(sets)} sets ({backend.value})")
+    work = out / ".skip-search"
+    entries, steps = {}, {}
+    for i, skip in enumerate(sets):
+        (work / str(i)).mkdir(parents=True)
+        entries[skip] = _lower_skip(program, skip, backend, work / str(i))
+        steps[skip] = load_program(backend, work / str(i) / entries[skip].file,
+                                   _outputs(entries[skip]))
+
+    def drafter(skip: SkipSet, depth: int):
+        return lambda kv: LayerSkipDrafter(steps[skip], kv, dims.num_layers, SamplingConfig(),
+                                           np.random.default_rng(0), depth)
+
+    step = load_program(backend, out / full.entry.file, _outputs(full.entry))
+    measured = measure_drafters(step, dims, {(s, d): drafter(s, d) for s in sets
+                                             for d in SKIP_DEPTHS},
+                                prompts, options.max_seq, options.max_new)
+    ar = measured.pop(AR)[0]
+    (best, depth), _ = max(measured.items(), key=lambda item: item[1][0])
+    move_programs({"skip_draft": entries[best]}, work / str(sets.index(best)), out)
+    shutil.rmtree(work)
+    choice = SkipChoice(source="auto", depth=depth, ar_tokens_per_s=ar,
+                        path=tuple((str(s), round(a, 4)) for s, a in path),
+                        points=tuple(SkipPoint(skip=str(s), depth=d, tokens_per_s=tps, tau=tau)
+                                     for (s, d), (tps, tau) in measured.items()))
+    return best, entries[best], choice
 
 
 def _sweep_exit(full: CompiledProgram, backend: Backend, options: CaptureOptions, out: Path,
@@ -289,7 +369,7 @@ def _sweep_exit(full: CompiledProgram, backend: Backend, options: CaptureOptions
                              for name in ("draft", "remainder"))
                 for layer, entries in lowered.items()}
     step = load_program(backend, out / full.entry.file, _outputs(full.entry))
-    prompts = calibration_prompts(full.source, None)[: EXIT_SWEEP["prompts"]]
+    prompts = calibration_prompts(full.source, None)
     ar, points = sweep_exits(step, programs, dims, prompts, options.max_seq, options.max_new)
     best = max(points, key=lambda p: p.tokens_per_s)
     move_programs(lowered[best.layer], work / str(best.layer), out)

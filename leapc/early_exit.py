@@ -3,34 +3,29 @@
 `--exit-layer auto` measures what the policy will do rather than predicting it: greedy
 ``early-exit`` tokens/s for every candidate exit layer x draft length, with the lowered
 programs on the target backend, on calibration prompts (training-split windows, never the
-benchmarks' held-out ones), against ``ar`` on the same prompts in the same run,
-interleaved, median of the repeats. The fastest point becomes the engine's exit layer and
+benchmarks' held-out ones), against ``ar`` on the same prompts in the same run
+(`leapc.measure`). The fastest point becomes the engine's exit layer and
 its draft length the policy's default; the whole sweep goes into the manifest.
 """
 
 from __future__ import annotations
 
 import shutil
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from leapc.ir.capture import CapturedProgram
+from leapc.measure import AR, DrafterFactory, measure_drafters
 from leapc.passes.slice_early_exit import slice_draft, slice_remainder
 from leapc.runtime.backends import ort
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.decode import GenerationStats, StopConfig, decode
-from leapc.runtime.drafters.base import Drafter, NoDrafter
 from leapc.runtime.drafters.early_exit import EarlyExitDrafter
-from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, ExitPoint, ProgramEntry, sha256_file
 from leapc.runtime.sampling import SamplingConfig
 
-AUTO = "auto"
 EXIT_DEPTHS = (1, 2, 3, 4, 6)
-SWEEP = dict(prompts=4, new_tokens=64, repeats=3)
 Lowering = Callable[[CapturedProgram, Path, str], Path]
 
 
@@ -65,39 +60,15 @@ def move_programs(entries: dict[str, ProgramEntry], source: Path, out: Path) -> 
 def sweep_exits(step: StepFunction, exits: dict[int, tuple[StepFunction, StepFunction]],
                 dims, prompts: list[list[int]], max_seq: int,
                 chunk: int) -> tuple[float, tuple[ExitPoint, ...]]:
-    """``ar`` tokens/s and every (exit layer, depth) point, greedy, interleaved repeats."""
-    def cache() -> KVCache:
-        return KVCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.dtype, max_seq)
-
-    def early_exit(layer: int, depth: int) -> Callable[[KVCache], Drafter]:
+    """``ar`` tokens/s and every (exit layer, depth) point."""
+    def early_exit(layer: int, depth: int) -> DrafterFactory:
         draft, remainder = exits[layer]
-        return lambda kv: EarlyExitDrafter(draft, remainder, kv, layer, SamplingConfig(),
-                                           np.random.default_rng(0), depth)
+        return lambda kv: EarlyExitDrafter(draft, kv, layer, SamplingConfig(),
+                                           np.random.default_rng(0), depth, remainder=remainder)
 
-    configs = {None: lambda kv: NoDrafter()} | {
-        (layer, depth): early_exit(layer, depth) for layer in exits for depth in EXIT_DEPTHS}
-    runs = {key: [] for key in configs}
-    for _ in range(SWEEP["repeats"]):
-        for key, drafter in configs.items():
-            runs[key].append(_measure(step, cache, drafter, prompts, chunk))
-    ar = runs.pop(None)
-    points = tuple(ExitPoint(layer=layer, depth=depth,
-                             tokens_per_s=round(statistics.median(r[0] for r in measured), 1),
-                             tau=round(measured[0][1], 3))  # greedy: the same every repeat
-                   for (layer, depth), measured in runs.items())
-    return round(statistics.median(r[0] for r in ar), 1), points
-
-
-def _measure(step: StepFunction, cache: Callable[[], KVCache],
-             drafter: Callable[[KVCache], Drafter], prompts: list[list[int]],
-             chunk: int) -> tuple[float, float]:
-    """Decode tokens/s (prefill excluded: it is the same for every configuration) and tau."""
-    new = steps = 0
-    seconds = 0.0
-    for prompt in prompts:
-        kv, stats = cache(), GenerationStats("sweep")
-        for _ in decode(step, kv, prompt, chunk, drafter(kv), SamplingConfig(),
-                        StopConfig(SWEEP["new_tokens"], ()), np.random.default_rng(0), stats):
-            pass
-        new, steps, seconds = new + stats.new_tokens, steps + stats.steps, seconds + stats.decode_s
-    return new / seconds, new / steps
+    measured = measure_drafters(step, dims, {(layer, depth): early_exit(layer, depth)
+                                             for layer in exits for depth in EXIT_DEPTHS},
+                                prompts, max_seq, chunk)
+    ar = measured.pop(AR)[0]
+    return ar, tuple(ExitPoint(layer=layer, depth=depth, tokens_per_s=tps, tau=tau)
+                     for (layer, depth), (tps, tau) in measured.items())

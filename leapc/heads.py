@@ -134,7 +134,7 @@ def measure_acceptance(model, heads: DecodingHeads, prompts: list[list[int]]) ->
     ranks, k = CALIBRATION["ranks"], heads.config.num_heads
     hits, trials = np.zeros((k, ranks)), np.zeros(k)
     for prompt in prompts:
-        seq = _greedy(model, prompt, CALIBRATION["new_tokens"])
+        seq = greedy_continuation(model, prompt, CALIBRATION["new_tokens"])
         found = _ranks(model, heads, seq, len(prompt) - 1)  # [positions, K]
         reached = np.ones(len(found), dtype=bool)
         for d in range(k):
@@ -145,7 +145,8 @@ def measure_acceptance(model, heads: DecodingHeads, prompts: list[list[int]]) ->
     return AcceptanceTable.from_counts(hits, trials)
 
 
-def _greedy(model, prompt: list[int], new: int) -> torch.Tensor:
+def greedy_continuation(model, prompt: list[int], new: int) -> torch.Tensor:
+    """``prompt`` and the model's greedy continuation of it (transformers generate)."""
     x = torch.tensor([prompt])
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
                          do_sample=False, pad_token_id=0)

@@ -72,6 +72,23 @@ def _exit_table(manifest: Manifest) -> Table:
     return table
 
 
+def _skip_table(manifest: Manifest) -> Table:
+    """The layer-skip draft, and the measured sets `--skip auto` chose it from."""
+    choice = manifest.skip_choice
+    table = Table(title=f"layer skip · bypassing {manifest.skip}, draft length {choice.depth} "
+                        f"({choice.source})")
+    for column in ("skip set", "draft length", "tau", "tokens/s", "vs ar"):
+        table.add_column(column, justify="right")
+    for point in sorted(choice.points, key=lambda p: -p.tokens_per_s):
+        table.add_row(point.skip, str(point.depth), f"{point.tau:.2f}",
+                      f"{point.tokens_per_s:.1f}", f"{point.tokens_per_s / choice.ar_tokens_per_s:.2f}×")
+    if choice.path:
+        path = ", ".join(f"{len(choice.path[: i + 1])}: {a:.3f}" for i, (_, a) in enumerate(choice.path))
+        table.caption = (f"ar {choice.ar_tokens_per_s:.1f} tokens/s in the same run; argmax "
+                         f"agreement along the greedy path (sublayers skipped: agreement) {path}")
+    return table
+
+
 def _anatomy_table(rows) -> Table:
     table = Table(title="anatomy")
     table.add_column("landmark")
@@ -101,6 +118,8 @@ def inspect_engine(path: Path) -> list[Table]:
     tables = [summary, _anatomy_table(m.anatomy)] + ([_heads_table(m.heads)] if m.heads else [])
     if m.exit_choice is not None:
         tables.append(_exit_table(m))
+    if m.skip_choice is not None:
+        tables.append(_skip_table(m))
     for name, entry in m.programs.items():
         tables.append(_signature_table(name, StepSignature.from_json(entry.signature), itemsize))
     return tables

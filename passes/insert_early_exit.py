@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from torch.fx import GraphModule, Node
 
-from leapc.ir.anatomy import Anatomy, recover_anatomy
+from leapc.ir.anatomy import Anatomy, descendants, recover_anatomy
 from leapc.ir.capture import CapturedProgram
 from leapc.ir.errors import InputError
 from leapc.ir.rewrite import reexport, set_outputs, unlift
@@ -43,16 +43,6 @@ def graph_nodes(gm: GraphModule) -> dict[str, Node]:
     return {n.name: n for n in gm.graph.nodes}
 
 
-def _descendants(node: Node) -> set[Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
-
-
 def _ancestors(node: Node) -> set[Node]:
     seen, todo = set(), [node]
     while todo:
@@ -72,7 +62,7 @@ def exit_head(gm: GraphModule, anatomy: Anatomy, hidden: Node) -> Node:
     nodes = graph_nodes(gm)
     last = nodes[anatomy.layers[-1].residual_out]
     logits = gm.graph.output_node().args[0][0]
-    head = _descendants(last) & (_ancestors(logits) | {logits})
+    head = descendants(last) & (_ancestors(logits) | {logits})
     if not {nodes[anatomy.final_norm], nodes[anatomy.lm_head]} <= head:
         raise PassError("insert_early_exit: the final norm and LM head are not between the "
                         "last layer and the logits output")

@@ -20,6 +20,7 @@ from leapc.runtime.backends.base import Device, StepFunction
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
+from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
 from leapc.runtime.drafters.early_exit import EarlyExitDrafter
 from leapc.runtime.drafters.heads import DynamicTree, HeadsDrafter
@@ -258,6 +259,11 @@ class Engine:
             return self._heads(policy, options)
         if policy in _EXIT_POLICIES:
             return self._early_exit(policy, options, sampling, seed, cache)
+        if policy is Policy.LAYER_SKIP:
+            return LayerSkipDrafter(self.steps["skip_draft"], cache, self.manifest.model.num_layers,
+                                    sampling, np.random.default_rng([seed, 1]),
+                                    options.draft_length(self._skip_depth()), options.confidence,
+                                    options.adaptive)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
@@ -274,11 +280,15 @@ class Engine:
         confidence = 0.0
         if policy is Policy.KANGAROO:
             confidence = options.confidence or KANGAROO_CONFIDENCE
-        return EarlyExitDrafter(self.steps["draft"], self.steps["remainder"], cache,
-                                self.manifest.exit_layer, sampling,
+        return EarlyExitDrafter(self.steps["draft"], cache, self.manifest.exit_layer, sampling,
                                 np.random.default_rng([seed, 1]),
                                 options.draft_length(self._exit_depth()), confidence,
-                                options.adaptive)
+                                options.adaptive, remainder=self.steps["remainder"])
+
+    def _skip_depth(self) -> int:
+        """Layer skip's chain length: the one `--skip auto` measured fastest."""
+        choice = self.manifest.skip_choice
+        return choice.depth if choice is not None else DEFAULT_SKIP_DEPTH
 
     def _exit_depth(self) -> int:
         """Early exit's chain length: the one `--exit-layer auto` measured fastest."""
@@ -318,6 +328,8 @@ KANGAROO_CONFIDENCE = 0.5
 # Early exit's chain length when the engine measured none (`--exit-layer E` without a sweep
 # records this one): the bundled model's best at E = 4 (docs/decisions.md).
 DEFAULT_EXIT_DEPTH = 3
+# Layer skip's chain length by default (bench/bench_self_spec.py).
+DEFAULT_SKIP_DEPTH = 3
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -40,6 +40,7 @@ class Policy(str, enum.Enum):
     HYDRA_DYNAMIC = "hydra-dynamic"  # Hydra heads, EAGLE-2 dynamic tree
     EARLY_EXIT = "early-exit"  # LayerSkip self-speculation from layer E's exit (build --exit-layer)
     KANGAROO = "kangaroo"  # early exit + stop drafting below a top-1 confidence (no adapter)
+    LAYER_SKIP = "layer-skip"  # the model with some sublayers bypassed drafts (build --skip)
 
 
 HEAD_POLICIES = {HeadKind.MEDUSA: (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC),
@@ -134,6 +135,27 @@ class ExitChoice(_Frozen):
     sweep: tuple[ExitPoint, ...] = ()
 
 
+class SkipPoint(_Frozen):
+    """One measured configuration of `--skip auto`: greedy ``layer-skip`` with chains of
+    ``depth``, its draft bypassing ``skip``."""
+
+    skip: str
+    depth: int
+    tokens_per_s: float
+    tau: float
+
+
+class SkipChoice(_Frozen):
+    """How the skip set was chosen (``given`` by `--skip LIST`, or ``auto``: the fastest
+    measured set of the greedy agreement path) and ``layer-skip``'s default draft length."""
+
+    source: Literal["given", "auto"]
+    depth: int
+    ar_tokens_per_s: float | None = None  # ``ar`` on the same prompts, same run
+    path: tuple[tuple[str, float], ...] = ()  # (set, argmax agreement) after each step
+    points: tuple[SkipPoint, ...] = ()
+
+
 class Manifest(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     leapc_version: str
@@ -145,9 +167,12 @@ class Manifest(_Frozen):
     heads: HeadsInfo | None = None  # decoding heads (the ``heads`` program), if any
     exit_layer: int | None = None  # early exit: the ``draft`` program runs layers < it + exit
     exit_choice: ExitChoice | None = None  # with exit_layer: how it and the draft length were chosen
+    skip: str | None = None  # layer skip: the sublayers the ``skip_draft`` program bypasses
+    skip_choice: SkipChoice | None = None  # with skip: how it and the draft length were chosen
     quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
-    programs: dict[str, ProgramEntry]  # "full", "draft_model", "heads", "draft", "remainder"
+    programs: dict[str, ProgramEntry]  # "full", "draft_model", "heads", "draft", "remainder",
+    # "skip_draft"
     passes: tuple[str, ...]
     anatomy: tuple[tuple[str, str], ...] = ()  # landmark -> graph node, for `leapc inspect`
     addons: dict[str, str] = {}

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from engines import EXIT_LAYERS, require_bundled, require_stories, tiny_source  # noqa: E402
+from engines import EXIT_LAYERS, SKIP_SETS, require_bundled, require_stories, tiny_source  # noqa: E402
 
 import leapc  # noqa: E402
 from leapc.models import corpus  # noqa: E402
@@ -106,10 +106,9 @@ def heads_engine_dir(tmp_path_factory):
 
 
 
-@pytest.fixture(scope="session")
-def exit_engine_dir(tmp_path_factory):
-    """``exit_engine_dir(key, backend="ort")`` -> an engine with an early exit (policies
-    early-exit and kangaroo) at ``EXIT_LAYERS[key]``, built once per session."""
+def _self_spec_engines(tmp_path_factory, kind: str, **options_of_key):
+    """``get(key, backend="ort")`` building ``leapc.build(model of key, ..., option=value of
+    key)`` once per session (the early-exit and layer-skip engines)."""
     built = {}
 
     def get(key: str, backend: str = "ort"):
@@ -121,9 +120,23 @@ def exit_engine_dir(tmp_path_factory):
                 model, max_seq = "bundled", None
             else:
                 model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
-            out = tmp_path_factory.mktemp(f"{key}-exit-{backend}")
-            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq,
-                                              exit_layer=EXIT_LAYERS[key])
+            out = tmp_path_factory.mktemp(f"{key}-{kind}-{backend}")
+            options = {name: values[key] for name, values in options_of_key.items()}
+            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq, **options)
         return built[key, backend]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exit_engine_dir(tmp_path_factory):
+    """``exit_engine_dir(key, backend="ort")`` -> an engine with an early exit (policies
+    early-exit and kangaroo) at ``EXIT_LAYERS[key]``, built once per session."""
+    return _self_spec_engines(tmp_path_factory, "exit", exit_layer=EXIT_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def skip_engine_dir(tmp_path_factory):
+    """``skip_engine_dir(key, backend="ort")`` -> an engine with a layer-skip draft bypassing
+    ``SKIP_SETS[key]`` (policy layer-skip), built once per session."""
+    return _self_spec_engines(tmp_path_factory, "skip", skip=SKIP_SETS)

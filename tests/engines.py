@@ -19,6 +19,9 @@ STORIES_DIR = REPO.parent / "shared" / "models" / "stories260K"
 STORIES_BIN = STORIES_DIR / "stories260K.bin"
 # The exit layer of each engine the early-exit tests build (conftest.exit_engine_dir).
 EXIT_LAYERS = {"bundled": 4, "stories": 3, "tiny-llama": 1}
+# The sublayers each layer-skip engine's draft bypasses (conftest.skip_engine_dir); the
+# bundled model's is the greedy agreement search's 14 of 24 (docs/decisions.md).
+SKIP_SETS = {"bundled": "m2,3,5,6,m7,m8,a9,10,11", "stories": "a1,m3", "tiny-llama": "m0,a1"}
 STORIES_REFERENCE = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
     "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high"

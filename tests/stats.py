@@ -44,3 +44,33 @@ def chi2_goodness_of_fit(samples: list, expected: dict, min_expected: float = 5.
         rows.append((n - sum(counts[k] for k in common), rare_prob * n))
     stat = sum((observed - exp) ** 2 / exp for observed, exp in rows)
     return stat, len(rows) - 1
+
+
+STORY_PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play "
+                "outside. Once upon a time, there was a little girl")
+
+
+def second_and_third(engine, policy: str, seed0: int, draft, samples: int = 2000) -> list:
+    """Tokens 2 and 3 sampled at temperature 1 after ``STORY_PROMPT``, one seed each: the
+    outcomes a chi-square test compares between a drafting policy and plain sampling
+    (token 1 comes from prefill alone, so it does not exercise the drafter)."""
+    return [tuple(engine.generate(STORY_PROMPT, 3, policy=policy, temperature=1.0, seed=seed,
+                                  draft=draft).token_ids[1:3])
+            for seed in range(seed0, seed0 + samples)]
+
+
+def with_uniform_q(monkeypatch, drafter_class) -> None:
+    """Acceptance told ``drafter_class``'s drafts came from a uniform q (a wrong q)."""
+    import dataclasses
+
+    import numpy as np
+
+    propose = drafter_class.propose
+
+    def wrong_q(self, *args):
+        draft = propose(self, *args)
+        if draft.q is None:  # nothing drafted
+            return draft
+        return dataclasses.replace(draft, q=np.full_like(draft.q, 1 / draft.q.shape[1]))
+
+    monkeypatch.setattr(drafter_class, "propose", wrong_q)

@@ -19,82 +19,30 @@ the chain's last node).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
-from leapc.ir.tree import chain
 from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import tree_inputs
-from leapc.runtime.drafters.base import AdaptiveLength, Draft, Verification
-from leapc.runtime.drafters.draft_model import top1_probability
+from leapc.runtime.drafters.base import Draft
+from leapc.runtime.drafters.cache_chain import CacheChainDrafter
 from leapc.runtime.kv_cache import KVCache
-from leapc.runtime.sampling import SamplingConfig, probabilities
 
 
 @dataclass
-class EarlyExitDrafter:
-    draft: StepFunction
-    remainder: StepFunction
-    cache: KVCache  # the target's: layers < E are the draft's to write
-    exit_layer: int
-    sampling: SamplingConfig
-    rng: np.random.Generator
-    max_depth: int
-    confidence: float = 0.0  # Kangaroo: stop below this exit top-1 probability
-    adaptive: bool = False
-    length: AdaptiveLength = field(init=False)
-    _hidden: list[np.ndarray] = field(default_factory=list)  # per chain node: [H]
+class EarlyExitDrafter(CacheChainDrafter):
+    """``layers`` is the exit layer E; ``remainder`` runs layers >= E."""
 
-    def __post_init__(self):
-        self.length = AdaptiveLength(self.max_depth)
-
-    def propose(self, context: list[int], root: int, budget: int) -> Draft:
-        depth = self.length.current if self.adaptive else self.max_depth
-        # Each chain node's scratch slot, and its call's own row, must fit max_seq.
-        depth = max(0, min(depth, budget, self.cache.max_seq - self.cache.length - 2))
-        tokens, q = [root], []
-        self._hidden = []
-        for offset in range(depth + 1):
-            logits = self._call(tokens[offset], offset)
-            if offset == depth or (self.confidence and top1_probability(logits) < self.confidence):
-                break
-            token, dist = self._next(logits)
-            tokens.append(token)
-            q.append(dist)
-        drafted = np.asarray(tokens, dtype=np.int64)
-        if self.sampling.greedy or not q:
-            return Draft(drafted, chain(len(q)))
-        return Draft(drafted, chain(len(q)), np.stack([np.zeros_like(q[0]), *q]))
-
-    def _call(self, token: int, offset: int) -> np.ndarray:
-        """Run chain node ``offset`` through layers < E; keep its rows and hidden state."""
-        cache = self.cache
-        past = cache.past_for(1)[: self.exit_layer]
-        mask = np.zeros((1, 1, past.shape[4] + 1), dtype=bool)
-        mask[..., : cache.length + offset] = True
-        mask[..., -1] = True
-        position = np.asarray([[cache.length + offset]], dtype=np.int64)
-        out = self.draft(np.asarray([[token]], dtype=np.int64), position, past, mask)
-        cache.write_scratch(out["present"], offset)
-        self._hidden.append(out["hidden"][0, 0])
-        return out["logits"][0, 0]
-
-    def _next(self, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
-        if self.sampling.greedy:
-            return int(np.argmax(logits)), None
-        dist = probabilities(logits, self.sampling)
-        return int(self.rng.choice(len(dist), p=dist)), dist
+    remainder: StepFunction = field(kw_only=True)
+    closing_call: ClassVar[int] = 1
 
     def verify(self, cache: KVCache, draft: Draft) -> dict[str, np.ndarray]:
         """The remainder over the chain's hidden states; ``present`` holds every layer's
         rows (the draft's own for layers < E, read before the step may resize the cache)."""
         n = draft.tree.size
-        below = cache.buffer[: self.exit_layer, :, :, :, cache.length : cache.length + n].copy()
+        below = cache.buffer[: self.layers, :, :, :, cache.length : cache.length + n].copy()
         _, positions, past, mask = tree_inputs(cache, draft)
-        hidden = np.stack(self._hidden)[None]
-        out = self.remainder(hidden, positions, past[self.exit_layer:], mask)
+        hidden = np.stack([out["hidden"][0, 0] for out in self._calls[:n]])[None]
+        out = self.remainder(hidden, positions, past[self.layers:], mask)
         return {"logits": out["logits"], "present": np.concatenate([below, out["present"]])}
-
-    def observe(self, context: list[int], result: Verification) -> None:
-        self.length.update(result)
-

@@ -416,3 +416,8 @@ def test_build_refuses_an_exit_layer_out_of_range(tmp_path, exit_layer):
 def test_build_refuses_an_exit_layer_that_is_not_a_number(tmp_path):
     result = cli("build", "bundled", "-o", tmp_path / "e", "--exit-layer", "middle")
     user_error(result, "--exit-layer must be a layer number or 'auto'", "'middle'")
+
+
+def test_build_refuses_a_bad_skip_set(tmp_path):
+    result = cli("build", "bundled", "-o", tmp_path / "e", "--skip", "a3,x4")
+    user_error(result, "'x4' is not a layer (7), an attention (a7) or an MLP (m7) sublayer")

@@ -4,12 +4,10 @@ q the exit's distribution). The CLI's exit-layer errors are in tests/cli/test_cl
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from engines import EXIT_LAYERS
-from stats import chi2_critical, chi2_homogeneity
+from stats import chi2_critical, chi2_homogeneity, second_and_third, with_uniform_q
 
 import leapc
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
@@ -95,41 +93,17 @@ def test_only_the_drafts_vocabulary_projection_is_int8(exit_engine_dir):
     assert "MatMulNBits" not in matmuls("remainder")
 
 
-PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
-          "Once upon a time, there was a little girl")
-SAMPLES = 2000
-
-
-def _second_and_third(engine, policy: str, seed0: int) -> list:
-    draft = DraftOptions(max_draft=2)
-    return [tuple(engine.generate(PROMPT, 3, policy=policy, temperature=1.0, seed=seed,
-                                  draft=draft).token_ids[1:3])
-            for seed in range(seed0, seed0 + SAMPLES)]
-
-
-def _uniform_q(monkeypatch):
-    """Acceptance told the draft came from a uniform q instead of the exit's distribution."""
-    propose = EarlyExitDrafter.propose
-
-    def wrong_q(self, *args):
-        draft = propose(self, *args)
-        if draft.q is None:  # nothing drafted
-            return draft
-        return dataclasses.replace(draft, q=np.full_like(draft.q, 1 / draft.q.shape[1]))
-
-    monkeypatch.setattr(EarlyExitDrafter, "propose", wrong_q)
-
-
 @pytest.mark.parametrize("wrong_q", [False, True], ids=["exit-q", "uniform-q"])
 def test_sampling_matches_plain_sampling_only_with_the_exit_q(exit_engine_dir, monkeypatch,
                                                                wrong_q):
     """Rule 2 with q the exit distribution actually sampled keeps the output distribution;
     the same draws checked against a wrong q do not (the test sees q)."""
     engine = leapc.load(exit_engine_dir("stories"))
-    plain = _second_and_third(engine, "ar", 0)
+    draft = DraftOptions(max_draft=2)
+    plain = second_and_third(engine, "ar", 0, draft)
     if wrong_q:
-        _uniform_q(monkeypatch)
-    drafted = _second_and_third(engine, "early-exit", 10**6)
+        with_uniform_q(monkeypatch, EarlyExitDrafter)
+    drafted = second_and_third(engine, "early-exit", 10**6, draft)
     stat, df = chi2_homogeneity(plain, drafted)
     assert df >= 3, "the test needs a distribution with several outcomes"
     assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)

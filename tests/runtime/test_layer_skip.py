@@ -1,0 +1,109 @@
+"""Layer-skip self-speculation (policy layer-skip): greedy output equals `ar`, the draft's
+scratch rows leave the cache as `ar` leaves it, sampling keeps the model's distribution
+(rule 2 with q the skip draft's distribution)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from engines import SKIP_SETS
+from stats import chi2_critical, chi2_homogeneity, second_and_third, with_uniform_q
+
+import leapc
+from leapc.runtime.decode import GenerationStats, StopConfig, decode
+from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
+from leapc.runtime.engine import DraftOptions
+from leapc.runtime.sampling import SamplingConfig
+
+PROMPTS = {
+    "bundled": ["def add(a, b):\n    return", "import os\n\n\ndef read_lines(path):\n"],
+    "stories": ["Once upon a time, there was a little girl", "One day, Tom went to the park"],
+    "tiny-llama": [[5, 17, 33, 2, 9], [100, 7, 7, 40]],
+}
+CASES = [("bundled", "ort"), ("stories", "ort"), ("tiny-llama", "ort"), ("tiny-llama", "eager")]
+
+
+@pytest.mark.parametrize(("key", "backend"), CASES)
+def test_greedy_output_equals_ar(skip_engine_dir, key, backend):
+    engine = leapc.load(skip_engine_dir(key, backend))
+    assert engine.manifest.skip is not None and "layer-skip" in engine.manifest.policies
+    for prompt in PROMPTS[key]:
+        reference = engine.generate(prompt, 48).token_ids
+        for draft in (DraftOptions(max_draft=1), DraftOptions(max_draft=4),
+                      DraftOptions(max_draft=6, confidence=0.6)):
+            got = engine.generate(prompt, 48, policy="layer-skip", draft=draft).token_ids
+            assert got == reference, (draft, prompt)
+
+
+def test_the_skip_set_is_recorded_and_the_draft_bypasses_it(skip_engine_dir):
+    engine = leapc.load(skip_engine_dir("tiny-llama"))
+    assert engine.manifest.skip == SKIP_SETS["tiny-llama"]
+    entry = engine.manifest.programs["skip_draft"]
+    assert entry.signature == engine.manifest.programs["full"].signature
+
+
+def test_scratch_rows_leave_the_cache_as_ar_leaves_it(skip_engine_dir):
+    """The draft writes every layer's rows after the committed ones; commits overwrite them,
+    so after accepted and rejected drafts the committed cache equals `ar`'s."""
+    engine = leapc.load(skip_engine_dir("bundled"))
+    caches = {}
+    for policy in ("ar", "layer-skip"):
+        cache = engine._cache(engine.manifest.model)
+        sampling = SamplingConfig()
+        drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4), sampling,
+                                  0, cache)
+        stats = GenerationStats(policy)
+        list(decode(engine.step, cache, engine.encode(PROMPTS["bundled"][1]),
+                    engine.manifest.max_new, drafter, sampling, StopConfig(40, ()),
+                    np.random.default_rng(0), stats))
+        caches[policy] = (cache, stats)
+    (reference, _), (cache, stats) = caches["ar"], caches["layer-skip"]
+    assert max(stats.accepted_depth) > 0 and min(stats.accepted_depth) < 4
+    assert cache.length == reference.length
+    np.testing.assert_allclose(cache.buffer[..., : cache.length, :],
+                               reference.buffer[..., : reference.length, :], atol=1e-4)
+
+
+@pytest.mark.parametrize("wrong_q", [False, True], ids=["skip-q", "uniform-q"])
+def test_sampling_matches_plain_sampling_only_with_the_drafts_q(skip_engine_dir, monkeypatch,
+                                                                wrong_q):
+    engine = leapc.load(skip_engine_dir("stories"))
+    draft = DraftOptions(max_draft=2)
+    plain = second_and_third(engine, "ar", 0, draft)
+    if wrong_q:
+        with_uniform_q(monkeypatch, LayerSkipDrafter)
+    drafted = second_and_third(engine, "layer-skip", 10**6, draft)
+    stat, df = chi2_homogeneity(plain, drafted)
+    assert df >= 3, "the test needs a distribution with several outcomes"
+    assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)
+
+
+def test_skip_auto_keeps_the_fastest_measured_set_of_the_agreement_path(tmp_path):
+    """`--skip auto`: the greedy path grows one sublayer a step, the candidates are its sets,
+    each measured at every draft length; the fastest is the engine's, its length the
+    policy's default."""
+    from engines import tiny_source
+
+    from leapc.ir.skip_spec import SkipSet
+    from leapc.layer_skip import SKIP_DEPTHS, candidates
+
+    engine = leapc.load(leapc.build(tiny_source("llama"), tmp_path / "auto", "ort", max_seq=256,
+                                    skip="auto"))
+    manifest = engine.manifest
+    choice, layers = manifest.skip_choice, manifest.model.num_layers
+    assert choice.source == "auto" and choice.ar_tokens_per_s > 0
+    path = [(SkipSet.parse(text, layers), agreement) for text, agreement in choice.path]
+    sets = [s for s, _ in path]
+    assert [s.size for s in sets] == list(range(1, len(sets) + 1))
+    assert all(a.attention <= b.attention and a.mlp <= b.mlp
+               for a, b in zip(sets, sets[1:], strict=False))
+    measured = [str(s) for s in candidates(path, layers)]
+    assert [(p.skip, p.depth) for p in choice.points] == [
+        (s, d) for s in measured for d in SKIP_DEPTHS]
+    best = max(choice.points, key=lambda p: p.tokens_per_s)
+    assert (manifest.skip, choice.depth) == (best.skip, best.depth)
+    assert not (tmp_path / "auto" / ".skip-search").exists()
+    prompt = PROMPTS["tiny-llama"][0]
+    generation = engine.generate(prompt, 24, policy="layer-skip")
+    assert max(generation.stats.drafted_depth) == choice.depth
+    assert generation.token_ids == engine.generate(prompt, 24).token_ids
