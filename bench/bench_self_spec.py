@@ -49,7 +49,8 @@ def variants() -> tuple[PolicyRun, ...]:
 def skip_variants() -> tuple[PolicyRun, ...]:
     return (PolicyRun("layer-skip (engine's d)", "layer-skip", DraftOptions()),
             *(PolicyRun(f"layer-skip d={d}", "layer-skip", DraftOptions(max_draft=d))
-              for d in LENGTHS))
+              for d in LENGTHS),
+            PolicyRun("swift (engine's sets, d=6, stop < 0.5)", "swift", DraftOptions(max_draft=6)))
 
 
 def markdown(results: dict[str, dict]) -> str:

@@ -293,24 +293,27 @@ def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int | str,
 
 def _with_skip(manifest: Manifest, full: CompiledProgram, skip: SkipSet | str,
                backend: Backend, options: CaptureOptions, out: Path, on_stage) -> Manifest:
-    """Add the ``skip_draft`` program (the final full program with ``skip`` bypassed, or the
-    fastest measured set of the `--skip auto` search) and the ``layer-skip`` policy."""
+    """Add the skip drafts (program ``skip_<i>`` bypasses ``candidates[i]``: the given set,
+    or every set `--skip auto` measured, the fastest being ``skip``) and the ``layer-skip``
+    and ``swift`` policies."""
     if skip == AUTO:
-        skip, entry, choice = _search_skip(full, backend, options, out, on_stage)
+        skip, sets, entries, choice = _search_skip(full, backend, options, out, on_stage)
     else:
-        on_stage(f"lower skip_draft, skipping {skip} ({backend.value})")
-        entry = _lower_skip(full.result.program, skip, backend, out)
+        on_stage(f"lower skip draft, skipping {skip} ({backend.value})")
+        sets, entries = [skip], [_lower_skip(full.result.program, skip, 0, backend, out)]
         choice = SkipChoice(source="given", depth=DEFAULT_SKIP_DEPTH)
+    choice = choice.model_copy(update={"candidates": tuple(map(str, sets))})
     drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
     return manifest.model_copy(update={
-        "programs": manifest.programs | {"skip_draft": entry}, "skip": str(skip),
-        "skip_choice": choice,
-        "policies": manifest.policies + ((Policy.LAYER_SKIP,) if drafting else ())})
+        "programs": manifest.programs | {f"skip_{i}": e for i, e in enumerate(entries)},
+        "skip": str(skip), "skip_choice": choice,
+        "policies": manifest.policies + ((Policy.LAYER_SKIP, Policy.SWIFT) if drafting else ())})
 
 
-def _lower_skip(program, skip: SkipSet, backend: Backend, out: Path) -> ProgramEntry:
+def _lower_skip(program, skip: SkipSet, index: int, backend: Backend,
+                out: Path) -> ProgramEntry:
     sliced = SkipLayers(skip)(program).program
-    file = LOWERINGS[backend](sliced, out, "skip_draft")
+    file = LOWERINGS[backend](sliced, out, f"skip_{index}")
     if backend is Backend.ORT:
         # The draft only proposes and its rows are scratch: all of it may be approximate.
         ort.quantize_weights(file, bits=8)
@@ -319,38 +322,32 @@ def _lower_skip(program, skip: SkipSet, backend: Backend, out: Path) -> ProgramE
 
 
 def _search_skip(full: CompiledProgram, backend: Backend, options: CaptureOptions, out: Path,
-                 on_stage) -> tuple[SkipSet, ProgramEntry, SkipChoice]:
+                 on_stage) -> tuple[SkipSet, list[SkipSet], list[ProgramEntry], SkipChoice]:
     program, dims = full.result.program, full.result.program.dims
     on_stage("skip search: greedy agreement path")
     prompts = calibration_prompts(full.source, None)
     path = search_path(full.source.model, prompts)
     sets = skip_candidates(path, dims.num_layers)
     on_stage(f"skip search: lower and measure {len(sets)} sets ({backend.value})")
-    work = out / ".skip-search"
-    entries, steps = {}, {}
-    for i, skip in enumerate(sets):
-        (work / str(i)).mkdir(parents=True)
-        entries[skip] = _lower_skip(program, skip, backend, work / str(i))
-        steps[skip] = load_program(backend, work / str(i) / entries[skip].file,
-                                   _outputs(entries[skip]))
+    entries = [_lower_skip(program, skip, i, backend, out) for i, skip in enumerate(sets)]
+    steps = [load_program(backend, out / e.file, _outputs(e)) for e in entries]
 
-    def drafter(skip: SkipSet, depth: int):
-        return lambda kv: LayerSkipDrafter(steps[skip], kv, dims.num_layers, SamplingConfig(),
+    def drafter(i: int, depth: int):
+        return lambda kv: LayerSkipDrafter(steps[i], kv, dims.num_layers, SamplingConfig(),
                                            np.random.default_rng(0), depth)
 
     step = load_program(backend, out / full.entry.file, _outputs(full.entry))
-    measured = measure_drafters(step, dims, {(s, d): drafter(s, d) for s in sets
+    measured = measure_drafters(step, dims, {(i, d): drafter(i, d) for i in range(len(sets))
                                              for d in SKIP_DEPTHS},
                                 prompts, options.max_seq, options.max_new)
     ar = measured.pop(AR)[0]
     (best, depth), _ = max(measured.items(), key=lambda item: item[1][0])
-    move_programs({"skip_draft": entries[best]}, work / str(sets.index(best)), out)
-    shutil.rmtree(work)
     choice = SkipChoice(source="auto", depth=depth, ar_tokens_per_s=ar,
                         path=tuple((str(s), round(a, 4)) for s, a in path),
-                        points=tuple(SkipPoint(skip=str(s), depth=d, tokens_per_s=tps, tau=tau)
-                                     for (s, d), (tps, tau) in measured.items()))
-    return best, entries[best], choice
+                        points=tuple(SkipPoint(skip=str(sets[i]), depth=d, tokens_per_s=tps,
+                                               tau=tau)
+                                     for (i, d), (tps, tau) in measured.items()))
+    return sets[best], sets, entries, choice
 
 
 def _sweep_exit(full: CompiledProgram, backend: Backend, options: CaptureOptions, out: Path,

@@ -28,6 +28,7 @@ from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.drafters.retrieval import RetrievalConfig, RetrievalDrafter
+from leapc.runtime.drafters.swift import SwiftDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, Manifest, ModelInfo, Policy, read_manifest
 from leapc.runtime.sampling import SamplingConfig, TypicalAcceptance
@@ -259,11 +260,8 @@ class Engine:
             return self._heads(policy, options)
         if policy in _EXIT_POLICIES:
             return self._early_exit(policy, options, sampling, seed, cache)
-        if policy is Policy.LAYER_SKIP:
-            return LayerSkipDrafter(self.steps["skip_draft"], cache, self.manifest.model.num_layers,
-                                    sampling, np.random.default_rng([seed, 1]),
-                                    options.draft_length(self._skip_depth()), options.confidence,
-                                    options.adaptive)
+        if policy in (Policy.LAYER_SKIP, Policy.SWIFT):
+            return self._layer_skip(policy, options, sampling, seed, cache)
         if policy is Policy.DRAFT:
             return DraftModelDrafter(
                 self.steps["draft_model"], self._cache(self.manifest.draft_model),
@@ -285,10 +283,23 @@ class Engine:
                                 options.draft_length(self._exit_depth()), confidence,
                                 options.adaptive, remainder=self.steps["remainder"])
 
-    def _skip_depth(self) -> int:
-        """Layer skip's chain length: the one `--skip auto` measured fastest."""
+    def _layer_skip(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
+                    seed: int, cache: KVCache) -> LayerSkipDrafter | SwiftDrafter:
+        """``layer-skip`` drafts with the engine's skip set; ``swift`` with each of its sets
+        in turn, then the fastest, stopping chains below a confidence."""
         choice = self.manifest.skip_choice
-        return choice.depth if choice is not None else DEFAULT_SKIP_DEPTH
+        confidence = options.confidence
+        if policy is Policy.SWIFT:
+            confidence = confidence or SWIFT_CONFIDENCE
+        indices = (range(len(choice.candidates)) if policy is Policy.SWIFT
+                   else [choice.candidates.index(self.manifest.skip)])
+        drafters = [LayerSkipDrafter(self.steps[f"skip_{i}"], cache,
+                                     self.manifest.model.num_layers, sampling,
+                                     np.random.default_rng([seed, 1, i]),
+                                     options.draft_length(choice.depth), confidence,
+                                     options.adaptive)
+                    for i in indices]
+        return SwiftDrafter(drafters) if policy is Policy.SWIFT else drafters[0]
 
     def _exit_depth(self) -> int:
         """Early exit's chain length: the one `--exit-layer auto` measured fastest."""
@@ -328,8 +339,10 @@ KANGAROO_CONFIDENCE = 0.5
 # Early exit's chain length when the engine measured none (`--exit-layer E` without a sweep
 # records this one): the bundled model's best at E = 4 (docs/decisions.md).
 DEFAULT_EXIT_DEPTH = 3
-# Layer skip's chain length by default (bench/bench_self_spec.py).
+# Layer skip's chain length when the engine measured none (bench/bench_self_spec.py).
 DEFAULT_SKIP_DEPTH = 3
+# swift's default stop: a chain stops below this draft top-1 probability.
+SWIFT_CONFIDENCE = 0.5
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:

@@ -41,6 +41,7 @@ class Policy(str, enum.Enum):
     EARLY_EXIT = "early-exit"  # LayerSkip self-speculation from layer E's exit (build --exit-layer)
     KANGAROO = "kangaroo"  # early exit + stop drafting below a top-1 confidence (no adapter)
     LAYER_SKIP = "layer-skip"  # the model with some sublayers bypassed drafts (build --skip)
+    SWIFT = "swift"  # layer skip choosing among the engine's skip sets while generating
 
 
 HEAD_POLICIES = {HeadKind.MEDUSA: (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC),
@@ -154,6 +155,7 @@ class SkipChoice(_Frozen):
     ar_tokens_per_s: float | None = None  # ``ar`` on the same prompts, same run
     path: tuple[tuple[str, float], ...] = ()  # (set, argmax agreement) after each step
     points: tuple[SkipPoint, ...] = ()
+    candidates: tuple[str, ...] = ()  # program ``skip_<i>`` bypasses candidates[i]
 
 
 class Manifest(_Frozen):
@@ -172,7 +174,7 @@ class Manifest(_Frozen):
     quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model", "heads", "draft", "remainder",
-    # "skip_draft"
+    # "skip_<i>"
     passes: tuple[str, ...]
     anatomy: tuple[tuple[str, str], ...] = ()  # landmark -> graph node, for `leapc inspect`
     addons: dict[str, str] = {}

@@ -31,15 +31,18 @@ def test_greedy_output_equals_ar(skip_engine_dir, key, backend):
         reference = engine.generate(prompt, 48).token_ids
         for draft in (DraftOptions(max_draft=1), DraftOptions(max_draft=4),
                       DraftOptions(max_draft=6, confidence=0.6)):
-            got = engine.generate(prompt, 48, policy="layer-skip", draft=draft).token_ids
-            assert got == reference, (draft, prompt)
+            for policy in ("layer-skip", "swift"):
+                got = engine.generate(prompt, 48, policy=policy, draft=draft).token_ids
+                assert got == reference, (policy, draft, prompt)
 
 
 def test_the_skip_set_is_recorded_and_the_draft_bypasses_it(skip_engine_dir):
     engine = leapc.load(skip_engine_dir("tiny-llama"))
     assert engine.manifest.skip == SKIP_SETS["tiny-llama"]
-    entry = engine.manifest.programs["skip_draft"]
+    assert engine.manifest.skip_choice.candidates == (SKIP_SETS["tiny-llama"],)
+    entry = engine.manifest.programs["skip_0"]
     assert entry.signature == engine.manifest.programs["full"].signature
+    assert {"layer-skip", "swift"} <= {p.value for p in engine.manifest.policies}
 
 
 def test_scratch_rows_leave_the_cache_as_ar_leaves_it(skip_engine_dir):
@@ -102,8 +105,40 @@ def test_skip_auto_keeps_the_fastest_measured_set_of_the_agreement_path(tmp_path
         (s, d) for s in measured for d in SKIP_DEPTHS]
     best = max(choice.points, key=lambda p: p.tokens_per_s)
     assert (manifest.skip, choice.depth) == (best.skip, best.depth)
-    assert not (tmp_path / "auto" / ".skip-search").exists()
+    assert choice.candidates == tuple(measured)
+    assert [f"skip_{i}" for i in range(len(measured))] == [
+        name for name in manifest.programs if name.startswith("skip_")]
     prompt = PROMPTS["tiny-llama"][0]
     generation = engine.generate(prompt, 24, policy="layer-skip")
     assert max(generation.stats.drafted_depth) == choice.depth
     assert generation.token_ids == engine.generate(prompt, 24).token_ids
+
+
+def test_swift_tries_every_set_then_drafts_with_the_fastest():
+    """Fake candidates: each is tried ``trial_steps`` times, then the one whose steps emitted
+    the most tokens per second drafts; greedy identity is the engine tests' business."""
+    import time
+
+    from leapc.ir.tree import chain
+    from leapc.runtime.drafters.base import Draft, Verification
+    from leapc.runtime.drafters.swift import SwiftDrafter
+
+    class Fake:
+        def __init__(self, emitted: int):
+            self.emitted, self.proposed = emitted, 0
+
+        def propose(self, context, root, budget):
+            self.proposed += 1
+            time.sleep(0.002)
+            return Draft(np.asarray([root, 1], dtype=np.int64), chain(1))
+
+        def observe(self, context, result):
+            pass
+
+    fakes = [Fake(1), Fake(3), Fake(2)]
+    swift = SwiftDrafter(fakes, trial_steps=2)
+    for _ in range(12):
+        draft = swift.propose([], 0, 8)
+        emitted = [0] * fakes[swift._current].emitted
+        swift.observe([], Verification(draft, np.zeros((2, 4)), [0], emitted))
+    assert [f.proposed for f in fakes] == [2, 8, 2]
