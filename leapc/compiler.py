@@ -217,8 +217,8 @@ def build(
     ``exit_layer`` E adds the ``draft`` (layers < E and the exit) and ``remainder`` (layers
     >= E) programs for ``early-exit`` and ``kangaroo``; ``"auto"`` measures every candidate
     exit layer and draft length on the backend and keeps the fastest. ``skip`` (``"2,a5,m7"``:
-    whole layers, attention or MLP sublayers) adds the ``skip_draft`` program for
-    ``layer-skip``.
+    whole layers, attention or MLP sublayers; ``"auto"``: searched, then measured) adds the
+    skip drafts for ``layer-skip`` and ``swift``.
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.

@@ -8,7 +8,7 @@ rows are scratch the runtime never commits, and ``past``/``present`` keep the st
 contract's shape, so the draft reads the target's cache as it is.
 
 One `SkipSet` is baked in and what no output needs any more (the skipped sublayers'
-weights included) is pruned: the ``skip_draft`` program of ``layer-skip``.
+weights included) is pruned: the ``skip_<i>`` programs of ``layer-skip`` and ``swift``.
 
 Not a pipeline pass: the program computes different logits on purpose (the pipeline's
 numeric check compares with the source model), so it runs on the pipeline's final

@@ -169,7 +169,7 @@ class Manifest(_Frozen):
     heads: HeadsInfo | None = None  # decoding heads (the ``heads`` program), if any
     exit_layer: int | None = None  # early exit: the ``draft`` program runs layers < it + exit
     exit_choice: ExitChoice | None = None  # with exit_layer: how it and the draft length were chosen
-    skip: str | None = None  # layer skip: the sublayers the ``skip_draft`` program bypasses
+    skip: str | None = None  # layer skip: the sublayers the chosen ``skip_<i>`` program bypasses
     skip_choice: SkipChoice | None = None  # with skip: how it and the draft length were chosen
     quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
