@@ -50,7 +50,7 @@ def skip_variants() -> tuple[PolicyRun, ...]:
     return (PolicyRun("layer-skip (engine's d)", "layer-skip", DraftOptions()),
             *(PolicyRun(f"layer-skip d={d}", "layer-skip", DraftOptions(max_draft=d))
               for d in LENGTHS),
-            PolicyRun("swift (engine's sets, d=6, stop < 0.5)", "swift", DraftOptions(max_draft=6)))
+            PolicyRun("swift (engine's sets, d and stop by default)", "swift", DraftOptions()))
 
 
 def markdown(results: dict[str, dict]) -> str:
