@@ -137,7 +137,9 @@ def _global_thread_pool() -> int:
     return threads
 
 
-def _session_options() -> ort.SessionOptions:
+def session_options() -> ort.SessionOptions:
+    """Options for any ONNX Runtime session of a process that runs leapc programs: once the
+    global pool exists, ORT refuses sessions with threads of their own."""
     _global_thread_pool()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -171,7 +173,7 @@ class OrtStep:
 
     def __init__(self, path: Path, device: Device = Device.CPU):
         self.session = ort.InferenceSession(
-            str(path), _session_options(), providers=list(PROVIDERS[device])
+            str(path), session_options(), providers=list(PROVIDERS[device])
         )
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())

@@ -16,6 +16,7 @@ from leapc.ir.tree import chain, tree_from_parents
 from leapc.kernels import reference
 from leapc.kernels.onnx_translations import OPSET, translations
 from leapc.kernels.tree_attention import past_lengths, tree_part
+from leapc.runtime.backends.ort import session_options
 from leapc.runtime.decode import tree_inputs
 from leapc.runtime.drafters.base import Draft
 from leapc.runtime.kv_cache import KVCache
@@ -127,7 +128,8 @@ def test_onnx_translation_runs_in_onnx_runtime(tmp_path):
     path = tmp_path / "tree_attention.onnx"
     torch.onnx.export(exported_attention(), dynamo=True, opset_version=OPSET,
                       custom_translation_table=translations(), verbose=False).save(str(path))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # leapc's sessions share one global pool; ORT then refuses sessions with their own.
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     nodes = onnx.load(str(path)).graph.node
     assert {n.domain for n in nodes} == {""}  # standard ops only
     assert [n.op_type for n in nodes].count("Attention") == 1  # fused, not decomposed
