@@ -28,6 +28,8 @@ STEP_INPUTS = ("tokens", "positions", "past", "mask")
 STEP_OUTPUTS = ("logits", "present")
 # A remainder program (passes/slice_early_exit.py) takes the residual stream instead of tokens.
 HIDDEN_INPUT = "hidden"
+# Kangaroo's adapter KV (`ir/adapter.py`): one layer shaped like the step's past / present.
+ADAPTER_PAST, ADAPTER_PRESENT = "adapter_past", "adapter_present"
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,7 @@ def dynamic_shapes(options: CaptureOptions) -> dict:
         HIDDEN_INPUT: {0: b, 1: n},
         "positions": {0: b, 1: n},
         "past": {2: b, 4: t},
+        ADAPTER_PAST: {2: b, 4: t},
         # T + N of two Dims is not expressible; AUTO lets export derive it.
         "mask": {0: b, 1: n, 2: Dim.AUTO},
     }
@@ -209,6 +212,7 @@ def export_step(module: torch.nn.Module, dims: ModelDims, options: CaptureOption
     examples = dict(zip(STEP_INPUTS, example_inputs(dims), strict=True))
     batch, new = examples["tokens"].shape
     examples[HIDDEN_INPUT] = torch.randn(batch, new, dims.hidden_size).to(getattr(torch, dims.dtype))
+    examples[ADAPTER_PAST] = examples["past"][:1]
     names = tuple(inspect.signature(module.forward).parameters)
     shapes = dynamic_shapes(options)
     with torch.no_grad():

@@ -73,14 +73,16 @@ def reexport(
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    options = CaptureOptions(
-        max_seq=program.signature.max_seq,
-        max_batch=program.signature.bounds["B"][1],
-        max_new=program.signature.bounds["N"][1],
-    )
-    exported = export_step(gm, program.dims, options)
+    exported = export_step(gm, program.dims, capture_options(program))
     signature = program.signature.with_outputs(outputs) if outputs else program.signature
     return CapturedProgram(exported, signature, program.dims)
+
+
+def capture_options(program: CapturedProgram) -> CaptureOptions:
+    """The options ``program`` was captured with (its bounds)."""
+    signature = program.signature
+    return CaptureOptions(max_seq=signature.max_seq, max_batch=signature.bounds["B"][1],
+                          max_new=signature.bounds["N"][1])
 
 
 def rewrite(program: CapturedProgram, edit: Callable[[GraphModule], bool]) -> tuple[CapturedProgram, bool]:

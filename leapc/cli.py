@@ -112,7 +112,10 @@ def build(
         HeadPlacement.PROGRAM, help="heads in their own program, or in the step program"),
     exit_layer: str = typer.Option(None, help="add an exit after layer E's input (1..L-1), or "
                                               "'auto' (the fastest measured): policies "
-                                              "early-exit and kangaroo"),
+                                              "early-exit"),
+    train_adapter: Path = typer.Option(
+        None, help="Kangaroo's adapter at the exit: read from this directory if it holds "
+                   "one for this model and exit, else trained into it (policy kangaroo)"),
     skip: str = typer.Option(None, help="sublayers the layer-skip draft bypasses: "
                                         "comma-separated layers (3), attention (a3) or MLP "
                                         "(m3) sublayers, or 'auto' (searched, then "
@@ -122,6 +125,7 @@ def build(
     """Compile MODEL into an engine directory."""
     import leapc
     from leapc.compiler import stage_count
+    from leapc.early_exit import AdapterOptions
 
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
@@ -132,6 +136,7 @@ def build(
                                                        heads=head_placement if heads > 0
                                                        else None,
                                                        exit_layer=_exit_layer(exit_layer),
+                                                       adapter=train_adapter is not None,
                                                        skip=skip))
 
         def on_stage(stage: str) -> None:
@@ -144,7 +149,9 @@ def build(
                            datastore=_datastore_source(datastore), quantize=quantize,
                            heads=_heads_options(heads, head_kind, train_heads, tree,
                                                 head_placement),
-                           exit_layer=_exit_layer(exit_layer), skip=skip, dump_dir=dump_passes,
+                           exit_layer=_exit_layer(exit_layer),
+                           adapter=AdapterOptions(train_adapter) if train_adapter else None,
+                           skip=skip, dump_dir=dump_passes,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 

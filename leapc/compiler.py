@@ -14,10 +14,13 @@ import numpy as np
 from leapc.datastore import DatastoreSource, build_datastore, read_texts
 from leapc.early_exit import (
     EXIT_DEPTHS,
+    AdapterOptions,
     exit_candidates,
     lower_exit,
+    lower_kangaroo,
     move_programs,
     sweep_exits,
+    sweep_kangaroo,
 )
 from leapc.heads import (
     AUTO,
@@ -40,8 +43,10 @@ from leapc.ir.skip_spec import SkipSet
 from leapc.layer_skip import SKIP_DEPTHS, search_path
 from leapc.layer_skip import candidates as skip_candidates
 from leapc.measure import AR, measure_drafters
+from leapc.models.adapter import FILES as ADAPTER_FILES
 from leapc.models.heads import HeadsReport, save_heads
 from leapc.models.loaders import SourceModel, load_source, weights_sha256
+from leapc.models.train_adapter import trained_adapter
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_early_exit import check_exit_layer
 from leapc.passes.insert_tree_attention import InsertTreeAttention
@@ -52,6 +57,7 @@ from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
 from leapc.runtime.engine import DEFAULT_EXIT_DEPTH, DEFAULT_SKIP_DEPTH, load_program
 from leapc.runtime.manifest import (
     HEAD_POLICIES,
+    AdapterInfo,
     Backend,
     DatastoreInfo,
     ExitChoice,
@@ -101,17 +107,17 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
 def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
                 attention: str | Attention | None = None, datastore: bool = False,
                 heads: HeadPlacement | None = None, exit_layer: int | str | None = None,
-                skip: str | None = None) -> int:
+                adapter: bool = False, skip: str | None = None) -> int:
     """Stages reported through ``on_stage``: load, then per program capture, each pass,
     numeric check and lower, then the datastore if any; heads add their training (or
     loading), their pass, the tree, and in program placement their program's capture and
     lowering; an early exit adds the draft's and remainder's lowering (and for ``auto``,
-    the candidates' lowering then the sweep); a skip set its draft's lowering (``auto``:
+    the candidates' lowering then the sweep), its adapter two (training, measuring); a skip set its draft's lowering (``auto``:
     the search, then the candidates' lowering and measurement)."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
     added = 0 if heads is None else 3 + 2 * (heads is HeadPlacement.PROGRAM)
-    early_exit = 0 if exit_layer is None else 1 + (exit_layer == AUTO)
+    early_exit = 0 if exit_layer is None else 1 + (exit_layer == AUTO) + 2 * adapter
     return (1 + (3 + full) + (programs - 1) * (3 + draft) + datastore + added + early_exit
             + (0 if skip is None else 1 + (skip == AUTO)))
 
@@ -202,6 +208,7 @@ def build(
     quantize: str | Quantization = Quantization.NONE,
     heads: HeadsOptions | None = None,
     exit_layer: int | str | None = None,
+    adapter: AdapterOptions | None = None,
     skip: str | None = None,
     dump_dir: Path | None = None,
     on_stage: Callable[[str], None] = lambda _: None,
@@ -216,7 +223,8 @@ def build(
     ``heads`` adds decoding heads (Medusa or Hydra) and their static tree.
     ``exit_layer`` E adds the ``draft`` (layers < E and the exit) and ``remainder`` (layers
     >= E) programs for ``early-exit`` and ``kangaroo``; ``"auto"`` measures every candidate
-    exit layer and draft length on the backend and keeps the fastest. ``skip`` (``"2,a5,m7"``:
+    exit layer and draft length on the backend and keeps the fastest. ``adapter`` adds
+    Kangaroo's adapter at the exit and the ``kangaroo`` policy. ``skip`` (``"2,a5,m7"``:
     whole layers, attention or MLP sublayers; ``"auto"``: searched, then measured) adds the
     skip drafts for ``layer-skip`` and ``swift``.
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
@@ -242,6 +250,8 @@ def build(
         if not isinstance(exit_layer, int):
             raise InputError(f"exit layer must be a layer number or 'auto' (got {exit_layer!r})")
         check_exit_layer(exit_layer, layers, "--exit-layer")
+    if adapter is not None and exit_layer is None:
+        raise InputError("--train-adapter needs --exit-layer (the adapter reads that exit)")
     skip_set = SkipSet.parse(skip, layers) if skip not in (None, AUTO) else skip
     out = Path(out_dir)
     if out.exists():
@@ -267,6 +277,8 @@ def build(
     manifest = _manifest(full, drafter, store, head_info, chosen, quantization, options)
     if exit_layer is not None:
         manifest = _with_exit(manifest, full, exit_layer, chosen, options, out, on_stage)
+    if adapter is not None:
+        manifest = _with_adapter(manifest, full, adapter, chosen, out, on_stage)
     if skip_set is not None:
         manifest = _with_skip(manifest, full, skip_set, chosen, options, out, on_stage)
     manifest.write(out)
@@ -285,10 +297,44 @@ def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int | str,
         entries = lower_exit(program, exit_layer, backend, lower, out)
         choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
     drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
-    policies = manifest.policies + ((Policy.EARLY_EXIT, Policy.KANGAROO) if drafting else ())
+    policies = manifest.policies + ((Policy.EARLY_EXIT,) if drafting else ())
     return manifest.model_copy(update={"programs": manifest.programs | entries,
                                        "exit_layer": exit_layer, "exit_choice": choice,
                                        "policies": policies})
+
+
+def _with_adapter(manifest: Manifest, full: CompiledProgram, options: AdapterOptions,
+                  backend: Backend, out: Path, on_stage) -> Manifest:
+    """Kangaroo: the adapter at the engine's exit (trained, or read from its directory),
+    the ``kangaroo`` program, and a copy of the adapter's files in the engine."""
+    program, layer = full.result.program, manifest.exit_layer
+    on_stage(f"kangaroo adapter at layer {layer}")
+    adapter, report = trained_adapter(full.source, program, layer, options.directory,
+                                      options.training)
+    entry = lower_kangaroo(program, layer, adapter, backend, LOWERINGS[backend], out)
+    on_stage("kangaroo: measure draft lengths x stops")
+    step, kangaroo, remainder = (load_program(backend, out / e.file, _outputs(e))
+                                 for e in (full.entry, entry, manifest.programs["remainder"]))
+    ar, sweep = sweep_kangaroo(step, kangaroo, remainder, layer, program.dims,
+                               calibration_prompts(full.source, None), manifest.max_seq,
+                               manifest.max_new)
+    best = max(sweep, key=lambda p: p.tokens_per_s)
+    info = AdapterInfo(steps=report.steps, seconds=report.seconds,
+                       agreement_before=report.agreement_before,
+                       agreement_after=report.agreement_after, depth=best.depth,
+                       confidence=best.confidence, ar_tokens_per_s=ar, sweep=sweep,
+                       sha256=_copy_files(options.directory, out / "adapter", ADAPTER_FILES))
+    drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
+    return manifest.model_copy(update={
+        "programs": manifest.programs | {"kangaroo": entry}, "adapter": info,
+        "policies": manifest.policies + ((Policy.KANGAROO,) if drafting else ())})
+
+
+def _copy_files(source: Path, target: Path, names: tuple[str, ...]) -> dict[str, str]:
+    target.mkdir()
+    for name in names:
+        shutil.copyfile(source / name, target / name)
+    return {name: sha256_file(target / name) for name in names}
 
 
 def _with_skip(manifest: Manifest, full: CompiledProgram, skip: SkipSet | str,

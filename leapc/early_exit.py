@@ -1,4 +1,4 @@
-"""Build-time early exit: lower the draft and remainder programs; `--exit-layer auto`.
+"""Build-time early exit: lower the draft, remainder and Kangaroo programs; `--exit-layer auto`.
 
 `--exit-layer auto` measures what the policy will do rather than predicting it: greedy
 ``early-exit`` tokens/s for every candidate exit layer x draft length, with the lowered
@@ -12,20 +12,28 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from leapc.ir.adapter import KangarooAdapter
 from leapc.ir.capture import CapturedProgram
 from leapc.measure import AR, DrafterFactory, measure_drafters
-from leapc.passes.slice_early_exit import slice_draft, slice_remainder
+from leapc.models.train_adapter import AdapterTraining
+from leapc.passes.slice_early_exit import slice_draft, slice_kangaroo, slice_remainder
 from leapc.runtime.backends import ort
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.drafters.early_exit import EarlyExitDrafter
-from leapc.runtime.manifest import Backend, ExitPoint, ProgramEntry, sha256_file
+from leapc.runtime.drafters.early_exit import EarlyExitDrafter, KangarooDrafter
+from leapc.runtime.manifest import Backend, ExitPoint, KangarooPoint, ProgramEntry, sha256_file
 from leapc.runtime.sampling import SamplingConfig
 
 EXIT_DEPTHS = (1, 2, 3, 4, 6)
+# Kangaroo's measured grid: longest chain x stop below this top-1 probability. Small
+# models are rarely confident (the bundled model's exit: mostly below 0.5), so the stops
+# start low.
+KANGAROO_DEPTHS = (4, 8)
+KANGAROO_CONFIDENCES = (0.05, 0.1, 0.2, 0.4)
 Lowering = Callable[[CapturedProgram, Path, str], Path]
 
 
@@ -39,17 +47,35 @@ def lower_exit(program: CapturedProgram, layer: int, backend: Backend, lower: Lo
                out: Path) -> dict[str, ProgramEntry]:
     """The ``draft`` (layers < E and the exit) and ``remainder`` (layers >= E) programs,
     sliced from the final full program so they keep its rewrites and numbers."""
-    entries = {}
-    for name, cut in (("draft", slice_draft), ("remainder", slice_remainder)):
-        sliced = cut(program, layer)
-        file = lower(sliced, out, name)
-        if name == "draft" and backend is Backend.ORT:
-            # The exit's logits only propose: an int8 vocabulary projection drafts from the
-            # same hidden state and KV rows, which stay float and exact.
-            ort.quantize_vocab_projection(file, sliced.dims.vocab_size)
-        entries[name] = ProgramEntry(file=file.name, sha256=sha256_file(file),
-                                     signature=sliced.signature.to_json())
-    return entries
+    return {"draft": _lower(slice_draft(program, layer), "draft", backend, lower, out),
+            "remainder": _lower(slice_remainder(program, layer), "remainder", backend, lower,
+                                out, drafts=False)}
+
+
+def lower_kangaroo(program: CapturedProgram, layer: int, adapter: KangarooAdapter,
+                   backend: Backend, lower: Lowering, out: Path) -> ProgramEntry:
+    """The ``kangaroo`` program: layers < E, the adapter, the model's head."""
+    return _lower(slice_kangaroo(program, layer, adapter), "kangaroo", backend, lower, out)
+
+
+def _lower(sliced: CapturedProgram, name: str, backend: Backend, lower: Lowering, out: Path,
+           drafts: bool = True) -> ProgramEntry:
+    file = lower(sliced, out, name)
+    if drafts and backend is Backend.ORT:
+        # The exit's logits only propose: an int8 vocabulary projection drafts from the
+        # same hidden state and KV rows, which stay float and exact.
+        ort.quantize_vocab_projection(file, sliced.dims.vocab_size)
+    return ProgramEntry(file=file.name, sha256=sha256_file(file),
+                        signature=sliced.signature.to_json())
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """`--train-adapter PATH`: Kangaroo's adapter at the exit, from ``directory`` when it
+    holds one for this model and exit layer, else trained into it (``training``)."""
+
+    directory: Path
+    training: AdapterTraining = AdapterTraining()
 
 
 def move_programs(entries: dict[str, ProgramEntry], source: Path, out: Path) -> None:
@@ -72,3 +98,19 @@ def sweep_exits(step: StepFunction, exits: dict[int, tuple[StepFunction, StepFun
     ar = measured.pop(AR)[0]
     return ar, tuple(ExitPoint(layer=layer, depth=depth, tokens_per_s=tps, tau=tau)
                      for (layer, depth), (tps, tau) in measured.items())
+
+
+def sweep_kangaroo(step: StepFunction, kangaroo: StepFunction, remainder: StepFunction,
+                   layer: int, dims, prompts: list[list[int]], max_seq: int,
+                   chunk: int) -> tuple[float, tuple[KangarooPoint, ...]]:
+    """``ar`` tokens/s and every (draft length, confidence) point of ``kangaroo``."""
+    def drafter(depth: int, confidence: float) -> DrafterFactory:
+        return lambda kv: KangarooDrafter(kangaroo, kv, layer, SamplingConfig(),
+                                          np.random.default_rng(0), depth, confidence,
+                                          remainder=remainder, chunk=chunk)
+
+    grid = {(d, c): drafter(d, c) for d in KANGAROO_DEPTHS for c in KANGAROO_CONFIDENCES}
+    measured = measure_drafters(step, dims, grid, prompts, max_seq, chunk, extra_layers=1)
+    ar = measured.pop(AR)[0]
+    return ar, tuple(KangarooPoint(depth=d, confidence=c, tokens_per_s=tps, tau=tau)
+                     for (d, c), (tps, tau) in measured.items())

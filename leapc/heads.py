@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from leapc.datastore import DatastoreSource, read_texts
 from leapc.ir.errors import InputError
@@ -111,19 +110,7 @@ def calibration_prompts(source: SourceModel, text: DatastoreSource | None) -> li
         texts = [f.text for f in corpus.read_stdlib() if not f.held_out]
     else:
         texts = read_texts(text)[1]
-    return _windows(source.tokenizer, texts, CALIBRATION["prompts"], CALIBRATION["prompt_tokens"])
-
-
-def _windows(tokenizer: Tokenizer, texts: list[str], count: int, length: int) -> list[list[int]]:
-    rng = np.random.default_rng(0)
-    long = [t for t in texts if len(t) > 8 * length]
-    chosen = rng.choice(len(long), size=min(count, len(long)), replace=False)
-    windows = []
-    for i in chosen:
-        ids = tokenizer.encode(long[i], add_special_tokens=False).ids
-        start = int(rng.integers(0, max(1, len(ids) - length)))
-        windows.append(ids[start : start + length])
-    return windows
+    return corpus.text_windows(source.tokenizer, texts, CALIBRATION["prompts"], CALIBRATION["prompt_tokens"])
 
 
 @torch.no_grad()

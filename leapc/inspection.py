@@ -8,7 +8,7 @@ import numpy as np
 from rich.table import Table
 
 from leapc.ir.signature import B, S, StepSignature
-from leapc.runtime.manifest import MANIFEST_FILE, HeadsInfo, Manifest, read_manifest
+from leapc.runtime.manifest import MANIFEST_FILE, AdapterInfo, HeadsInfo, Manifest, read_manifest
 
 
 def _kv_row(signature: StepSignature, itemsize: int, max_seq: int) -> str:
@@ -72,6 +72,26 @@ def _exit_table(manifest: Manifest) -> Table:
     return table
 
 
+def _adapter_line(adapter: AdapterInfo) -> str:
+    return (f"{adapter.steps} steps in {adapter.seconds:.0f} s; held-out exit agreement "
+            f"{adapter.agreement_before:.3f} -> {adapter.agreement_after:.3f}")
+
+
+def _kangaroo_table(adapter: AdapterInfo) -> Table:
+    """Kangaroo's measured draft lengths x stops (fastest first)."""
+    table = Table(title=f"kangaroo · draft length {adapter.depth}, stop below "
+                        f"{adapter.confidence} (auto)",
+                  caption=f"greedy, calibration prompts, this build's machine; ar "
+                          f"{adapter.ar_tokens_per_s:.1f} tokens/s in the same run")
+    for column in ("draft length", "stop below", "tau", "tokens/s", "vs ar"):
+        table.add_column(column, justify="right")
+    for point in sorted(adapter.sweep, key=lambda p: -p.tokens_per_s):
+        table.add_row(str(point.depth), str(point.confidence), f"{point.tau:.2f}",
+                      f"{point.tokens_per_s:.1f}",
+                      f"{point.tokens_per_s / adapter.ar_tokens_per_s:.2f}×")
+    return table
+
+
 def _skip_table(manifest: Manifest) -> Table:
     """The layer-skip draft, and the measured sets `--skip auto` chose it from."""
     choice = manifest.skip_choice
@@ -111,6 +131,7 @@ def inspect_engine(path: Path) -> list[Table]:
         ("quantization", m.quantization.value),
         ("datastore", f"{m.datastore.tokens:,} tokens in {m.datastore.documents:,} documents "
                       f"({m.datastore.source})" if m.datastore else "none"),
+        ("kangaroo adapter", _adapter_line(m.adapter) if m.adapter else "none"),
         ("weights sha256", m.model.weights_sha256[:16] + "…"),
         ("toolchain", ", ".join(f"{k} {v}" for k, v in m.toolchain.items())),
     ):
@@ -118,6 +139,8 @@ def inspect_engine(path: Path) -> list[Table]:
     tables = [summary, _anatomy_table(m.anatomy)] + ([_heads_table(m.heads)] if m.heads else [])
     if m.exit_choice is not None:
         tables.append(_exit_table(m))
+    if m.adapter is not None:
+        tables.append(_kangaroo_table(m.adapter))
     if m.skip_choice is not None:
         tables.append(_skip_table(m))
     for name, entry in m.programs.items():

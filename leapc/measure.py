@@ -24,12 +24,14 @@ DrafterFactory = Callable[[KVCache], Drafter]
 
 
 def measure_drafters(step: StepFunction, dims, drafters: dict[Hashable, DrafterFactory],
-                     prompts: list[list[int]], max_seq: int,
-                     chunk: int) -> dict[Hashable, tuple[float, float]]:
+                     prompts: list[list[int]], max_seq: int, chunk: int,
+                     extra_layers: int = 0) -> dict[Hashable, tuple[float, float]]:
     """(decode tokens/s, tau) of each drafter and of `ar` (key ``AR``): greedy, interleaved,
-    median tokens/s of the repeats (tau is the same every repeat)."""
+    median tokens/s of the repeats (tau is the same every repeat). ``extra_layers``: the
+    cache's, for drafters that keep rows there (Kangaroo)."""
     def cache() -> KVCache:
-        return KVCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.dtype, max_seq)
+        return KVCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.dtype, max_seq,
+                       extra_layers=extra_layers)
 
     configs = {AR: lambda kv: NoDrafter()} | drafters
     runs = {key: [] for key in configs}

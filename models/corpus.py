@@ -86,3 +86,17 @@ def held_out_prompts(count: int = 20, chars: int = 200) -> list[str]:
     """The first ``chars`` characters of held-out files: code the model never trained on."""
     files = [f for f in read_stdlib() if f.held_out and len(f.text) > 2 * chars]
     return [f.text[:chars] for f in files[:count]]
+
+
+def text_windows(tokenizer: Tokenizer, texts: list[str], count: int, length: int,
+                 seed: int = 0) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens, each from a different long enough text."""
+    rng = np.random.default_rng(seed)
+    long = [t for t in texts if len(t) > 8 * length]
+    chosen = rng.choice(len(long), size=min(count, len(long)), replace=False)
+    windows = []
+    for i in chosen:
+        ids = tokenizer.encode(long[i], add_special_tokens=False).ids
+        start = int(rng.integers(0, max(1, len(ids) - length)))
+        windows.append(ids[start : start + length])
+    return windows

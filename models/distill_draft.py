@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from tokenizers import Tokenizer
 from leapc.models import corpus
 from leapc.models.loaders import BUNDLED_DIR, BUNDLED_DRAFT_DIR, load_source
 from leapc.models.train_base import sample_batch
-from leapc.models.training import StepLoss, resume, run_steps
+from leapc.models.training import StepLoss, cosine_lr, resume, run_steps
 
 console = Console()
 CARD_SECTION = "## Distillation from pycoder-15m"
@@ -85,8 +84,7 @@ def agreement(student, teacher, stream: np.ndarray, context: int, windows: int =
 
 
 def lr_at(cfg: DistillConfig, step: int) -> float:
-    progress = step / max(1, cfg.steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr)
 
 
 def distill(cfg: DistillConfig, work: Path):

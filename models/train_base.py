@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from rich.console import Console
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from leapc.models import corpus
-from leapc.models.training import StepLoss, resume, run_steps
+from leapc.models.training import StepLoss, cosine_lr, resume, run_steps
 
 console = Console()
 
@@ -170,10 +169,7 @@ def per_layer_eval(model, stream: np.ndarray, context: int, windows: int = 48) -
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup)
 
 
 # --------------------------------------------------------------------------- driver

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from transformers import PreTrainedModel
 from leapc.ir.head_spec import HeadKind, HeadsConfig
 from leapc.ir.heads import DecodingHeads, project
 from leapc.models.heads import HeadsReport, save_heads
-from leapc.models.training import StepLoss, resume, run_steps
+from leapc.models.training import StepLoss, cosine_lr, extend_greedily, resume, run_steps
 
 console = Console()
 HEAD_DECAY = 0.8
@@ -125,14 +124,7 @@ def continuations(model: PreTrainedModel, stream: np.ndarray, count: int,
     starts = rng.integers(0, len(stream) - config.prompt_tokens, size=count)
     prompts = torch.from_numpy(np.stack([stream[s : s + config.prompt_tokens]
                                          for s in starts]).astype(np.int64))
-    rows = []
-    for chunk in prompts.split(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.generate(chunk, attention_mask=torch.ones_like(chunk), do_sample=False,
-                                 max_new_tokens=config.generated_tokens,
-                                 min_new_tokens=config.generated_tokens, pad_token_id=0)
-        rows.append(out[:, : config.width])
-    return torch.cat(rows)
+    return extend_greedily(model, prompts, config.width, batch)
 
 
 @torch.no_grad()
@@ -152,11 +144,7 @@ def agreement(heads: DecodingHeads, model: PreTrainedModel, sequences: torch.Ten
 
 
 def _lr(config: HeadsTraining, step: int) -> float:
-    warmup = max(1, config.steps // 20)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = step / max(1, config.steps)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_lr(step, config.steps, config.lr, config.min_lr, max(1, config.steps // 20))
 
 
 def _generated(model: PreTrainedModel, stream: np.ndarray, count: int, config: HeadsTraining,

@@ -6,6 +6,7 @@ which a stopped run carries on where it was.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,28 @@ class StepLoss(NamedTuple):
     loss: torch.Tensor  # what to minimise
     tokens: int  # tokens the step read
     info: str  # what the progress bar shows
+
+
+def cosine_lr(step: int, steps: int, lr: float, min_lr: float, warmup: int = 0) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from ``lr`` to ``min_lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def extend_greedily(model: torch.nn.Module, prompts: torch.Tensor, width: int,
+                    batch: int = 32) -> torch.Tensor:
+    """``[count, width]``: each prompt row continued by the model's greedy decoding (EOS
+    suppressed, so every row is full length; bf16 autocast)."""
+    rows, new = [], max(width - prompts.shape[1], 1)
+    for chunk in prompts.split(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(chunk, attention_mask=torch.ones_like(chunk), do_sample=False,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        rows.append(out[:, :width])
+    return torch.cat(rows)
 
 
 def resume(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -29,8 +29,15 @@ import torch
 from torch.fx import GraphModule, Node
 
 from leapc.ir import signature as sig
-from leapc.ir.capture import HIDDEN_INPUT, CapturedProgram
-from leapc.ir.rewrite import reexport, set_outputs, unlift
+from leapc.ir.adapter import KangarooAdapter
+from leapc.ir.capture import (
+    ADAPTER_PAST,
+    ADAPTER_PRESENT,
+    HIDDEN_INPUT,
+    CapturedProgram,
+    export_step,
+)
+from leapc.ir.rewrite import capture_options, reexport, set_outputs, unlift
 from leapc.passes.base import PassError
 from leapc.passes.insert_early_exit import (
     anatomy_of,
@@ -81,7 +88,9 @@ def _slice_signature(program: CapturedProgram, layers: int, inputs, outputs) -> 
     dims = program.dims
     hidden = sig.TensorSpec(HIDDEN_INPUT, dims.dtype, (sig.B, sig.N, dims.hidden_size))
     specs = {s.name: s for s in (*program.signature.inputs, *program.signature.outputs, hidden)}
-    for name in ("past", "present"):
+    for name, adapter in (("past", ADAPTER_PAST), ("present", ADAPTER_PRESENT)):
+        specs[adapter] = dataclasses.replace(specs[name], name=adapter,
+                                             shape=(1, *specs[name].shape[1:]))
         specs[name] = dataclasses.replace(specs[name], shape=(layers, *specs[name].shape[1:]))
     return dataclasses.replace(program.signature, inputs=tuple(specs[n] for n in inputs),
                                outputs=tuple(specs[n] for n in outputs))
@@ -106,6 +115,51 @@ def slice_draft(program: CapturedProgram, exit_layer: int) -> CapturedProgram:
     _prune(gm)
     return _export(gm, program, exit_layer, ("tokens", "positions", "past", "mask"),
                    ("logits", "present", HIDDEN_INPUT))
+
+
+class _AdaptedDraft(torch.nn.Module):
+    """The draft with Kangaroo's adapter between the exit's hidden state and the head."""
+
+    def __init__(self, draft: GraphModule, adapter: KangarooAdapter, head: GraphModule):
+        super().__init__()
+        self.draft, self.adapter, self.head = draft, adapter, head
+
+    def forward(self, tokens, positions, past, adapter_past, mask):
+        hidden, present = self.draft(tokens, positions, past, mask)
+        adapted, adapter_present = self.adapter(hidden, positions, adapter_past, mask)
+        return self.head(adapted, positions, past, mask)[0], present, hidden, adapter_present
+
+
+def slice_kangaroo(program: CapturedProgram, exit_layer: int,
+                   adapter: KangarooAdapter) -> CapturedProgram:
+    """Kangaroo's draft: layers < ``exit_layer``, the adapter, then the model's head.
+    ``(tokens, positions, past [E, ...], adapter_past [1, ...], mask) -> (logits, present
+    [E, ...], hidden, adapter_present [1, ...])``: ``present`` and ``hidden`` as
+    `slice_draft`'s, ``adapter_present`` the adapter's own KV rows."""
+    check_exit_layer(exit_layer, program.dims.num_layers, "slice_kangaroo")
+    anatomy = anatomy_of(program)
+    gm = unlift(program)
+    layers = _layer_presents(gm, program.dims.num_layers)[:exit_layer]
+    set_outputs(gm, [exit_hidden(gm, anatomy, exit_layer), _stack(gm, layers)])
+    _prune(gm)
+    gm.recompile()
+    signature = _slice_signature(program, exit_layer,
+                                 ("tokens", "positions", "past", ADAPTER_PAST, "mask"),
+                                 ("logits", "present", HIDDEN_INPUT, ADAPTER_PRESENT))
+    dims = dataclasses.replace(program.dims, num_layers=exit_layer)
+    module = _AdaptedDraft(gm, adapter.eval(), slice_head(program))
+    return CapturedProgram(export_step(module, dims, capture_options(program)), signature, dims)
+
+
+def slice_head(program: CapturedProgram) -> GraphModule:
+    """The model's head (final norm to logits) as ``(hidden, positions, past, mask) ->
+    (logits,)``; only ``hidden`` is read (the residual leaving the last layer)."""
+    anatomy = anatomy_of(program)
+    gm = unlift(program)
+    set_outputs(gm, [gm.graph.output_node().args[0][0]])
+    _take_hidden(gm, graph_nodes(gm)[anatomy.layers[-1].residual_out])
+    gm.recompile()
+    return gm
 
 
 def _take_hidden(gm: GraphModule, residual: Node) -> None:

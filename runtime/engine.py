@@ -22,7 +22,7 @@ from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
-from leapc.runtime.drafters.early_exit import EarlyExitDrafter
+from leapc.runtime.drafters.early_exit import EarlyExitDrafter, KangarooDrafter
 from leapc.runtime.drafters.heads import DynamicTree, HeadsDrafter
 from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
@@ -229,7 +229,8 @@ class Engine:
         ids = self.encode(prompt)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
-        cache = self._cache(self.manifest.model)
+        # Kangaroo's adapter keeps its KV rows in an extra layer of the target's cache.
+        cache = self._cache(self.manifest.model, extra_layers=int(chosen is Policy.KANGAROO))
         tokens = decode(
             self.step, cache, ids, self.manifest.max_new,
             self._drafter(chosen, draft, sampling, seed, cache), sampling,
@@ -238,9 +239,9 @@ class Engine:
         )
         return Stream(tokens, self.tokenizer, stats)
 
-    def _cache(self, model: ModelInfo) -> KVCache:
+    def _cache(self, model: ModelInfo, extra_layers: int = 0) -> KVCache:
         return KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.dtype,
-                       self.manifest.max_seq)
+                       self.manifest.max_seq, extra_layers=extra_layers)
 
     def _drafter(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
                  seed: int, cache: KVCache) -> Drafter:
@@ -270,17 +271,20 @@ class Engine:
         return NoDrafter()
 
     def _early_exit(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
-                    seed: int, cache: KVCache) -> EarlyExitDrafter:
+                    seed: int, cache: KVCache) -> EarlyExitDrafter | KangarooDrafter:
         """The model's own first E layers and exit draft a chain in the target's cache; the
-        remainder verifies it. Kangaroo is the same drafter stopping the chain at the first
-        token whose exit top-1 probability is below the confidence (its double exit)."""
+        remainder verifies it. Kangaroo drafts through its adapter and stops the chain at
+        the first token whose top-1 probability is below the confidence (its double exit)."""
         options.tree_shape()  # validates the knobs
-        confidence = 0.0
+        rng, exit_layer = np.random.default_rng([seed, 1]), self.manifest.exit_layer
         if policy is Policy.KANGAROO:
-            confidence = options.confidence or KANGAROO_CONFIDENCE
-        return EarlyExitDrafter(self.steps["draft"], cache, self.manifest.exit_layer, sampling,
-                                np.random.default_rng([seed, 1]),
-                                options.draft_length(self._exit_depth()), confidence,
+            adapter = self.manifest.adapter  # its defaults: the fastest measured at build
+            return KangarooDrafter(self.steps["kangaroo"], cache, exit_layer, sampling, rng,
+                                   options.draft_length(adapter.depth),
+                                   options.confidence or adapter.confidence, options.adaptive,
+                                   remainder=self.steps["remainder"], chunk=self.manifest.max_new)
+        return EarlyExitDrafter(self.steps["draft"], cache, exit_layer, sampling, rng,
+                                options.draft_length(self._exit_depth()), options.confidence,
                                 options.adaptive, remainder=self.steps["remainder"])
 
     def _layer_skip(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
@@ -334,8 +338,6 @@ class Engine:
 _HEAD_POLICIES = (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC, Policy.HYDRA, Policy.HYDRA_DYNAMIC)
 _DYNAMIC = (Policy.MEDUSA_DYNAMIC, Policy.HYDRA_DYNAMIC)
 _EXIT_POLICIES = (Policy.EARLY_EXIT, Policy.KANGAROO)
-# Kangaroo's default stop: drafting from the exit stops below this top-1 probability.
-KANGAROO_CONFIDENCE = 0.5
 # Early exit's chain length when the engine measured none (`--exit-layer E` without a sweep
 # records this one): the bundled model's best at E = 4 (docs/decisions.md).
 DEFAULT_EXIT_DEPTH = 3

@@ -5,6 +5,9 @@ Each step passes the whole buffer as ``past`` (no copy: ONNX Runtime and torch b
 the numpy memory) and the mask marks which slots are valid, so ``T = C`` and the step's
 attention reads at most one block of padding. Committing writes only the accepted rows
 of ``present``; the buffer is reallocated (one copy) only when a block fills up.
+
+``extra_layers`` are rows of the same shape after the model's (a Kangaroo adapter's KV):
+steps never see them, drafters write them as scratch, and they follow every resize.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ def _round_up(n: int, block: int) -> int:
 
 class KVCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: str,
-                 max_seq: int, batch: int = 1):
-        self.shape = (layers, 2, batch, kv_heads, head_dim)
+                 max_seq: int, batch: int = 1, extra_layers: int = 0):
+        self.layers = layers  # the model's: what ``past`` holds and ``commit`` writes
+        self.shape = (layers + extra_layers, 2, batch, kv_heads, head_dim)
         self.dtype = np.dtype(dtype)
         self.max_seq = max_seq
         self.length = 0  # committed slots, same for every sequence in the batch
@@ -56,7 +60,7 @@ class KVCache:
         limit = self.max_seq - new
         if self.capacity > limit:
             self._resize(max(limit, self.length, 1))
-        return self.buffer
+        return self.buffer[: self.layers]  # a view: the leading axis keeps it contiguous
 
     def valid_mask(self) -> np.ndarray:
         """``[C]`` bool: the committed slots."""
@@ -76,22 +80,24 @@ class KVCache:
             self.buffer[:, :, :, :, length:end] = self.buffer[:, :, :, :, slots]
         self.length = end
 
-    def write_scratch(self, present: np.ndarray, offset: int) -> None:
-        """Write ``present`` (``[l, 2, B, H, n, Dh]``: the first l layers' rows of n tokens)
-        at slots ``length + offset`` on, without committing them: an early-exit draft's
-        rows, which become the target's when verification accepts their tokens."""
+    def write_scratch(self, present: np.ndarray, offset: int, layer: int = 0) -> None:
+        """Write ``present`` (``[l, 2, B, H, n, Dh]``: rows of n tokens for l layers from
+        ``layer`` on) at slots ``length + offset`` on, without committing them: an
+        early-exit draft's rows, which become the target's when verification accepts their
+        tokens (committing writes the model's layers only, so extra layers' rows stay)."""
         start = self.length + offset
         end = start + present.shape[4]
         self._fit(end)
-        self.buffer[: present.shape[0], :, :, :, start:end] = present
+        self.buffer[layer : layer + present.shape[0], :, :, :, start:end] = present
 
     def commit(self, present: np.ndarray, rows: np.ndarray | list[int]) -> None:
         """Append ``present[..., rows, :]`` (the accepted new tokens, in order)."""
         rows = np.asarray(rows, dtype=np.int64)
         end = self.length + len(rows)
         self._fit(end)
+        layers = present.shape[0]
         if len(rows) == present.shape[4] and (rows == np.arange(len(rows))).all():
-            self.buffer[:, :, :, :, self.length : end] = present
+            self.buffer[:layers, :, :, :, self.length : end] = present
         else:
-            self.buffer[:, :, :, :, self.length : end] = present[:, :, :, :, rows]
+            self.buffer[:layers, :, :, :, self.length : end] = present[:, :, :, :, rows]
         self.length = end

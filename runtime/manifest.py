@@ -39,7 +39,7 @@ class Policy(str, enum.Enum):
     HYDRA = "hydra"  # Hydra heads, static tree (build --heads K --head-kind hydra)
     HYDRA_DYNAMIC = "hydra-dynamic"  # Hydra heads, EAGLE-2 dynamic tree
     EARLY_EXIT = "early-exit"  # LayerSkip self-speculation from layer E's exit (build --exit-layer)
-    KANGAROO = "kangaroo"  # early exit + stop drafting below a top-1 confidence (no adapter)
+    KANGAROO = "kangaroo"  # exit + trained adapter, stop below a top-1 confidence (--train-adapter)
     LAYER_SKIP = "layer-skip"  # the model with some sublayers bypassed drafts (build --skip)
     SWIFT = "swift"  # layer skip choosing among the engine's skip sets while generating
 
@@ -116,6 +116,33 @@ class HeadsInfo(_Frozen):
     sha256: dict[str, str]  # file name -> digest
 
 
+class KangarooPoint(_Frozen):
+    """One measured configuration of ``kangaroo``: greedy, chains of at most ``depth``,
+    stopped below the top-1 probability ``confidence``."""
+
+    depth: int
+    confidence: float
+    tokens_per_s: float
+    tau: float
+
+
+class AdapterInfo(_Frozen):
+    """Kangaroo's trained adapter at the exit (the ``kangaroo`` program runs it): its
+    training, how often the exit's argmax equals the model's (held out) without and with
+    it, and the policy's default draft length and stop, the fastest measured."""
+
+    directory: str = "adapter"  # adapter.safetensors + adapter.json, as trained
+    steps: int
+    seconds: float
+    agreement_before: float
+    agreement_after: float
+    depth: int
+    confidence: float
+    ar_tokens_per_s: float  # ``ar`` on the same prompts, same run
+    sweep: tuple[KangarooPoint, ...]
+    sha256: dict[str, str]  # file name -> digest
+
+
 class ExitPoint(_Frozen):
     """One measured configuration of `--exit-layer auto`: greedy ``early-exit`` with chains of
     ``depth`` from the exit after ``layer`` layers, on the build's calibration prompts."""
@@ -169,12 +196,13 @@ class Manifest(_Frozen):
     heads: HeadsInfo | None = None  # decoding heads (the ``heads`` program), if any
     exit_layer: int | None = None  # early exit: the ``draft`` program runs layers < it + exit
     exit_choice: ExitChoice | None = None  # with exit_layer: how it and the draft length were chosen
+    adapter: AdapterInfo | None = None  # with exit_layer: Kangaroo's adapter, if trained
     skip: str | None = None  # layer skip: the sublayers the chosen ``skip_<i>`` program bypasses
     skip_choice: SkipChoice | None = None  # with skip: how it and the draft length were chosen
     quantization: Quantization = Quantization.NONE
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model", "heads", "draft", "remainder",
-    # "skip_<i>"
+    # "kangaroo", "skip_<i>"
     passes: tuple[str, ...]
     anatomy: tuple[tuple[str, str], ...] = ()  # landmark -> graph node, for `leapc inspect`
     addons: dict[str, str] = {}
@@ -230,10 +258,9 @@ def _check_files(engine_dir: Path, manifest: Manifest) -> None:
         store = manifest.datastore
         for name, digest in store.sha256.items():
             _check_file(engine_dir, f"{store.directory}/{name}", digest, "datastore file")
-    if manifest.heads is not None:
-        heads = manifest.heads
-        for name, digest in heads.sha256.items():
-            _check_file(engine_dir, f"{heads.directory}/{name}", digest, "heads file")
+    for trained, what in ((manifest.heads, "heads"), (manifest.adapter, "adapter")):
+        for name, digest in (trained.sha256.items() if trained is not None else ()):
+            _check_file(engine_dir, f"{trained.directory}/{name}", digest, f"{what} file")
 
 
 def _check_file(engine_dir: Path, relpath: str, digest: str, what: str) -> None:

@@ -17,6 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from engines import EXIT_LAYERS, SKIP_SETS, require_bundled, require_stories, tiny_source  # noqa: E402
 
 import leapc  # noqa: E402
+from leapc.early_exit import AdapterOptions  # noqa: E402
 from leapc.models import corpus  # noqa: E402
 from leapc.models.loaders import (  # noqa: E402
     BUNDLED_DRAFT,
@@ -24,6 +25,10 @@ from leapc.models.loaders import (  # noqa: E402
     load_source,
     save_first_layers,
 )
+from leapc.models.train_adapter import AdapterTraining  # noqa: E402
+
+# Enough training for an adapter whose drafts are sometimes accepted, sometimes not.
+QUICK_ADAPTER = AdapterTraining(steps=6, sequences=8, eval_sequences=2, context=64)
 
 STORIES_CORPUS = "\n".join([
     "Once upon a time, there was a little girl named Lily. She loved to play outside.",
@@ -130,9 +135,13 @@ def _self_spec_engines(tmp_path_factory, kind: str, **options_of_key):
 
 @pytest.fixture(scope="session")
 def exit_engine_dir(tmp_path_factory):
-    """``exit_engine_dir(key, backend="ort")`` -> an engine with an early exit (policies
-    early-exit and kangaroo) at ``EXIT_LAYERS[key]``, built once per session."""
-    return _self_spec_engines(tmp_path_factory, "exit", exit_layer=EXIT_LAYERS)
+    """``exit_engine_dir(key, backend="ort")`` -> an engine with an early exit at
+    ``EXIT_LAYERS[key]`` and a briefly trained Kangaroo adapter there (policies early-exit
+    and kangaroo), built once per session; both backends of a key share the adapter."""
+    adapters = {key: AdapterOptions(tmp_path_factory.mktemp(f"adapter-{key}"), QUICK_ADAPTER)
+                for key in EXIT_LAYERS}
+    return _self_spec_engines(tmp_path_factory, "exit", exit_layer=EXIT_LAYERS,
+                              adapter=adapters)
 
 
 @pytest.fixture(scope="session")

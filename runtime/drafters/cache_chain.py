@@ -65,15 +65,20 @@ class CacheChainDrafter:
     def _call(self, token: int, offset: int) -> np.ndarray:
         """Run chain node ``offset``; keep its rows as scratch and its outputs."""
         cache = self.cache
-        past = cache.past_for(1)[: self.layers]
+        past = cache.past_for(1)
         mask = np.zeros((1, 1, past.shape[4] + 1), dtype=bool)
         mask[..., : cache.length + offset] = True
         mask[..., -1] = True
         position = np.asarray([[cache.length + offset]], dtype=np.int64)
-        out = self.draft(np.asarray([[token]], dtype=np.int64), position, past, mask)
+        out = self._run(np.asarray([[token]], dtype=np.int64), position, past, mask)
         cache.write_scratch(out["present"], offset)
         self._calls.append(out)
         return out["logits"][0, 0]
+
+    def _run(self, tokens: np.ndarray, positions: np.ndarray, past: np.ndarray,
+             mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The draft program on the cache's first ``layers`` layers."""
+        return self.draft(tokens, positions, past[: self.layers], mask)
 
     def _next(self, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
         if self.sampling.greedy:

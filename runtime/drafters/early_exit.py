@@ -14,6 +14,13 @@ the last call's logits go unused, its hidden state is what verification needs) a
 remainder call over k + 1 nodes. Kangaroo's double exit stops the chain at the first token
 whose exit top-1 probability is below a confidence (that token's call still ran, so it is
 the chain's last node).
+
+Kangaroo puts a trained adapter (`ir/adapter.py`) between the exit and the head. Its
+attention keeps KV rows of its own, in an extra layer of the target's cache
+(`KVCache(extra_layers=1)`), written as scratch like the draft's: every committed token
+was a chain node fed to the draft with the committed context before it, so its adapter
+row is valid once it commits. Only the prompt's rows are missing, computed by one draft
+call over the prompt (in chunks) before the first chain.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 
 from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import tree_inputs
-from leapc.runtime.drafters.base import Draft
+from leapc.runtime.drafters.base import Draft, Verification
 from leapc.runtime.drafters.cache_chain import CacheChainDrafter
 from leapc.runtime.kv_cache import KVCache
 
@@ -46,3 +53,45 @@ class EarlyExitDrafter(CacheChainDrafter):
         hidden = np.stack([out["hidden"][0, 0] for out in self._calls[:n]])[None]
         out = self.remainder(hidden, positions, past[self.layers:], mask)
         return {"logits": out["logits"], "present": np.concatenate([below, out["present"]])}
+
+
+@dataclass
+class KangarooDrafter(EarlyExitDrafter):
+    """``draft`` is the exit with the adapter; ``chunk`` bounds its calls' tokens."""
+
+    chunk: int = field(kw_only=True)
+    _adapted: int = field(init=False, default=0)  # leading slots with valid adapter rows
+
+    def propose(self, context: list[int], root: int, budget: int) -> Draft:
+        self._adapt(context)
+        return super().propose(context, root, budget)
+
+    def _adapt(self, context: list[int]) -> None:
+        """Adapter rows for committed slots that were never chain nodes (the prompt)."""
+        cache = self.cache
+        for start in range(self._adapted, cache.length, self.chunk):
+            end = min(start + self.chunk, cache.length)
+            n = end - start
+            # Only the slots before ``start`` are context: ``T + N`` stays within max_seq.
+            past = cache.buffer[:, :, :, :, : max(start, 1)]
+            mask = np.concatenate([np.broadcast_to(np.arange(past.shape[4]) < start,
+                                                   (n, past.shape[4])),
+                                   np.tri(n, dtype=bool)], axis=1)
+            out = self.draft(np.asarray([context[start:end]], dtype=np.int64),
+                             np.arange(start, end)[None], np.ascontiguousarray(past[: self.layers]),
+                             np.ascontiguousarray(past[cache.layers :]), mask[None])
+            cache.buffer[cache.layers :, :, :, :, start:end] = out["adapter_present"]
+        self._adapted = cache.length
+
+    def _run(self, tokens, positions, past, mask) -> dict[str, np.ndarray]:
+        return self.draft(tokens, positions, past[: self.layers],
+                          self.cache.buffer[self.cache.layers :], mask)
+
+    def _call(self, token: int, offset: int) -> np.ndarray:
+        logits = super()._call(token, offset)
+        self.cache.write_scratch(self._calls[-1]["adapter_present"], offset, self.cache.layers)
+        return logits
+
+    def observe(self, context: list[int], result: Verification) -> None:
+        super().observe(context, result)
+        self._adapted = self.cache.length  # every newly committed slot was a chain node

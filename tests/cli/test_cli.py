@@ -418,6 +418,16 @@ def test_build_refuses_an_exit_layer_that_is_not_a_number(tmp_path):
     user_error(result, "--exit-layer must be a layer number or 'auto'", "'middle'")
 
 
+def test_build_refuses_an_adapter_without_an_exit(tmp_path):
+    result = cli("build", "bundled", "-o", tmp_path / "e", "--train-adapter", tmp_path / "a")
+    user_error(result, "--train-adapter needs --exit-layer")
+
+
+def test_run_refuses_kangaroo_on_an_engine_without_an_adapter(engine_dir):
+    result = cli("run", engine_dir("bundled"), "--prompt", "x", "--policy", "kangaroo")
+    user_error(result, "engine does not support policy 'kangaroo'")
+
+
 def test_build_refuses_a_bad_skip_set(tmp_path):
     result = cli("build", "bundled", "-o", tmp_path / "e", "--skip", "a3,x4")
     user_error(result, "'x4' is not a layer (7), an attention (a7) or an MLP (m7) sublayer")

@@ -13,13 +13,14 @@ from families import FAMILIES, captured, tiny_config, tiny_model
 from trees import tree_step_inputs
 
 from leapc.ir import signature as sig
+from leapc.ir.adapter import KangarooAdapter
 from leapc.ir.capture import CaptureOptions, StepModule, capture
 from leapc.ir.errors import InputError
 from leapc.passes.base import Invariant, PassError, violation
 from leapc.passes.insert_early_exit import EXIT_OUTPUT, InsertEarlyExit
 from leapc.passes.insert_tree_attention import SDPA, TREE_ATTENTION, InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, check_numerics
-from leapc.passes.slice_early_exit import slice_draft, slice_remainder
+from leapc.passes.slice_early_exit import slice_draft, slice_kangaroo, slice_remainder
 
 LAYERS, EXIT = 4, 2
 # (B, N, T): one-token decode over one slot, a batch of trees, T + N = max_seq
@@ -204,3 +205,61 @@ def test_slices_refuse_exit_layer_zero():
 def test_a_second_exit_is_refused():
     with pytest.raises(PassError, match="insert_early_exit: the program already has"):
         InsertEarlyExit(1)(programs("deep")[1])
+
+
+def _adapter(key: str) -> KangarooAdapter:
+    from leapc.models.train_adapter import adapter_config
+
+    torch.manual_seed(0)
+    adapter = KangarooAdapter(adapter_config(deep_model() if key == "deep" else tiny_model(key)))
+    torch.nn.init.normal_(adapter.o_proj.weight, std=0.2)  # trained: not the identity
+    return adapter.eval()
+
+
+@functools.cache
+def kangaroo(key: str):
+    full, exit_layer = source(key)
+    return slice_kangaroo(full, exit_layer, _adapter(key))
+
+
+def test_kangaroo_draft_signature_and_weights():
+    full, _, draft, _ = programs("deep")
+    program = kangaroo("deep")
+    s = program.signature
+    assert program.program.graph_signature.user_inputs == (
+        "tokens", "positions", "past", "adapter_past", "mask")
+    assert [o.name for o in s.outputs] == ["logits", "present", "hidden", "adapter_present"]
+    assert s.spec("adapter_past").shape == (1, *full.signature.spec("past").shape[1:])
+    assert s.spec("adapter_present").shape == (1, *full.signature.spec("present").shape[1:])
+    assert s.spec("past").shape[0] == EXIT and s.bounds == full.signature.bounds
+    assert call_counts(program)[SDPA] == EXIT  # the adapter's attention is its own ops
+    weights = set(program.program.state_dict)
+    assert {n for n in weights if n.startswith("adapter.")} == {
+        f"adapter.{name}" for name in _adapter("deep").state_dict()}
+    # The model's weights, once each: layers < E and the embedding, then the head.
+    model = [n.split(".", 1) for n in weights if not n.startswith("adapter.")]
+    assert sorted(name for _, name in model) == sorted(draft.program.state_dict)
+
+
+@pytest.mark.parametrize("key", ["deep", "llama", "gemma", "gpt2"])
+def test_kangaroo_draft_is_the_exit_then_the_adapter_then_the_head(key):
+    """``present`` and ``hidden`` are the plain draft's; ``logits`` the model's final norm
+    and head (HF's modules) over the adapter's output; ``adapter_present`` its KV rows."""
+    model = deep_model() if key == "deep" else tiny_model(key)
+    full, _, draft, _ = programs(key)
+    e = source(key)[1]
+    adapter = _adapter(key)
+    tokens, positions, past, mask = tree_step_inputs(full.dims, 2, 5, 7)
+    adapter_past = torch.randn(1, *past.shape[1:])
+    logits, present, hidden, adapter_present = run(kangaroo(key), tokens, positions, past[:e],
+                                                   adapter_past, mask)
+    _, want_present, want_hidden = run(draft, tokens, positions, past[:e], mask)
+    torch.testing.assert_close(present, want_present)
+    torch.testing.assert_close(hidden, want_hidden)
+    with torch.no_grad():
+        adapted, want_rows = adapter(hidden, positions, adapter_past, mask)
+        decoder = model.get_decoder()
+        norm = decoder.norm if hasattr(decoder, "norm") else decoder.ln_f
+        want = model.lm_head(norm(adapted))
+    torch.testing.assert_close(adapter_present, want_rows)
+    torch.testing.assert_close(logits, want)

@@ -1,6 +1,6 @@
 """Early-exit self-speculation (policies early-exit, kangaroo): greedy output equals `ar`,
-the KV cache ends as `ar` leaves it, sampling keeps the model's distribution (rule 2 with
-q the exit's distribution). The CLI's exit-layer errors are in tests/cli/test_cli.py."""
+the KV cache (Kangaroo's adapter rows too) ends as one pass over the committed tokens
+leaves it, sampling keeps the model's distribution (rule 2 with q the exit's distribution). The CLI's exit-layer errors are in tests/cli/test_cli.py."""
 
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def test_greedy_output_equals_ar(exit_engine_dir, key, backend):
 def _run(engine, prompt, policy: str, sampling=SamplingConfig()) -> tuple:
     """Generate; return the target cache and the generation's stats."""
     ids = engine.encode(prompt)
-    cache = engine._cache(engine.manifest.model)
-    drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4), sampling, 0,
-                              cache)
+    cache = engine._cache(engine.manifest.model, extra_layers=int(policy == "kangaroo"))
+    # A low stop: the tiny models' drafts are rarely confident.
+    drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4, confidence=0.01),
+                              sampling, 0, cache)
     stats = GenerationStats(policy)
     list(decode(engine.step, cache, ids, engine.manifest.max_new, drafter, sampling,
                 StopConfig(40, ()), np.random.default_rng(0), stats))
@@ -74,7 +75,52 @@ def test_the_draft_program_holds_layers_below_the_exit(exit_engine_dir):
     assert names("draft", "outputs") == ["logits", "present", "hidden"]
     assert names("remainder", "inputs") == ["hidden", "positions", "past", "mask"]
     assert names("remainder", "outputs") == ["logits", "present"]
+    assert names("kangaroo", "inputs") == ["tokens", "positions", "past", "adapter_past", "mask"]
+    assert names("kangaroo", "outputs") == ["logits", "present", "hidden", "adapter_present"]
     assert {"early-exit", "kangaroo"} <= {p.value for p in manifest.policies}
+    assert manifest.adapter.steps == 6
+    assert (engine.path / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_kangaroo_defaults_are_the_fastest_measured_point(exit_engine_dir):
+    from leapc.early_exit import KANGAROO_CONFIDENCES, KANGAROO_DEPTHS
+    from leapc.inspection import inspect_engine
+
+    path = exit_engine_dir("tiny-llama")
+    adapter = leapc.load(path).manifest.adapter
+    assert [(p.depth, p.confidence) for p in adapter.sweep] == [
+        (d, c) for d in KANGAROO_DEPTHS for c in KANGAROO_CONFIDENCES]
+    best = max(adapter.sweep, key=lambda p: p.tokens_per_s)
+    assert (adapter.depth, adapter.confidence) == (best.depth, best.confidence)
+    assert adapter.ar_tokens_per_s > 0
+    titles = [table.title for table in inspect_engine(path)]
+    assert f"kangaroo · draft length {best.depth}, stop below {best.confidence} (auto)" in titles
+
+
+@pytest.mark.parametrize("key", ["bundled", "tiny-llama"])
+def test_kangaroo_adapter_rows_equal_one_pass_over_the_committed_tokens(exit_engine_dir, key):
+    """The adapter's KV rows, computed for the prompt at once and then one chain node at a
+    time as scratch (rejected nodes overwritten later), are those of one draft call over
+    every committed token."""
+    engine = leapc.load(exit_engine_dir(key))
+    cache, stats = _run(engine, PROMPTS[key][1], "kangaroo")
+    assert max(stats.accepted_depth) > 0 and min(stats.accepted_depth) < max(stats.drafted_depth)
+    reference, _ = _run(engine, PROMPTS[key][1], "ar")
+    tokens = _committed_tokens(engine, PROMPTS[key][1], cache.length)
+    n, layers = len(tokens), engine.manifest.model.num_layers
+    mask = np.concatenate([np.zeros((n, 1), bool), np.tri(n, dtype=bool)], axis=1)[None]
+    past = np.zeros_like(reference.buffer[:, :, :, :, :1])
+    out = engine.steps["kangaroo"](np.asarray([tokens]), np.arange(n)[None],
+                                   past[: engine.manifest.exit_layer], past[:1], mask)
+    np.testing.assert_allclose(cache.buffer[layers:, :, :, :, :n], out["adapter_present"],
+                               atol=1e-4)
+    np.testing.assert_allclose(cache.buffer[:layers, :, :, :, :n],
+                               reference.buffer[:, :, :, :, :n], atol=1e-4)
+
+
+def _committed_tokens(engine, prompt, length: int) -> list[int]:
+    ids = engine.encode(prompt)
+    return (ids + engine.generate(prompt, length).token_ids)[:length]
 
 
 def test_only_the_drafts_vocabulary_projection_is_int8(exit_engine_dir):
@@ -93,17 +139,19 @@ def test_only_the_drafts_vocabulary_projection_is_int8(exit_engine_dir):
     assert "MatMulNBits" not in matmuls("remainder")
 
 
-@pytest.mark.parametrize("wrong_q", [False, True], ids=["exit-q", "uniform-q"])
+@pytest.mark.parametrize(("policy", "wrong_q"), [("early-exit", False), ("kangaroo", False),
+                                               ("early-exit", True)],
+                         ids=["exit-q", "kangaroo-q", "uniform-q"])
 def test_sampling_matches_plain_sampling_only_with_the_exit_q(exit_engine_dir, monkeypatch,
-                                                               wrong_q):
-    """Rule 2 with q the exit distribution actually sampled keeps the output distribution;
-    the same draws checked against a wrong q do not (the test sees q)."""
+                                                               policy, wrong_q):
+    """Rule 2 with q the exit's (or adapter's) distribution actually sampled keeps the
+    output distribution; the same draws checked against a wrong q do not (the test sees q)."""
     engine = leapc.load(exit_engine_dir("stories"))
-    draft = DraftOptions(max_draft=2)
+    draft = DraftOptions(max_draft=2, confidence=0.01)
     plain = second_and_third(engine, "ar", 0, draft)
     if wrong_q:
         with_uniform_q(monkeypatch, EarlyExitDrafter)
-    drafted = second_and_third(engine, "early-exit", 10**6, draft)
+    drafted = second_and_third(engine, policy, 10**6, draft)
     stat, df = chi2_homogeneity(plain, drafted)
     assert df >= 3, "the test needs a distribution with several outcomes"
     assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)
@@ -128,6 +176,7 @@ def test_exit_layer_auto_keeps_the_fastest_measured_point(tmp_path):
     best = max(choice.sweep, key=lambda p: p.tokens_per_s)
     assert (manifest.exit_layer, choice.depth) == (best.layer, best.depth)
     assert not (tmp_path / "auto" / ".exit-sweep").exists()
+    assert "kangaroo" not in {p.value for p in manifest.policies}  # no adapter trained
     prompt = PROMPTS["tiny-llama"][0]
     stats = engine.generate(prompt, 24, policy="early-exit").stats
     assert max(stats.drafted_depth) == choice.depth

@@ -119,7 +119,8 @@ def test_past_for_is_the_buffer_itself():
     cache = make_cache()
     cache.commit(present(3), np.arange(3))
     past = cache.past_for(1)
-    assert past is cache.buffer
+    assert past.base is cache.buffer and past.shape == cache.buffer.shape
+    assert past.flags.c_contiguous  # ONNX Runtime and torch wrap it without a copy
     np.testing.assert_array_equal(past[..., :3, :], committed(cache))
 
 
@@ -202,9 +203,9 @@ def test_reallocates_only_when_a_block_fills():
     buffers = [cache.buffer]
     reference = []
     for _ in range(200):
-        past = cache.past_for(1)
-        if past is not buffers[-1]:
-            buffers.append(past)
+        cache.past_for(1)
+        if cache.buffer is not buffers[-1]:
+            buffers.append(cache.buffer)
         token = present(1)
         cache.commit(token, [0])
         reference.append(token)
@@ -224,8 +225,8 @@ def test_decode_near_max_seq_does_not_copy_every_step():
     while cache.length < max_seq:
         past = cache.past_for(1)
         assert past.shape[4] + 1 <= max_seq
-        if past is not buffers[-1]:
-            buffers.append(past)
+        if cache.buffer is not buffers[-1]:
+            buffers.append(cache.buffer)
         cache.commit(present(1), [0])
         if cache.buffer is not buffers[-1]:
             buffers.append(cache.buffer)
@@ -247,3 +248,16 @@ def test_scratch_rows_wait_after_the_committed_ones_and_survive_growth():
     cache.commit(verified, [0, 1])
     np.testing.assert_array_equal(committed(cache)[:, :, :, :, -2:], verified[:, :, :, :, :2])
     assert cache.length == BLOCK + 1
+
+
+def test_extra_layers_are_invisible_to_steps_and_kept_by_commits():
+    """A Kangaroo adapter's rows: an extra layer that ``past`` leaves out and ``commit``
+    leaves alone, so scratch rows written there become valid as their slots commit."""
+    cache = KVCache(LAYERS, HEADS, HEAD_DIM, "float32", max_seq=256, extra_layers=1)
+    assert cache.past_for(1).shape[0] == LAYERS
+    adapter = present(3)[:1]
+    cache.write_scratch(adapter, 0, layer=LAYERS)
+    cache.commit(present(BLOCK + 2), np.arange(BLOCK + 2))  # grows the buffer
+    assert cache.buffer.shape[0] == LAYERS + 1
+    np.testing.assert_array_equal(cache.buffer[LAYERS:, :, :, :, :3], adapter)
+    assert not cache.buffer[LAYERS:, :, :, :, 3:].any()
