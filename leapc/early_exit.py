@@ -32,8 +32,8 @@ EXIT_DEPTHS = (1, 2, 3, 4, 6)
 # Kangaroo's measured grid: longest chain x stop below this top-1 probability. Small
 # models are rarely confident (the bundled model's exit: mostly below 0.5), so the stops
 # start low.
-KANGAROO_DEPTHS = (4, 8)
-KANGAROO_CONFIDENCES = (0.05, 0.1, 0.2, 0.4)
+KANGAROO_DEPTHS = (4, 8, 12)
+KANGAROO_CONFIDENCES = (0.02, 0.05, 0.1, 0.2)
 Lowering = Callable[[CapturedProgram, Path, str], Path]
 
 

@@ -289,21 +289,24 @@ class Engine:
 
     def _layer_skip(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
                     seed: int, cache: KVCache) -> LayerSkipDrafter | SwiftDrafter:
-        """``layer-skip`` drafts with the engine's skip set; ``swift`` with each of its sets
-        in turn, then the fastest, stopping chains below a confidence."""
+        """``layer-skip`` drafts with the engine's skip set; ``swift`` with the set that
+        scores best on the recent window (the engine's at first), stopping chains below a
+        confidence."""
         choice = self.manifest.skip_choice
+        chosen = choice.candidates.index(self.manifest.skip)
         confidence = options.confidence
         if policy is Policy.SWIFT:
             confidence = confidence or SWIFT_CONFIDENCE
-        indices = (range(len(choice.candidates)) if policy is Policy.SWIFT
-                   else [choice.candidates.index(self.manifest.skip)])
+        indices = range(len(choice.candidates)) if policy is Policy.SWIFT else [chosen]
         drafters = [LayerSkipDrafter(self.steps[f"skip_{i}"], cache,
                                      self.manifest.model.num_layers, sampling,
                                      np.random.default_rng([seed, 1, i]),
                                      options.draft_length(choice.depth), confidence,
                                      options.adaptive)
                     for i in indices]
-        return SwiftDrafter(drafters) if policy is Policy.SWIFT else drafters[0]
+        if policy is Policy.SWIFT:
+            return SwiftDrafter(drafters, self.step, current=chosen)
+        return drafters[0]
 
     def _exit_depth(self) -> int:
         """Early exit's chain length: the one `--exit-layer auto` measured fastest."""

@@ -3,10 +3,17 @@
 SWIFT (Xia et al. 2024) optimises the layer-skip set on the fly, per input, because the best
 set depends on the text. An engine's programs are lowered ahead of time, so the sets it
 can draft with are the ones the build lowered (`--skip auto` keeps every set it measured).
-`swift` tries each in turn for its first ``trial_steps`` steps, scoring a set by the
-tokens its steps emitted per second of drafting and verification, then drafts with the
-best (re-scored as it goes: a set that stops paying off is overtaken). Chains stop at the
-first token whose draft top-1 probability is below the confidence (SWIFT's dynamic stop).
+Every ``rescore_every`` steps (the first time on the prompt), ``swift`` scores each set by
+one parallel forward over the last ``window`` committed tokens, as SWIFT does: how often
+the set's argmax is the token that followed (its acceptance rate a), and the forward's
+time relative to the full step's over the same window (r, a draft call's relative cost).
+The set drafting next maximises the expected speedup of chains of d tokens,
+
+    E[tokens per verify] / cost = (1 - a^(d+1)) / (1 - a) / (d * r + 1)
+
+(Leviathan et al. 2023). Chains stop at the first token whose draft top-1 probability is
+below the confidence (SWIFT's dynamic stop). The window's rows are never written: the
+forward reads the committed cache before the window only.
 
 Which set drafts a step depends only on earlier steps, and each draft carries the q it
 was sampled from, so rule 1 / rule 2 stay exact.
@@ -19,35 +26,61 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.drafters.base import Draft, Verification
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
+
+MIN_WINDOW = 4  # fewer tokens say nothing about a set: keep the current one
+
+
+def expected_speedup(acceptance: float, depth: int, relative_cost: float) -> float:
+    """Tokens per verify of a chain of ``depth`` with i.i.d. acceptance, per unit of time
+    (a full step costs 1, a draft call ``relative_cost``)."""
+    tokens = depth + 1 if acceptance >= 1 else (1 - acceptance ** (depth + 1)) / (1 - acceptance)
+    return tokens / (depth * relative_cost + 1)
 
 
 @dataclass
 class SwiftDrafter:
     candidates: list[LayerSkipDrafter]
-    trial_steps: int = 3  # steps each candidate drafts before the best is chosen
-    _rates: list[list[float]] = field(init=False)
-    _current: int = 0
-    _started: float = 0.0
-
-    def __post_init__(self):
-        self._rates = [[] for _ in self.candidates]
-
-    @property
-    def chosen(self) -> int:
-        """The candidate drafting now: the least tried while trials last, then the best."""
-        tried = [len(r) for r in self._rates]
-        if min(tried) < self.trial_steps:
-            return int(np.argmin(tried))
-        return int(np.argmax([np.mean(r[-self.trial_steps:]) for r in self._rates]))
+    full: StepFunction  # the target step: the cost the window forwards are measured against
+    current: int = 0  # the set drafting until the first scoring: the build's fastest
+    window: int = 32
+    rescore_every: int = 32  # steps between scorings
+    scores: list[float] = field(init=False, default_factory=list)  # the last scoring's
+    _steps: int = 0
 
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
-        self._current = self.chosen
-        self._started = time.perf_counter()
-        return self.candidates[self._current].propose(context, root, budget)
+        if self._steps % self.rescore_every == 0:
+            self._score(context, root)
+        self._steps += 1
+        return self.candidates[self.current].propose(context, root, budget)
 
     def observe(self, context: list[int], result: Verification) -> None:
-        elapsed = time.perf_counter() - self._started
-        self._rates[self._current].append(len(result.emitted) / elapsed)
-        self.candidates[self._current].observe(context, result)
+        self.candidates[self.current].observe(context, result)
+
+    def _score(self, context: list[int], root: int) -> None:
+        cache = self.candidates[0].cache
+        n = min(self.window, cache.length)
+        if n < MIN_WINDOW:
+            return
+        start = cache.length - n
+        past = cache.past_for(n)
+        mask = np.concatenate([np.broadcast_to(np.arange(past.shape[4]) < start,
+                                               (n, past.shape[4])),
+                               np.tri(n, dtype=bool)], axis=1)[None]
+        inputs = (np.asarray([context[start:]], dtype=np.int64), np.arange(start, cache.length)[None])
+        following = np.asarray([*context[start + 1 :], root])
+        full = _timed(lambda: self.full(*inputs, past, mask))[1]
+        self.scores = []
+        for candidate in self.candidates:
+            out, seconds = _timed(lambda c=candidate: c._run(*inputs, past, mask))
+            agreement = float((out["logits"][0].argmax(-1) == following).mean())
+            self.scores.append(expected_speedup(agreement, candidate.max_depth, seconds / full))
+        self.current = int(np.argmax(self.scores))
+
+
+def _timed(call):
+    start = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - start

@@ -114,31 +114,56 @@ def test_skip_auto_keeps_the_fastest_measured_set_of_the_agreement_path(tmp_path
     assert generation.token_ids == engine.generate(prompt, 24).token_ids
 
 
-def test_swift_tries_every_set_then_drafts_with_the_fastest():
-    """Fake candidates: each is tried ``trial_steps`` times, then the one whose steps emitted
-    the most tokens per second drafts; greedy identity is the engine tests' business."""
+def test_swift_scores_sets_on_the_window_and_drafts_with_the_fastest_expected():
+    """Fake sets with known agreement on the window and known cost: swift picks the best
+    (1 - a^(d+1)) / (1 - a) / (d r + 1), rescoring every ``rescore_every`` steps, and
+    never writes the window's rows."""
     import time
 
     from leapc.ir.tree import chain
-    from leapc.runtime.drafters.base import Draft, Verification
-    from leapc.runtime.drafters.swift import SwiftDrafter
+    from leapc.runtime.drafters.base import Draft
+    from leapc.runtime.drafters.swift import SwiftDrafter, expected_speedup
+    from leapc.runtime.kv_cache import KVCache
+
+    cache = KVCache(2, 1, 4, "float32", max_seq=128)
+    cache.commit(np.ones((2, 2, 1, 1, 40, 4), np.float32), np.arange(40))
+    before = cache.buffer.copy()
+    context = list(range(40))
+    vocab = 64
 
     class Fake:
-        def __init__(self, emitted: int):
-            self.emitted, self.proposed = emitted, 0
+        """Predicts the following token at every ``every``-th window position."""
+
+        def __init__(self, every: int, seconds: float):
+            self.every, self.seconds, self.cache, self.max_depth = every, seconds, cache, 4
+            self.proposed = 0
+
+        def _run(self, tokens, positions, past, mask):
+            time.sleep(self.seconds)
+            following = np.append(tokens[0, 1:], 99 % vocab)
+            guess = np.where(np.arange(len(following)) % self.every == 0, following,
+                             following + 1)
+            return {"logits": np.eye(vocab)[guess][None]}
 
         def propose(self, context, root, budget):
             self.proposed += 1
-            time.sleep(0.002)
-            return Draft(np.asarray([root, 1], dtype=np.int64), chain(1))
+            return Draft(np.asarray([root], dtype=np.int64), chain(0))
 
         def observe(self, context, result):
             pass
 
-    fakes = [Fake(1), Fake(3), Fake(2)]
-    swift = SwiftDrafter(fakes, trial_steps=2)
-    for _ in range(12):
-        draft = swift.propose([], 0, 8)
-        emitted = [0] * fakes[swift._current].emitted
-        swift.observe([], Verification(draft, np.zeros((2, 4)), [0], emitted))
-    assert [f.proposed for f in fakes] == [2, 8, 2]
+    def full(tokens, positions, past, mask):
+        time.sleep(0.02)
+        return {}
+
+    # a = 1, 1/2, 1/4 (the root, 99, is the window's last following token); costs 0.9,
+    # 0.1, 0.05 of a full step: the accurate-but-slow and the cheap-but-wrong lose.
+    fakes = [Fake(1, 0.018), Fake(2, 0.002), Fake(4, 0.001)]
+    swift = SwiftDrafter(fakes, full, window=32, rescore_every=5)
+    for _ in range(7):
+        swift.propose(context, 99, 8)
+    assert swift.current == 1 and [f.proposed for f in fakes] == [0, 7, 0]
+    assert np.argmax(swift.scores) == 1
+    assert expected_speedup(1.0, 4, 0.9) < expected_speedup(0.5, 4, 0.1)
+    np.testing.assert_array_equal(cache.buffer, before)
+    assert cache.length == 40
