@@ -46,7 +46,7 @@ class SwiftDrafter:
     full: StepFunction  # the target step: the cost the window forwards are measured against
     current: int = 0  # the set drafting until the first scoring: the build's fastest
     window: int = 32
-    rescore_every: int = 32  # steps between scorings
+    rescore_every: int = 64  # steps between scorings (each costs a few full forwards)
     scores: list[float] = field(init=False, default_factory=list)  # the last scoring's
     _steps: int = 0
 

@@ -67,15 +67,18 @@ def test_scratch_rows_leave_the_cache_as_ar_leaves_it(skip_engine_dir):
                                reference.buffer[..., : reference.length, :], atol=1e-4)
 
 
-@pytest.mark.parametrize("wrong_q", [False, True], ids=["skip-q", "uniform-q"])
+@pytest.mark.parametrize(("policy", "wrong_q"), [("layer-skip", False), ("swift", False),
+                                               ("layer-skip", True)],
+                         ids=["skip-q", "swift-q", "uniform-q"])
 def test_sampling_matches_plain_sampling_only_with_the_drafts_q(skip_engine_dir, monkeypatch,
-                                                                wrong_q):
+                                                                policy, wrong_q):
+    """Rule 2 with the skip draft's q (swift: of the set it scored best on the window)."""
     engine = leapc.load(skip_engine_dir("stories"))
-    draft = DraftOptions(max_draft=2)
+    draft = DraftOptions(max_draft=2, confidence=0.01)
     plain = second_and_third(engine, "ar", 0, draft)
     if wrong_q:
         with_uniform_q(monkeypatch, LayerSkipDrafter)
-    drafted = second_and_third(engine, "layer-skip", 10**6, draft)
+    drafted = second_and_third(engine, policy, 10**6, draft)
     stat, df = chi2_homogeneity(plain, drafted)
     assert df >= 3, "the test needs a distribution with several outcomes"
     assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)
