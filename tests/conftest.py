@@ -17,6 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from engines import EXIT_LAYERS, SKIP_SETS, require_bundled, require_stories, tiny_source  # noqa: E402
 
 import leapc  # noqa: E402
+from leapc import measure  # noqa: E402
 from leapc.early_exit import AdapterOptions  # noqa: E402
 from leapc.models import corpus  # noqa: E402
 from leapc.models.loaders import (  # noqa: E402
@@ -35,6 +36,17 @@ STORIES_CORPUS = "\n".join([
     "One day, Tom went to the park with his mom. He saw a big dog and a red ball.",
     "The sun was shining and the birds were singing. Lily and Tom played all day.",
 ] * 4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def short_build_measurements():
+    """Build-time sweeps (exit layer, skip set, Kangaroo's stop) measure less: the tests
+    check what a sweep keeps and where it goes, not its numbers."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(measure.MEASURE, "prompts", 2)
+        patch.setitem(measure.MEASURE, "new_tokens", 32)
+        patch.setitem(measure.MEASURE, "repeats", 1)
+        yield
 
 
 @pytest.fixture(scope="session")
