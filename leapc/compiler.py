@@ -112,8 +112,9 @@ def stage_count(programs: int = 1, backend: str | Backend = Backend.ORT,
     numeric check and lower, then the datastore if any; heads add their training (or
     loading), their pass, the tree, and in program placement their program's capture and
     lowering; an early exit adds the draft's and remainder's lowering (and for ``auto``,
-    the candidates' lowering then the sweep), its adapter two (training, measuring); a skip set its draft's lowering (``auto``:
-    the search, then the candidates' lowering and measurement)."""
+    the candidates' lowering then the sweep), its adapter two (training, measuring); a
+    skip set its draft's lowering (``auto``: the search, then the candidates' lowering and
+    measurement)."""
     full = len(pipeline(_attention(attention, _backend(backend))).passes)
     draft = len(pipeline(Attention.DENSE).passes)
     added = 0 if heads is None else 3 + 2 * (heads is HeadPlacement.PROGRAM)
@@ -323,18 +324,23 @@ def _with_adapter(manifest: Manifest, full: CompiledProgram, options: AdapterOpt
                        agreement_before=report.agreement_before,
                        agreement_after=report.agreement_after, depth=best.depth,
                        confidence=best.confidence, ar_tokens_per_s=ar, sweep=sweep,
-                       sha256=_copy_files(options.directory, out / "adapter", ADAPTER_FILES))
+                       sha256=_digests(_copy_adapter(options.directory, out / "adapter")))
     drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
     return manifest.model_copy(update={
         "programs": manifest.programs | {"kangaroo": entry}, "adapter": info,
         "policies": manifest.policies + ((Policy.KANGAROO,) if drafting else ())})
 
 
-def _copy_files(source: Path, target: Path, names: tuple[str, ...]) -> dict[str, str]:
+def _copy_adapter(source: Path, target: Path) -> Path:
     target.mkdir()
-    for name in names:
+    for name in ADAPTER_FILES:
         shutil.copyfile(source / name, target / name)
-    return {name: sha256_file(target / name) for name in names}
+    return target
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    """File name -> sha256 of every file in ``directory`` (trained weights kept in an engine)."""
+    return {f.name: sha256_file(f) for f in sorted(directory.iterdir())}
 
 
 def _with_skip(manifest: Manifest, full: CompiledProgram, skip: SkipSet | str,
@@ -468,7 +474,7 @@ def _heads_program(source: SourceModel, trained: tuple[DecodingHeads, HeadsRepor
     info = HeadsInfo(kind=heads.config.kind, num_heads=heads.config.num_heads,
                      num_blocks=heads.config.num_blocks, placement=options.placement,
                      tree=tree, tree_choice=choice, top1=report.top1, top5=report.top5,
-                     sha256={f.name: sha256_file(f) for f in sorted(directory.iterdir())})
+                     sha256=_digests(directory))
     return info, entry
 
 

@@ -95,6 +95,17 @@ def tree_inputs(cache: KVCache, draft: Draft):
     return tokens[None], (cache.length + offsets)[None], past, mask[None]
 
 
+def refeed_inputs(context: list[int], start: int, end: int,
+                  slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens, positions and mask that feed committed tokens ``start..end`` again (a
+    draft's adapter rows, a window being scored): they attend to the past's slots before
+    ``start`` only (of ``slots``) and causally to each other."""
+    n = end - start
+    mask = np.concatenate([np.broadcast_to(np.arange(slots) < start, (n, slots)),
+                           np.tri(n, dtype=bool)], axis=1)
+    return np.asarray([context[start:end]], dtype=np.int64), np.arange(start, end)[None], mask[None]
+
+
 def _split_logits(logits: np.ndarray, draft: Draft) -> tuple[np.ndarray, np.ndarray | None]:
     """The tree's rows (all that acceptance sees) and the extra nodes' rows, if any."""
     tree = draft.tree.size

@@ -31,7 +31,7 @@ from typing import ClassVar
 import numpy as np
 
 from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.decode import tree_inputs
+from leapc.runtime.decode import refeed_inputs, tree_inputs
 from leapc.runtime.drafters.base import Draft, Verification
 from leapc.runtime.drafters.cache_chain import CacheChainDrafter
 from leapc.runtime.kv_cache import KVCache
@@ -71,15 +71,11 @@ class KangarooDrafter(EarlyExitDrafter):
         cache = self.cache
         for start in range(self._adapted, cache.length, self.chunk):
             end = min(start + self.chunk, cache.length)
-            n = end - start
             # Only the slots before ``start`` are context: ``T + N`` stays within max_seq.
             past = cache.buffer[:, :, :, :, : max(start, 1)]
-            mask = np.concatenate([np.broadcast_to(np.arange(past.shape[4]) < start,
-                                                   (n, past.shape[4])),
-                                   np.tri(n, dtype=bool)], axis=1)
-            out = self.draft(np.asarray([context[start:end]], dtype=np.int64),
-                             np.arange(start, end)[None], np.ascontiguousarray(past[: self.layers]),
-                             np.ascontiguousarray(past[cache.layers :]), mask[None])
+            tokens, positions, mask = refeed_inputs(context, start, end, past.shape[4])
+            out = self.draft(tokens, positions, np.ascontiguousarray(past[: self.layers]),
+                             np.ascontiguousarray(past[cache.layers :]), mask)
             cache.buffer[cache.layers :, :, :, :, start:end] = out["adapter_present"]
         self._adapted = cache.length
 

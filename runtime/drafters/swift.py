@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leapc.runtime.backends.base import StepFunction
+from leapc.runtime.decode import refeed_inputs
 from leapc.runtime.drafters.base import Draft, Verification
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
 
@@ -66,10 +67,7 @@ class SwiftDrafter:
             return
         start = cache.length - n
         past = cache.past_for(n)
-        mask = np.concatenate([np.broadcast_to(np.arange(past.shape[4]) < start,
-                                               (n, past.shape[4])),
-                               np.tri(n, dtype=bool)], axis=1)[None]
-        inputs = (np.asarray([context[start:]], dtype=np.int64), np.arange(start, cache.length)[None])
+        *inputs, mask = refeed_inputs(context, start, cache.length, past.shape[4])
         following = np.asarray([*context[start + 1 :], root])
         full = _timed(lambda: self.full(*inputs, past, mask))[1]
         self.scores = []
