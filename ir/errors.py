@@ -52,3 +52,13 @@ def parse_choice(kind: type[Choice], value: object, what: str) -> Choice:
     except ValueError:
         known = ", ".join(str(member.value) for member in kind)
         raise InputError(f"unknown {what} {value!r} (known: {known})") from None
+
+
+def require_utf8(text: str, what: str) -> str:
+    """``text``, if it has a UTF-8 encoding. A str holding lone surrogates has none (a
+    command-line argument that is not UTF-8, a JSON "\\udcff" escape); tokenizers reject it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{what} is not valid UTF-8 text (character {err.start})") from None
+    return text

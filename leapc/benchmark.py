@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from leapc.ir.errors import InputError
+from leapc.ir.errors import InputError, require_utf8
 from leapc.runtime.decode import GenerationStats
 from leapc.runtime.engine import DraftOptions, Engine, Generation
 
@@ -55,23 +55,34 @@ class BenchConfig:
 
 
 def load_prompts(path: Path | None, default: tuple[str, ...] = CODE_PROMPTS) -> tuple[str, ...]:
-    """A JSONL file: each line a JSON string or an object with a ``prompt`` field."""
+    """A JSONL file: each line a JSON string or an object with a string ``prompt`` field."""
     if path is None:
         return default
     if not path.is_file():
-        raise InputError(f"prompt file {path} does not exist")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{number}: not a JSON line") from None
-        prompts.append(item["prompt"] if isinstance(item, dict) else str(item))
+        raise InputError(f"prompt file {path} does not exist or is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"prompt file {path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"prompt file {path} cannot be read ({err.strerror})") from None
+    # split on newlines only: JSON strings may hold U+2028 and the like, which splitlines cuts
+    prompts = tuple(_prompt(line, f"{path}:{number}")
+                    for number, line in enumerate(text.split("\n"), 1) if line.strip())
     if not prompts:
         raise InputError(f"prompt file {path} has no prompts")
-    return tuple(prompts)
+    return prompts
+
+
+def _prompt(line: str, where: str) -> str:
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError:
+        raise InputError(f"{where}: not a JSON line") from None
+    prompt = item.get("prompt") if isinstance(item, dict) else item
+    if not isinstance(prompt, str):
+        raise InputError(f'{where}: expected a JSON string or an object with a "prompt" string')
+    return require_utf8(prompt, where)
 
 
 def _run_pass(engine: Engine, run: PolicyRun, cfg: BenchConfig) -> tuple[list[Generation], float]:
@@ -174,6 +185,8 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
 
 def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
     """The `leapc bench` JSON: one row per policy plus the baselines, same run."""
+    for prompt in cfg.prompts:  # a prompt the engine refuses fails now, not mid-benchmark
+        engine.encode(prompt)
     timed = _timed_runs(engine, cfg)
     reference = [g.token_ids for g in timed["ar"][0]]
     rows = [_row(run, *timed[run.label], reference) for run in cfg.runs()]

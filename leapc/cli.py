@@ -7,6 +7,8 @@ not fit) print one line on stderr and exit with code 2; nothing else is caught.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -24,9 +26,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from leapc.ir.errors import InputError, LeapcUserError, MissingDependencyError
+from leapc.ir.errors import InputError, LeapcUserError, MissingDependencyError, require_utf8
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.backends.base import Device
+from leapc.runtime.decode import GenerationStats, StopReason
 from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
@@ -79,6 +82,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 def _policies(value: str) -> tuple[str, ...]:
     names = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not names:
+        raise InputError(f"--policies names no policy (got {value!r}; e.g. ar,lookup)")
     for name in names:
         if name not in {p.value for p in Policy}:
             raise InputError(f"unknown policy {name!r} (known: {', '.join(p.value for p in Policy)})")
@@ -121,12 +126,17 @@ def build(
                                         "(m3) sublayers, or 'auto' (searched, then "
                                         "measured): policy layer-skip"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
+    force: bool = typer.Option(False, "--force", "--overwrite",
+                               help="replace the engine at --output (never anything else)"),
 ) -> None:
     """Compile MODEL into an engine directory."""
     import leapc
     from leapc.compiler import stage_count
     from leapc.early_exit import AdapterOptions
 
+    # flags first: a mistake is one error line, not a progress bar and then the line
+    heads_options = _heads_options(heads, head_kind, train_heads, tree, head_placement)
+    exit_at, source = _exit_layer(exit_layer), _datastore_source(datastore)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -135,7 +145,7 @@ def build(
                                                        datastore=bool(datastore),
                                                        heads=head_placement if heads > 0
                                                        else None,
-                                                       exit_layer=_exit_layer(exit_layer),
+                                                       exit_layer=exit_at,
                                                        adapter=train_adapter is not None,
                                                        skip=skip))
 
@@ -146,12 +156,10 @@ def build(
 
         path = leapc.build(model, output, backend, attention=attention, max_seq=max_seq,
                            tokenizer=tokenizer, draft_model=draft_model,
-                           datastore=_datastore_source(datastore), quantize=quantize,
-                           heads=_heads_options(heads, head_kind, train_heads, tree,
-                                                head_placement),
-                           exit_layer=_exit_layer(exit_layer),
+                           datastore=source, quantize=quantize, heads=heads_options,
+                           exit_layer=exit_at,
                            adapter=AdapterOptions(train_adapter) if train_adapter else None,
-                           skip=skip, dump_dir=dump_passes,
+                           skip=skip, dump_dir=dump_passes, force=force,
                            on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 
@@ -169,7 +177,9 @@ def _heads_options(count: int, kind: HeadKind, text: list[Path] | None, tree: st
                    placement: HeadPlacement):
     from leapc.heads import HeadsOptions
 
-    if count <= 0:
+    if count < 0:
+        raise InputError(f"--heads must be 0 (none) or more (got {count})")
+    if count == 0:
         if text or tree:
             raise InputError("--train-heads and --tree need --heads K")
         return None
@@ -219,14 +229,14 @@ def run(
 
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt and --prompt-ids")
-    request = prompt if prompt is not None else _parse_ids(prompt_ids)
-    stream = leapc.load(engine, device).stream(request, max_new_tokens, policy=policy,
-                                       temperature=temperature, top_k=top_k, top_p=top_p,
-                                       seed=seed, draft=_draft_options(
-                                           max_draft, ngram, matches, adaptive, draft_tree,
-                                           confidence, tree_sampling, lookahead,
-                                           retrieval_nodes, DynamicTree(tree_nodes, beam)),
-                                       typical=TypicalAcceptance() if typical else None)
+    request = require_utf8(prompt, "--prompt") if prompt is not None else _prompt_ids(prompt_ids)
+    loaded = leapc.load(engine, device)
+    draft = _draft_options(max_draft, ngram, matches, adaptive, draft_tree, confidence,
+                           tree_sampling, lookahead, retrieval_nodes,
+                           DynamicTree(tree_nodes, beam))
+    stream = loaded.stream(request, max_new_tokens, policy=policy, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, draft=draft,
+                           typical=TypicalAcceptance() if typical else None)
     if as_json:
         for _ in stream:
             pass
@@ -237,13 +247,38 @@ def run(
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    s = stream.stats
-    err.print(f"[dim]{s.new_tokens} tokens, {s.tokens_per_s:.1f} tok/s, tau {s.tau:.2f}[/]")
+    _print_stats(stream.stats, max_new_tokens, loaded.manifest.max_seq)
 
 
-def _parse_ids(text: str, option: str = "--prompt-ids") -> list[int]:
+def _print_stats(stats: GenerationStats, max_new_tokens: int, max_seq: int) -> None:
+    """One line on stderr: speed, and why generation stopped; plain (not dimmed) when the
+    engine's context cut it short of --max-new-tokens (decode reports max_seq only then)."""
+    reason, new = stats.stop_reason, stats.new_tokens
+    cut_short = reason is StopReason.MAX_SEQ
+    if cut_short:
+        why = (f"stopped at max-seq {max_seq} (the engine's context) after {new} of "
+               f"{max_new_tokens} tokens")
+    elif reason is StopReason.EOS:
+        why = "stopped at an end-of-sequence token"
+    else:
+        why = f"stopped at --max-new-tokens {max_new_tokens}"
+    err.print(f"{new} tokens, {stats.tokens_per_s:.1f} tok/s, tau {stats.tau:.2f}; {why}",
+              style=None if cut_short else "dim", markup=False, highlight=False)
+
+
+def _prompt_ids(text: str) -> list[int]:
+    ids = _parse_ids(text, "--prompt-ids")
+    if not ids:
+        raise InputError(f"--prompt-ids names no token id (got {text!r}; --prompt '' is "
+                         "BOS only)")
+    return ids
+
+
+def _parse_ids(text: str, option: str) -> list[int]:
+    """Comma-separated integers ("" is none); an empty item is a mistake, not skipped."""
+    items = text.split(",") if text.strip() else []
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [int(item) for item in items]
     except ValueError:
         raise InputError(f"{option} must be comma-separated integers (got {text!r})") from None
 
@@ -297,6 +332,12 @@ def bench(
 
     if repeats < 1 or max_new_tokens < 1:
         raise InputError("--repeats and --max-new-tokens must be at least 1")
+    _check_output_file(json_out, "--json")  # before benchmarking, not after it
+    _check_output_file(plot, "--plot")
+    if plot:
+        from leapc.plots import pyplot
+
+        pyplot()
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
                       _draft_options(max_draft, ngram, matches, adaptive, draft_tree,
                                      confidence, tree_sampling, lookahead, retrieval_nodes,
@@ -310,6 +351,17 @@ def bench(
         from leapc.plots import plot_speedups
 
         plot_speedups(result, plot)
+
+
+def _check_output_file(path: Path | None, option: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory; give a file to write")
+    if not path.parent.is_dir():
+        raise InputError(f"{option} {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: directory {path.parent} is not writable")
 
 
 def bench_table(result: dict) -> Table:
@@ -344,11 +396,19 @@ def _fail(message: object) -> None:
     sys.exit(2)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: a build's staging directory is removed
+
+
 def main(argv: list[str] | None = None) -> None:
     # torch warns about its own pytree internals whenever a program is copied
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app(args=argv, standalone_mode=False)
+        # typer turns KeyboardInterrupt inside a command into a returned 130
+        code = app(args=argv, standalone_mode=False)
+    except KeyboardInterrupt:
+        code = 130
     except LeapcUserError as e:
         _fail(e)
     except ModuleNotFoundError as e:  # a compile-side command on a runtime-only install
@@ -362,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.TyperException as e:  # bad flag, missing argument, bad value
         _fail(e.format_message())
+    if code == 130:
+        err.print("interrupted", markup=False, highlight=False)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib.metadata
 import shutil
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from leapc.early_exit import (
     sweep_exits,
     sweep_kangaroo,
 )
+from leapc.engine_output import check_output, staged_output
 from leapc.heads import (
     AUTO,
     HeadsOptions,
@@ -45,7 +47,13 @@ from leapc.layer_skip import candidates as skip_candidates
 from leapc.measure import AR, measure_drafters
 from leapc.models.adapter import FILES as ADAPTER_FILES
 from leapc.models.heads import HeadsReport, save_heads
-from leapc.models.loaders import SourceModel, load_source, weights_sha256
+from leapc.models.loaders import (
+    BUNDLED,
+    BUNDLED_DRAFT,
+    SourceModel,
+    load_source,
+    weights_sha256,
+)
 from leapc.models.train_adapter import trained_adapter
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_early_exit import check_exit_layer
@@ -144,11 +152,23 @@ def _quantization(value: str | Quantization, backend: Backend) -> Quantization:
     return chosen
 
 
+def _trained_positions(source: SourceModel) -> int | None:
+    """The positions the model was trained for, if its config says."""
+    return getattr(source.model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def _options(source: SourceModel, max_seq: int | None, max_new: int) -> CaptureOptions:
-    trained = getattr(source.model.config.get_text_config(), "max_position_embeddings", None)
-    seq = max_seq or min(trained or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
+    trained = _trained_positions(source)
+    if max_seq is not None and trained is not None and max_seq > trained:
+        # Past them the model's outputs are not what it learned (learned position tables
+        # have no rows there at all): refused now, not found out after minutes of work.
+        raise InputError(f"max-seq {max_seq} exceeds the {trained} positions the model was "
+                         "trained for")
+    seq = max_seq if max_seq is not None else min(trained or DEFAULT_MAX_SEQ, DEFAULT_MAX_SEQ)
     if seq < 2:
         raise InputError(f"max-seq must be at least 2 (got {seq})")
+    if max_new < 1:
+        raise InputError(f"max-new must be at least 1 (got {max_new})")
     return CaptureOptions(max_seq=seq, max_new=min(max_new, seq - 1))
 
 
@@ -168,6 +188,7 @@ class CompiledProgram:
             num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
             hidden_size=dims.hidden_size, vocab_size=dims.vocab_size, dtype=dims.dtype,
             weights_sha256=weights_sha256(self.source.model),
+            max_positions=_trained_positions(self.source),
         )
 
 
@@ -212,6 +233,7 @@ def build(
     adapter: AdapterOptions | None = None,
     skip: str | None = None,
     dump_dir: Path | None = None,
+    force: bool = False,
     on_stage: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Build an engine for ``model`` into ``out_dir``; return ``out_dir``.
@@ -231,12 +253,19 @@ def build(
     ``attention`` is ``"dense"`` or ``"tree"`` (default: the
     faster one on the backend). ``max_new`` bounds N: the prefill chunk and the largest
     tree one step verifies.
+
+    ``out_dir`` must be new, empty, or (with ``force``) an engine to replace: a directory
+    holding anything else is refused untouched. The engine is written beside it and swapped
+    in whole when complete (`leapc.engine_output`), so a failed or interrupted build leaves
+    the previous engine as it was.
     """
     chosen = _backend(backend)
     lowering = _attention(attention, chosen)
     quantization = _quantization(quantize, chosen)
     if chosen is Backend.TENSORRT:
         tensorrt.require()  # before minutes of capture, not after
+    inputs = _input_paths(model, tokenizer, draft_model, datastore, heads, adapter, dump_dir)
+    check_output(out_dir, force, inputs)  # refused before loading anything
     on_stage("load")
     source = _load(model, tokenizer)
     draft = _load(draft_model, None) if draft_model is not None else None
@@ -254,10 +283,29 @@ def build(
     if adapter is not None and exit_layer is None:
         raise InputError("--train-adapter needs --exit-layer (the adapter reads that exit)")
     skip_set = SkipSet.parse(skip, layers) if skip not in (None, AUTO) else skip
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with staged_output(out_dir, force, inputs) as out:
+        _write_engine(out, source, draft, options, corpus, heads, exit_layer, adapter,
+                      skip_set, chosen, lowering, quantization, dump_dir, on_stage)
+    return Path(out_dir)
+
+
+def _input_paths(model, tokenizer, draft_model, datastore, heads: HeadsOptions | None,
+                 adapter: AdapterOptions | None, dump_dir: Path | None) -> list[Path]:
+    """Every path the build reads or writes besides the engine: none may lie inside it."""
+    named = [model, tokenizer, draft_model, dump_dir, datastore,
+             adapter.directory if adapter else None, heads.tree if heads else None,
+             heads.train_text if heads else None]
+    flat = [p for item in named for p in (item if isinstance(item, (list, tuple)) else [item])]
+    return [Path(p) for p in flat
+            if isinstance(p, (str, Path)) and p not in (BUNDLED, BUNDLED_DRAFT, AUTO)]
+
+
+def _write_engine(out: Path, source: SourceModel, draft: SourceModel | None,
+                  options: CaptureOptions, corpus, heads: HeadsOptions | None,
+                  exit_layer: int | str | None, adapter: AdapterOptions | None,
+                  skip_set: SkipSet | str | None, chosen: Backend, lowering: Attention,
+                  quantization: Quantization, dump_dir: Path | None, on_stage) -> None:
+    """Everything the engine holds, written into the (empty, staging) directory ``out``."""
     trained = _heads(source, heads, out, on_stage) if heads is not None else None
     insert = InsertDecodingHeads(trained[0], heads.placement) if trained else None
     full = _compile(source, "full", options, chosen, lowering, quantization, out, dump_dir,
@@ -283,7 +331,6 @@ def build(
     if skip_set is not None:
         manifest = _with_skip(manifest, full, skip_set, chosen, options, out, on_stage)
     manifest.write(out)
-    return out
 
 
 def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int | str,
@@ -501,6 +548,15 @@ def _outputs(entry: ProgramEntry) -> tuple[str, ...]:
     return tuple(o["name"] for o in entry.signature["outputs"])
 
 
+def _tokenizer_info(source: SourceModel) -> TokenizerInfo:
+    tokenizer = source.tokenizer
+    # The digest of the bytes `Tokenizer.save` writes beside the manifest (the same pretty
+    # JSON); the one setting those bytes lack is recorded beside it.
+    digest = hashlib.sha256(tokenizer.to_str(pretty=True).encode()).hexdigest()
+    return TokenizerInfo(sha256=digest, bos_id=source.bos_id, eos_ids=source.eos_ids,
+                         encode_special_tokens=tokenizer.encode_special_tokens)
+
+
 def _manifest(full: CompiledProgram, draft: CompiledProgram | None,
               datastore: DatastoreInfo | None,
               heads: tuple[HeadsInfo, ProgramEntry | None] | None, backend: Backend,
@@ -526,7 +582,7 @@ def _manifest(full: CompiledProgram, draft: CompiledProgram | None,
         datastore=datastore,
         heads=heads[0] if heads else None,
         quantization=quantization,
-        tokenizer=TokenizerInfo(bos_id=full.source.bos_id, eos_ids=full.source.eos_ids),
+        tokenizer=_tokenizer_info(full.source),
         programs=programs,
         passes=full.result.ran,
         anatomy=tuple(recover_anatomy(full.result.program.program, dims.num_layers,

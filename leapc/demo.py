@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from leapc.benchmark import CODE_PROMPTS, BenchConfig, run_bench
+from leapc.ir.errors import InputError
 from leapc.ir.head_spec import HeadKind
 
 DEMO_PROMPTS = CODE_PROMPTS[:3]
@@ -18,8 +19,19 @@ DEMO_HEADS = HeadKind.HYDRA  # the better of the shipped heads (bench/results/he
 
 
 def cache_dir() -> Path:
+    """Where the demo keeps its engines: ``$LEAPC_CACHE/engines`` (default
+    ``~/.cache/leapc``), created and checked before anything is built into it."""
     root = os.environ.get("LEAPC_CACHE") or Path.home() / ".cache" / "leapc"
-    return Path(root) / "engines"
+    directory = Path(root) / "engines"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the engine cache {directory} ({err.strerror}); "
+                         "set LEAPC_CACHE to a writable directory") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InputError(f"the engine cache {directory} is not writable; "
+                         "set LEAPC_CACHE to a writable directory")
+    return directory
 
 
 def _engine_key() -> str:

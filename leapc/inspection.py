@@ -7,8 +7,16 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from leapc.ir.errors import EngineError
 from leapc.ir.signature import B, S, StepSignature
-from leapc.runtime.manifest import MANIFEST_FILE, AdapterInfo, HeadsInfo, Manifest, read_manifest
+from leapc.runtime.manifest import (
+    MANIFEST_FILE,
+    AdapterInfo,
+    HeadsInfo,
+    Manifest,
+    ProgramEntry,
+    read_manifest,
+)
 
 
 def _kv_row(signature: StepSignature, itemsize: int, max_seq: int) -> str:
@@ -31,6 +39,21 @@ def _signature_table(name: str, signature: StepSignature, itemsize: int) -> Tabl
     if has_cache:
         table.add_row("KV bytes", "", _kv_row(signature, itemsize, signature.max_seq))
     return table
+
+
+def _program_table(name: str, entry: ProgramEntry, itemsize: int) -> Table:
+    """A program's signature table; a signature it cannot be read from is a broken engine."""
+    try:
+        return _signature_table(name, StepSignature.from_json(entry.signature), itemsize)
+    except (ValueError, TypeError, KeyError) as err:  # sympy's errors are ValueErrors
+        reason = " ".join(str(err).split())  # sympy's messages span lines; errors are one
+        raise EngineError(f"program {name!r}: the manifest's step signature cannot be read "
+                          f"({reason})") from None
+
+
+def _vs(tokens_per_s: float, ar_tokens_per_s: float | None) -> str:
+    """Speed against ``ar``, or a dash where the manifest recorded no ``ar`` speed."""
+    return f"{tokens_per_s / ar_tokens_per_s:.2f}×" if ar_tokens_per_s else "—"
 
 
 def _heads_table(heads: HeadsInfo) -> Table:
@@ -65,7 +88,7 @@ def _exit_table(manifest: Manifest) -> Table:
         table.add_column(column, justify="right")
     for point in sorted(choice.sweep, key=lambda p: -p.tokens_per_s):
         table.add_row(str(point.layer), str(point.depth), f"{point.tau:.2f}",
-                      f"{point.tokens_per_s:.1f}", f"{point.tokens_per_s / choice.ar_tokens_per_s:.2f}×")
+                      f"{point.tokens_per_s:.1f}", _vs(point.tokens_per_s, choice.ar_tokens_per_s))
     if choice.ar_tokens_per_s:
         table.caption = (f"greedy, calibration prompts, this build's machine; ar "
                          f"{choice.ar_tokens_per_s:.1f} tokens/s in the same run")
@@ -87,8 +110,7 @@ def _kangaroo_table(adapter: AdapterInfo) -> Table:
         table.add_column(column, justify="right")
     for point in sorted(adapter.sweep, key=lambda p: -p.tokens_per_s):
         table.add_row(str(point.depth), str(point.confidence), f"{point.tau:.2f}",
-                      f"{point.tokens_per_s:.1f}",
-                      f"{point.tokens_per_s / adapter.ar_tokens_per_s:.2f}×")
+                      f"{point.tokens_per_s:.1f}", _vs(point.tokens_per_s, adapter.ar_tokens_per_s))
     return table
 
 
@@ -101,7 +123,7 @@ def _skip_table(manifest: Manifest) -> Table:
         table.add_column(column, justify="right")
     for point in sorted(choice.points, key=lambda p: -p.tokens_per_s):
         table.add_row(point.skip, str(point.depth), f"{point.tau:.2f}",
-                      f"{point.tokens_per_s:.1f}", f"{point.tokens_per_s / choice.ar_tokens_per_s:.2f}×")
+                      f"{point.tokens_per_s:.1f}", _vs(point.tokens_per_s, choice.ar_tokens_per_s))
     if choice.path:
         path = ", ".join(f"{len(choice.path[: i + 1])}: {a:.3f}" for i, (_, a) in enumerate(choice.path))
         table.caption = (f"ar {choice.ar_tokens_per_s:.1f} tokens/s in the same run; argmax "
@@ -119,6 +141,8 @@ def _anatomy_table(rows) -> Table:
 
 
 def inspect_engine(path: Path) -> list[Table]:
+    """The engine's tables, after the same whole-engine validation as `leapc.load` (every
+    file hashed): a broken engine is an `EngineError`, never a report."""
     m = read_manifest(path)
     itemsize = np.dtype(m.model.dtype).itemsize
     summary = Table(title=f"engine {path}", show_header=False)
@@ -143,8 +167,7 @@ def inspect_engine(path: Path) -> list[Table]:
         tables.append(_kangaroo_table(m.adapter))
     if m.skip_choice is not None:
         tables.append(_skip_table(m))
-    for name, entry in m.programs.items():
-        tables.append(_signature_table(name, StepSignature.from_json(entry.signature), itemsize))
+    tables += [_program_table(name, entry, itemsize) for name, entry in m.programs.items()]
     return tables
 
 

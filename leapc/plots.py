@@ -7,7 +7,9 @@ from pathlib import Path
 from leapc.ir.errors import InputError
 
 
-def plot_speedups(result: dict, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot (headless), or an `InputError` where it is not installed: call it
+    before benchmarking, not after."""
     try:
         import matplotlib
 
@@ -15,6 +17,11 @@ def plot_speedups(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("--plot needs matplotlib (pip install 'leapc[dev]')") from None
+    return plt
+
+
+def plot_speedups(result: dict, path: Path) -> None:
+    plt = pyplot()
     rows = result["results"]
     fig, (speed, hist) = plt.subplots(1, 2, figsize=(10, 3.8))
     speed.bar([r["policy"] for r in rows], [r["speedup_vs_ar"] for r in rows], color="#4c72b0")

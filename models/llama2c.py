@@ -213,8 +213,9 @@ def load_llama2c_tokenizer(path: Path) -> Tokenizer:
     tok.add_special_tokens(
         [AddedToken(name, special=True, normalized=False) for name in names[:_N_SPECIAL]]
     )
-    # llama2.c never parses "<s>" in text as BOS; keep it plain text here too. (This flag
-    # is not serialized by Tokenizer.save / to_str: set it again after reloading.)
+    # llama2.c never parses "<s>" in text as BOS; keep it plain text here too. This flag is
+    # not serialized by Tokenizer.save / to_str: an engine's manifest records it
+    # (TokenizerInfo.encode_special_tokens) and Engine.load sets it on the reloaded one.
     tok.encode_special_tokens = True
     return tok
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -57,16 +58,31 @@ def _special_ids(model: PreTrainedModel) -> tuple[int | None, tuple[int, ...]]:
 
 
 def _load_hf(directory: Path, tokenizer: Path | None) -> tuple[PreTrainedModel, Tokenizer]:
-    hf_logging.disable_progress_bar()  # the CLI's stderr is one error line, or nothing
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    except (ValueError, KeyError, OSError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise UnsupportedModelError(f"cannot load {directory} as a causal LM: {first}") from None
     tok_file = tokenizer or directory / "tokenizer.json"
     if not tok_file.is_file():
         raise InputError(f"{directory} has no tokenizer.json; pass --tokenizer PATH")
-    return model, Tokenizer.from_file(str(tok_file))
+    tok = _read_tokenizer(tok_file)  # before the weights: a bad file fails fast
+    hf_logging.disable_progress_bar()  # the CLI's stderr is one error line, or nothing
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except SafetensorError as err:  # a truncated or overwritten weights file
+        raise InputError(f"{directory}: the weights file is corrupt or truncated "
+                         f"({_first_line(err)})") from None
+    except (ValueError, KeyError, OSError) as err:
+        raise UnsupportedModelError(f"cannot load {directory} as a causal LM: "
+                                    f"{_first_line(err)}") from None
+    return model, tok
+
+
+def _read_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises plain Exceptions for bad JSON or UTF-8
+        raise InputError(f"{path} is not a valid tokenizer.json ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
@@ -76,6 +92,9 @@ def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
     if not path.exists():
         raise InputError(f"model {spec} does not exist (a Hugging Face directory, a llama2.c "
                          f".bin, or '{BUNDLED}')")
+    tokenizer = Path(tokenizer) if tokenizer is not None else None
+    if tokenizer is not None and not tokenizer.is_file():
+        raise InputError(f"tokenizer {tokenizer} does not exist (--tokenizer takes a file)")
     if path.is_file() and path.suffix == ".bin":
         from leapc.models.llama2c import load_llama2c
 

@@ -6,6 +6,7 @@ Autoregressive decoding is the loop with an empty draft: each step verifies one 
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, sample
 
 
+class StopReason(str, enum.Enum):
+    """Why generation ended."""
+
+    EOS = "eos"  # the model emitted an end-of-sequence token
+    MAX_NEW_TOKENS = "max_new_tokens"  # the request's token budget is spent
+    MAX_SEQ = "max_seq"  # prompt + output fill the engine's max_seq
+
+
 @dataclass
 class GenerationStats:
     policy: str
@@ -37,6 +46,7 @@ class GenerationStats:
     emitted_per_step: list[int] = field(default_factory=list)  # tokens each call emitted
     drafted_depth: list[int] = field(default_factory=list)  # per verify: deepest draft
     accepted_depth: list[int] = field(default_factory=list)  # per verify: drafts accepted
+    stop_reason: StopReason | None = None  # set when generation ends
 
     @property
     def tau(self) -> float:
@@ -62,6 +72,7 @@ class GenerationStats:
             "new_tokens": self.new_tokens, "steps": self.steps, "tau": self.tau,
             "tokens_per_s": self.tokens_per_s, "prefill_s": self.prefill_s,
             "decode_s": self.decode_s, "prefill_calls": self.prefill_calls,
+            "stop_reason": self.stop_reason.value if self.stop_reason is not None else None,
         }
 
 
@@ -112,12 +123,37 @@ def _split_logits(logits: np.ndarray, draft: Draft) -> tuple[np.ndarray, np.ndar
     return logits[:tree], (logits[tree:] if draft.extra is not None else None)
 
 
-def _truncate(tokens: list[int], stop: StopConfig, emitted: int) -> tuple[list[int], bool]:
-    """Cut after the first EOS or at the token budget; report whether generation ends."""
+def _truncate(tokens: list[int], stop: StopConfig, emitted: int,
+              room: int) -> tuple[list[int], StopReason | None]:
+    """Cut after the first EOS, at the token budget, or where the output reaches ``room``
+    tokens (prompt + output = max_seq); say why generation ends there, if it does. A token
+    that is both the last of the budget and of max_seq ends the request's budget: the
+    caller got every token it asked for."""
     for i, t in enumerate(tokens):
-        if t in stop.eos_ids or emitted + i + 1 >= stop.max_new_tokens:
-            return tokens[: i + 1], True
-    return tokens, False
+        count = emitted + i + 1
+        if t in stop.eos_ids:
+            reason = StopReason.EOS
+        elif count >= stop.max_new_tokens:
+            reason = StopReason.MAX_NEW_TOKENS
+        elif count >= room:
+            reason = StopReason.MAX_SEQ
+        else:
+            continue
+        return tokens[: i + 1], reason
+    return tokens, None
+
+
+def draft_budget(cache: KVCache, chunk: int, stop: StopConfig, emitted: int) -> int:
+    """Nodes a drafter may add to the root this step.
+
+    A step runs at most ``chunk`` nodes (the programs' N bound). Verifying a draft commits
+    the root and k accepted nodes at slots ``length .. length + k`` and emits k + 1 tokens,
+    the last (the bonus) at position ``length + k + 1``: neither the token budget nor
+    max_seq (prompt + output) may be passed, so k <= max_seq - length - 2. That also leaves
+    the step (``T + N <= max_seq``) and one more slot after the deepest node (an early
+    exit's closing call) inside the cache.
+    """
+    return min(chunk - 1, stop.max_new_tokens - emitted - 1, cache.max_seq - cache.length - 2)
 
 
 def decode(
@@ -131,11 +167,18 @@ def decode(
     rng: np.random.Generator,
     stats: GenerationStats,
 ) -> Iterator[list[int]]:
-    """Yield the tokens each step emits until EOS, the token budget or max_seq.
+    """Yield the tokens each step emits until EOS, the token budget, or prompt + output
+    fill max_seq (every output token has a position below max_seq); ``stats.stop_reason``
+    says which. Drafts shrink to fit what is left (`draft_budget`), so the end of the
+    context never fails a step.
 
     The root of every draft is the last emitted token, not yet in the cache: verifying it
     together with the drafts writes its KV row and yields the logits that check depth 1.
     """
+    if not 0 < len(prompt) < cache.max_seq:
+        raise ValueError(f"a prompt of {len(prompt)} tokens leaves nothing to generate within "
+                         f"max_seq {cache.max_seq}")
+    room = cache.max_seq - len(prompt)  # new tokens the context holds
     start = time.perf_counter()
     out = prefill(step, cache, prompt, chunk)
     logits = out["logits"][0, -1]
@@ -146,19 +189,19 @@ def decode(
     start = time.perf_counter()
     root = sample(logits, sampling, rng)
     context = list(prompt)
-    new, done = _truncate([root], stop, 0)
+    new, stats.stop_reason = _truncate([root], stop, 0, room)
     while True:
         stats.steps += 1  # the call that produced ``new`` (the last prefill call at first)
         stats.new_tokens += len(new)
         stats.emitted_per_step.append(len(new))
         stats.decode_s += time.perf_counter() - start
         yield new  # consumer time is not decode time
-        room = cache.max_seq - cache.length - 1  # slots left after the root's own
-        if done or room < 0:
+        if stats.stop_reason is not None:
             return
         start = time.perf_counter()
-        budget = min(chunk - 1, room, stop.max_new_tokens - stats.new_tokens - 1)
+        budget = draft_budget(cache, chunk, stop, stats.new_tokens)
         draft = drafter.propose(context, root, budget)
+        _check_budget(drafter, draft, budget)
         out = (drafter.verify(cache, draft) if isinstance(drafter, VerifiesDraft)
                else step(*tree_inputs(cache, draft)))
         logits, extra_logits = _split_logits(out["logits"][0], draft)
@@ -170,4 +213,12 @@ def decode(
         others = {k: v for k, v in out.items() if k not in ("logits", "present")}
         drafter.observe(context, Verification(draft, logits, path, emitted, extra_logits, others))
         root = emitted[-1]
-        new, done = _truncate(emitted, stop, stats.new_tokens)
+        new, stats.stop_reason = _truncate(emitted, stop, stats.new_tokens, room)
+
+
+def _check_budget(drafter: Drafter, draft: Draft, budget: int) -> None:
+    """A draft over its budget is a drafter bug: name it, before the step fails obscurely
+    on the cache's or the program's bounds."""
+    if draft.step_size > budget + 1:
+        raise RuntimeError(f"{type(drafter).__name__} drafted {draft.step_size - 1} nodes; "
+                           f"the step's budget was {budget}")

@@ -7,6 +7,7 @@ loaded.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,10 +16,17 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from leapc.ir.errors import EngineError, InputError, parse_choice
+from leapc.ir.errors import (
+    EngineError,
+    InputError,
+    LeapcUserError,
+    parse_choice,
+    require_utf8,
+)
 from leapc.runtime.backends.base import Device, StepFunction
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
+from leapc.runtime.detokenize import Detokenizer
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
@@ -43,8 +51,8 @@ class Generation:
 
 @dataclass(frozen=True)
 class StreamChunk:
-    token_ids: list[int]
-    text: str  # the text these tokens complete (held back while a UTF-8 char is split)
+    token_ids: list[int]  # the last chunk, holding the flushed tail, may have none
+    text: str  # the text that became final with these tokens (runtime/detokenize.py)
 
 
 DEFAULT_MAX_DRAFT = 8
@@ -90,17 +98,17 @@ class Stream:
     _tokenizer: Tokenizer
     stats: GenerationStats
     token_ids: list[int] = field(default_factory=list)
-    _text: str = ""
 
     def __iter__(self) -> Iterator[StreamChunk]:
+        """The chunks' texts join to `text`: each is final when yielded (never part of a
+        character), and what generation ends on is flushed in a last, token-less chunk."""
+        detokenizer = Detokenizer(self._tokenizer)
         for new in self._tokens:
             self.token_ids.extend(new)
-            text = self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-                yield StreamChunk(new, "")
-                continue
-            delta, self._text = text[len(self._text):], text
-            yield StreamChunk(new, delta)
+            yield StreamChunk(new, detokenizer.push(new))
+        tail = detokenizer.flush()
+        if tail:
+            yield StreamChunk([], tail)
 
     @property
     def text(self) -> str:
@@ -170,10 +178,15 @@ class Engine:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
         except Exception as err:  # tokenizers raises plain Exceptions for bad JSON
             raise EngineError(f"{path}: tokenizer file is corrupt ({err})") from None
+        # Not in tokenizer.json (`Tokenizer.save` drops it): the build's setting, so a
+        # prompt encodes here as it did when the engine was built and measured.
+        tokenizer.encode_special_tokens = manifest.tokenizer.encode_special_tokens
         steps = {}
         for name in manifest.programs:
             try:
                 steps[name] = _load_step(path, manifest, name, device)
+            except LeapcUserError:  # a setting of the user's (LEAPC_THREADS), already one line
+                raise
             except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
                 raise EngineError(f"{path}: program {name!r} cannot be loaded ({err})") from None
         return cls(path, manifest, steps, tokenizer)
@@ -188,7 +201,8 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode(prompt).ids
+        ids = (list(prompt) if isinstance(prompt, list)
+               else self.tokenizer.encode(require_utf8(prompt, "the prompt")).ids)
         bos = self.manifest.tokenizer.bos_id
         if not ids:
             if bos is None:
@@ -225,7 +239,7 @@ class Engine:
         """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
         tokens per step, but the output no longer follows the model's distribution."""
         chosen = self._policy(policy)
-        _check_options(max_new_tokens, temperature, top_k, top_p)
+        _check_options(max_new_tokens, temperature, top_k, top_p, seed)
         ids = self.encode(prompt)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
@@ -305,7 +319,7 @@ class Engine:
                                      options.adaptive)
                     for i in indices]
         if policy is Policy.SWIFT:
-            return SwiftDrafter(drafters, self.step, current=chosen)
+            return SwiftDrafter(drafters, self.step, current=chosen, chunk=self.manifest.max_new)
         return drafters[0]
 
     def _exit_depth(self) -> int:
@@ -351,12 +365,22 @@ DEFAULT_SKIP_DEPTH = 3
 SWIFT_CONFIDENCE = 0.1
 
 
-def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+# The smallest sampling temperature: any float32 logit divided by it is a finite float64
+# (sampling computes logits / T in float64; an infinite z turns the softmax into NaNs).
+MIN_TEMPERATURE = float(np.finfo(np.float32).max) / float(np.finfo(np.float64).max)
+
+
+def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   seed: int) -> None:
     if max_new_tokens < 1:
         raise InputError(f"max-new-tokens must be at least 1 (got {max_new_tokens})")
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0 (got {temperature})")
+    # NaN fails every comparison, so each check is written to fail on it too
+    if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise InputError(f"temperature must be 0 (greedy) or a finite number >= "
+                         f"{MIN_TEMPERATURE:.1e} (got {temperature})")
     if top_k < 0:
         raise InputError(f"top-k must be >= 0 (got {top_k})")
     if not 0.0 < top_p <= 1.0:
         raise InputError(f"top-p must be in (0, 1] (got {top_p})")
+    if seed < 0:  # numpy's generators take non-negative seeds only
+        raise InputError(f"seed must be >= 0 (got {seed})")

@@ -48,6 +48,10 @@ class KVCache:
         self.buffer = fresh
 
     def _fit(self, end: int) -> None:
+        """Grow to hold slots up to ``end``; a write past max_seq is a caller's bug."""
+        if end > self.max_seq:
+            raise ValueError(f"KV cache: writing slots up to {end} overflows max_seq "
+                             f"{self.max_seq}")
         if end > self.capacity:
             self._resize(min(_round_up(end, BLOCK), self.max_seq))
 
@@ -61,6 +65,14 @@ class KVCache:
         if self.capacity > limit:
             self._resize(max(limit, self.length, 1))
         return self.buffer[: self.layers]  # a view: the leading axis keeps it contiguous
+
+    def prefix(self, slots: int) -> np.ndarray:
+        """Every layer's first ``slots`` slots (at least one, since ``T >= 1``), contiguous:
+        the past of a step that feeds committed tokens from slot ``slots`` on again (a
+        window being scored, an adapter's catch-up). Such a step reads nothing after them,
+        so ``T + N`` is the refed tokens' end (one more if ``slots`` is 0), however little
+        room the cache has left."""
+        return np.ascontiguousarray(self.buffer[:, :, :, :, : max(slots, 1)])
 
     def valid_mask(self) -> np.ndarray:
         """``[C]`` bool: the committed slots."""

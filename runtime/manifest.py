@@ -8,13 +8,23 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from leapc.ir.errors import EngineError
 from leapc.ir.head_spec import HeadKind, HeadPlacement
+from leapc.runtime.datastore import SUFFIXES_FILE, TOKENS_FILE
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -67,18 +77,61 @@ class ModelInfo(_Frozen):
     vocab_size: int
     dtype: str
     weights_sha256: str
+    # Positions the model was trained for (its config's max_position_embeddings; None if the
+    # config names none): past them a model's outputs are not what it learned.
+    max_positions: int | None
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        try:
+            np.dtype(value)  # the runtime allocates the KV cache in it
+        except TypeError:
+            raise ValueError(f"unknown dtype {value!r}") from None
+        return value
 
 
 class TokenizerInfo(_Frozen):
     file: str = "tokenizer.json"
+    sha256: str
     bos_id: int | None
     eos_ids: tuple[int, ...]
+    # True: typed special-token text ("</s>") encodes as text, not as the control token.
+    # `Tokenizer.save` does not serialize this flag, so `Engine.load` sets it from here:
+    # without it the run-time encoding of such a prompt would differ from the build's.
+    encode_special_tokens: bool
+
+
+class _TensorJson(_Frozen):
+    name: str
+    dtype: str
+    # Integers and B, N, T: `leapc inspect` hands these strings to sympy, which evaluates.
+    shape: tuple[Annotated[str, StringConstraints(pattern=r"^[0-9BNT+*() -]+$")], ...]
+
+
+class _SignatureJson(_Frozen):
+    """The form of ``StepSignature.to_json()``: checked at load, so reading a program's
+    inputs and outputs from a hand-edited manifest is an `EngineError`, not a KeyError."""
+
+    inputs: tuple[_TensorJson, ...]
+    outputs: tuple[_TensorJson, ...]
+    bounds: dict[str, tuple[int, int]]
+    max_seq: int
 
 
 class ProgramEntry(_Frozen):
     file: str
     sha256: str
     signature: dict  # StepSignature.to_json(); shapes as strings of B, N, T
+
+    @field_validator("signature")
+    @classmethod
+    def _signature_form(cls, value: dict) -> dict:
+        try:
+            _SignatureJson.model_validate(value)
+        except ValidationError as err:  # one line, not pydantic's nested report
+            raise ValueError(_first_error(err)) from None
+        return value  # kept a dict: the runtime and compiler read it as one
 
 
 class DatastoreInfo(_Frozen):
@@ -90,6 +143,14 @@ class DatastoreInfo(_Frozen):
     tokens: int
     depth: int  # suffixes are sorted on this many leading tokens
     sha256: dict[str, str]  # file name -> digest
+
+    @field_validator("sha256")
+    @classmethod
+    def _hashes_what_is_read(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = sorted({TOKENS_FILE, SUFFIXES_FILE} - value.keys())
+        if missing:  # the runtime would read it unchecked
+            raise ValueError(f"no digest of {', '.join(missing)}, which the runtime reads")
+        return value
 
 
 class TreeChoice(_Frozen):
@@ -211,8 +272,117 @@ class Manifest(_Frozen):
     max_batch: int
     max_new: int
 
+    @model_validator(mode="after")
+    def _whole(self) -> Manifest:
+        """The fields agree with each other: every listed policy finds the sections and
+        programs it runs, and the limits and token ids fit the model."""
+        _check_limits(self)
+        _check_token_ids(self)
+        _check_full(self)
+        _check_policies(self)
+        _check_sections(self)
+        return self
+
     def write(self, engine_dir: Path) -> None:
         (engine_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2))
+
+
+# The manifest sections each policy reads ("full" aside, which every policy runs).
+_POLICY_SECTIONS: dict[Policy, tuple[str, ...]] = {
+    Policy.DRAFT: ("draft_model",),
+    Policy.RETRIEVAL: ("datastore",),
+    **{policy: ("heads",) for policies in HEAD_POLICIES.values() for policy in policies},
+    Policy.EARLY_EXIT: ("exit_layer",),
+    Policy.KANGAROO: ("exit_layer", "adapter"),
+    Policy.LAYER_SKIP: ("skip", "skip_choice"),
+    Policy.SWIFT: ("skip", "skip_choice"),
+}
+_HEAD_KIND = {policy: kind for kind, policies in HEAD_POLICIES.items() for policy in policies}
+# The programs a section describes: a manifest with the section must have them.
+_SECTION_PROGRAMS: dict[str, Callable[[Manifest], tuple[str, ...]]] = {
+    "draft_model": lambda m: ("draft_model",),
+    "heads": lambda m: ("heads",) if m.heads.placement is HeadPlacement.PROGRAM else (),
+    "exit_layer": lambda m: ("draft", "remainder"),
+    "adapter": lambda m: ("kangaroo", "remainder"),
+    "skip_choice": lambda m: tuple(f"skip_{i}" for i in range(len(m.skip_choice.candidates))),
+}
+# Sections that only make sense with another one.
+_SECTION_NEEDS = {"exit_choice": "exit_layer", "adapter": "exit_layer", "skip": "skip_choice",
+                  "skip_choice": "skip"}
+
+
+def _check_limits(m: Manifest) -> None:
+    if m.max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1 (got {m.max_batch})")
+    if not 0 < m.max_new < m.max_seq:
+        raise ValueError(f"max_new must be at least 1 and below max_seq {m.max_seq} "
+                         f"(got {m.max_new})")
+    trained = m.model.max_positions
+    if trained is not None and m.max_seq > trained:
+        raise ValueError(f"max_seq {m.max_seq} exceeds the {trained} positions the model "
+                         "was trained for")
+
+
+def _check_token_ids(m: Manifest) -> None:
+    vocab = m.model.vocab_size
+    bos = () if m.tokenizer.bos_id is None else (m.tokenizer.bos_id,)
+    for token in bos + m.tokenizer.eos_ids:
+        if not 0 <= token < vocab:
+            raise ValueError(f"tokenizer token id {token} is outside the vocabulary [0, {vocab})")
+    if m.draft_model is not None and m.draft_model.vocab_size != vocab:
+        raise ValueError(f"draft_model's vocab_size {m.draft_model.vocab_size} differs from "
+                         f"the model's {vocab}")
+
+
+def _check_full(m: Manifest) -> None:
+    if "full" not in m.programs:
+        raise ValueError("programs has no 'full' (every policy runs it)")
+    built = m.programs["full"].signature["max_seq"]
+    if built != m.max_seq:  # the runtime sizes its KV cache by max_seq
+        raise ValueError(f"max_seq {m.max_seq} differs from the full program's {built}")
+
+
+def _check_policies(m: Manifest) -> None:
+    for policy in m.policies:
+        for section in _POLICY_SECTIONS.get(policy, ()):
+            if getattr(m, section) is None:
+                raise ValueError(f"policy {policy.value!r} needs {section}; the manifest has none")
+            _require_programs(m, section, f"policy {policy.value!r}")
+        kind = _HEAD_KIND.get(policy)
+        if kind is not None and m.heads.kind is not kind:
+            raise ValueError(f"policy {policy.value!r} needs {kind.value} heads (the engine's "
+                             f"are {m.heads.kind.value})")
+
+
+def _check_sections(m: Manifest) -> None:
+    for section, needed in _SECTION_NEEDS.items():
+        if getattr(m, section) is not None and getattr(m, needed) is None:
+            raise ValueError(f"{section} needs {needed}; the manifest has none")
+    for section in _SECTION_PROGRAMS:
+        if getattr(m, section) is not None:
+            _require_programs(m, section, section)
+    layers = m.model.num_layers
+    if m.exit_layer is not None and not 1 <= m.exit_layer < layers:
+        raise ValueError(f"exit_layer {m.exit_layer} is outside 1..{layers - 1} "
+                         f"(the model has {layers} layers)")
+    if m.skip_choice is not None and m.skip not in m.skip_choice.candidates:
+        raise ValueError(f"skip {m.skip!r} is not among skip_choice.candidates")
+    if m.heads is not None:
+        _check_heads(m.heads)
+
+
+def _check_heads(heads: HeadsInfo) -> None:
+    count = heads.num_heads
+    if len(heads.top1) != count or len(heads.top5) != count:
+        raise ValueError(f"heads: top1 and top5 need one value per head ({count})")
+    if max(map(len, heads.tree), default=0) > count:
+        raise ValueError(f"heads: the tree is deeper than the {count} heads")
+
+
+def _require_programs(m: Manifest, section: str, who: str) -> None:
+    for program in _SECTION_PROGRAMS.get(section, lambda _: ())(m):
+        if program not in m.programs:
+            raise ValueError(f"{who} needs program {program!r}; the manifest has none")
 
 
 def sha256_file(path: Path) -> str:
@@ -241,17 +411,24 @@ def read_manifest(engine_dir: Path) -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise EngineError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+        raise EngineError(f"{path}: invalid manifest{_first_error(err, ' at ')}") from None
     _check_files(engine_dir, manifest)
     return manifest
 
 
+def _first_error(err: ValidationError, at: str = "") -> str:
+    """Pydantic's first error as one line: ``<at>where: what`` (no "Value error, ")."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    ours = first["type"] == "value_error" and "ctx" in first  # a validator's ValueError
+    message = str(first["ctx"]["error"]) if ours else first["msg"]
+    return f"{at}{where}: {message}" if where else f": {message}"
+
+
 def _check_files(engine_dir: Path, manifest: Manifest) -> None:
-    tokenizer = engine_dir / manifest.tokenizer.file
-    if not tokenizer.is_file():
-        raise EngineError(f"{engine_dir}: tokenizer file {manifest.tokenizer.file} is missing")
+    """Every file the runtime reads from the engine is present and is what was built."""
+    tokenizer = manifest.tokenizer
+    _check_file(engine_dir, tokenizer.file, tokenizer.sha256, "tokenizer file")
     for name, entry in manifest.programs.items():
         _check_file(engine_dir, entry.file, entry.sha256, f"{name} program file")
     if manifest.datastore is not None:
@@ -264,7 +441,10 @@ def _check_files(engine_dir: Path, manifest: Manifest) -> None:
 
 
 def _check_file(engine_dir: Path, relpath: str, digest: str, what: str) -> None:
-    file = engine_dir / relpath
+    name = Path(relpath)
+    if name.is_absolute() or ".." in name.parts:  # an engine is its directory, moved whole
+        raise EngineError(f"{engine_dir}: {what} {relpath} is outside the engine directory")
+    file = engine_dir / name
     if not file.is_file():
         raise EngineError(f"{engine_dir}: {what} {relpath} is missing")
     if sha256_file(file) != digest:

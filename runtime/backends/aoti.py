@@ -8,10 +8,11 @@ compiler and no leapc op declarations.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from leapc.runtime.backends.base import configured_threads
 
 PROGRAM_SUFFIX = ".pt2"
 
@@ -67,7 +68,7 @@ class AotiStep:
     def __init__(self, path: Path, output_names: tuple[str, ...]):
         import torch
 
-        threads = int(os.environ.get("LEAPC_THREADS", "0"))
+        threads = configured_threads()
         if threads:
             torch.set_num_threads(threads)
         self._torch = torch

@@ -8,9 +8,12 @@ torch inside the function, so loading an ORT engine never imports it.
 from __future__ import annotations
 
 import enum
+import os
 from typing import Protocol
 
 import numpy as np
+
+from leapc.ir.errors import InputError
 
 
 class StepFunction(Protocol):
@@ -29,3 +32,15 @@ class Device(str, enum.Enum):
     CPU = "cpu"
     CUDA = "cuda"  # ORT's CUDA execution provider
     TENSORRT = "tensorrt"  # ORT's TensorRT execution provider (CUDA for what it lacks)
+
+
+def configured_threads() -> int:
+    """``LEAPC_THREADS``: the threads every program of the process runs on; 0 (or unset)
+    leaves the choice to the backend (all cores)."""
+    value = os.environ.get("LEAPC_THREADS", "").strip()
+    if not value:
+        return 0
+    if value.isascii() and value.isdigit():
+        return int(value)
+    raise InputError(f"LEAPC_THREADS must be a whole number of threads, 0 for all cores "
+                     f"(got {value!r})")

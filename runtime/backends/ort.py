@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from leapc.ir.errors import InputError
-from leapc.runtime.backends.base import Device
+from leapc.runtime.backends.base import Device, configured_threads
 
 PROGRAM_SUFFIX = ".onnx"
 
@@ -132,7 +132,7 @@ def _global_thread_pool() -> int:
     On the shared pool it takes 0.86 ms and the target step is unchanged (2.15 ms), and a
     draft-4 + verify cycle went from 9.2 to 7.3 ms (bundled model, E = 4).
     """
-    threads = int(os.environ.get("LEAPC_THREADS", "0")) or os.cpu_count() or 1
+    threads = configured_threads() or os.cpu_count() or 1
     ort.set_global_thread_pool_sizes(threads, 1)
     return threads
 

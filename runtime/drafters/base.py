@@ -111,7 +111,9 @@ class Verification:
 class Drafter(Protocol):
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
         """Draft after ``context + [root]``: at most ``budget`` nodes besides the root,
-        tree and extra nodes together."""
+        tree and extra nodes together. The loop sizes ``budget`` (`decode.draft_budget`)
+        so that such a step, and one cache slot after it, fit max_seq and the programs'
+        N bound; drafting that costs more (a scoring window, a catch-up) fits on its own."""
         ...
 
     def observe(self, context: list[int], result: Verification) -> None:

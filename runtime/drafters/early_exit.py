@@ -71,11 +71,9 @@ class KangarooDrafter(EarlyExitDrafter):
         cache = self.cache
         for start in range(self._adapted, cache.length, self.chunk):
             end = min(start + self.chunk, cache.length)
-            # Only the slots before ``start`` are context: ``T + N`` stays within max_seq.
-            past = cache.buffer[:, :, :, :, : max(start, 1)]
+            past = cache.prefix(start)  # the context: ``T + N`` stays within max_seq
             tokens, positions, mask = refeed_inputs(context, start, end, past.shape[4])
-            out = self.draft(tokens, positions, np.ascontiguousarray(past[: self.layers]),
-                             np.ascontiguousarray(past[cache.layers :]), mask)
+            out = self.draft(tokens, positions, past[: self.layers], past[cache.layers :], mask)
             cache.buffer[cache.layers :, :, :, :, start:end] = out["adapter_present"]
         self._adapted = cache.length
 

@@ -13,7 +13,8 @@ The set drafting next maximises the expected speedup of chains of d tokens,
 
 (Leviathan et al. 2023). Chains stop at the first token whose draft top-1 probability is
 below the confidence (SWIFT's dynamic stop). The window's rows are never written: the
-forward reads the committed cache before the window only.
+forward reads the committed cache before the window only, and passes only those slots as
+its past, so it fits the programs' bounds however close the context is to max_seq.
 
 Which set drafts a step depends only on earlier steps, and each draft carries the q it
 was sampled from, so rule 1 / rule 2 stay exact.
@@ -48,11 +49,13 @@ class SwiftDrafter:
     current: int = 0  # the set drafting until the first scoring: the build's fastest
     window: int = 32
     rescore_every: int = 64  # steps between scorings (each costs a few full forwards)
+    chunk: int | None = None  # the programs' N bound (the engine's max_new): caps the window
     scores: list[float] = field(init=False, default_factory=list)  # the last scoring's
     _steps: int = 0
 
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
-        if self._steps % self.rescore_every == 0:
+        # With no room to draft (the last token before a limit) a scoring would go unused.
+        if budget > 0 and self._steps % self.rescore_every == 0:
             self._score(context, root)
         self._steps += 1
         return self.candidates[self.current].propose(context, root, budget)
@@ -62,11 +65,12 @@ class SwiftDrafter:
 
     def _score(self, context: list[int], root: int) -> None:
         cache = self.candidates[0].cache
-        n = min(self.window, cache.length)
+        window = self.window if self.chunk is None else min(self.window, self.chunk)
+        n = min(window, cache.length)
         if n < MIN_WINDOW:
             return
         start = cache.length - n
-        past = cache.past_for(n)
+        past = cache.prefix(start)[: cache.layers]  # T + N: the cache's length (+1 if start is 0)
         *inputs, mask = refeed_inputs(context, start, cache.length, past.shape[4])
         following = np.asarray([*context[start + 1 :], root])
         full = _timed(lambda: self.full(*inputs, past, mask))[1]

@@ -80,6 +80,7 @@ def test_run_json_on_stories_reproduces_reference(stories):
     assert data["tokens_per_s"] > 0
     assert data["new_tokens"] == 60
     assert data["prompt_tokens"] == 1  # BOS only
+    assert data["stop_reason"] == "max_new_tokens"
 
 
 def test_run_prompt_ids_on_tiny(tiny):
@@ -99,6 +100,38 @@ def test_run_streams_text_and_reports_stats_on_stderr(tiny):
     expected = leapc.load(tiny).generate([5, 17, 200], 7)
     assert result.stdout == expected.text + "\n"
     assert "7 tokens" in result.stderr and "tok/s" in result.stderr
+    assert "stopped at --max-new-tokens 7" in result.stderr
+    assert "max-seq" not in result.stderr
+
+
+def test_run_says_when_max_seq_cut_generation_short(tiny):
+    """250 prompt ids on a max-seq 256 engine: 6 of the 20 tokens asked for fit."""
+    ids = ",".join(str((7 * i) % 256) for i in range(250))
+    result = cli("run", tiny, "--prompt-ids", ids, "--max-new-tokens", "20")
+    assert result.returncode == 0, result.stderr
+    new = len(leapc.load(tiny).generate([(7 * i) % 256 for i in range(250)], 20).token_ids)
+    assert f"stopped at max-seq 256 (the engine's context) after {new} of 20 tokens" in \
+        result.stderr
+    data = json.loads(cli("run", tiny, "--prompt-ids", ids, "--max-new-tokens", "20",
+                          "--json").stdout)
+    assert data["stop_reason"] == "max_seq" and data["new_tokens"] == new < 20
+
+
+@pytest.mark.parametrize("reason, says", [
+    ("eos", "5 tokens, 100.0 tok/s, tau 1.00; stopped at an end-of-sequence token"),
+    ("max_new_tokens", "5 tokens, 100.0 tok/s, tau 1.00; stopped at --max-new-tokens 9"),
+    ("max_seq", "5 tokens, 100.0 tok/s, tau 1.00; stopped at max-seq 64 (the engine's "
+                "context) after 5 of 9 tokens"),
+])
+def test_run_stats_line_says_why_generation_stopped(capsys, reason, says):
+    """(The engines here never emit EOS: the line is checked on stats made up for it.)"""
+    from leapc.cli import _print_stats
+    from leapc.runtime.decode import GenerationStats, StopReason
+
+    stats = GenerationStats("ar", new_tokens=5, steps=5, decode_s=0.05,
+                            stop_reason=StopReason(reason))
+    _print_stats(stats, max_new_tokens=9, max_seq=64)
+    assert capsys.readouterr().err == says + "\n"
 
 
 def test_run_sampling_is_seeded(tiny):

@@ -261,3 +261,28 @@ def test_extra_layers_are_invisible_to_steps_and_kept_by_commits():
     assert cache.buffer.shape[0] == LAYERS + 1
     np.testing.assert_array_equal(cache.buffer[LAYERS:, :, :, :, :3], adapter)
     assert not cache.buffer[LAYERS:, :, :, :, 3:].any()
+
+
+def test_prefix_is_a_contiguous_past_that_ends_where_refed_tokens_start():
+    """A window refed from slot ``start`` reads only the slots before it: however full the
+    cache, ``T + N`` is at most its length."""
+    cache = KVCache(LAYERS, HEADS, HEAD_DIM, "float32", max_seq=100, extra_layers=1)
+    rows = present(98)
+    cache.commit(rows, np.arange(98))
+    past = cache.prefix(98 - 32)
+    assert past.flags.c_contiguous and past.shape[0] == LAYERS + 1
+    assert past.shape[4] + 32 <= cache.max_seq
+    np.testing.assert_array_equal(past[:LAYERS], rows[..., :66, :])
+    assert cache.prefix(0).shape[4] == 1  # T >= 1: one slot, which the mask leaves out
+
+
+@pytest.mark.parametrize("write", ["commit", "scratch"])
+def test_writing_past_max_seq_is_refused_by_name(write):
+    cache = make_cache(max_seq=100)
+    cache.commit(present(98), np.arange(98))
+    with pytest.raises(ValueError, match="up to 101 overflows max_seq 100"):
+        if write == "commit":
+            cache.commit(present(3), np.arange(3))
+        else:
+            cache.write_scratch(present(1), 2)
+    assert cache.length == 98

@@ -156,12 +156,13 @@ def test_swift_scores_sets_on_the_window_and_drafts_with_the_fastest_expected():
             pass
 
     def full(tokens, positions, past, mask):
-        time.sleep(0.02)
+        time.sleep(0.1)
         return {}
 
     # a = 1, 1/2, 1/4 (the root, 99, is the window's last following token); costs 0.9,
-    # 0.1, 0.05 of a full step: the accurate-but-slow and the cheap-but-wrong lose.
-    fakes = [Fake(1, 0.018), Fake(2, 0.002), Fake(4, 0.001)]
+    # 0.1, 0.05 of a full step: the accurate-but-slow and the cheap-but-wrong lose. (Sleeps
+    # of a few ms overshoot by as much on a busy machine: these are long enough not to.)
+    fakes = [Fake(1, 0.09), Fake(2, 0.01), Fake(4, 0.005)]
     swift = SwiftDrafter(fakes, full, window=32, rescore_every=5)
     for _ in range(7):
         swift.propose(context, 99, 8)
@@ -170,3 +171,40 @@ def test_swift_scores_sets_on_the_window_and_drafts_with_the_fastest_expected():
     assert expected_speedup(1.0, 4, 0.9) < expected_speedup(0.5, 4, 0.1)
     np.testing.assert_array_equal(cache.buffer, before)
     assert cache.length == 40
+
+
+@pytest.mark.parametrize(("length", "chunk", "window"),
+                         [(94, None, 32), (94, 8, 8), (20, None, 20)])
+def test_swift_scores_the_window_within_the_programs_bounds(length, chunk, window):
+    """Near max_seq the window's forward passes only the slots before the window as its
+    past (``T + N`` = the cache's length); ``chunk`` (N's bound) caps the window; with no
+    room left to draft, nothing is scored."""
+    from leapc.ir.tree import chain
+    from leapc.runtime.drafters.base import Draft
+    from leapc.runtime.drafters.swift import SwiftDrafter
+    from leapc.runtime.kv_cache import KVCache
+
+    max_seq = 96
+    cache = KVCache(2, 1, 4, "float32", max_seq=max_seq)
+    cache.commit(np.ones((2, 2, 1, 1, length, 4), np.float32), np.arange(length))
+    calls = []
+
+    def run(tokens, positions, past, mask):
+        n = tokens.shape[1]
+        assert past.shape[4] + n <= max_seq and mask.shape[2] == past.shape[4] + n
+        calls.append((n, int(positions[0, 0])))
+        return {"logits": np.zeros((1, n, 8), np.float32)}
+
+    class Fake:
+        def __init__(self):
+            self.cache, self.max_depth, self._run = cache, 3, run
+
+        def propose(self, context, root, budget):
+            return Draft(np.asarray([root], dtype=np.int64), chain(0))
+
+    swift = SwiftDrafter([Fake()], run, window=32, chunk=chunk)
+    swift.propose(list(range(length)), 7, 0)  # the last token before a limit: no scoring
+    assert calls == []
+    swift._steps = 0
+    swift.propose(list(range(length)), 7, 1)
+    assert calls == [(window, length - window)] * 2  # the full step's, then the candidate's

@@ -219,3 +219,18 @@ def test_chi_square_detects_a_wrong_distribution():
     wrong = probabilities(LOGITS5, SamplingConfig(temperature=0.8))
     statistic, df = chi_square(counts, wrong)
     assert statistic > CHI2_CRITICAL_0001[df]
+
+
+def test_the_smallest_accepted_temperature_keeps_any_float32_logits_finite():
+    """The engine refuses temperatures below MIN_TEMPERATURE: at it, the most extreme
+    float32 logits still give a distribution; below it they can give NaNs."""
+    from leapc.runtime.engine import MIN_TEMPERATURE
+
+    top = np.finfo(np.float32).max
+    logits = np.array([top, -top, 0.0, 1.0], dtype=np.float32)
+    p = probabilities(logits, SamplingConfig(temperature=MIN_TEMPERATURE))
+    assert np.isfinite(p).all() and p.sum() == pytest.approx(1.0)
+    assert p[0] == 1.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        below = probabilities(logits, SamplingConfig(temperature=MIN_TEMPERATURE / 2))
+    assert np.isnan(below).any()
