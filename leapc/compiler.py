@@ -207,8 +207,7 @@ def _compile(source: SourceModel, name: str, options: CaptureOptions, backend: B
     file = LOWERINGS[backend](result.program, out, name)
     if quantization is Quantization.INT8:
         ort.quantize_weights(file, bits=8)
-    entry = ProgramEntry(file=file.name, sha256=sha256_file(file),
-                         signature=result.program.signature.to_json())
+    entry = ProgramEntry.of(file, result.program.signature.to_json())
     return CompiledProgram(source, result, entry)
 
 
@@ -416,8 +415,7 @@ def _lower_skip(program, skip: SkipSet, index: int, backend: Backend,
     if backend is Backend.ORT:
         # The draft only proposes and its rows are scratch: all of it may be approximate.
         ort.quantize_weights(file, bits=8)
-    return ProgramEntry(file=file.name, sha256=sha256_file(file),
-                        signature=sliced.signature.to_json())
+    return ProgramEntry.of(file, sliced.signature.to_json())
 
 
 def _search_skip(full: CompiledProgram, backend: Backend, options: CaptureOptions, out: Path,
@@ -513,8 +511,7 @@ def _heads_program(source: SourceModel, trained: tuple[DecodingHeads, HeadsRepor
             # projection may be approximate: int8 reads a quarter of the bytes of a matrix
             # each call reads in full (0.64 -> 0.39 ms a Hydra call, same top-1 here).
             ort.quantize_weights(file, bits=8)
-        entry = ProgramEntry(file=file.name, sha256=sha256_file(file),
-                             signature=program.signature.to_json())
+        entry = ProgramEntry.of(file, program.signature.to_json())
     directory = save_heads(heads, report, out / "heads")
     on_stage("heads: tree")
     tree, choice = _tree(source, heads, options, full, entry, backend, out)

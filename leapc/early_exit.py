@@ -25,7 +25,7 @@ from leapc.passes.slice_early_exit import slice_draft, slice_kangaroo, slice_rem
 from leapc.runtime.backends import ort
 from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.drafters.early_exit import EarlyExitDrafter, KangarooDrafter
-from leapc.runtime.manifest import Backend, ExitPoint, KangarooPoint, ProgramEntry, sha256_file
+from leapc.runtime.manifest import Backend, ExitPoint, KangarooPoint, ProgramEntry
 from leapc.runtime.sampling import SamplingConfig
 
 EXIT_DEPTHS = (1, 2, 3, 4, 6)
@@ -66,8 +66,7 @@ def _lower(sliced: CapturedProgram, name: str, backend: Backend, lower: Lowering
         # The exit's logits only propose: an int8 vocabulary projection drafts from the
         # same hidden state and KV rows, which stay float and exact.
         ort.quantize_vocab_projection(file, sliced.dims.vocab_size)
-    return ProgramEntry(file=file.name, sha256=sha256_file(file),
-                        signature=sliced.signature.to_json())
+    return ProgramEntry.of(file, sliced.signature.to_json())
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,8 @@ class AdapterOptions:
 
 def move_programs(entries: dict[str, ProgramEntry], source: Path, out: Path) -> None:
     for entry in entries.values():
-        shutil.move(source / entry.file, out / entry.file)
+        for name in (entry.file, *entry.data_files):
+            shutil.move(source / name, out / name)
 
 
 def sweep_exits(step: StepFunction, exits: dict[int, tuple[StepFunction, StepFunction]],

@@ -123,6 +123,17 @@ class ProgramEntry(_Frozen):
     file: str
     sha256: str
     signature: dict  # StepSignature.to_json(); shapes as strings of B, N, T
+    # Files the program reads beside its own (ONNX external weights, ``<file>.data``, which
+    # the exporter writes for programs over 2 GB): name -> digest.
+    data_files: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, file: Path, signature: dict) -> ProgramEntry:
+        """The entry of a lowered program file (and its external data, if any), hashed."""
+        data = file.with_name(f"{file.name}.data")
+        extra = {data.name: sha256_file(data)} if data.is_file() else {}
+        return cls(file=file.name, sha256=sha256_file(file), signature=signature,
+                   data_files=extra)
 
     @field_validator("signature")
     @classmethod
@@ -431,6 +442,8 @@ def _check_files(engine_dir: Path, manifest: Manifest) -> None:
     _check_file(engine_dir, tokenizer.file, tokenizer.sha256, "tokenizer file")
     for name, entry in manifest.programs.items():
         _check_file(engine_dir, entry.file, entry.sha256, f"{name} program file")
+        for data, digest in entry.data_files.items():
+            _check_file(engine_dir, data, digest, f"{name} program data file")
     if manifest.datastore is not None:
         store = manifest.datastore
         for name, digest in store.sha256.items():

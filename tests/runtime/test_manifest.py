@@ -18,6 +18,7 @@ from leapc.runtime.manifest import (
     SCHEMA_VERSION,
     Manifest,
     Policy,
+    ProgramEntry,
     read_manifest,
     sha256_file,
 )
@@ -244,6 +245,24 @@ def test_tokenizer_garbage_with_matching_hash(engine, garbage):
     data["tokenizer"]["sha256"] = sha256_file(engine / "tokenizer.json")
     write_manifest(engine, data)
     load_error(engine, "tokenizer file is corrupt")
+
+
+def test_a_programs_external_data_is_hashed_and_checked(engine):
+    """ONNX programs over 2 GB keep their weights in ``<file>.data``: the entry hashes it
+    and a tampered one is refused like the program itself."""
+    data = program_file(engine).with_name(program_file(engine).name + ".data")
+    data.write_bytes(b"external weights")
+    signature = manifest_of(engine)["programs"]["full"]["signature"]
+    entry = ProgramEntry.of(program_file(engine), signature)
+    assert entry.data_files == {data.name: sha256_file(data)}
+    manifest = manifest_of(engine)
+    manifest["programs"]["full"]["data_files"] = entry.data_files
+    write_manifest(engine, manifest)
+    leapc.load(engine)
+    data.write_bytes(b"external weightz")
+    load_error(engine, "full program data file", data.name, "corrupt")
+    data.unlink()
+    load_error(engine, data.name, "missing")
 
 
 def test_validation_comes_before_loading(engine, monkeypatch):
