@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test test-fast demo lint bench clean
 
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
@@ -14,8 +14,14 @@ PIP := .venv/bin/pip
 
 setup: .venv/.installed
 
+# The full suite (CI). Markers and the rule that sets them: tests/conftest.py.
 test: setup
 	$(PY) -m pytest -q
+
+# Daily work: no engines of the bundled model or stories260K, no training, sweeps,
+# AOTInductor compiles or venv installs. The slowest ten are listed, to see drift.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not aoti and not install" --durations=10
 
 demo: setup
 	.venv/bin/leapc demo

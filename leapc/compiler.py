@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import importlib.metadata
 import shutil
@@ -60,7 +59,13 @@ from leapc.passes.insert_early_exit import check_exit_layer
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, PipelineResult, check_numerics, default_pipeline
 from leapc.passes.skip_layers import SkipLayers
-from leapc.runtime.backends import aoti, eager, ort, tensorrt
+from leapc.runtime.backends.base import (
+    BACKENDS,
+    Attention,
+    Compression,
+    Device,
+    lower_program,
+)
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
 from leapc.runtime.engine import DEFAULT_EXIT_DEPTH, DEFAULT_SKIP_DEPTH, load_program
 from leapc.runtime.manifest import (
@@ -83,25 +88,8 @@ from leapc.runtime.manifest import (
 )
 from leapc.runtime.sampling import SamplingConfig
 
-LOWERINGS = {Backend.ORT: ort.lower, Backend.EAGER: eager.lower, Backend.AOTI: aoti.lower,
-             Backend.TENSORRT: tensorrt.lower}
 DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
-
-
-class Attention(str, enum.Enum):
-    """How the engine computes attention."""
-
-    DENSE = "dense"  # as captured: SDPA under the dense [B, N, T + N] mask
-    TREE = "tree"  # insert_tree_attention: leapc.tree_attention on the compact mask
-
-
-# The faster lowering on each backend, measured by bench/bench_tree_attention.py
-# (numbers in docs/decisions.md).
-# TensorRT has no converter for the Python custom op (it would run it in torch between
-# engine pieces), so dense attention there.
-DEFAULT_ATTENTION = {Backend.ORT: Attention.TREE, Backend.EAGER: Attention.DENSE,
-                     Backend.AOTI: Attention.TREE, Backend.TENSORRT: Attention.DENSE}
 
 
 def pipeline(attention: Attention, dump_dir: Path | None = None,
@@ -140,15 +128,17 @@ def _backend(value: str | Backend) -> Backend:
 
 
 def _attention(value: str | Attention | None, backend: Backend) -> Attention:
-    if value is None:
-        return DEFAULT_ATTENTION[backend]
+    if value is None:  # the faster lowering there, by bench/bench_tree_attention.py
+        return BACKENDS[backend].default_attention
     return parse_choice(Attention, value, "attention lowering")
 
 
 def _quantization(value: str | Quantization, backend: Backend) -> Quantization:
     chosen = parse_choice(Quantization, value, "quantization")
-    if chosen is not Quantization.NONE and backend is not Backend.ORT:
-        raise InputError(f"--quantize {chosen.value} needs the ort backend (got {backend.value})")
+    if chosen is Quantization.INT8 and Compression.INT8 not in BACKENDS[backend].compresses:
+        able = [b.value for b in Backend if Compression.INT8 in BACKENDS[b].compresses]
+        raise InputError(f"--quantize {chosen.value} needs the {' or '.join(able)} backend "
+                         f"(got {backend.value})")
     return chosen
 
 
@@ -204,10 +194,8 @@ def _compile(source: SourceModel, name: str, options: CaptureOptions, backend: B
     on_stage(f"numeric check {name}")
     check_numerics(StepModule(source.model), result.program)
     on_stage(f"lower {name} ({backend.value})")
-    file = LOWERINGS[backend](result.program, out, name)
-    if quantization is Quantization.INT8:
-        ort.quantize_weights(file, bits=8)
-    entry = ProgramEntry.of(file, result.program.signature.to_json())
+    compress = Compression.INT8 if quantization is Quantization.INT8 else Compression.NONE
+    entry = lower_program(backend, result.program, out, name, compress)
     return CompiledProgram(source, result, entry)
 
 
@@ -261,8 +249,9 @@ def build(
     chosen = _backend(backend)
     lowering = _attention(attention, chosen)
     quantization = _quantization(quantize, chosen)
-    if chosen is Backend.TENSORRT:
-        tensorrt.require()  # before minutes of capture, not after
+    # Where the backend cannot run here (tensorrt without CUDA), refused before minutes of
+    # capture, not after: the build runs its programs as `Engine.load` does on the CPU.
+    BACKENDS[chosen].check_device(Device.CPU)
     inputs = _input_paths(model, tokenizer, draft_model, datastore, heads, adapter, dump_dir)
     check_output(out_dir, force, inputs)  # refused before loading anything
     on_stage("load")
@@ -336,12 +325,12 @@ def _with_exit(manifest: Manifest, full: CompiledProgram, exit_layer: int | str,
                backend: Backend, options: CaptureOptions, out: Path, on_stage) -> Manifest:
     """Add the early-exit ``draft`` and ``remainder`` programs at ``exit_layer`` (or at the
     fastest point of the measured sweep, for ``"auto"``) and the policies that use them."""
-    program, lower = full.result.program, LOWERINGS[backend]
+    program = full.result.program
     if exit_layer == AUTO:
         exit_layer, entries, choice = _sweep_exit(full, backend, options, out, on_stage)
     else:
         on_stage(f"lower draft and remainder, exit at layer {exit_layer} ({backend.value})")
-        entries = lower_exit(program, exit_layer, backend, lower, out)
+        entries = lower_exit(program, exit_layer, backend, out)
         choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
     drafting = manifest.quantization is Quantization.NONE  # int8 engines: ar only (see above)
     policies = manifest.policies + ((Policy.EARLY_EXIT,) if drafting else ())
@@ -358,7 +347,7 @@ def _with_adapter(manifest: Manifest, full: CompiledProgram, options: AdapterOpt
     on_stage(f"kangaroo adapter at layer {layer}")
     adapter, report = trained_adapter(full.source, program, layer, options.directory,
                                       options.training)
-    entry = lower_kangaroo(program, layer, adapter, backend, LOWERINGS[backend], out)
+    entry = lower_kangaroo(program, layer, adapter, backend, out)
     on_stage("kangaroo: measure draft lengths x stops")
     step, kangaroo, remainder = (load_program(backend, out / e.file, _outputs(e))
                                  for e in (full.entry, entry, manifest.programs["remainder"]))
@@ -411,11 +400,8 @@ def _with_skip(manifest: Manifest, full: CompiledProgram, skip: SkipSet | str,
 def _lower_skip(program, skip: SkipSet, index: int, backend: Backend,
                 out: Path) -> ProgramEntry:
     sliced = SkipLayers(skip)(program).program
-    file = LOWERINGS[backend](sliced, out, f"skip_{index}")
-    if backend is Backend.ORT:
-        # The draft only proposes and its rows are scratch: all of it may be approximate.
-        ort.quantize_weights(file, bits=8)
-    return ProgramEntry.of(file, sliced.signature.to_json())
+    # The draft only proposes and its rows are scratch: all of it may be approximate.
+    return lower_program(backend, sliced, out, f"skip_{index}", Compression.DRAFT)
 
 
 def _search_skip(full: CompiledProgram, backend: Backend, options: CaptureOptions, out: Path,
@@ -456,7 +442,7 @@ def _sweep_exit(full: CompiledProgram, backend: Backend, options: CaptureOptions
     lowered = {}
     for layer in layers:
         (work / str(layer)).mkdir(parents=True)
-        lowered[layer] = lower_exit(program, layer, backend, LOWERINGS[backend], work / str(layer))
+        lowered[layer] = lower_exit(program, layer, backend, work / str(layer))
     on_stage(f"exit sweep: {len(layers)} layers x {len(EXIT_DEPTHS)} draft lengths")
     programs = {layer: tuple(load_program(backend, work / str(layer) / entries[name].file,
                                           _outputs(entries[name]))
@@ -505,13 +491,10 @@ def _heads_program(source: SourceModel, trained: tuple[DecodingHeads, HeadsRepor
         program = capture_heads(heads, source.model, capture_options.max_new,
                                 capture_options.max_seq)
         on_stage(f"lower heads ({backend.value})")
-        file = LOWERINGS[backend](program, out, "heads")
-        if backend is Backend.ORT:
-            # Drafting only proposes (verification is exact), so the heads' vocabulary
-            # projection may be approximate: int8 reads a quarter of the bytes of a matrix
-            # each call reads in full (0.64 -> 0.39 ms a Hydra call, same top-1 here).
-            ort.quantize_weights(file, bits=8)
-        entry = ProgramEntry.of(file, program.signature.to_json())
+        # Drafting only proposes (verification is exact), so the heads' vocabulary
+        # projection may be approximate: int8 on ORT reads a quarter of the bytes of a
+        # matrix each call reads in full (0.64 -> 0.39 ms a Hydra call, same top-1 here).
+        entry = lower_program(backend, program, out, "heads", Compression.DRAFT)
     directory = save_heads(heads, report, out / "heads")
     on_stage("heads: tree")
     tree, choice = _tree(source, heads, options, full, entry, backend, out)

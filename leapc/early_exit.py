@@ -11,7 +11,6 @@ its draft length the policy's default; the whole sweep goes into the manifest.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from leapc.ir.capture import CapturedProgram
 from leapc.measure import AR, DrafterFactory, measure_drafters
 from leapc.models.train_adapter import AdapterTraining
 from leapc.passes.slice_early_exit import slice_draft, slice_kangaroo, slice_remainder
-from leapc.runtime.backends import ort
-from leapc.runtime.backends.base import StepFunction
+from leapc.runtime.backends.base import Compression, StepFunction, lower_program
 from leapc.runtime.drafters.early_exit import EarlyExitDrafter, KangarooDrafter
 from leapc.runtime.manifest import Backend, ExitPoint, KangarooPoint, ProgramEntry
 from leapc.runtime.sampling import SamplingConfig
@@ -35,7 +33,6 @@ EXIT_DEPTHS = (1, 2, 3, 4, 6)
 # than new text, and with 12 allowed the build picked chains that were slower held out.
 KANGAROO_DEPTHS = (4, 8)
 KANGAROO_CONFIDENCES = (0.02, 0.05, 0.1, 0.2, 0.4)
-Lowering = Callable[[CapturedProgram, Path, str], Path]
 
 
 def exit_candidates(num_layers: int) -> range:
@@ -44,29 +41,25 @@ def exit_candidates(num_layers: int) -> range:
     return range(max(1, num_layers // 6), max(2, num_layers // 2 + 1))
 
 
-def lower_exit(program: CapturedProgram, layer: int, backend: Backend, lower: Lowering,
+def lower_exit(program: CapturedProgram, layer: int, backend: Backend,
                out: Path) -> dict[str, ProgramEntry]:
     """The ``draft`` (layers < E and the exit) and ``remainder`` (layers >= E) programs,
-    sliced from the final full program so they keep its rewrites and numbers."""
-    return {"draft": _lower(slice_draft(program, layer), "draft", backend, lower, out),
-            "remainder": _lower(slice_remainder(program, layer), "remainder", backend, lower,
-                                out, drafts=False)}
+    sliced from the final full program so they keep its rewrites and numbers.
+
+    The exit's logits only propose: the draft's vocabulary projection may be approximate
+    (`Compression.VOCAB_PROJECTION`); it drafts from the same hidden state and KV rows,
+    which stay exact, as the remainder does."""
+    return {"draft": lower_program(backend, slice_draft(program, layer), out, "draft",
+                                   Compression.VOCAB_PROJECTION),
+            "remainder": lower_program(backend, slice_remainder(program, layer), out,
+                                       "remainder")}
 
 
 def lower_kangaroo(program: CapturedProgram, layer: int, adapter: KangarooAdapter,
-                   backend: Backend, lower: Lowering, out: Path) -> ProgramEntry:
+                   backend: Backend, out: Path) -> ProgramEntry:
     """The ``kangaroo`` program: layers < E, the adapter, the model's head."""
-    return _lower(slice_kangaroo(program, layer, adapter), "kangaroo", backend, lower, out)
-
-
-def _lower(sliced: CapturedProgram, name: str, backend: Backend, lower: Lowering, out: Path,
-           drafts: bool = True) -> ProgramEntry:
-    file = lower(sliced, out, name)
-    if drafts and backend is Backend.ORT:
-        # The exit's logits only propose: an int8 vocabulary projection drafts from the
-        # same hidden state and KV rows, which stay float and exact.
-        ort.quantize_vocab_projection(file, sliced.dims.vocab_size)
-    return ProgramEntry.of(file, sliced.signature.to_json())
+    return lower_program(backend, slice_kangaroo(program, layer, adapter), out, "kangaroo",
+                         Compression.VOCAB_PROJECTION)
 
 
 @dataclass(frozen=True)

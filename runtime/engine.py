@@ -23,7 +23,7 @@ from leapc.ir.errors import (
     parse_choice,
     require_utf8,
 )
-from leapc.runtime.backends.base import Device, StepFunction
+from leapc.runtime.backends.base import BACKENDS, Device, StepFunction
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.detokenize import Detokenizer
@@ -116,19 +116,7 @@ class Stream:
 
 
 def _check_device(manifest: Manifest, device: Device) -> None:
-    if manifest.backend is Backend.TENSORRT:  # always on the GPU, whatever --device says
-        from leapc.runtime.backends.tensorrt import require
-
-        require()
-        return
-    if device is Device.CPU:
-        return
-    if manifest.backend is not Backend.ORT:
-        raise InputError(f"--device {device.value} is for ort engines; this engine's backend "
-                         f"is {manifest.backend.value}")
-    from leapc.runtime.backends.ort import check_device
-
-    check_device(device)
+    BACKENDS[manifest.backend].check_device(device)
 
 
 def _load_step(engine_dir: Path, manifest: Manifest, program: str,
@@ -141,21 +129,7 @@ def _load_step(engine_dir: Path, manifest: Manifest, program: str,
 def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
                  device: Device = Device.CPU) -> StepFunction:
     """One lowered program of ``backend``, callable on numpy arrays in signature order."""
-    if backend is Backend.ORT:
-        from leapc.runtime.backends.ort import OrtStep
-
-        return OrtStep(path, device=device)
-    if backend is Backend.TENSORRT:
-        from leapc.runtime.backends.tensorrt import load_step
-
-        return load_step(path, outputs)
-    if backend is Backend.AOTI:
-        from leapc.runtime.backends.aoti import AotiStep
-
-        return AotiStep(path, outputs)
-    from leapc.runtime.backends.eager import EagerStep
-
-    return EagerStep(path, outputs)
+    return BACKENDS[backend].load(path, outputs, device)
 
 
 class Engine:

@@ -1,3 +1,33 @@
+"""Shared fixtures, and the test tiers.
+
+Tiers: ``make test`` runs every test (CI); ``make test-fast`` runs
+``-m "not slow and not aoti and not install"`` for daily work. The markers
+(registered in pyproject.toml; ``--strict-markers``):
+
+* ``slow``: builds or runs an engine of the bundled model or of stories260K, or a tiny
+  engine of a family other than Llama (tiny Llama ORT / eager engines, built once a session
+  in a few seconds, are the fast tier's); trains (heads, adapters, the base recipe);
+  sweeps (``auto`` exit layers, skip sets, trees); or takes more than ~5 s otherwise.
+* ``shared``: needs ``../shared/models/stories260K`` (those tests skip without it).
+* ``aoti``: compiles AOTInductor packages. ``install``: creates a venv and pip-installs.
+  Both are also ``slow`` (added automatically).
+
+Most markers are added here, by rule, in ``pytest_collection_modifyitems``:
+
+1. Fixtures: a test using a fixture of ``FIXTURE_MARKS`` (directly or through another
+   fixture) gets its markers: the heads / exit / skip engines train, so they are ``slow``;
+   a fixture named ``stories`` is stories260K (the engine or the model), so ``shared``.
+2. Parameters: a test parametrized (directly or through a fixture's params) with the value
+   ``"bundled"`` or ``"stories"`` is ``slow`` when it uses an engine fixture
+   (``ENGINE_FIXTURES``, or ``request`` to get one by name), and ``"stories"`` is ``shared``.
+
+Everything else is marked by hand: ``pytestmark`` for whole files, ``pytest.param(...,
+marks=...)`` for slow cases of a parametrization (``families.family_params``), a decorator
+on single tests. The engine fixtures check the hand marks as they hand out an engine: a
+test that gets a bundled, stories260K, non-Llama tiny or aoti engine without the marker
+that says so fails, naming the marker (so a test cannot slip into the fast tier unseen).
+"""
+
 import os
 import pathlib
 import sys
@@ -27,6 +57,64 @@ from leapc.models.loaders import (  # noqa: E402
     save_first_layers,
 )
 from leapc.models.train_adapter import AdapterTraining  # noqa: E402
+
+ENGINE_FIXTURES = {"engine_dir", "heads_engine_dir", "exit_engine_dir", "skip_engine_dir"}
+FIXTURE_MARKS = {
+    "heads_engine_dir": ("slow",),  # trains heads (tiny, stories) or builds the bundled model
+    "exit_engine_dir": ("slow",),  # trains a Kangaroo adapter and sweeps its stop
+    "skip_engine_dir": ("slow",),
+    "stories": ("shared",),
+}
+PARAM_MARKS = {"bundled": ("slow",), "stories": ("slow", "shared")}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        fixtures = set(item.fixturenames)
+        wanted = {m for name in fixtures & set(FIXTURE_MARKS) for m in FIXTURE_MARKS[name]}
+        callspec = getattr(item, "callspec", None)
+        values = {v for v in callspec.params.values() if isinstance(v, str)} if callspec else set()
+        uses_engine = bool(fixtures & ENGINE_FIXTURES) or "request" in _arguments(item)
+        for value in values & set(PARAM_MARKS):
+            wanted |= {m for m in PARAM_MARKS[value] if m != "slow" or uses_engine}
+        if item.get_closest_marker("aoti") or item.get_closest_marker("install"):
+            wanted.add("slow")
+        for name in sorted(wanted - {m.name for m in item.iter_markers()}):
+            item.add_marker(name)
+
+
+def _arguments(item) -> set[str]:
+    function = getattr(item, "function", None)
+    return set(function.__code__.co_varnames[: function.__code__.co_argcount]) if function \
+        else set()
+
+
+_running: list = [None]  # the test being set up or run, for check_marks
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _running[0] = item
+
+
+def check_marks(key: str, backend: str = "ort") -> None:
+    """Fail the running test if it gets the engine of ``key`` on ``backend`` without the
+    markers that engine needs (see the module docstring)."""
+    item = _running[0]
+    if item is None:
+        return
+    needed = set()
+    if key in ("bundled", "stories") or (key.startswith("tiny-") and key != "tiny-llama"):
+        needed.add("slow")
+    if key == "stories":
+        needed.add("shared")
+    if backend == "aoti":
+        needed.add("aoti")
+    missing = sorted(needed - {m.name for m in item.iter_markers()})
+    if missing:
+        pytest.fail(f"{item.nodeid} uses the {key} {backend} engine: mark it "
+                    f"{' and '.join(missing)} (tests/conftest.py says when)", pytrace=False)
+
 
 # Enough training for an adapter whose drafts are sometimes accepted, sometimes not.
 QUICK_ADAPTER = AdapterTraining(steps=6, sequences=8, eval_sequences=2, context=64)
@@ -62,6 +150,7 @@ def engine_dir(tmp_path_factory):
     built = {}
 
     def get(key: str, backend: str = "ort"):
+        check_marks(key, backend)
         if (key, backend) not in built:
             out = tmp_path_factory.mktemp(f"{key}-{backend}")
             draft = datastore = None
@@ -98,6 +187,7 @@ def heads_engine_dir(tmp_path_factory):
     built = {}
 
     def get(key: str, kind: str, placement: str = "program", backend: str = "ort"):
+        check_marks(key, backend)
         if (key, kind, placement, backend) not in built:
             out = tmp_path_factory.mktemp(f"{key}-{kind}-{placement}-{backend}")
             text, max_seq, count = tmp_path_factory.mktemp("heads-text") / "text.txt", None, 3
@@ -129,6 +219,7 @@ def _self_spec_engines(tmp_path_factory, kind: str, **options_of_key):
     built = {}
 
     def get(key: str, backend: str = "ort"):
+        check_marks(key, backend)
         if (key, backend) not in built:
             if key == "stories":
                 model, max_seq = load_source(require_stories()), None

@@ -16,6 +16,9 @@ import torch
 import transformers
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+# The families whose cases of a per-family test run in `make test-fast` (the rest are
+# marked slow: `family_params`); tiny Llama engines are the fast tier's (tests/conftest.py).
+FAST_FAMILIES = ("llama",)
 
 # Configs leapc must refuse, each with a word the refusal message must contain.
 UNSUPPORTED = {
@@ -43,6 +46,13 @@ _COMMON = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+
+def family_params(families=FAMILIES, fast=FAST_FAMILIES) -> list:
+    """``families`` as pytest parameters, each not in ``fast`` marked slow."""
+    import pytest
+
+    return [f if f in fast else pytest.param(f, marks=pytest.mark.slow) for f in families]
 
 
 def tiny_config(family: str) -> transformers.PretrainedConfig:

@@ -50,13 +50,32 @@ STORY_PROMPT = ("Once upon a time, there was a little girl named Lily. She loved
                 "outside. Once upon a time, there was a little girl")
 
 
+_PLAIN: dict = {}
+
+
+def plain_samples(engine, key: tuple, draw) -> list:
+    """``draw()``: plain (``ar``) samples of ``engine``, drawn once per engine directory and
+    ``key`` (they are a function of the seeds; several tests compare drafting policies with
+    the same plain draws). Only for ``ar``: a drafting policy's draws are never reused (a
+    test may have patched its drafter)."""
+    key = (str(engine.path), *key)
+    if key not in _PLAIN:
+        _PLAIN[key] = draw()
+    return _PLAIN[key]
+
+
 def second_and_third(engine, policy: str, seed0: int, draft, samples: int = 2000) -> list:
     """Tokens 2 and 3 sampled at temperature 1 after ``STORY_PROMPT``, one seed each: the
     outcomes a chi-square test compares between a drafting policy and plain sampling
     (token 1 comes from prefill alone, so it does not exercise the drafter)."""
-    return [tuple(engine.generate(STORY_PROMPT, 3, policy=policy, temperature=1.0, seed=seed,
-                                  draft=draft).token_ids[1:3])
-            for seed in range(seed0, seed0 + samples)]
+    def draw() -> list:
+        return [tuple(engine.generate(STORY_PROMPT, 3, policy=policy, temperature=1.0,
+                                      seed=seed, draft=draft).token_ids[1:3])
+                for seed in range(seed0, seed0 + samples)]
+
+    if policy == "ar":
+        return plain_samples(engine, ("second_and_third", seed0, draft, samples), draw)
+    return draw()
 
 
 def with_uniform_q(monkeypatch, drafter_class) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from leapc.runtime.backends.base import configured_threads
+from leapc.runtime.backends.base import Attention, BackendImpl, configured_threads, cpu_only
+from leapc.runtime.manifest import Backend
 
 PROGRAM_SUFFIX = ".pt2"
 
@@ -83,3 +84,10 @@ class AotiStep:
         with t.inference_mode():
             outs = self.runner(*tensors)
         return {name: o.numpy() for name, o in zip(self.output_names, outs, strict=True)}
+
+
+BACKEND = BackendImpl(
+    # CPU only; tree attention (compiled as one fused SDPA, `fused_sdpa`)
+    name=Backend.AOTI, default_attention=Attention.TREE, lower=lower,
+    load=lambda path, outputs, device: AotiStep(path, outputs),
+    check_device=cpu_only(Backend.AOTI))

@@ -1,19 +1,28 @@
-"""What every backend provides: a loaded step program callable on numpy arrays.
+"""What every backend provides (`BackendImpl`), the `BACKENDS` table, and a loaded step
+program callable on numpy arrays (`StepFunction`).
 
 The runtime loop speaks numpy (the ONNX path has no torch); a backend converts at its
-boundary. ``lower`` functions (which need torch) live in each backend's module but import
-torch inside the function, so loading an ORT engine never imports it.
+boundary. ``lower`` (which needs torch) lives in each backend's module but imports torch
+inside the call, so loading an ORT engine never imports it.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
 import os
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from leapc.ir.errors import InputError
+from leapc.runtime.manifest import Backend, ProgramEntry
+
+if TYPE_CHECKING:
+    from leapc.ir.capture import CapturedProgram
 
 
 class StepFunction(Protocol):
@@ -44,3 +53,95 @@ def configured_threads() -> int:
         return int(value)
     raise InputError(f"LEAPC_THREADS must be a whole number of threads, 0 for all cores "
                      f"(got {value!r})")
+
+
+class Attention(str, enum.Enum):
+    """How the engine computes attention (a build choice; each backend has a default)."""
+
+    DENSE = "dense"  # as captured: SDPA under the dense [B, N, T + N] mask
+    TREE = "tree"  # insert_tree_attention: leapc.tree_attention on the compact mask
+
+
+class Compression(str, enum.Enum):
+    """What a lowered program's outputs are used for, which bounds how approximate its
+    weights may be. The backend decides what, if anything, that lets it compress
+    (`BackendImpl.compresses`); the others leave the file as lowered."""
+
+    NONE = "none"  # exact: a target step, an early exit's remainder
+    # Only proposes (verification is exact) and its KV rows are scratch: every weight may
+    # be approximate (skip drafts, the heads program).
+    DRAFT = "draft"
+    # Proposes, but from hidden states and KV rows the target reuses: only the vocabulary
+    # projection may be approximate (the early-exit draft, kangaroo).
+    VOCAB_PROJECTION = "vocab-projection"
+    INT8 = "int8"  # `--quantize int8`: the engine's own programs, weight-only int8
+
+
+def uncompressed(file: Path, program: CapturedProgram, compression: Compression) -> None:
+    """``compress`` of backends that compress nothing: every program is stored as lowered."""
+
+
+def cpu_only(backend: Backend) -> Callable[[Device], None]:
+    """``check_device`` of backends that run on the CPU only."""
+    def check(device: Device) -> None:
+        if device is not Device.CPU:
+            raise InputError(f"--device {device.value} is for ort engines; this engine's "
+                             f"backend is {backend.value}")
+    return check
+
+
+@dataclass(frozen=True)
+class BackendImpl:
+    """What a backend provides: the compile side (``lower``, ``compress``; they import
+    torch or the exporter's packages inside the call) and the run side (``load``,
+    ``check_device``). Importing a backend's module imports no torch: the table below
+    resolves without it, and the ORT backend's ``load`` never needs it."""
+
+    name: Backend
+    default_attention: Attention  # the faster lowering here (docs/decisions.md)
+    # ``(program, out_dir, name) -> out_dir/<name><suffix>``, the file written
+    lower: Callable[[CapturedProgram, Path, str], Path]
+    # ``(path, outputs, device)``: a lowered program, callable on numpy arrays in
+    # signature order
+    load: Callable[[Path, tuple[str, ...], Device], StepFunction]
+    # ``InputError`` (one line) where programs cannot run on ``device`` here
+    check_device: Callable[[Device], None]
+    # ``(file, program, compression)``: rewrite ``file`` in place as ``compression``
+    # allows, or leave it; ``compresses`` states which ones it acts on
+    compress: Callable[[Path, CapturedProgram, Compression], None] = uncompressed
+    compresses: frozenset[Compression] = frozenset()
+
+
+class _Table(Mapping[Backend, BackendImpl]):
+    """``Backend -> BackendImpl``, importing a backend's module (its ``BACKEND``) on lookup."""
+
+    def __init__(self, modules: dict[Backend, str]):
+        self._modules = modules
+
+    def __getitem__(self, backend: Backend) -> BackendImpl:
+        return importlib.import_module(self._modules[backend]).BACKEND
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+# Adding a backend: one module defining ``BACKEND`` (a `BackendImpl`), one line here.
+BACKENDS: Mapping[Backend, BackendImpl] = _Table({
+    Backend.EAGER: "leapc.runtime.backends.eager",
+    Backend.ORT: "leapc.runtime.backends.ort",
+    Backend.AOTI: "leapc.runtime.backends.aoti",
+    Backend.TENSORRT: "leapc.runtime.backends.tensorrt",
+})
+
+
+def lower_program(backend: Backend, program: CapturedProgram, out: Path, name: str,
+                  compress: Compression = Compression.NONE) -> ProgramEntry:
+    """Lower ``program`` to ``out/<name>.*``, compress it as ``compress`` allows on
+    ``backend``, and return its manifest entry (every lowering site goes through here)."""
+    impl = BACKENDS[backend]
+    file = impl.lower(program, out, name)
+    impl.compress(file, program, compress)
+    return ProgramEntry.of(file, program.signature.to_json())

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+from leapc.runtime.backends.base import Attention, BackendImpl, cpu_only
+from leapc.runtime.manifest import Backend
+
 PROGRAM_SUFFIX = ".pt2"
 
 
@@ -36,3 +39,10 @@ class EagerStep:
         with t.inference_mode():
             outs = self.module(*(t.from_numpy(a).to(self.device) for a in inputs))
         return {name: o.cpu().numpy() for name, o in zip(self.output_names, outs, strict=True)}
+
+
+BACKEND = BackendImpl(
+    # CPU only; dense attention (the tree op would run as its Python kernel)
+    name=Backend.EAGER, default_attention=Attention.DENSE, lower=lower,
+    load=lambda path, outputs, device: EagerStep(path, outputs),
+    check_device=cpu_only(Backend.EAGER))

@@ -13,7 +13,14 @@ import numpy as np
 import onnxruntime as ort
 
 from leapc.ir.errors import InputError
-from leapc.runtime.backends.base import Device, configured_threads
+from leapc.runtime.backends.base import (
+    Attention,
+    BackendImpl,
+    Compression,
+    Device,
+    configured_threads,
+)
+from leapc.runtime.manifest import Backend
 
 PROGRAM_SUFFIX = ".onnx"
 
@@ -181,3 +188,20 @@ class OrtStep:
     def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
         feeds = dict(zip(self.input_names, inputs, strict=True))
         return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+
+
+def compress(file: Path, program, compression: Compression) -> None:
+    """Weight-only int8 (`MatMulNBits`): a draft-only program and every program of a
+    ``--quantize int8`` engine whole, an early-exit draft's vocabulary projection only."""
+    if compression in (Compression.DRAFT, Compression.INT8):
+        quantize_weights(file, bits=8)
+    elif compression is Compression.VOCAB_PROJECTION:
+        quantize_vocab_projection(file, program.dims.vocab_size)
+
+
+BACKEND = BackendImpl(
+    # CPU, or the CUDA / TensorRT execution providers; tree attention
+    name=Backend.ORT, default_attention=Attention.TREE, lower=lower,
+    load=lambda path, outputs, device: OrtStep(path, device=device),
+    check_device=check_device, compress=compress,
+    compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8}))

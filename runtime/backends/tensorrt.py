@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from leapc.ir.errors import InputError
+from leapc.runtime.backends.base import Attention, BackendImpl
 from leapc.runtime.backends.eager import EagerStep
+from leapc.runtime.manifest import Backend
 
 PROGRAM_SUFFIX = ".ep"
 OPT_NEW_TOKENS = 8  # the verify step's typical tree size: the shape TensorRT tunes for
@@ -80,3 +82,11 @@ def load_step(path: Path, output_names: tuple[str, ...]) -> EagerStep:
     import torch_tensorrt  # noqa: F401  (registers the TensorRT engine op the program calls)
 
     return EagerStep(path, output_names, device="cuda")
+
+
+BACKEND = BackendImpl(
+    # Always on the GPU, whatever ``--device`` says; dense attention: TensorRT has no
+    # converter for the Python custom op (it would run it in torch between engine pieces).
+    name=Backend.TENSORRT, default_attention=Attention.DENSE, lower=lower,
+    load=lambda path, outputs, device: load_step(path, outputs),
+    check_device=lambda device: require())

@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 from engines import tiny_source
 
-from leapc.cli import main
-
 LEAPC = shutil.which("leapc", path=str(Path(sys.executable).parent)) or shutil.which("leapc")
 
 
@@ -35,19 +33,13 @@ def one_error_line(code: int, stdout: str, stderr: str, *fragments: str) -> str:
 
 
 @pytest.fixture
-def leapc_main(capsys):
+def leapc_main(in_process):
     """``leapc_main(*args, fragments=())`` runs the CLI in this process and checks that it
     failed with one error line naming ``fragments``; returns that line."""
 
     def run(*args: str | Path, fragments: tuple[str, ...] = ()) -> str:
-        capsys.readouterr()  # drop what fixtures printed
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-        captured = capsys.readouterr()
-        return one_error_line(code, captured.out, captured.err, *fragments)
+        result = in_process(*args)
+        return one_error_line(result.returncode, result.stdout, result.stderr, *fragments)
 
     return run
 

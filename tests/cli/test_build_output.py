@@ -24,6 +24,9 @@ import leapc
 from leapc.engine_output import staged_output
 from leapc.ir.errors import InputError
 
+# Every case but the lock's starts `leapc build` processes (~5 s each: torch's import).
+pytestmark = pytest.mark.slow
+
 PROMPT = "1,2,3,4"
 
 

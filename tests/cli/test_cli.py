@@ -1,7 +1,9 @@
 """The ``leapc`` command line, run as a subprocess exactly as users run it.
 
 Happy paths print what they promise; every user mistake exits with code 2 and exactly one
-``error: ...`` line on stderr, never a traceback.
+``error: ...`` line on stderr, never a traceback. Build mistakes are checked in this
+process (``in_process``): a ``leapc build`` process imports torch before it can refuse
+anything (~5 s a case); test_bad_input.py and test_build_output.py run builds as processes.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def broken(tiny, tmp_path) -> Path:
 # ------------------------------------------------------------------ run
 
 
+@pytest.mark.slow
 def test_run_json_on_stories_reproduces_reference(stories):
     result = cli("run", stories, "--prompt", "", "--max-new-tokens", "60", "--json")
     assert result.returncode == 0, result.stderr
@@ -162,6 +165,7 @@ def test_inspect_engine(tiny):
     assert re.search(r"datastore\s+│ none", text)
 
 
+@pytest.mark.slow
 def test_inspect_shows_the_datastore(stories):
     text = cli("inspect", stories).stdout
     assert "retrieval" in text
@@ -295,6 +299,7 @@ def test_corrupt_program_file(broken):
     user_error(cli("run", broken, "--prompt-ids", "1"), "corrupt")
 
 
+@pytest.mark.slow  # a `leapc build` process: ~5 s of imports before it refuses
 def test_build_unsupported_model(tmp_path):
     from families import tiny_checkpoint
 
@@ -306,20 +311,20 @@ def test_build_unsupported_model(tmp_path):
     assert not (out / "manifest.json").exists()
 
 
-def test_build_missing_model(tmp_path):
-    user_error(cli("build", tmp_path / "nowhere", "-o", tmp_path / "out"), "does not exist")
+def test_build_missing_model(in_process, tmp_path):
+    user_error(in_process("build", tmp_path / "nowhere", "-o", tmp_path / "out"), "does not exist")
 
 
-def test_build_unknown_attention_lowering(tmp_path):
-    user_error(cli("build", "bundled", "-o", tmp_path / "out", "--attention", "sparse"),
+def test_build_unknown_attention_lowering(in_process, tmp_path):
+    user_error(in_process("build", "bundled", "-o", tmp_path / "out", "--attention", "sparse"),
                "unknown attention lowering 'sparse'", "dense, tree")
 
 
-def test_build_missing_datastore_source_fails_before_compiling(tmp_path):
-    user_error(cli("build", "bundled", "-o", tmp_path / "out", "--datastore", tmp_path / "none"),
-               "datastore source", "does not exist")
-    user_error(cli("build", "bundled", "-o", tmp_path / "out", "--datastore", "bundled",
-                   "--datastore", tmp_path), "cannot be combined")
+def test_build_missing_datastore_source_fails_before_compiling(in_process, tmp_path):
+    user_error(in_process("build", "bundled", "-o", tmp_path / "out", "--datastore",
+                          tmp_path / "none"), "datastore source", "does not exist")
+    user_error(in_process("build", "bundled", "-o", tmp_path / "out", "--datastore", "bundled",
+                          "--datastore", tmp_path), "cannot be combined")
 
 
 def test_retrieval_needs_an_engine_built_with_a_datastore(tiny):
@@ -327,6 +332,7 @@ def test_retrieval_needs_an_engine_built_with_a_datastore(tiny):
                "does not support policy 'retrieval'")
 
 
+@pytest.mark.slow
 def test_run_retrieval_matches_ar_on_stories(stories):
     args = ("run", stories, "--prompt", "Once upon a time", "--max-new-tokens", "48", "--json")
     ar = json.loads(cli(*args).stdout)
@@ -427,40 +433,40 @@ def test_run_a_head_policy(heads_engine_dir):
     assert json.loads(drafted.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
 
 
-def test_head_build_mistakes_are_user_errors(tmp_path):
-    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--tree", "auto"),
+def test_head_build_mistakes_are_user_errors(in_process, tmp_path):
+    user_error(in_process("build", "bundled", "-o", tmp_path / "e", "--tree", "auto"),
                "--train-heads and --tree need --heads K")
-    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "3"),
+    user_error(in_process("build", "bundled", "-o", tmp_path / "e", "--heads", "3"),
                "ships 4 medusa heads", "--train-heads TEXT")
-    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "4", "--head-kind",
-                   "hydra", "--head-placement", "step"), "Hydra heads")
+    user_error(in_process("build", "bundled", "-o", tmp_path / "e", "--heads", "4",
+                          "--head-kind", "hydra", "--head-placement", "step"), "Hydra heads")
     tree = tmp_path / "tree.json"
     tree.write_text("[[0], [0, 0, 0, 0, 0]]")
-    user_error(cli("build", "bundled", "-o", tmp_path / "e", "--heads", "4", "--tree", tree),
-               "needs more than the 4 heads")
+    user_error(in_process("build", "bundled", "-o", tmp_path / "e", "--heads", "4", "--tree",
+                          tree), "needs more than the 4 heads")
 
 
 @pytest.mark.parametrize("exit_layer", ["0", "12"])
-def test_build_refuses_an_exit_layer_out_of_range(tmp_path, exit_layer):
-    result = cli("build", "bundled", "-o", tmp_path / "e", "--exit-layer", exit_layer)
+def test_build_refuses_an_exit_layer_out_of_range(in_process, tmp_path, exit_layer):
+    result = in_process("build", "bundled", "-o", tmp_path / "e", "--exit-layer", exit_layer)
     user_error(result, "exit layer", "1 to 11")
 
 
-def test_build_refuses_an_exit_layer_that_is_not_a_number(tmp_path):
-    result = cli("build", "bundled", "-o", tmp_path / "e", "--exit-layer", "middle")
+def test_build_refuses_an_exit_layer_that_is_not_a_number(in_process, tmp_path):
+    result = in_process("build", "bundled", "-o", tmp_path / "e", "--exit-layer", "middle")
     user_error(result, "--exit-layer must be a layer number or 'auto'", "'middle'")
 
 
-def test_build_refuses_an_adapter_without_an_exit(tmp_path):
-    result = cli("build", "bundled", "-o", tmp_path / "e", "--train-adapter", tmp_path / "a")
+def test_build_refuses_an_adapter_without_an_exit(in_process, tmp_path):
+    result = in_process("build", "bundled", "-o", tmp_path / "e", "--train-adapter", tmp_path / "a")
     user_error(result, "--train-adapter needs --exit-layer")
 
 
-def test_run_refuses_kangaroo_on_an_engine_without_an_adapter(engine_dir):
-    result = cli("run", engine_dir("bundled"), "--prompt", "x", "--policy", "kangaroo")
+def test_run_refuses_kangaroo_on_an_engine_without_an_adapter(tiny):
+    result = cli("run", tiny, "--prompt-ids", "1", "--policy", "kangaroo")
     user_error(result, "engine does not support policy 'kangaroo'")
 
 
-def test_build_refuses_a_bad_skip_set(tmp_path):
-    result = cli("build", "bundled", "-o", tmp_path / "e", "--skip", "a3,x4")
+def test_build_refuses_a_bad_skip_set(in_process, tmp_path):
+    result = in_process("build", "bundled", "-o", tmp_path / "e", "--skip", "a3,x4")
     user_error(result, "'x4' is not a layer (7), an attention (a7) or an MLP (m7) sublayer")

@@ -18,6 +18,7 @@ from leapc.models.loaders import load_source
 from leapc.passes.slice_early_exit import slice_head
 
 QUICK = recipe.AdapterTraining(steps=12, sequences=8, eval_sequences=2, context=64)
+pytestmark = pytest.mark.slow  # trains on the bundled model
 EXIT = 2
 
 
@@ -35,21 +36,43 @@ def _kl(source, program, adapter, sequences) -> float:
     return float((teacher.exp() * (teacher - log_q)).sum(-1).mean())
 
 
-def test_training_lowers_the_kl_to_the_model(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The recipe run once (both tests need a trained adapter): (adapter, report, the
+    directory it trained in)."""
     source, program = bundled()
-    adapter, report = recipe.train_adapter(source, program, EXIT, QUICK, tmp_path)
-    sequences = torch.load(tmp_path / "train.pt")
+    work = tmp_path_factory.mktemp("adapter-training")
+    adapter, report = recipe.train_adapter(source, program, EXIT, QUICK, work)
+    return adapter, report, work
+
+
+def test_training_lowers_the_kl_to_the_model(trained):
+    source, program = bundled()
+    adapter, report, work = trained
+    sequences = torch.load(work / "train.pt")
     untrained = recipe.KangarooAdapter(recipe.adapter_config(source.model))
     assert _kl(source, program, adapter, sequences) < 0.9 * _kl(source, program, untrained,
                                                                 sequences)
     assert report.steps == QUICK.steps and 0 < report.agreement_before < 1
 
 
-def test_an_adapter_is_trained_once_then_reused_and_refused_for_another_exit(tmp_path,
+def test_an_adapter_is_trained_once_then_reused_and_refused_for_another_exit(trained, tmp_path,
                                                                              monkeypatch):
+    """`trained_adapter` on an empty directory runs the recipe (the fixture's run stands in
+    for it: the training itself is the test above's) in a work directory, keeps only the
+    adapter, then reuses it."""
     source, program = bundled()
     directory = tmp_path / "adapter"
+    calls = []
+
+    def recipe_run(*args):
+        calls.append(args)
+        args[-1].mkdir(parents=True)  # the recipe's work directory, removed once saved
+        return trained[:2]
+
+    monkeypatch.setattr(recipe, "train_adapter", recipe_run)
     first, _ = recipe.trained_adapter(source, program, EXIT, directory, QUICK)
+    assert calls == [(source, program, EXIT, QUICK, directory / "training")]
     assert sorted(p.name for p in directory.iterdir()) == ["adapter.json", "adapter.safetensors"]
 
     def no_training(*args):

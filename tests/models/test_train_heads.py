@@ -25,6 +25,7 @@ def periodic_stream(length: int = 6000) -> np.ndarray:
     return (3 + (np.arange(length) * 7) % 40).astype(np.int64)
 
 
+@pytest.mark.slow  # trains twice
 @pytest.mark.parametrize("kind", HeadKind)
 def test_training_lowers_the_loss_and_reports_agreement(kind, tmp_path):
     model = tiny_model("llama")

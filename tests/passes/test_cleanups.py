@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from families import FAMILIES, captured, tiny_model
+from families import captured, family_params, tiny_model
 
 from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import StepModule
@@ -22,7 +22,7 @@ def op_counts(program) -> Counter:
     return Counter(n.target for n in program.program.graph.nodes if n.op == "call_function")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_remove_noop_ops_removes_identity_casts_and_aliases(family):
     before = captured(family)
     noops_before = [n for n in before.program.graph.nodes if is_noop(n)]
@@ -47,7 +47,7 @@ def test_remove_noop_ops_is_idempotent():
     assert again.program is once
 
 
-@pytest.mark.parametrize("family", ("llama", "qwen3", "gemma"))
+@pytest.mark.parametrize("family", family_params(("llama", "qwen3", "gemma")))
 def test_fold_constants_folds_rope_inverse_frequencies(family):
     before = captured(family)
     assert violation(Invariant.CONSTANTS_FOLDED, before) is not None

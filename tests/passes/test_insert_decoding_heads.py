@@ -8,7 +8,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from families import FAMILIES, captured, tiny_model
+from families import captured, family_params, tiny_model
 
 from leapc.ir.capture import StepModule, example_inputs
 from leapc.ir.errors import InputError
@@ -53,7 +53,7 @@ def final_hidden(family: str, inputs) -> torch.Tensor:
     return captured_hidden["h"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_zero_initialised_heads_reproduce_the_lm_head(family):
     _, program = with_heads(family, HeadPlacement.STEP, zero=True)
     inputs = example_inputs(program.dims)
@@ -63,7 +63,7 @@ def test_zero_initialised_heads_reproduce_the_lm_head(family):
         torch.testing.assert_close(head_logits[k], logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_step_heads_equal_the_heads_on_the_source_models_hidden_state(family):
     heads, program = with_heads(family, HeadPlacement.STEP)
     inputs = example_inputs(program.dims)
@@ -77,7 +77,7 @@ def test_step_heads_equal_the_heads_on_the_source_models_hidden_state(family):
     assert not torch.allclose(head_logits[0], head_logits[1])  # the heads differ
 
 
-@pytest.mark.parametrize("family", ("llama", "gpt2"))
+@pytest.mark.parametrize("family", family_params(("llama", "gpt2")))
 def test_program_placement_exposes_the_hidden_state_the_lm_head_reads(family):
     _, program = with_heads(family, HeadPlacement.PROGRAM)
     names = [s.name for s in program.signature.outputs]

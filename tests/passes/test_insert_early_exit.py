@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 import transformers
-from families import FAMILIES, captured, tiny_config, tiny_model
+from families import captured, family_params, tiny_config, tiny_model
 from trees import tree_step_inputs
 
 from leapc.ir import signature as sig
@@ -90,7 +90,7 @@ def _hf_exit_reference(model, prefix: torch.Tensor, new: torch.Tensor, exit_laye
         return past, model.get_output_embeddings()(norm(hidden)), out.logits[:, prefix.shape[1]:]
 
 
-@pytest.mark.parametrize("key", ["deep", *FAMILIES])
+@pytest.mark.parametrize("key", ["deep", *family_params()])
 def test_exit_logits_equal_the_models_first_layers_then_its_head(key):
     model = deep_model() if key == "deep" else tiny_model(key)
     full, exit_layer = source(key)
@@ -144,7 +144,7 @@ def test_draft_and_remainder_signatures():
         assert violation(invariant, draft) is None
 
 
-@pytest.mark.parametrize("key", ["deep", *FAMILIES])
+@pytest.mark.parametrize("key", ["deep", *family_params()])
 def test_draft_then_remainder_equals_the_full_program(key):
     """Random trees over random valid past prefixes, at several B, N, T (dynamic shapes)."""
     full, with_exit, draft, remainder = programs(key)
@@ -241,7 +241,7 @@ def test_kangaroo_draft_signature_and_weights():
     assert sorted(name for _, name in model) == sorted(draft.program.state_dict)
 
 
-@pytest.mark.parametrize("key", ["deep", "llama", "gemma", "gpt2"])
+@pytest.mark.parametrize("key", ["deep", *family_params(("llama", "gemma", "gpt2"))])
 def test_kangaroo_draft_is_the_exit_then_the_adapter_then_the_head(key):
     """``present`` and ``hidden`` are the plain draft's; ``logits`` the model's final norm
     and head (HF's modules) over the adapter's output; ``adapter_present`` its KV rows."""

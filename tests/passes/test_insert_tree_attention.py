@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from engines import tiny_source
-from families import FAMILIES, captured
+from families import captured, family_params
 from trees import tree_step_inputs
 
 import leapc
@@ -39,7 +39,7 @@ def call_counts(program) -> Counter:
     return Counter(n.target for n in program.program.graph.nodes if n.op == "call_function")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_every_sdpa_becomes_tree_attention_on_the_unrepeated_cache(family):
     """Expected per layer: tree_attention(q, keys_cat, values_cat, past_len, tree_mask, scale)
     with past_len and tree_mask computed once; repeat_kv's expands are gone."""
@@ -61,7 +61,7 @@ def test_every_sdpa_becomes_tree_attention_on_the_unrepeated_cache(family):
     assert violation(Invariant.TREE_ATTENTION, after) is None
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_tree_program_equals_the_dense_program_on_random_trees(family):
     dense = captured(family).program.module()
     tree = tree_program(family).program.module()
@@ -98,6 +98,7 @@ def test_build_option_selects_the_pipeline():
         leapc.build("bundled", "unused", attention="sparse")
 
 
+@pytest.mark.slow
 def test_eager_engine_file_loads_in_a_fresh_process(tmp_path):
     """The .pt2 calls leapc.tree_attention: loading it must declare the op first."""
     path = eager.lower(tree_program("llama"), tmp_path, "full")
@@ -107,13 +108,19 @@ def test_eager_engine_file_loads_in_a_fresh_process(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ort_engines(tmp_path_factory):
-    source = tiny_source("llama")
-    return {a: leapc.load(leapc.build(source, tmp_path_factory.mktemp(a), "ort", attention=a,
-                                      max_seq=256))
-            for a in ("dense", "tree")}
+def ort_engines(engine_dir, tmp_path_factory):
+    """The tiny Llama's ORT engines with each attention lowering: the session's (built with
+    the default lowering), and one built here with the other."""
+    default = leapc.load(engine_dir("tiny-llama", "ort"))
+    lowered = "insert_tree_attention" in default.manifest.passes
+    other = "dense" if lowered else "tree"
+    engines = {"tree" if lowered else "dense": default}
+    engines[other] = leapc.load(leapc.build(tiny_source("llama"), tmp_path_factory.mktemp(other),
+                                            "ort", attention=other, max_seq=256))
+    return engines
 
 
+@pytest.mark.slow
 def test_ort_tree_engine_matches_the_dense_engine(ort_engines):
     dense, tree = ort_engines["dense"], ort_engines["tree"]
     assert tree.manifest.passes[-1] == "insert_tree_attention"
@@ -126,6 +133,7 @@ def test_ort_tree_engine_matches_the_dense_engine(ort_engines):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ort_engines_use_fused_opset_23_ops(ort_engines):
     """Decomposed attention, norms or RoPE (a lower opset, an exporter change) cost ~30% of
     a step; and the tree engine's layers share one attention mask."""
@@ -139,6 +147,7 @@ def test_ort_engines_use_fused_opset_23_ops(ort_engines):
             assert ops["Range"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ("ar", "recycle"))
 def test_ort_tree_engine_generates_the_same_greedy_tokens(ort_engines, policy):
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]

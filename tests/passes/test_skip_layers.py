@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from families import FAMILIES, captured, tiny_model
+from families import captured, family_params, tiny_model
 
 from leapc.ir.errors import InputError
 from leapc.ir.skip_spec import SkipSet
@@ -58,7 +58,7 @@ def _reference(model, skip: SkipSet, prefix, new):
 
 
 @pytest.mark.parametrize("text", SETS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params())
 def test_skipped_sublayers_equal_the_model_with_those_branches_zeroed(family, text):
     model, full = tiny_model(family), captured(family)
     skip = SkipSet.parse(text, full.dims.num_layers)

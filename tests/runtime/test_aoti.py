@@ -2,7 +2,8 @@
 to the ORT and eager engines, need neither leapc nor Python ops to run, and are validated
 like every other program file.
 
-Compiling is slow (~20 s a program on 2 cores): the engines come from the session's
+Compiling is slow (~20 s a program on 2 cores; the tests that compile are marked ``aoti``,
+which ``make test-fast`` leaves out): the engines come from the session's
 ``engine_dir`` fixture (tiny Llama; stories260K with its draft model and datastore) plus
 one tiny Llama with the other attention lowering, built through the CLI.
 """
@@ -21,10 +22,10 @@ from engines import STORIES_REFERENCE, tiny_source
 from trees import random_tree, stack_masks, tree_step_inputs
 
 import leapc
-from leapc.compiler import DEFAULT_ATTENTION, Attention
 from leapc.ir.errors import EngineError
 from leapc.kernels import reference
 from leapc.runtime.backends.aoti import fused_sdpa
+from leapc.runtime.backends.base import BACKENDS, Attention
 from leapc.runtime.manifest import Backend
 
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
@@ -58,7 +59,7 @@ def tiny_other_attention(tmp_path_factory) -> leapc.Engine:
     source.model.config.eos_token_id = None  # as tiny_source: never stop early
     source.model.save_pretrained(checkpoint)
     source.tokenizer.save(str(checkpoint / "tokenizer.json"))
-    other = next(a for a in Attention if a is not DEFAULT_ATTENTION[Backend.AOTI])
+    other = next(a for a in Attention if a is not BACKENDS[Backend.AOTI].default_attention)
     out = tmp_path_factory.mktemp(f"tiny-llama-aoti-{other.value}")
     leapc_cli = Path(sys.executable).parent / "leapc"
     subprocess.run([leapc_cli, "build", checkpoint, "-o", out, "--backend", "aoti",
@@ -85,6 +86,7 @@ def stories_greedy(engine_dir) -> dict[str, list[int]]:
     return {prompt: ort.generate(prompt, 96).token_ids for prompt in STORIES_PROMPTS}
 
 
+@pytest.mark.aoti
 def test_engine_is_a_package_per_program(stories):
     assert stories.manifest.backend is Backend.AOTI
     assert {name: entry.file for name, entry in stories.manifest.programs.items()} == \
@@ -105,11 +107,13 @@ def test_the_decomposition_equals_the_reference(heads, kv_heads, new, past):
                                reference.tree_attention(q, k, v, past_len, tree_mask, 0.3))
 
 
+@pytest.mark.aoti
 @pytest.mark.parametrize("policy", TINY_POLICIES)
 def test_tiny_policies_match_ort_and_eager_greedy(tiny, tiny_greedy, policy):
     assert tiny.generate(PROMPT, 40, policy=policy).token_ids == tiny_greedy
 
 
+@pytest.mark.aoti
 def test_both_attention_lowerings_agree(tiny, tiny_other_attention):
     lowered = [e.manifest.passes[-1] == "insert_tree_attention" for e in (tiny, tiny_other_attention)]
     assert sorted(lowered) == [False, True]
@@ -123,6 +127,7 @@ def test_both_attention_lowerings_agree(tiny, tiny_other_attention):
             tiny.generate(PROMPT, 40).token_ids
 
 
+@pytest.mark.aoti
 def test_tree_package_runs_in_a_process_without_leapc(tiny, tiny_other_attention, tmp_path):
     """Tree attention is decomposed into aten ops before compiling: no call back into the
     Python op, so plain torch runs the package."""
@@ -144,16 +149,19 @@ def test_tree_package_runs_in_a_process_without_leapc(tiny, tiny_other_attention
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.aoti
 def test_stories_reproduces_the_reference_text(stories):
     assert stories.generate("", 60).text.strip() == STORIES_REFERENCE
 
 
+@pytest.mark.aoti
 @pytest.mark.parametrize("policy", ("ar", "lookup", "recycle", "lookahead", "draft", "retrieval"))
 def test_stories_policies_match_ort_greedy(stories, stories_greedy, policy):
     for prompt, expected in stories_greedy.items():
         assert stories.generate(prompt, 96, policy=policy).token_ids == expected, prompt
 
 
+@pytest.mark.aoti
 def test_corrupt_package_is_refused(engine_dir, tmp_path):
     copy = tmp_path / "engine"
     shutil.copytree(engine_dir("tiny-llama", "aoti"), copy)

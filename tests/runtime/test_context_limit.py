@@ -4,7 +4,8 @@ One small-context engine holds a program for every policy (a draft model, a data
 Hydra heads, an early exit with a Kangaroo adapter, a layer-skip set). Prompts of lengths
 that leave a few tokens, a chain's worth, or most of the context run every policy to
 max_seq: the output fills the context exactly (prompt + output = max_seq), the stop
-reason says so, and greedy output is `ar`'s token for token.
+reason says so, and greedy output is `ar`'s token for token. (Building that engine trains
+heads and an adapter: every test using it is slow.)
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def _prompts() -> list[list[int]]:
     return prompts
 
 
+@pytest.mark.slow
 def test_every_policy_runs_to_max_seq_and_matches_ar(engine):
     for prompt in _prompts():
         ar = engine.generate(prompt, 2 * MAX_SEQ)
@@ -107,6 +109,7 @@ LONG_DRAFTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("policy", "options"), LONG_DRAFTS,
                          ids=[f"{p}-{i}" for i, (p, _) in enumerate(LONG_DRAFTS)])
 def test_long_drafts_shrink_to_the_room_left(engine, policy, options):
@@ -118,6 +121,7 @@ def test_long_drafts_shrink_to_the_room_left(engine, policy, options):
         assert got.token_ids == ar and got.stats.stop_reason is StopReason.MAX_SEQ, length
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", sorted(ALL_POLICIES))
 def test_sampling_runs_to_max_seq(engine, policy):
     for length in (94, 80):
@@ -127,6 +131,7 @@ def test_sampling_runs_to_max_seq(engine, policy):
         assert out.stats.stop_reason is StopReason.MAX_SEQ
 
 
+@pytest.mark.slow
 def test_stop_reason_when_limits_meet(engine):
     """The token budget that ends exactly at max_seq ends the request's budget; an EOS
     there is an EOS."""
@@ -145,6 +150,7 @@ def test_stop_reason_when_limits_meet(engine):
     assert eos.stats.stop_reason is StopReason.EOS
 
 
+@pytest.mark.slow
 def test_a_prompt_one_short_of_max_seq_emits_one_token(engine):
     for policy in ("ar", "swift", "kangaroo"):
         out = engine.generate(CORPUS[: MAX_SEQ - 1], 10, policy=policy)
@@ -163,6 +169,7 @@ def test_draft_budget_leaves_the_bonus_token_inside_max_seq():
     assert draft_budget(cache, MAX_NEW, StopConfig(5, ()), 3) == 1
 
 
+@pytest.mark.slow
 def test_a_draft_over_its_budget_is_named(engine):
     class Greedy:
         """Ignores its budget: a drafter bug the loop reports before the step fails."""
@@ -180,6 +187,7 @@ def test_a_draft_over_its_budget_is_named(engine):
         list(run)
 
 
+@pytest.mark.slow
 def test_decode_refuses_a_prompt_that_leaves_nothing_to_generate(engine):
     cache = engine._cache(engine.manifest.model)
     run = decode(engine.step, cache, list(range(MAX_SEQ)), MAX_NEW, None, SamplingConfig(),

@@ -261,6 +261,8 @@ def test_stream_text_equals_generated_text(engine_dir, key):
         assert saw_bytes, "no seed sampled a byte token: pick other seeds"
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_stream_of_a_drafting_policy_equals_generated_text(engine_dir):
     """Several tokens a step (lookup accepts drafts): the same text, chunk by chunk."""
     engine = leapc.load(engine_dir("stories"))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from engines import tiny_source
-from stats import chi2_critical, chi2_homogeneity
+from stats import chi2_critical, chi2_homogeneity, plain_samples
 
 import leapc
 from leapc.models.loaders import SourceModel
@@ -15,6 +15,7 @@ from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.engine import DraftOptions
 
 PROMPT = [5, 17, 200, 3]
+pytestmark = pytest.mark.slow  # the engine builds two models (~15 s); the sampling tests 8k runs
 
 
 def noisy_copy(source: SourceModel, scale: float, seed: int = 0) -> SourceModel:
@@ -65,8 +66,13 @@ def test_confidence_threshold_stops_unsure_drafts_and_keeps_the_output(engine):
 
 def samples(engine, policy: str, temperature: float, seeds: range,
             options: DraftOptions = DraftOptions(max_draft=4)) -> list[list[int]]:
-    return [engine.generate(PROMPT, 3, policy=policy, temperature=temperature, seed=s,
-                            draft=options).token_ids for s in seeds]
+    def draw() -> list[list[int]]:
+        return [engine.generate(PROMPT, 3, policy=policy, temperature=temperature, seed=s,
+                                draft=options).token_ids for s in seeds]
+
+    if policy == "ar":  # rules 2-flat, 3 and 4 compare with the same plain draws
+        return plain_samples(engine, ("draft_model", temperature, seeds, options), draw)
+    return draw()
 
 
 SAMPLED_DRAFTS = {  # rule -> (temperature, drafting options)

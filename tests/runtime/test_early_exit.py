@@ -139,6 +139,7 @@ def test_only_the_drafts_vocabulary_projection_is_int8(exit_engine_dir):
     assert "MatMulNBits" not in matmuls("remainder")
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize(("policy", "wrong_q"), [("early-exit", False), ("kangaroo", False),
                                                ("early-exit", True)],
                          ids=["exit-q", "kangaroo-q", "uniform-q"])
@@ -157,6 +158,7 @@ def test_sampling_matches_plain_sampling_only_with_the_exit_q(exit_engine_dir, m
     assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)
 
 
+@pytest.mark.slow  # a sweep
 def test_exit_layer_auto_keeps_the_fastest_measured_point(tmp_path):
     """`--exit-layer auto` lowers every candidate, measures each (layer, draft length), and
     keeps the fastest; the policy then drafts that many tokens by default."""

@@ -13,6 +13,7 @@ import pytest
 import leapc
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.install
 
 
 def sh(*args, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -42,6 +42,8 @@ def _encodings(engine_dir, key: str, source_spec) -> tuple[list, list, leapc.Eng
             [engine.encode(p) for p in SPECIAL_PROMPTS], engine)
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_llama2c_typed_special_tokens_encode_as_at_build(engine_dir):
     """llama2.c keeps typed "</s>" as text (encode_special_tokens), a flag tokenizer.json
     does not hold: the manifest carries it to the loaded engine's tokenizer."""
@@ -53,6 +55,7 @@ def test_llama2c_typed_special_tokens_encode_as_at_build(engine_dir):
     assert eos not in loaded[1], "typed </s> became the EOS control token"
 
 
+@pytest.mark.slow
 def test_bundled_typed_special_tokens_encode_as_at_build(engine_dir):
     require_bundled()
     built, loaded, engine = _encodings(engine_dir, "bundled", "bundled")

@@ -38,6 +38,7 @@ def test_bundled_heads_policies_equal_ar_and_draft_usefully(heads_engine_dir, ki
     assert taus[kind] > 1.4, taus
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("kind", ("medusa", "hydra"))
 def test_stories_heads_policies_equal_ar(heads_engine_dir, kind):
     engine = leapc.load(heads_engine_dir("stories", kind))
@@ -64,6 +65,7 @@ def test_step_placement_engine_has_no_heads_program(heads_engine_dir):
     assert "MatMulNBits" in {node.op_type for node in heads_graph.node}
 
 
+@pytest.mark.slow  # trains heads, measures
 def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
     """``--tree auto`` records the acceptance it measured and the predicted curve, and the
     tree it keeps is Sequoia's at the curve's best point, still token-identical to ``ar``."""

@@ -67,6 +67,7 @@ def test_scratch_rows_leave_the_cache_as_ar_leaves_it(skip_engine_dir):
                                reference.buffer[..., : reference.length, :], atol=1e-4)
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize(("policy", "wrong_q"), [("layer-skip", False), ("swift", False),
                                                ("layer-skip", True)],
                          ids=["skip-q", "swift-q", "uniform-q"])
@@ -84,6 +85,7 @@ def test_sampling_matches_plain_sampling_only_with_the_drafts_q(skip_engine_dir,
     assert bool(stat > chi2_critical(df)) is wrong_q, (stat, df)
 
 
+@pytest.mark.slow  # a search and a sweep
 def test_skip_auto_keeps_the_fastest_measured_set_of_the_agreement_path(tmp_path):
     """`--skip auto`: the greedy path grows one sublayer a step, the candidates are its sets,
     each measured at every draft length; the fastest is the engine's, its length the

@@ -208,6 +208,8 @@ def test_lookahead_stops_at_the_token_budget_and_at_max_seq(engine_dir):
         engine.generate(long_prompt, 40).token_ids
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_greedy_lookahead_is_token_identical_to_ar_on_stories(engine_dir):
     engine = leapc.load(engine_dir("stories"))
     for prompt in ("", "One day, Tom", REPETITIVE):
@@ -215,6 +217,7 @@ def test_greedy_lookahead_is_token_identical_to_ar_on_stories(engine_dir):
             engine.generate(prompt, 64).token_ids, prompt
 
 
+@pytest.mark.slow
 def test_greedy_lookahead_is_token_identical_to_ar_on_the_bundled_model(engine_dir):
     from leapc.models import corpus
 
@@ -224,6 +227,8 @@ def test_greedy_lookahead_is_token_identical_to_ar_on_the_bundled_model(engine_d
             engine.generate(prompt, 64).token_ids, prompt
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_the_jacobi_window_alone_gets_tokens_accepted(engine_dir):
     """With the context's n-grams kept out of the pool, every accepted token comes from an
     n-gram the lookahead branch generated. (Windows that see only themselves get about
@@ -240,6 +245,8 @@ def test_the_jacobi_window_alone_gets_tokens_accepted(engine_dir):
     assert steps["lookahead"] < 0.8 * steps["ar"], steps
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_sampled_lookahead_matches_plain_sampling(engine_dir):
     """Rule 5: the 2nd and 3rd tokens, drafted from the prompt's n-grams (" named Lily"),
     follow the same distribution as plain sampling (chi-square homogeneity, alpha =

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from families import family_params
 
 import leapc
 
@@ -12,6 +13,8 @@ REPETITIVE = ("Once upon a time, there was a little girl named Lily. She loved t
               "Once upon a time, there was a little")
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 @pytest.mark.parametrize("backend", ("ort", "eager"))
 @pytest.mark.parametrize("policy", STORIES_POLICIES)
 def test_policy_is_token_identical_to_ar_on_stories(engine_dir, policy, backend):
@@ -28,7 +31,7 @@ def test_policy_is_token_identical_to_ar_on_stories(engine_dir, policy, backend)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("family", ("llama", "gpt2", "gemma"))
+@pytest.mark.parametrize("family", family_params(("llama", "gpt2", "gemma")))
 def test_policy_is_token_identical_to_ar_on_tiny_families(engine_dir, family, policy):
     engine = leapc.load(engine_dir(f"tiny-{family}"))
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
@@ -36,6 +39,8 @@ def test_policy_is_token_identical_to_ar_on_tiny_families(engine_dir, family, po
         engine.generate(prompt, 40).token_ids
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_stops_at_the_token_budget_and_eos(engine_dir, policy):
     engine = leapc.load(engine_dir("stories"))
@@ -51,6 +56,8 @@ def test_policy_stops_at_the_token_budget_and_eos(engine_dir, policy):
     assert engine.generate(REPETITIVE, 64, policy=policy).token_ids == expected
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_adaptive_lookup_is_token_identical_to_ar(engine_dir):
     from leapc.runtime.engine import DraftOptions
 
@@ -62,6 +69,7 @@ def test_adaptive_lookup_is_token_identical_to_ar(engine_dir):
     assert adaptive.stats.steps < ar.stats.steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ("lookup", "recycle", "draft", "retrieval"))
 def test_policy_is_token_identical_to_ar_on_the_bundled_model(engine_dir, policy):
     from leapc.models import corpus

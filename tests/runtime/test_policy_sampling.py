@@ -4,21 +4,25 @@ the same distribution as plain sampling (chi-square homogeneity, alpha = 0.001).
 from __future__ import annotations
 
 import pytest
-from stats import chi2_critical, chi2_homogeneity
+from stats import chi2_critical, chi2_homogeneity, plain_samples
 
 import leapc
 
 PROMPT = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
           "Once upon a time, there was a little girl")
 SAMPLES = 3000
+pytestmark = [pytest.mark.slow, pytest.mark.shared]  # stories260K's engines, 6k runs a test
 
 
 def second_and_third_tokens(engine, policy: str, temperature: float, seed0: int) -> list:
-    out = []
-    for seed in range(seed0, seed0 + SAMPLES):
-        ids = engine.generate(PROMPT, 3, policy=policy, temperature=temperature, seed=seed).token_ids
-        out.append(tuple(ids[1:3]))
-    return out
+    def draw() -> list:
+        return [tuple(engine.generate(PROMPT, 3, policy=policy, temperature=temperature,
+                                      seed=seed).token_ids[1:3])
+                for seed in range(seed0, seed0 + SAMPLES)]
+
+    if policy == "ar":  # the lookup[1.5] test and the biased-sampler test share these
+        return plain_samples(engine, ("policy_sampling", temperature, seed0), draw)
+    return draw()
 
 
 @pytest.mark.parametrize("temperature", (0.6, 1.5))  # a peaked and a flat distribution

@@ -20,6 +20,7 @@ def int8_engine(tmp_path_factory):
     return leapc.load(leapc.build(tiny_source("llama"), out, "ort", max_seq=256, quantize="int8"))
 
 
+@pytest.mark.slow  # the int8 engine: a build of its own
 def test_every_constant_matmul_becomes_matmulnbits(int8_engine):
     graph = onnx.load(str(int8_engine.path / "full.onnx")).graph
     weights = {init.name for init in graph.initializer}
@@ -31,6 +32,7 @@ def test_every_constant_matmul_becomes_matmulnbits(int8_engine):
     assert not float_weight_matmuls
 
 
+@pytest.mark.slow
 def test_int8_logits_stay_close_to_float32(int8_engine, engine_dir):
     full = leapc.load(engine_dir("tiny-llama", "ort"))
     ours, reference = (e.generate(PROMPT, 1) for e in (int8_engine, full))
@@ -42,6 +44,7 @@ def test_int8_logits_stay_close_to_float32(int8_engine, engine_dir):
     assert np.abs(rounded - exact).max() > 0  # the weights really changed
 
 
+@pytest.mark.slow
 def test_int8_engines_decode_autoregressively_only(int8_engine):
     """Drafting policies would not reproduce `ar` there (see docs/decisions.md)."""
     assert int8_engine.manifest.policies == (Policy.AR,)

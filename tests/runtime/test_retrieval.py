@@ -73,6 +73,7 @@ def test_settings_beyond_the_sorted_depth_are_refused():
         RetrievalConfig(min_probability=1.0)
 
 
+@pytest.mark.slow
 def test_an_engine_carries_its_datastore_and_checks_it(engine_dir, tmp_path):
     import shutil
 

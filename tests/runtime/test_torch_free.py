@@ -107,3 +107,28 @@ def test_blocker_is_effective(tmp_path):
     result = run_python(BLOCKER + "import torch\n", cwd=tmp_path)
     assert result.returncode != 0
     assert "torch is blocked" in result.stderr
+
+
+def test_backend_table_covers_every_backend():
+    from leapc.runtime.backends.base import BACKENDS, Compression
+    from leapc.runtime.manifest import Backend
+
+    assert set(BACKENDS) == set(Backend)
+    assert [BACKENDS[b].name for b in Backend] == list(Backend)
+    assert BACKENDS[Backend.ORT].compresses == set(Compression) - {Compression.NONE}
+
+
+def test_backend_table_resolves_without_torch(tmp_path):
+    """Every backend's entry (and the ORT loader) resolves with torch blocked: only
+    ``lower`` and the torch backends' ``load`` import it."""
+    code = BLOCKER + textwrap.dedent(
+        """
+        from leapc.runtime.backends.base import BACKENDS
+        from leapc.runtime.manifest import Backend
+
+        impls = [BACKENDS[b] for b in Backend]
+        assert callable(BACKENDS[Backend.ORT].load)
+        """
+    ) + CHECKS
+    result = run_python(code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
