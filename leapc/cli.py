@@ -416,6 +416,11 @@ def main(argv: list[str] | None = None) -> None:
         if missing is None:
             raise
         _fail(missing)
+    except ImportError as e:
+        # Ctrl-C while a C extension (onnxruntime) initialises surfaces as an ImportError
+        if not isinstance(e.__cause__, KeyboardInterrupt):
+            raise
+        code = 130
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
