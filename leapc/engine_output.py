@@ -89,7 +89,7 @@ def _recheck_target(path: Path, force: bool) -> None:
                          "directory")
     if not path.is_dir() or not any(path.iterdir()):
         return
-    foreign = foreign_entries(path)
+    foreign = _foreign_entries(path)
     if foreign is None:
         raise InputError(f"refusing to write the engine to {path}: it exists and is not a leapc "
                          "engine (nothing was changed; name a new or empty directory)")
@@ -100,7 +100,7 @@ def _recheck_target(path: Path, force: bool) -> None:
         raise InputError(f"{path} holds an engine already; pass --force to replace it")
 
 
-def foreign_entries(path: Path) -> set[str] | None:
+def _foreign_entries(path: Path) -> set[str] | None:
     """The top-level entries of ``path`` that its engine did not write (a user's files);
     None if ``path`` holds no leapc manifest (of any schema version) at all."""
     try:
@@ -197,12 +197,10 @@ def _swap_in(staging: Path, path: Path) -> None:
         return
     if _exchange(staging, path):
         return
-    aside = _new_sibling(path, f"{_STAGING}old-")
-    os.rename(path, aside / "old")
+    aside = path.parent / f".{path.name}{_STAGING}old-{secrets.token_hex(4)}"  # swept if killed
+    os.rename(path, aside)
     os.rename(staging, path)
-    staging.mkdir()
-    os.rename(aside / "old", staging / "old")
-    aside.rmdir()
+    os.rename(aside, staging)
 
 
 _RENAME_EXCHANGE = 2

@@ -246,3 +246,17 @@ def test_ctrl_c_while_benchmarking_exits_130_with_one_line(engine):
     _, stderr = bench.communicate(timeout=60)
     assert bench.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["interrupted"], stderr
+
+
+def test_without_renameat2_the_old_engine_is_renamed_aside_then_removed(tmp_path, monkeypatch):
+    """Kernels or filesystems without RENAME_EXCHANGE: the same result, in three renames."""
+    import leapc.engine_output as engine_output
+
+    monkeypatch.setattr(engine_output, "_exchange", lambda a, b: False)
+    target = tmp_path / "engine"
+    for content in ("old", "new"):
+        with staged_output(target, force=True) as staging:
+            (staging / "manifest.json").write_text('{"schema_version": 1, "programs": {}}')
+            (staging / "tokenizer.json").write_text(content)
+    assert (target / "tokenizer.json").read_text() == "new"
+    assert leftovers(tmp_path) == []
