@@ -22,7 +22,7 @@ from leapc.benchmark import BenchConfig, PolicyRun, load_prompts, run_bench, sav
 from leapc.heads import HeadsOptions, default_tree
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.drafters.heads import DynamicTree
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"

@@ -21,7 +21,8 @@ import typer
 import leapc
 from leapc.benchmark import load_prompts, save_results
 from leapc.runtime.drafters.lookahead import LookaheadConfig
-from leapc.runtime.engine import DraftOptions, Engine
+from leapc.runtime.engine import Engine
+from leapc.runtime.policies import DraftOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_SETS = ("code_heldout", "code_edit")

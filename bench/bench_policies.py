@@ -23,7 +23,7 @@ import leapc
 from leapc.benchmark import BenchConfig, PolicyRun, load_prompts, run_bench
 from leapc.models.loaders import BUNDLED_DRAFT, load_source, save_first_layers
 from leapc.plots import plot_speedups
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"

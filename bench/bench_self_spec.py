@@ -20,7 +20,7 @@ import typer
 import leapc
 from leapc.benchmark import BenchConfig, PolicyRun, load_prompts, run_bench, save_results
 from leapc.early_exit import AdapterOptions
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"

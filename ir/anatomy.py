@@ -16,7 +16,9 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import OutputKind
 from torch.fx import Graph, Node
 
+from leapc.ir.capture import CapturedProgram
 from leapc.ir.errors import UnsupportedModelError
+from leapc.ir.graph import descendants
 
 # By qualified name: leapc's own op is declared in leapc.kernels, which ir does not import.
 ATTENTION_OPS = ("aten::scaled_dot_product_attention", "leapc::tree_attention")
@@ -159,16 +161,6 @@ def _same_shape(a: Node, b: Node) -> bool:
             and va.shape == vb.shape and va.dtype == vb.dtype)
 
 
-def descendants(node: Node) -> set[Node]:
-    seen, todo = set(), [node]
-    while todo:
-        for user in todo.pop().users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return seen
-
-
 def _cache_updates(attention: Node, inside: set[Node]) -> tuple[Node, Node] | None:
     """The concatenations of past and new keys / values feeding ``attention`` (args 1, 2).
 
@@ -275,3 +267,8 @@ def recover_anatomy(program: ExportedProgram, num_layers: int, hidden: int) -> A
         lm_head_weight=weight,
         lm_head_bias=bias,
     )
+
+
+def anatomy_of(program: CapturedProgram) -> Anatomy:
+    """`recover_anatomy` of a captured program, at its own layer count and hidden size."""
+    return recover_anatomy(program.program, program.dims.num_layers, program.dims.hidden_size)

@@ -26,7 +26,7 @@ from leapc.ir.errors import UnsupportedModelError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
 STEP_INPUTS = ("tokens", "positions", "past", "mask")
 STEP_OUTPUTS = ("logits", "present")
-# A remainder program (passes/slice_early_exit.py) takes the residual stream instead of tokens.
+# A remainder program (passes/slice_remainder.py) takes the residual stream instead of tokens.
 HIDDEN_INPUT = "hidden"
 # Kangaroo's adapter KV (`ir/adapter.py`): one layer shaped like the step's past / present.
 ADAPTER_PAST, ADAPTER_PRESENT = "adapter_past", "adapter_present"

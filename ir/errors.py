@@ -45,6 +45,11 @@ class MissingDependencyError(LeapcUserError):
                    "pip install 'leapc[compile]'")
 
 
+class GraphError(Exception):
+    """An ir graph helper found a graph unlike what it relies on: an internal error (the
+    pass pipeline adds which pass ran it)."""
+
+
 def parse_choice(kind: type[Choice], value: object, what: str) -> Choice:
     """``kind(value)``, or an `InputError` naming ``what`` and the known values."""
     try:

@@ -13,9 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+
 from leapc.ir.errors import InputError, require_utf8
 from leapc.runtime.decode import GenerationStats
-from leapc.runtime.engine import DraftOptions, Engine, Generation
+from leapc.runtime.engine import Engine, Generation
+from leapc.runtime.policies import DraftOptions
 
 CODE_PROMPTS = (
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -208,6 +211,26 @@ def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
         "results": rows,
         "baselines": baselines,
     }
+
+
+def bench_table(result: dict) -> Table:
+    """`run_bench`'s result as the table `leapc bench` and `leapc demo` print."""
+    table = Table(title=f"{result['model']} · {result['backend']} · {result['prompts']} prompts "
+                        f"× {result['max_new_tokens']} tokens (median of {result['repeats']})")
+    for column in ("policy", "tokens/s", "tau", "steps", "speedup vs ar", "identical to ar"):
+        table.add_column(column, justify="right")
+    for r in result["results"]:
+        table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
+                      f"{r['speedup_vs_ar']:.2f}×", "yes" if r["identical_to_ar"] else "NO")
+    for key, label, policy in (("hf_generate_tokens_per_s", "hf generate", "ar"),
+                               ("hf_prompt_lookup_tokens_per_s", "hf prompt lookup", "lookup"),
+                               ("hf_assisted_tokens_per_s", "hf assisted", "draft")):
+        hf = result["baselines"].get(key)
+        ours = next((r for r in result["results"] if r["policy"] == policy), None)
+        if hf:
+            ratio = f"({policy} is {ours['tokens_per_s'] / hf:.2f}× this)" if ours else ""
+            table.add_row(label, f"{hf:.1f}", "", "", ratio, "")
+    return table
 
 
 def save_results(directory: Path, name: str, data, caption: str, table: str) -> None:

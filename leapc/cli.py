@@ -24,7 +24,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 from leapc.ir.errors import InputError, LeapcUserError, MissingDependencyError, require_utf8
 from leapc.ir.head_spec import HeadKind, HeadPlacement
@@ -34,7 +33,8 @@ from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
-from leapc.runtime.manifest import Backend, Policy, Quantization
+from leapc.runtime.manifest import Backend, Quantization
+from leapc.runtime.policies import Policy
 from leapc.runtime.sampling import TypicalAcceptance
 
 
@@ -130,37 +130,29 @@ def build(
                                help="replace the engine at --output (never anything else)"),
 ) -> None:
     """Compile MODEL into an engine directory."""
-    import leapc
-    from leapc.compiler import stage_count
+    from leapc.compiler import build as build_engine
+    from leapc.compiler import planned_steps
     from leapc.early_exit import AdapterOptions
+    from leapc.stage import BuildOptions
 
     # flags first: a mistake is one error line, not a progress bar and then the line
-    heads_options = _heads_options(heads, head_kind, train_heads, tree, head_placement)
-    exit_at, source = _exit_layer(exit_layer), _datastore_source(datastore)
+    options = BuildOptions.parse(
+        backend, attention, quantize, _exit_layer(exit_layer), skip, max_seq=max_seq,
+        tokenizer=tokenizer, draft_model=draft_model, datastore=_datastore_source(datastore),
+        heads=_heads_options(heads, head_kind, train_heads, tree, head_placement),
+        adapter=AdapterOptions(train_adapter) if train_adapter else None,
+        dump_dir=dump_passes)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
-        programs = 1 + (draft_model is not None)
-        task = bar.add_task("build", total=stage_count(programs, backend, attention,
-                                                       datastore=bool(datastore),
-                                                       heads=head_placement if heads > 0
-                                                       else None,
-                                                       exit_layer=exit_at,
-                                                       adapter=train_adapter is not None,
-                                                       skip=skip))
+        task = bar.add_task("build", total=planned_steps(options))
 
         def on_stage(stage: str) -> None:
             if bar.tasks[task].description != "build":
                 bar.advance(task)
             bar.update(task, description=stage)
 
-        path = leapc.build(model, output, backend, attention=attention, max_seq=max_seq,
-                           tokenizer=tokenizer, draft_model=draft_model,
-                           datastore=source, quantize=quantize, heads=heads_options,
-                           exit_layer=exit_at,
-                           adapter=AdapterOptions(train_adapter) if train_adapter else None,
-                           skip=skip, dump_dir=dump_passes, force=force,
-                           on_stage=on_stage)
+        path = build_engine(model, output, options, force=force, on_stage=on_stage)
     out.print(f"engine written to [bold]{path}[/]")
 
 
@@ -176,6 +168,7 @@ def _exit_layer(text: str | None) -> int | str | None:
 def _heads_options(count: int, kind: HeadKind, text: list[Path] | None, tree: str | None,
                    placement: HeadPlacement):
     from leapc.heads import HeadsOptions
+    from leapc.stage import AUTO
 
     if count < 0:
         raise InputError(f"--heads must be 0 (none) or more (got {count})")
@@ -184,7 +177,8 @@ def _heads_options(count: int, kind: HeadKind, text: list[Path] | None, tree: st
             raise InputError("--train-heads and --tree need --heads K")
         return None
     return HeadsOptions(count=count, kind=kind, train_text=list(text) if text else None,
-                        tree=tree, placement=placement)
+                        tree=AUTO if tree == AUTO else Path(tree) if tree else None,
+                        placement=placement)
 
 
 def _datastore_source(values: list[str] | None) -> str | list[Path] | None:
@@ -230,7 +224,7 @@ def run(
     if (prompt is None) == (prompt_ids is None):
         raise InputError("give exactly one of --prompt and --prompt-ids")
     request = require_utf8(prompt, "--prompt") if prompt is not None else _prompt_ids(prompt_ids)
-    loaded = leapc.load(engine, device)
+    loaded = leapc.load(engine, device, policies=[policy])
     draft = _draft_options(max_draft, ngram, matches, adaptive, draft_tree, confidence,
                            tree_sampling, lookahead, retrieval_nodes,
                            DynamicTree(tree_nodes, beam))
@@ -286,7 +280,7 @@ def _parse_ids(text: str, option: str) -> list[int]:
 def _draft_options(max_draft: int | None, ngram: int, matches: int, adaptive: bool,
                    draft_tree: str, confidence: float, tree_sampling: ChildSampling,
                    lookahead: LookaheadConfig, retrieval_nodes: int, dynamic: DynamicTree):
-    from leapc.runtime.engine import DraftOptions
+    from leapc.runtime.policies import DraftOptions
 
     return DraftOptions(max_draft=max_draft, ngram=ngram, matches=matches, adaptive=adaptive,
                         branching=tuple(_parse_ids(draft_tree, "--draft-tree")),
@@ -328,7 +322,7 @@ def bench(
 ) -> None:
     """Benchmark policies on an engine (medians over repeats)."""
     import leapc
-    from leapc.benchmark import BenchConfig, load_prompts, run_bench
+    from leapc.benchmark import BenchConfig, bench_table, load_prompts, run_bench
 
     if repeats < 1 or max_new_tokens < 1:
         raise InputError("--repeats and --max-new-tokens must be at least 1")
@@ -343,7 +337,7 @@ def bench(
                                      confidence, tree_sampling, lookahead, retrieval_nodes,
                                      DynamicTree(tree_nodes, beam)))
     with out.status("benchmarking"):
-        result = run_bench(leapc.load(engine, device), cfg, vs_hf)
+        result = run_bench(leapc.load(engine, device, cfg.policies), cfg, vs_hf)
     out.print(bench_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
@@ -362,25 +356,6 @@ def _check_output_file(path: Path | None, option: str) -> None:
         raise InputError(f"{option} {path}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise InputError(f"{option} {path}: directory {path.parent} is not writable")
-
-
-def bench_table(result: dict) -> Table:
-    table = Table(title=f"{result['model']} · {result['backend']} · {result['prompts']} prompts "
-                        f"× {result['max_new_tokens']} tokens (median of {result['repeats']})")
-    for column in ("policy", "tokens/s", "tau", "steps", "speedup vs ar", "identical to ar"):
-        table.add_column(column, justify="right")
-    for r in result["results"]:
-        table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
-                      f"{r['speedup_vs_ar']:.2f}×", "yes" if r["identical_to_ar"] else "NO")
-    for key, label, policy in (("hf_generate_tokens_per_s", "hf generate", "ar"),
-                               ("hf_prompt_lookup_tokens_per_s", "hf prompt lookup", "lookup"),
-                               ("hf_assisted_tokens_per_s", "hf assisted", "draft")):
-        hf = result["baselines"].get(key)
-        ours = next((r for r in result["results"] if r["policy"] == policy), None)
-        if hf:
-            ratio = f"({policy} is {ours['tokens_per_s'] / hf:.2f}× this)" if ours else ""
-            table.add_row(label, f"{hf:.1f}", "", "", ratio, "")
-    return table
 
 
 @app.command()

@@ -18,6 +18,7 @@ from leapc.models import corpus
 from leapc.models.loaders import BUNDLED
 from leapc.runtime.datastore import SUFFIXES_FILE, TOKENS_FILE, Datastore
 from leapc.runtime.manifest import DatastoreInfo, sha256_file
+from leapc.stage import BuildState, Stage
 
 DatastoreSource = str | Path | Sequence[str | Path]
 DEPTH = 12  # sorted tokens per suffix: the longest n-gram plus continuation a query may use
@@ -59,3 +60,11 @@ def build_datastore(description: str, texts: list[str], tokenizer: Tokenizer, en
         depth=DEPTH,
         sha256={name: sha256_file(engine_dir / directory / name)
                 for name in (TOKENS_FILE, SUFFIXES_FILE)})
+
+
+def _datastore(state: BuildState) -> None:
+    state.on_stage("datastore")
+    state.update(datastore=build_datastore(*state.corpus, state.source.tokenizer, state.out))
+
+
+DATASTORE = Stage("datastore", lambda o: int(o.datastore is not None), _datastore)

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.panel import Panel
 
-from leapc.benchmark import CODE_PROMPTS, BenchConfig, run_bench
+from leapc.benchmark import CODE_PROMPTS, BenchConfig, bench_table, run_bench
 from leapc.ir.errors import InputError
 from leapc.ir.head_spec import HeadKind
 
@@ -66,7 +66,6 @@ def bundled_engine(console: Console) -> Path:
 
 def run_demo(console: Console) -> None:
     import leapc
-    from leapc.cli import bench_table
 
     path = bundled_engine(console)
     engine = leapc.load(path)

@@ -6,6 +6,9 @@ programs on the target backend, on calibration prompts (training-split windows, 
 benchmarks' held-out ones), against ``ar`` on the same prompts in the same run
 (`leapc.measure`). The fastest point becomes the engine's exit layer and
 its draft length the policy's default; the whole sweep goes into the manifest.
+
+Its build stages: `EXIT` (the draft and remainder programs, given or swept) and `ADAPTER`
+(Kangaroo's adapter at that exit, and its measured draft length and stop).
 """
 
 from __future__ import annotations
@@ -14,17 +17,34 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from leapc.heads import calibration_prompts
 from leapc.ir.adapter import KangarooAdapter
 from leapc.ir.capture import CapturedProgram
-from leapc.measure import AR, DrafterFactory, measure_drafters
-from leapc.models.train_adapter import AdapterTraining
-from leapc.passes.slice_early_exit import slice_draft, slice_kangaroo, slice_remainder
-from leapc.runtime.backends.base import Compression, StepFunction, lower_program
-from leapc.runtime.drafters.early_exit import EarlyExitDrafter, KangarooDrafter
-from leapc.runtime.manifest import Backend, ExitPoint, KangarooPoint, ProgramEntry
-from leapc.runtime.sampling import SamplingConfig
+from leapc.measure import AR, measure_drafters
+from leapc.models.adapter import FILES as ADAPTER_FILES
+from leapc.models.train_adapter import AdapterTraining, trained_adapter
+from leapc.passes.pipeline import Pipeline
+from leapc.passes.slice_draft import SliceDraft
+from leapc.passes.slice_kangaroo import SliceKangaroo
+from leapc.passes.slice_remainder import SliceRemainder
+from leapc.runtime.backends.base import Compression, lower_program
+from leapc.runtime.manifest import (
+    AdapterInfo,
+    Backend,
+    ExitChoice,
+    ExitPoint,
+    KangarooPoint,
+    ProgramEntry,
+    file_digests,
+)
+from leapc.runtime.policies import (
+    DEFAULT_EXIT_DEPTH,
+    POLICIES,
+    DraftOptions,
+    Policy,
+    measured_drafter,
+)
+from leapc.stage import AUTO, BuildState, Stage
 
 EXIT_DEPTHS = (1, 2, 3, 4, 6)
 # Kangaroo's measured grid: longest chain x stop below this top-1 probability. Small
@@ -49,16 +69,16 @@ def lower_exit(program: CapturedProgram, layer: int, backend: Backend,
     The exit's logits only propose: the draft's vocabulary projection may be approximate
     (`Compression.VOCAB_PROJECTION`); it drafts from the same hidden state and KV rows,
     which stay exact, as the remainder does."""
-    return {"draft": lower_program(backend, slice_draft(program, layer), out, "draft",
+    return {"draft": lower_program(backend, Pipeline((SliceDraft(layer),))(program).program, out, "draft",
                                    Compression.VOCAB_PROJECTION),
-            "remainder": lower_program(backend, slice_remainder(program, layer), out,
+            "remainder": lower_program(backend, Pipeline((SliceRemainder(layer),))(program).program, out,
                                        "remainder")}
 
 
 def lower_kangaroo(program: CapturedProgram, layer: int, adapter: KangarooAdapter,
                    backend: Backend, out: Path) -> ProgramEntry:
     """The ``kangaroo`` program: layers < E, the adapter, the model's head."""
-    return lower_program(backend, slice_kangaroo(program, layer, adapter), out, "kangaroo",
+    return lower_program(backend, Pipeline((SliceKangaroo(layer, adapter),))(program).program, out, "kangaroo",
                          Compression.VOCAB_PROJECTION)
 
 
@@ -71,40 +91,105 @@ class AdapterOptions:
     training: AdapterTraining = AdapterTraining()
 
 
-def move_programs(entries: dict[str, ProgramEntry], source: Path, out: Path) -> None:
+def _move_programs(entries: dict[str, ProgramEntry], source: Path, out: Path) -> None:
     for entry in entries.values():
         for name in (entry.file, *entry.data_files):
             shutil.move(source / name, out / name)
 
 
-def sweep_exits(step: StepFunction, exits: dict[int, tuple[StepFunction, StepFunction]],
-                dims, prompts: list[list[int]], max_seq: int,
-                chunk: int) -> tuple[float, tuple[ExitPoint, ...]]:
-    """``ar`` tokens/s and every (exit layer, depth) point."""
-    def early_exit(layer: int, depth: int) -> DrafterFactory:
-        draft, remainder = exits[layer]
-        return lambda kv: EarlyExitDrafter(draft, kv, layer, SamplingConfig(),
-                                           np.random.default_rng(0), depth, remainder=remainder)
+# ------------------------------------------------------------------ stage: the exit
 
-    measured = measure_drafters(step, dims, {(layer, depth): early_exit(layer, depth)
-                                             for layer in exits for depth in EXIT_DEPTHS},
-                                prompts, max_seq, chunk)
+
+def _exit(state: BuildState) -> None:
+    """The early-exit ``draft`` and ``remainder`` programs at the given exit layer, or at
+    the fastest point of the measured sweep (``AUTO``)."""
+    layer, backend = state.options.exit_layer, state.options.backend
+    if layer is AUTO:
+        layer, entries, choice = _sweep_exits(state)
+    else:
+        state.on_stage(f"lower draft and remainder, exit at layer {layer} ({backend.value})")
+        entries = lower_exit(state.full.result.program, layer, backend, state.out)
+        choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
+    state.update(programs=state.manifest.programs | entries, exit_layer=layer,
+                 exit_choice=choice)
+
+
+def _sweep_exits(state: BuildState) -> tuple[int, dict[str, ProgramEntry], ExitChoice]:
+    """Lower every candidate exit into its own directory, measure ``early-exit`` at each
+    layer x draft length, keep the fastest layer's programs."""
+    full, backend = state.full, state.options.backend
+    program, dims = full.result.program, full.result.program.dims
+    layers = exit_candidates(dims.num_layers)
+    state.on_stage(f"lower exits at layers {layers.start}..{layers.stop - 1} ({backend.value})")
+    work = state.out / ".exit-sweep"
+    lowered = {}
+    for layer in layers:
+        (work / str(layer)).mkdir(parents=True)
+        lowered[layer] = lower_exit(program, layer, backend, work / str(layer))
+    state.on_stage(f"exit sweep: {len(layers)} layers x {len(EXIT_DEPTHS)} draft lengths")
+    grid = {}
+    for layer, entries in lowered.items():
+        programs = {name: state.program(e, work / str(layer)) for name, e in entries.items()}
+        facts = state.manifest.model_copy(update={"exit_layer": layer})
+        for depth in EXIT_DEPTHS:
+            grid[layer, depth] = measured_drafter(Policy.EARLY_EXIT, facts, programs,
+                                                  DraftOptions(max_draft=depth))
+    measured = measure_drafters(state.program(full.entry), dims, grid,
+                                calibration_prompts(full.source, None),
+                                state.capture.max_seq, state.capture.max_new)
     ar = measured.pop(AR)[0]
-    return ar, tuple(ExitPoint(layer=layer, depth=depth, tokens_per_s=tps, tau=tau)
-                     for (layer, depth), (tps, tau) in measured.items())
+    points = tuple(ExitPoint(layer=layer, depth=depth, tokens_per_s=tps, tau=tau)
+                   for (layer, depth), (tps, tau) in measured.items())
+    best = max(points, key=lambda p: p.tokens_per_s)
+    _move_programs(lowered[best.layer], work / str(best.layer), state.out)
+    shutil.rmtree(work)
+    choice = ExitChoice(source="auto", depth=best.depth, ar_tokens_per_s=ar, sweep=points)
+    return best.layer, lowered[best.layer], choice
 
 
-def sweep_kangaroo(step: StepFunction, kangaroo: StepFunction, remainder: StepFunction,
-                   layer: int, dims, prompts: list[list[int]], max_seq: int,
-                   chunk: int) -> tuple[float, tuple[KangarooPoint, ...]]:
-    """``ar`` tokens/s and every (draft length, confidence) point of ``kangaroo``."""
-    def drafter(depth: int, confidence: float) -> DrafterFactory:
-        return lambda kv: KangarooDrafter(kangaroo, kv, layer, SamplingConfig(),
-                                          np.random.default_rng(0), depth, confidence,
-                                          remainder=remainder, chunk=chunk)
+# ------------------------------------------------------------------ stage: Kangaroo's adapter
 
-    grid = {(d, c): drafter(d, c) for d in KANGAROO_DEPTHS for c in KANGAROO_CONFIDENCES}
-    measured = measure_drafters(step, dims, grid, prompts, max_seq, chunk, extra_layers=1)
+
+def _adapter(state: BuildState) -> None:
+    """Kangaroo: the adapter at the engine's exit (trained, or read from its directory),
+    the ``kangaroo`` program, its measured draft length and stop, and a copy of the
+    adapter's files in the engine."""
+    full, options, manifest = state.full, state.options.adapter, state.manifest
+    program, layer = full.result.program, manifest.exit_layer
+    state.on_stage(f"kangaroo adapter at layer {layer}")
+    adapter, report = trained_adapter(full.source, program, layer, options.directory,
+                                      options.training)
+    entry = lower_kangaroo(program, layer, adapter, state.options.backend, state.out)
+    state.on_stage("kangaroo: measure draft lengths x stops")
+    programs = {"kangaroo": state.program(entry),
+                "remainder": state.program(manifest.programs["remainder"])}
+    grid = {(d, c): measured_drafter(Policy.KANGAROO, manifest, programs,
+                                     DraftOptions(max_draft=d, confidence=c))
+            for d in KANGAROO_DEPTHS for c in KANGAROO_CONFIDENCES}
+    measured = measure_drafters(state.program(full.entry), program.dims, grid,
+                                calibration_prompts(full.source, None), manifest.max_seq,
+                                manifest.max_new,
+                                extra_layers=POLICIES[Policy.KANGAROO].extra_layers)
     ar = measured.pop(AR)[0]
-    return ar, tuple(KangarooPoint(depth=d, confidence=c, tokens_per_s=tps, tau=tau)
-                     for (d, c), (tps, tau) in measured.items())
+    sweep = tuple(KangarooPoint(depth=d, confidence=c, tokens_per_s=tps, tau=tau)
+                  for (d, c), (tps, tau) in measured.items())
+    best = max(sweep, key=lambda p: p.tokens_per_s)
+    info = AdapterInfo(steps=report.steps, seconds=report.seconds,
+                       agreement_before=report.agreement_before,
+                       agreement_after=report.agreement_after, depth=best.depth,
+                       confidence=best.confidence, ar_tokens_per_s=ar, sweep=sweep,
+                       sha256=file_digests(_copy_adapter(options.directory,
+                                                         state.out / "adapter")))
+    state.update(programs=manifest.programs | {"kangaroo": entry}, adapter=info)
+
+
+def _copy_adapter(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for name in ADAPTER_FILES:
+        shutil.copyfile(source / name, target / name)
+    return target
+
+
+EXIT = Stage("early exit", lambda o: 0 if o.exit_layer is None else 1 + (o.exit_layer is AUTO),
+             _exit)
+ADAPTER = Stage("kangaroo adapter", lambda o: 2 * (o.adapter is not None), _adapter)

@@ -6,11 +6,15 @@ a file of rank paths, or ``auto``: the acceptance of every head rank is measured
 model's own greedy continuations of calibration text, the verify step's cost by node count
 is measured on the engine just lowered, and Sequoia's program (`leapc.ir.tree_search`)
 picks the tree and node budget that maximise predicted tokens per second.
+
+Its build stages: `HEADS` (train or load them, before the full program's pipeline inserts
+them) and `HEADS_PROGRAM` (the ``heads`` program, the saved weights, the tree).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +25,24 @@ import torch
 from leapc.datastore import DatastoreSource, read_texts
 from leapc.ir.errors import InputError
 from leapc.ir.head_spec import HeadKind, HeadPlacement, HeadsConfig
-from leapc.ir.heads import DecodingHeads, project
+from leapc.ir.heads import DecodingHeads, capture_heads, project
 from leapc.ir.tree_search import AcceptanceTable, Budget, best_budget
 from leapc.models import corpus
-from leapc.models.heads import HeadsReport, bundled_heads_dir, load_heads
+from leapc.models.heads import HeadsReport, bundled_heads_dir, load_heads, save_heads
 from leapc.models.loaders import BUNDLED, SourceModel
 from leapc.models.train_heads import HeadsTraining, train_heads
-from leapc.runtime.backends.base import StepFunction
-from leapc.runtime.manifest import TreeChoice
+from leapc.runtime.backends.base import Compression, lower_program
+from leapc.runtime.manifest import (
+    Backend,
+    HeadsInfo,
+    ProgramEntry,
+    Quantization,
+    TreeChoice,
+    file_digests,
+)
+from leapc.runtime.step import StepFunction
+from leapc.stage import AUTO, Auto, BuildOptions, BuildState, Stage
 
-AUTO = "auto"
 # Hand-written for four heads (Medusa-style: wide near the root, one path deep), 15 nodes.
 DEFAULT_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (0, 2), (1, 0), (0, 0, 0), (0, 0, 1),
                 (0, 1, 0), (1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0))
@@ -44,7 +56,7 @@ class HeadsOptions:
     count: int = 4
     kind: HeadKind = HeadKind.MEDUSA
     train_text: DatastoreSource | None = None  # None: the heads the bundled model ships
-    tree: str | Path | None = None  # None: DEFAULT_TREE (trimmed to K heads); "auto"; a file
+    tree: Path | Auto | None = None  # None: DEFAULT_TREE (trimmed to K heads); AUTO; a file
     placement: HeadPlacement = HeadPlacement.PROGRAM
     # --train-heads: the recipe's budget (`leapc.models.train_heads.HeadsTraining`)
     training_steps: int = HeadsTraining.steps
@@ -217,3 +229,79 @@ def auto_tree(table: AcceptanceTable, steps: dict[int, float],
     choice = TreeChoice(source=AUTO, acceptance=tuple(map(tuple, table.to_json())),
                         curve=budget.curve)
     return budget.paths, choice, budget
+
+
+# ---------------------------------------------------------------------------- build stages
+
+
+def check_heads(options: BuildOptions) -> None:
+    """The heads' options against the backend and quantization, before anything is built."""
+    heads = options.heads
+    if options.backend is Backend.TENSORRT:
+        raise InputError("decoding heads are not supported on the tensorrt backend yet")
+    if options.quantize is not Quantization.NONE:
+        raise InputError("decoding heads need float weights (int8 engines decode with ar only)")
+    if heads.count < 1:
+        raise InputError(f"--heads must be at least 1 (got {heads.count})")
+    if heads.placement is HeadPlacement.STEP and heads.kind is HeadKind.HYDRA:
+        raise InputError("Hydra heads read drafted tokens: they need --head-placement program")
+    if heads.tree not in (None, AUTO):
+        read_tree(Path(heads.tree), heads.count)  # a bad file fails before minutes of work
+
+
+def _obtain(state: BuildState) -> None:
+    """Before the full program, whose pipeline inserts them."""
+    options = state.options.heads
+    state.on_stage("heads: train" if options.train_text is not None else "heads: load")
+    work = state.out / ".train-heads"
+    state.heads = obtain_heads(state.source, options, work)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _program(state: BuildState) -> None:
+    """Lower the ``heads`` program (program placement), save the weights, choose the tree."""
+    (heads, report), options = state.heads, state.options.heads
+    programs = {}
+    if options.placement is HeadPlacement.PROGRAM:
+        state.on_stage("capture heads")
+        program = capture_heads(heads, state.source.model, state.capture.max_new,
+                                state.capture.max_seq)
+        state.on_stage(f"lower heads ({state.options.backend.value})")
+        # Drafting only proposes (verification is exact), so the heads' vocabulary
+        # projection may be approximate: int8 on ORT reads a quarter of the bytes of a
+        # matrix each call reads in full (0.64 -> 0.39 ms a Hydra call, same top-1 here).
+        programs["heads"] = lower_program(state.options.backend, program, state.out, "heads",
+                                          Compression.DRAFT)
+    directory = save_heads(heads, report, state.out / "heads")
+    state.on_stage("heads: tree")
+    tree, choice = _tree(state, programs.get("heads"))
+    info = HeadsInfo(kind=heads.config.kind, num_heads=heads.config.num_heads,
+                     num_blocks=heads.config.num_blocks, placement=options.placement,
+                     tree=tree, tree_choice=choice, top1=report.top1, top5=report.top5,
+                     sha256=file_digests(directory))
+    state.update(heads=info, programs=state.manifest.programs | programs)
+
+
+def _tree(state: BuildState, entry: ProgramEntry | None):
+    heads, options, full = state.heads[0], state.options.heads, state.full
+    if options.tree is None:
+        return default_tree(heads.config.num_heads), TreeChoice(source="default")
+    if options.tree != AUTO:
+        return read_tree(Path(options.tree), heads.config.num_heads), TreeChoice(
+            source=str(options.tree))
+    dims = full.result.program.dims
+    table = measure_acceptance(state.source.model, heads,
+                               calibration_prompts(state.source, options.train_text))
+    steps = step_seconds(state.program(full.entry), dims,
+                         min(full.result.program.signature.bounds["N"][1], 64))
+    program = state.program(entry) if entry else None
+    drafting = drafting_seconds(program, heads, dims.hidden_size, dims.dtype)
+    paths, choice, _ = auto_tree(table, steps, drafting)
+    return paths, choice
+
+
+HEADS = Stage("heads", lambda o: int(o.heads is not None), _obtain)
+HEADS_PROGRAM = Stage(
+    "heads program",
+    lambda o: 0 if o.heads is None else 1 + 2 * (o.heads.placement is HeadPlacement.PROGRAM),
+    _program)

@@ -12,11 +12,11 @@ from collections.abc import Callable, Hashable
 
 import numpy as np
 
-from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import Drafter, NoDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig
+from leapc.runtime.step import StepFunction
 
 MEASURE = dict(prompts=4, new_tokens=64, repeats=3)
 AR = "ar"

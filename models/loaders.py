@@ -34,6 +34,11 @@ class SourceModel:
     def family(self) -> str:
         return self.model.config.get_text_config().model_type
 
+    @property
+    def trained_positions(self) -> int | None:
+        """The positions the model was trained for, if its config says."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
 
 def weights_sha256(model: PreTrainedModel) -> str:
     """Identity of the weights: sha256 over every parameter and buffer, by name."""

@@ -4,7 +4,7 @@ The adapter (`ir/adapter.py`) reads the residual stream entering layer E and fee
 model's own final norm and LM head; it learns the model's next-token distribution there,
 minimising the forward KL(p_model(. | x_<=t) || q_exit(. | h_E,<=t)) at every position.
 Only the adapter trains: the model gives h_E and the teacher in one forward, and the head
-is the captured program's own (`passes.slice_early_exit.slice_head`), the very ops the
+is the captured program's own (`ir.early_exit.slice_head`), the very ops the
 engine's draft runs after the adapter.
 
 As for decoding heads, the text is the model's own greedy continuation of windows of the
@@ -32,6 +32,7 @@ from torch.fx import GraphModule
 
 from leapc.ir.adapter import AdapterConfig, KangarooAdapter
 from leapc.ir.capture import CapturedProgram
+from leapc.ir.early_exit import slice_head
 from leapc.models import corpus
 from leapc.models.adapter import (
     AdapterReport,
@@ -41,7 +42,6 @@ from leapc.models.adapter import (
 )
 from leapc.models.loaders import SourceModel, weights_sha256
 from leapc.models.training import StepLoss, cosine_lr, extend_greedily, resume, run_steps
-from leapc.passes.slice_early_exit import slice_head
 
 console = Console()
 

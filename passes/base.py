@@ -14,9 +14,10 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from leapc.ir.anatomy import is_attention, recover_anatomy
+from leapc.ir.anatomy import anatomy_of, is_attention
 from leapc.ir.capture import STEP_INPUTS, STEP_OUTPUTS, CapturedProgram
 from leapc.ir.errors import UnsupportedModelError
+from leapc.ir.graph import constant_placeholders, is_noop
 
 
 class PassError(Exception):
@@ -30,7 +31,9 @@ class PassResult:
 
 
 class Invariant(enum.Enum):
+    SIGNATURE = "the graph's inputs and outputs are those its StepSignature declares"
     STEP_CONTRACT = "inputs are (tokens, positions, past, mask); outputs start (logits, present)"
+    KV_LAYERS = "past and present hold dims.num_layers layers, in the graph and the signature"
     HAS_ANATOMY = "embedding, layers, final norm and LM head are recoverable"
     NO_NOOP_OPS = "no identity casts, aliases or empty concatenations"
     CONSTANTS_FOLDED = "no op computes from constants alone"
@@ -48,35 +51,54 @@ class Pass(Protocol):
 # ------------------------------------------------------------------ invariant checks
 
 
+def _signature(p: CapturedProgram) -> str | None:
+    graph = p.program.graph_signature
+    inputs = [s.name for s in p.signature.inputs]
+    outputs = [s.name for s in p.signature.outputs]
+    if list(graph.user_inputs) != inputs:
+        return f"graph inputs are {list(graph.user_inputs)} but the signature declares {inputs}"
+    if len(graph.user_outputs) != len(outputs):
+        return f"{len(graph.user_outputs)} graph outputs but the signature declares {outputs}"
+    return None
+
+
 def _step_contract(p: CapturedProgram) -> str | None:
-    sig = p.program.graph_signature
-    if tuple(sig.user_inputs) != STEP_INPUTS:
-        return f"user inputs are {list(sig.user_inputs)}"
-    outputs = p.program.graph.output_node().args[0]
     names = [s.name for s in p.signature.outputs]
-    if tuple(names[:2]) != STEP_OUTPUTS or len(outputs) != len(names):
-        return f"{len(outputs)} graph outputs but signature declares {names}"
+    if tuple(p.program.graph_signature.user_inputs) != STEP_INPUTS:
+        return f"user inputs are {list(p.program.graph_signature.user_inputs)}"
+    if tuple(names[:2]) != STEP_OUTPUTS:
+        return f"outputs are {names}"
+    return _signature(p)
+
+
+def _kv_layers(p: CapturedProgram) -> str | None:
+    graph = p.program.graph_signature
+    nodes = {n.name: n for n in p.program.graph.nodes}
+    outputs = dict(zip([s.name for s in p.signature.outputs], graph.user_outputs, strict=False))
+    layers = {"past": nodes["past"].meta["val"].shape[0],
+              "present": nodes[outputs["present"]].meta["val"].shape[0]}
+    for name, found in layers.items():
+        declared = p.signature.spec(name).shape[0]
+        if not found == declared == p.dims.num_layers:
+            return (f"{name} holds {found} layers, the signature declares {declared}, "
+                    f"the dims {p.dims.num_layers}")
     return None
 
 
 def _has_anatomy(p: CapturedProgram) -> str | None:
     try:
-        recover_anatomy(p.program, p.dims.num_layers, p.dims.hidden_size)
+        anatomy_of(p)
     except UnsupportedModelError as err:
         return str(err)
     return None
 
 
 def _no_noop_ops(p: CapturedProgram) -> str | None:
-    from leapc.passes.remove_noop_ops import is_noop
-
     noops = [n.name for n in p.program.graph.nodes if is_noop(n)]
     return f"no-op nodes remain: {noops[:5]}" if noops else None
 
 
 def _constants_folded(p: CapturedProgram) -> str | None:
-    from leapc.passes.fold_constants import constant_placeholders
-
     consts = constant_placeholders(p.program)
     foldable = [n.name for n in p.program.graph.nodes
                 if n.op == "call_function" and n.all_input_nodes
@@ -101,7 +123,9 @@ def _is_parameter_view(node, p: CapturedProgram) -> bool:
 
 
 CHECKS: dict[Invariant, Callable[[CapturedProgram], str | None]] = {
+    Invariant.SIGNATURE: _signature,
     Invariant.STEP_CONTRACT: _step_contract,
+    Invariant.KV_LAYERS: _kv_layers,
     Invariant.HAS_ANATOMY: _has_anatomy,
     Invariant.NO_NOOP_OPS: _no_noop_ops,
     Invariant.CONSTANTS_FOLDED: _constants_folded,

@@ -11,18 +11,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch.export import ExportedProgram
 from torch.fx import GraphModule, Node
 
 from leapc.ir.capture import CapturedProgram
 from leapc.ir.rewrite import rewrite
 from leapc.passes.base import Invariant, PassResult
-
-
-def constant_placeholders(program: ExportedProgram) -> set[Node]:
-    """Placeholders bound to parameters, buffers or lifted constants (not user inputs)."""
-    user = set(program.graph_signature.user_inputs)
-    return {n for n in program.graph.nodes if n.op == "placeholder" and n.name not in user}
 
 
 def _foldable(node: Node, constants: dict[Node, torch.Tensor], params: set[str]) -> bool:

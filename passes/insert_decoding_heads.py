@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from leapc.ir import signature as sig
-from leapc.ir.anatomy import Anatomy, recover_anatomy
+from leapc.ir.anatomy import Anatomy, anatomy_of
 from leapc.ir.capture import CapturedProgram
 from leapc.ir.errors import InputError
 from leapc.ir.head_spec import HeadPlacement
@@ -71,8 +71,7 @@ class InsertDecodingHeads:
                              "the step program: use the program placement")
 
     def __call__(self, program: CapturedProgram) -> PassResult:
-        dims = program.dims
-        anatomy = recover_anatomy(program.program, dims.num_layers, dims.hidden_size)
+        anatomy = anatomy_of(program)
         gm = unlift(program)
         hidden = next(n for n in gm.graph.nodes if n.name == anatomy.final_norm)
         outputs = list(gm.graph.output_node().args[0])

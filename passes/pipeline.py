@@ -3,8 +3,9 @@
 Around every pass: its ``requires`` hold, it runs, its ``ensures`` hold, ``graph.lint()``
 and ``ExportedProgram.validate()`` pass, and (optionally) the graph code is written to
 ``dump_dir/NN_<name>.py``. A failure re-raises as `PassError` naming the pass and those
-that ran before it. After the last pass, `check_numerics` compares the result with the
-source model on random inputs.
+that ran before it; a user's mistake a pass finds (`LeapcUserError`: a bad option, an
+unsupported model) stays what it is, so the CLI reports it as one line. After the last
+pass, `check_numerics` compares the result with the source model on random inputs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from leapc.ir.capture import STEP_OUTPUTS, CapturedProgram, example_inputs
-from leapc.passes.base import Pass, PassError, violation
+from leapc.ir.errors import LeapcUserError
+from leapc.passes.base import Invariant, Pass, PassError, violation
 from leapc.passes.fold_constants import FoldConstants
 from leapc.passes.remove_noop_ops import RemoveNoopOps
 
@@ -33,7 +35,8 @@ def _context(name: str, before: Sequence[str]) -> str:
 
 
 def _check(p: Pass, when: str, invariants, program: CapturedProgram, before) -> None:
-    for inv in invariants:
+    # In declaration order, not the set's: the same failure is reported on every run.
+    for inv in [inv for inv in Invariant if inv in invariants]:
         problem = violation(inv, program)
         if problem:
             raise PassError(f"{_context(p.name, before)}: {when} {inv.name} violated: {problem}")
@@ -56,7 +59,7 @@ class Pipeline:
                 result = p(program)
                 result.program.program.graph.lint()
                 result.program.program.validate()
-            except PassError:
+            except (PassError, LeapcUserError):
                 raise
             except Exception as err:
                 raise PassError(f"{_context(p.name, ran)}: {type(err).__name__}: {err}") from err

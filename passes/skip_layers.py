@@ -10,9 +10,9 @@ contract's shape, so the draft reads the target's cache as it is.
 One `SkipSet` is baked in and what no output needs any more (the skipped sublayers'
 weights included) is pruned: the ``skip_<i>`` programs of ``layer-skip`` and ``swift``.
 
-Not a pipeline pass: the program computes different logits on purpose (the pipeline's
-numeric check compares with the source model), so it runs on the pipeline's final
-program, keeping its attention lowering, as the early-exit slices do.
+It runs in a pipeline of its own on the engine pipeline's final program, keeping its
+attention lowering, as the early-exit slices do: its logits differ from the model's on
+purpose, so `check_numerics` (which compares with the source model) is not run on it.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule, Node
 
-from leapc.ir.anatomy import Anatomy, LayerAnatomy
+from leapc.ir.anatomy import Anatomy, LayerAnatomy, anatomy_of
 from leapc.ir.capture import CapturedProgram
 from leapc.ir.errors import UnsupportedModelError
+from leapc.ir.graph import layer_presents, nodes_by_name, prune, stack_presents
 from leapc.ir.rewrite import reexport, set_outputs, unlift
 from leapc.ir.skip_spec import SkipSet
 from leapc.passes.base import Invariant, PassResult
-from leapc.passes.insert_early_exit import anatomy_of, graph_nodes
-from leapc.passes.slice_early_exit import _layer_presents, _prune, _stack
 
 aten = torch.ops.aten
 
@@ -44,9 +43,10 @@ class SkipLayers:
     requires: ClassVar[frozenset[Invariant]] = frozenset(
         {Invariant.STEP_CONTRACT, Invariant.HAS_ANATOMY}
     )
-    # The step contract holds; the anatomy need not (a layer without its attention op is
-    # not found as a layer).
-    ensures: ClassVar[frozenset[Invariant]] = frozenset()
+    # Not HAS_ANATOMY: a layer without its attention op is not found as a layer.
+    ensures: ClassVar[frozenset[Invariant]] = frozenset(
+        {Invariant.STEP_CONTRACT, Invariant.KV_LAYERS}
+    )
 
     def __call__(self, program: CapturedProgram) -> PassResult:
         layers = program.dims.num_layers
@@ -57,7 +57,7 @@ class SkipLayers:
         _require_branches(anatomy, self.skip)
         gm = unlift(program)
         _bypass(gm, anatomy, self.skip)
-        _prune(gm)
+        prune(gm)
         return PassResult(reexport(gm, program), True)
 
 
@@ -71,8 +71,8 @@ def _require_branches(anatomy: Anatomy, skip: SkipSet) -> None:
 
 
 def _bypass(gm: GraphModule, anatomy: Anatomy, skip: SkipSet) -> None:
-    nodes = graph_nodes(gm)
-    presents = _layer_presents(gm, len(anatomy.layers))
+    nodes = nodes_by_name(gm)
+    presents = layer_presents(gm, len(anatomy.layers))
     # Last layer first: bypassing a branch re-points the users of its add, so a layer's
     # ``residual_in`` must still be the node its inputs come from when it is bypassed.
     for layer in reversed(anatomy.layers):
@@ -81,16 +81,16 @@ def _bypass(gm: GraphModule, anatomy: Anatomy, skip: SkipSet) -> None:
             nodes[layer.residual_out].replace_all_uses_with(mid)
         if layer.index in skip.attention:
             mid.replace_all_uses_with(nodes[layer.residual_in])
-            presents[layer.index] = scratch_rows(gm, layer)
+            presents[layer.index] = _scratch_rows(gm, layer)
     outputs = list(gm.graph.output_node().args[0])
-    outputs[1] = _stack(gm, presents)
+    outputs[1] = stack_presents(gm, presents)
     set_outputs(gm, outputs)
 
 
-def scratch_rows(gm: GraphModule, layer: LayerAnatomy) -> Node:
+def _scratch_rows(gm: GraphModule, layer: LayerAnatomy) -> Node:
     """Zeros shaped like ``layer``'s ``present`` rows ``[2, B, Hkv, N, Dh]``: what a
     bypassed attention sublayer writes (B and N from ``tokens``, like every size)."""
-    nodes = graph_nodes(gm)
+    nodes = nodes_by_name(gm)
     keys = nodes[layer.keys].meta["val"]  # [B, Hkv, T + N, Dh]
     with gm.graph.inserting_before(gm.graph.output_node()):
         batch = gm.graph.call_function(aten.sym_size.int, (nodes["tokens"], 0))

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leapc.runtime.acceptance import accept
-from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.drafters.base import (
     Draft,
     Drafter,
@@ -24,6 +23,7 @@ from leapc.runtime.drafters.base import (
 )
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, sample
+from leapc.runtime.step import StepFunction
 
 
 class StopReason(str, enum.Enum):

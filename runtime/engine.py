@@ -8,7 +8,7 @@ loaded.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,23 +23,23 @@ from leapc.ir.errors import (
     parse_choice,
     require_utf8,
 )
-from leapc.runtime.backends.base import BACKENDS, Device, StepFunction
+from leapc.runtime.backends.base import BACKENDS, Device
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.detokenize import Detokenizer
-from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
-from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
-from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
-from leapc.runtime.drafters.early_exit import EarlyExitDrafter, KangarooDrafter
-from leapc.runtime.drafters.heads import DynamicTree, HeadsDrafter
-from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
-from leapc.runtime.drafters.lookup import LookupDrafter
-from leapc.runtime.drafters.recycle import RecycleDrafter
-from leapc.runtime.drafters.retrieval import RetrievalConfig, RetrievalDrafter
-from leapc.runtime.drafters.swift import SwiftDrafter
+from leapc.runtime.drafters.base import Drafter
 from leapc.runtime.kv_cache import KVCache
-from leapc.runtime.manifest import Backend, Manifest, ModelInfo, Policy, read_manifest
+from leapc.runtime.manifest import Backend, Manifest, read_manifest
+from leapc.runtime.policies import (
+    POLICIES,
+    DraftContext,
+    DraftOptions,
+    Policy,
+    new_cache,
+    required_programs,
+)
 from leapc.runtime.sampling import SamplingConfig, TypicalAcceptance
+from leapc.runtime.step import StepFunction
 
 
 @dataclass(frozen=True)
@@ -53,41 +53,6 @@ class Generation:
 class StreamChunk:
     token_ids: list[int]  # the last chunk, holding the flushed tail, may have none
     text: str  # the text that became final with these tokens (runtime/detokenize.py)
-
-
-DEFAULT_MAX_DRAFT = 8
-
-
-@dataclass(frozen=True)
-class DraftOptions:
-    """Per-policy drafting knobs (ignored by policies that do not use them)."""
-
-    # Longest chain a drafter proposes per step; None: the policy's default (the engine's
-    # measured best for early exit, else DEFAULT_MAX_DRAFT).
-    max_draft: int | None = None
-    ngram: int = 4  # prompt lookup: longest suffix n-gram matched
-    adaptive: bool = False  # chain drafters: +2 / -1 draft length instead of max_draft
-    matches: int = 1  # lookup: continuations of that many earlier occurrences, as a tree
-    branching: tuple[int, ...] = ()  # draft model: children per node at depths 1, 2, ...
-    confidence: float = 0.0  # draft model: expand only nodes with top-1 probability >= this
-    children: ChildSampling = ChildSampling.WITHOUT_REPLACEMENT  # sampled trees: rule 4 or 3
-
-    lookahead: LookaheadConfig = LookaheadConfig()  # window W, n-gram N, guesses G
-    retrieval: RetrievalConfig = RetrievalConfig()  # datastore tree: nodes, n-gram, backoff
-    dynamic: DynamicTree = DynamicTree()  # *-dynamic head policies: nodes kept, beam
-    head_tree: tuple[tuple[int, ...], ...] = ()  # medusa / hydra: rank paths (() = the engine's)
-
-    def draft_length(self, default: int = DEFAULT_MAX_DRAFT) -> int:
-        return default if self.max_draft is None else self.max_draft
-
-    def tree_shape(self) -> TreeShape:
-        if self.draft_length() < 0 or self.ngram < 1 or self.matches < 1:
-            raise InputError("max-draft must be >= 0, ngram and matches >= 1")
-        if any(width < 1 for width in self.branching):
-            raise InputError(f"draft-tree widths must be >= 1 (got {self.branching})")
-        if not 0.0 <= self.confidence < 1.0:
-            raise InputError(f"confidence must be in [0, 1) (got {self.confidence})")
-        return TreeShape(self.draft_length(), self.branching, self.confidence, self.children)
 
 
 @dataclass
@@ -115,17 +80,6 @@ class Stream:
         return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
 
-def _check_device(manifest: Manifest, device: Device) -> None:
-    BACKENDS[manifest.backend].check_device(device)
-
-
-def _load_step(engine_dir: Path, manifest: Manifest, program: str,
-               device: Device) -> StepFunction:
-    entry = manifest.programs[program]
-    outputs = tuple(o["name"] for o in entry.signature["outputs"])
-    return load_program(manifest.backend, engine_dir / entry.file, outputs, device)
-
-
 def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
                  device: Device = Device.CPU) -> StepFunction:
     """One lowered program of ``backend``, callable on numpy arrays in signature order."""
@@ -133,21 +87,27 @@ def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
 
 
 class Engine:
-    def __init__(self, path: Path, manifest: Manifest, steps: dict[str, StepFunction],
-                 tokenizer: Tokenizer):
+    """A loaded engine. Its ``full`` program is loaded with it, and the programs of the
+    policies named at `load`; any other policy's programs load on its first use."""
+
+    def __init__(self, path: Path, manifest: Manifest, tokenizer: Tokenizer,
+                 device: Device = Device.CPU):
         self.path = path
         self.manifest = manifest
-        self.steps = steps  # by program name: "full", "draft_model", ...
-        self.step = steps["full"]
         self.tokenizer = tokenizer
+        self.device = device
+        self._programs: dict[str, StepFunction] = {}
+        self.step = self.program("full")
 
     @classmethod
-    def load(cls, path: str | Path, device: str | Device = Device.CPU) -> Engine:
-        """Validate the directory fully, then load the program and tokenizer."""
+    def load(cls, path: str | Path, device: str | Device = Device.CPU,
+             policies: Iterable[str | Policy] = ()) -> Engine:
+        """Validate the directory fully, then load the tokenizer, the ``full`` program and
+        the programs ``policies`` run (each must be one the engine supports)."""
         path = Path(path)
         manifest = read_manifest(path)
         device = parse_choice(Device, device, "device")
-        _check_device(manifest, device)
+        BACKENDS[manifest.backend].check_device(device)
         try:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer.file))
         except Exception as err:  # tokenizers raises plain Exceptions for bad JSON
@@ -155,15 +115,32 @@ class Engine:
         # Not in tokenizer.json (`Tokenizer.save` drops it): the build's setting, so a
         # prompt encodes here as it did when the engine was built and measured.
         tokenizer.encode_special_tokens = manifest.tokenizer.encode_special_tokens
-        steps = {}
-        for name in manifest.programs:
-            try:
-                steps[name] = _load_step(path, manifest, name, device)
-            except LeapcUserError:  # a setting of the user's (LEAPC_THREADS), already one line
-                raise
-            except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
-                raise EngineError(f"{path}: program {name!r} cannot be loaded ({err})") from None
-        return cls(path, manifest, steps, tokenizer)
+        engine = cls(path, manifest, tokenizer, device)
+        for policy in policies:
+            for name in required_programs(manifest, engine.policy(policy)):
+                engine.program(name)
+        return engine
+
+    def program(self, name: str) -> StepFunction:
+        """The engine's program ``name``, loaded on first use."""
+        if name not in self._programs:
+            self._programs[name] = self._load_program(name)
+        return self._programs[name]
+
+    @property
+    def loaded_programs(self) -> tuple[str, ...]:
+        """The programs loaded so far, in load order."""
+        return tuple(self._programs)
+
+    def _load_program(self, name: str) -> StepFunction:
+        entry = self.manifest.programs[name]
+        try:
+            return load_program(self.manifest.backend, self.path / entry.file,
+                                entry.output_names, self.device)
+        except LeapcUserError:  # a setting of the user's (LEAPC_THREADS), already one line
+            raise
+        except Exception as err:  # a corrupt ONNX/pt2 file surfaces as a runtime error
+            raise EngineError(f"{self.path}: program {name!r} cannot be loaded ({err})") from None
 
     @cached_property
     def datastore(self) -> Datastore | None:
@@ -191,7 +168,8 @@ class Engine:
                              f"{self.manifest.max_seq} (at least one must be left to generate)")
         return ids
 
-    def _policy(self, policy: str | Policy) -> Policy:
+    def policy(self, policy: str | Policy) -> Policy:
+        """``policy`` as a `Policy`, refused unless this engine supports it."""
         chosen = parse_choice(Policy, policy, "policy")
         if chosen not in self.manifest.policies:
             supported = ", ".join(p.value for p in self.manifest.policies)
@@ -212,131 +190,40 @@ class Engine:
     ) -> Stream:
         """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
         tokens per step, but the output no longer follows the model's distribution."""
-        chosen = self._policy(policy)
+        chosen = self.policy(policy)
         _check_options(max_new_tokens, temperature, top_k, top_p, seed)
         ids = self.encode(prompt)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
-        # Kangaroo's adapter keeps its KV rows in an extra layer of the target's cache.
-        cache = self._cache(self.manifest.model, extra_layers=int(chosen is Policy.KANGAROO))
+        cache = self.new_cache(chosen)
         tokens = decode(
             self.step, cache, ids, self.manifest.max_new,
-            self._drafter(chosen, draft, sampling, seed, cache), sampling,
+            self.drafter(chosen, cache, draft, sampling, seed), sampling,
             StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
             np.random.default_rng(seed), stats,
         )
         return Stream(tokens, self.tokenizer, stats)
 
-    def _cache(self, model: ModelInfo, extra_layers: int = 0) -> KVCache:
-        return KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.dtype,
-                       self.manifest.max_seq, extra_layers=extra_layers)
+    def new_cache(self, policy: str | Policy = Policy.AR) -> KVCache:
+        """An empty target KV cache for ``policy`` (with its extra layers, if any)."""
+        extra = POLICIES[self.policy(policy)].extra_layers
+        return new_cache(self.manifest.model, self.manifest.max_seq, extra)
 
-    def _drafter(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
-                 seed: int, cache: KVCache) -> Drafter:
-        """The policy's drafter; ``cache`` is the target's (early exit drafts inside it)."""
-        shape = options.tree_shape()
-        if policy is Policy.LOOKUP:
-            return LookupDrafter(max_ngram=options.ngram, max_draft=options.draft_length(),
-                                 adaptive=options.adaptive, matches=options.matches)
-        if policy is Policy.RECYCLE:
-            return RecycleDrafter(self.manifest.model.vocab_size)
-        if policy is Policy.LOOKAHEAD:
-            return self._lookahead(options.lookahead, seed)
-        if policy is Policy.RETRIEVAL:
-            return RetrievalDrafter(self.datastore, options.retrieval, max_draft=options.draft_length(),
-                                    max_ngram=options.ngram)
-        if policy in _HEAD_POLICIES:
-            return self._heads(policy, options)
-        if policy in _EXIT_POLICIES:
-            return self._early_exit(policy, options, sampling, seed, cache)
-        if policy in (Policy.LAYER_SKIP, Policy.SWIFT):
-            return self._layer_skip(policy, options, sampling, seed, cache)
-        if policy is Policy.DRAFT:
-            return DraftModelDrafter(
-                self.steps["draft_model"], self._cache(self.manifest.draft_model),
-                self.manifest.max_new, sampling, np.random.default_rng([seed, 1]),
-                shape, adaptive=options.adaptive)
-        return NoDrafter()
-
-    def _early_exit(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
-                    seed: int, cache: KVCache) -> EarlyExitDrafter | KangarooDrafter:
-        """The model's own first E layers and exit draft a chain in the target's cache; the
-        remainder verifies it. Kangaroo drafts through its adapter and stops the chain at
-        the first token whose top-1 probability is below the confidence (its double exit)."""
-        options.tree_shape()  # validates the knobs
-        rng, exit_layer = np.random.default_rng([seed, 1]), self.manifest.exit_layer
-        if policy is Policy.KANGAROO:
-            adapter = self.manifest.adapter  # its defaults: the fastest measured at build
-            return KangarooDrafter(self.steps["kangaroo"], cache, exit_layer, sampling, rng,
-                                   options.draft_length(adapter.depth),
-                                   options.confidence or adapter.confidence, options.adaptive,
-                                   remainder=self.steps["remainder"], chunk=self.manifest.max_new)
-        return EarlyExitDrafter(self.steps["draft"], cache, exit_layer, sampling, rng,
-                                options.draft_length(self._exit_depth()), options.confidence,
-                                options.adaptive, remainder=self.steps["remainder"])
-
-    def _layer_skip(self, policy: Policy, options: DraftOptions, sampling: SamplingConfig,
-                    seed: int, cache: KVCache) -> LayerSkipDrafter | SwiftDrafter:
-        """``layer-skip`` drafts with the engine's skip set; ``swift`` with the set that
-        scores best on the recent window (the engine's at first), stopping chains below a
-        confidence."""
-        choice = self.manifest.skip_choice
-        chosen = choice.candidates.index(self.manifest.skip)
-        confidence = options.confidence
-        if policy is Policy.SWIFT:
-            confidence = confidence or SWIFT_CONFIDENCE
-        indices = range(len(choice.candidates)) if policy is Policy.SWIFT else [chosen]
-        drafters = [LayerSkipDrafter(self.steps[f"skip_{i}"], cache,
-                                     self.manifest.model.num_layers, sampling,
-                                     np.random.default_rng([seed, 1, i]),
-                                     options.draft_length(choice.depth), confidence,
-                                     options.adaptive)
-                    for i in indices]
-        if policy is Policy.SWIFT:
-            return SwiftDrafter(drafters, self.step, current=chosen, chunk=self.manifest.max_new)
-        return drafters[0]
-
-    def _exit_depth(self) -> int:
-        """Early exit's chain length: the one `--exit-layer auto` measured fastest."""
-        choice = self.manifest.exit_choice
-        return choice.depth if choice is not None else DEFAULT_EXIT_DEPTH
-
-    def _heads(self, policy: Policy, options: DraftOptions) -> HeadsDrafter:
-        dynamic, heads = options.dynamic, self.manifest.heads
-        if dynamic.total < 1 or dynamic.beam < 1:
-            raise InputError(f"dynamic tree needs nodes and beam >= 1 (got {dynamic})")
-        tree = options.head_tree or heads.tree
-        if max(map(len, tree), default=0) > heads.num_heads:
-            raise InputError(f"a head tree of depth {max(map(len, tree))} needs more than "
-                             f"this engine's {heads.num_heads} heads")
-        return HeadsDrafter(heads.kind, heads.num_heads, heads.placement, self.steps.get("heads"),
-                            tree, dynamic if policy in _DYNAMIC else None)
-
-    def _lookahead(self, config: LookaheadConfig, seed: int) -> LookaheadDrafter:
-        if config.smallest_step > self.manifest.max_new:
-            raise InputError(f"lookahead {config} needs steps of {config.smallest_step} tokens "
-                             "(window and one n-gram); this engine's steps take at most "
-                             f"{self.manifest.max_new}")
-        return LookaheadDrafter(config, np.random.default_rng([seed, 2]))
+    def drafter(self, policy: str | Policy, cache: KVCache, options: DraftOptions = DraftOptions(),
+                sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> Drafter:
+        """``policy``'s drafter for one generation into ``cache`` (the target's: early exit
+        and layer skip draft inside it)."""
+        chosen = self.policy(policy)
+        options.tree_shape()  # every policy's knobs are checked, used or not
+        context = DraftContext(self.manifest, self.program, cache, sampling, seed, options,
+                               lambda: self.datastore)
+        return POLICIES[chosen].drafter(context)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, **options) -> Generation:
         stream = self.stream(prompt, max_new_tokens, **options)
         for _ in stream:
             pass
         return Generation(stream.token_ids, stream.text, stream.stats)
-
-
-_HEAD_POLICIES = (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC, Policy.HYDRA, Policy.HYDRA_DYNAMIC)
-_DYNAMIC = (Policy.MEDUSA_DYNAMIC, Policy.HYDRA_DYNAMIC)
-_EXIT_POLICIES = (Policy.EARLY_EXIT, Policy.KANGAROO)
-# Early exit's chain length when the engine measured none (`--exit-layer E` without a sweep
-# records this one): the bundled model's best at E = 4 (docs/decisions.md).
-DEFAULT_EXIT_DEPTH = 3
-# Layer skip's chain length when the engine measured none (bench/bench_self_spec.py).
-DEFAULT_SKIP_DEPTH = 3
-# swift's default stop: a chain stops below this draft top-1 probability (0.5 stopped the
-# bundled model's skip chains at tau 1.4; bench/results/self_spec_bundled.md).
-SWIFT_CONFIDENCE = 0.1
 
 
 # The smallest sampling temperature: any float32 logit divided by it is a finite float64

@@ -25,6 +25,7 @@ from pydantic import (
 from leapc.ir.errors import EngineError
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.datastore import SUFFIXES_FILE, TOKENS_FILE
+from leapc.runtime.policies import POLICIES, Policy
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -37,30 +38,16 @@ class Backend(str, enum.Enum):
     TENSORRT = "tensorrt"  # Torch-TensorRT; needs CUDA
 
 
-class Policy(str, enum.Enum):
-    AR = "ar"
-    LOOKUP = "lookup"  # prompt lookup (training-free, any engine)
-    RECYCLE = "recycle"  # token recycling (training-free, any engine)
-    DRAFT = "draft"  # a draft model in its own program and KV cache (build --draft-model)
-    LOOKAHEAD = "lookahead"  # Jacobi lookahead decoding (training-free, any engine)
-    RETRIEVAL = "retrieval"  # REST datastore + prompt lookup (build --datastore)
-    MEDUSA = "medusa"  # Medusa heads, static tree (build --heads K)
-    MEDUSA_DYNAMIC = "medusa-dynamic"  # Medusa heads, EAGLE-2 dynamic tree
-    HYDRA = "hydra"  # Hydra heads, static tree (build --heads K --head-kind hydra)
-    HYDRA_DYNAMIC = "hydra-dynamic"  # Hydra heads, EAGLE-2 dynamic tree
-    EARLY_EXIT = "early-exit"  # LayerSkip self-speculation from layer E's exit (build --exit-layer)
-    KANGAROO = "kangaroo"  # exit + trained adapter, stop below a top-1 confidence (--train-adapter)
-    LAYER_SKIP = "layer-skip"  # the model with some sublayers bypassed drafts (build --skip)
-    SWIFT = "swift"  # layer skip choosing among the engine's skip sets while generating
-
-
-HEAD_POLICIES = {HeadKind.MEDUSA: (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC),
-                 HeadKind.HYDRA: (Policy.HYDRA, Policy.HYDRA_DYNAMIC)}
-
-
 class Quantization(str, enum.Enum):
     NONE = "none"  # weights as the model stores them (float32 here)
     INT8 = "int8"  # MatMul weights int8 per 32-row block (ORT MatMulNBits), int8 compute
+
+    @property
+    def width_invariant(self) -> bool:
+        """Whether a token's logits are the same in a one-token step and in a wider verify
+        step. ORT's int8 MatMulNBits gives them differently (by up to ~0.02 on stories260K),
+        so on int8 engines drafting policies would not reproduce `ar` (`PolicySpec.drafts`)."""
+        return self is Quantization.NONE
 
 
 class _Frozen(BaseModel):
@@ -134,6 +121,11 @@ class ProgramEntry(_Frozen):
         extra = {data.name: sha256_file(data)} if data.is_file() else {}
         return cls(file=file.name, sha256=sha256_file(file), signature=signature,
                    data_files=extra)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The program's outputs, in the order it returns them."""
+        return tuple(o["name"] for o in self.signature["outputs"])
 
     @field_validator("signature")
     @classmethod
@@ -298,17 +290,6 @@ class Manifest(_Frozen):
         (engine_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2))
 
 
-# The manifest sections each policy reads ("full" aside, which every policy runs).
-_POLICY_SECTIONS: dict[Policy, tuple[str, ...]] = {
-    Policy.DRAFT: ("draft_model",),
-    Policy.RETRIEVAL: ("datastore",),
-    **{policy: ("heads",) for policies in HEAD_POLICIES.values() for policy in policies},
-    Policy.EARLY_EXIT: ("exit_layer",),
-    Policy.KANGAROO: ("exit_layer", "adapter"),
-    Policy.LAYER_SKIP: ("skip", "skip_choice"),
-    Policy.SWIFT: ("skip", "skip_choice"),
-}
-_HEAD_KIND = {policy: kind for kind, policies in HEAD_POLICIES.items() for policy in policies}
 # The programs a section describes: a manifest with the section must have them.
 _SECTION_PROGRAMS: dict[str, Callable[[Manifest], tuple[str, ...]]] = {
     "draft_model": lambda m: ("draft_model",),
@@ -355,14 +336,9 @@ def _check_full(m: Manifest) -> None:
 
 def _check_policies(m: Manifest) -> None:
     for policy in m.policies:
-        for section in _POLICY_SECTIONS.get(policy, ()):
-            if getattr(m, section) is None:
-                raise ValueError(f"policy {policy.value!r} needs {section}; the manifest has none")
-            _require_programs(m, section, f"policy {policy.value!r}")
-        kind = _HEAD_KIND.get(policy)
-        if kind is not None and m.heads.kind is not kind:
-            raise ValueError(f"policy {policy.value!r} needs {kind.value} heads (the engine's "
-                             f"are {m.heads.kind.value})")
+        missing = POLICIES[policy].missing(m)
+        if missing is not None:
+            raise ValueError(f"policy {policy.value!r} {missing}")
 
 
 def _check_sections(m: Manifest) -> None:
@@ -394,6 +370,11 @@ def _require_programs(m: Manifest, section: str, who: str) -> None:
     for program in _SECTION_PROGRAMS.get(section, lambda _: ())(m):
         if program not in m.programs:
             raise ValueError(f"{who} needs program {program!r}; the manifest has none")
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """File name -> sha256 of every file in ``directory`` (trained weights kept in an engine)."""
+    return {f.name: sha256_file(f) for f in sorted(directory.iterdir())}
 
 
 def sha256_file(path: Path) -> str:

@@ -1,5 +1,5 @@
-"""What every backend provides (`BackendImpl`), the `BACKENDS` table, and a loaded step
-program callable on numpy arrays (`StepFunction`).
+"""What every backend provides (`BackendImpl`) and the `BACKENDS` table; a backend's
+``load`` returns a `StepFunction` (runtime/step.py).
 
 The runtime loop speaks numpy (the ONNX path has no torch); a backend converts at its
 boundary. ``lower`` (which needs torch) lives in each backend's module but imports torch
@@ -14,25 +14,14 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from leapc.ir.errors import InputError
 from leapc.runtime.manifest import Backend, ProgramEntry
+from leapc.runtime.step import StepFunction
 
 if TYPE_CHECKING:
     from leapc.ir.capture import CapturedProgram
-
-
-class StepFunction(Protocol):
-    """``(tokens, positions, past, mask) -> outputs by name`` (``logits``, ``present``, ...)."""
-
-    output_names: tuple[str, ...]
-
-    def __call__(
-        self, tokens: np.ndarray, positions: np.ndarray, past: np.ndarray, mask: np.ndarray
-    ) -> dict[str, np.ndarray]: ...
 
 
 class Device(str, enum.Enum):

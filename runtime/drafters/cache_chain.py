@@ -19,11 +19,11 @@ from typing import ClassVar
 import numpy as np
 
 from leapc.ir.tree import chain
-from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.drafters.base import AdaptiveLength, Draft, Verification
 from leapc.runtime.drafters.draft_model import top1_probability
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, probabilities
+from leapc.runtime.step import StepFunction
 
 
 @dataclass

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leapc.ir.tree import tree_from_parents
-from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import prefill
 from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, probabilities, sample_distinct
+from leapc.runtime.step import StepFunction
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """LayerSkip self-speculation with cache reuse: the first E layers draft, the rest verify.
 
-The ``draft`` program (layers < E and the exit, `passes/slice_early_exit.py`) writes the
+The ``draft`` program (layers < E and the exit, `passes/slice_draft.py`) writes the
 very KV rows the full model writes for layers < E, so it drafts inside the target's own
 cache: call i feeds chain token i, attends to the committed context and the chain before
 it, writes its rows for layers < E at slot ``length + i`` (scratch: not committed), and
@@ -30,11 +30,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import refeed_inputs, tree_inputs
 from leapc.runtime.drafters.base import Draft, Verification
 from leapc.runtime.drafters.cache_chain import CacheChainDrafter
 from leapc.runtime.kv_cache import KVCache
+from leapc.runtime.step import StepFunction
 
 
 @dataclass

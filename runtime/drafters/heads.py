@@ -24,8 +24,8 @@ import numpy as np
 
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.ir.tree import TreeBuffers, tree_from_parents, tree_from_paths
-from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.drafters.base import Draft, Verification
+from leapc.runtime.step import StepFunction
 
 
 @dataclass(frozen=True)

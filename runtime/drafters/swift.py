@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from leapc.runtime.backends.base import StepFunction
 from leapc.runtime.decode import refeed_inputs
 from leapc.runtime.drafters.base import Draft, Verification
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
+from leapc.runtime.step import StepFunction
 
 MIN_WINDOW = 4  # fewer tokens say nothing about a set: keep the current one
 

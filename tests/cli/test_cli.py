@@ -229,7 +229,7 @@ def test_bench_unknown_policy(tiny):
 
 def test_run_lookahead_uses_the_window_setting(tiny):
     from leapc.runtime.drafters.lookahead import LookaheadConfig
-    from leapc.runtime.engine import DraftOptions
+    from leapc.runtime.policies import DraftOptions
 
     result = cli("run", tiny, "--prompt-ids", "1,2,3", "--max-new-tokens", "24", "--json",
                  "--policy", "lookahead", "--lookahead", "5,4,5")

@@ -11,6 +11,7 @@ from torch.export.graph_signature import InputKind
 from leapc.ir.anatomy import is_attention, recover_anatomy
 from leapc.ir.capture import CaptureOptions, ModelDims, export_step
 from leapc.ir.errors import UnsupportedModelError
+from leapc.ir.graph import ancestors
 
 NEW, PAST = 5, 3
 
@@ -27,16 +28,6 @@ def anatomy(cap):
 
 def _nodes(program: ExportedProgram) -> dict:
     return {n.name: n for n in program.graph.nodes}
-
-
-def _ancestors(node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def _run_recording(program: ExportedProgram, inputs, names) -> tuple[dict, tuple]:
@@ -86,9 +77,9 @@ def test_layers_and_residual_chain(cap, anatomy):
     embedding = nodes[anatomy.embedding]
     assert embedding.target == torch.ops.aten.embedding.default
     first_in = nodes[anatomy.layers[0].residual_in]
-    assert first_in is embedding or embedding in _ancestors(first_in)
-    assert nodes[anatomy.final_norm] in _ancestors(nodes[anatomy.lm_head])
-    assert nodes[anatomy.layers[-1].residual_out] in _ancestors(nodes[anatomy.final_norm])
+    assert first_in is embedding or embedding in ancestors(first_in)
+    assert nodes[anatomy.final_norm] in ancestors(nodes[anatomy.lm_head])
+    assert nodes[anatomy.layers[-1].residual_out] in ancestors(nodes[anatomy.final_norm])
     assert anatomy.describe()[0] == ("embedding", anatomy.embedding)
 
 
@@ -101,8 +92,8 @@ def test_attention_and_kv_nodes(cap, anatomy):
         attention = nodes[layer.attention[0]]
         keys, values = nodes[layer.keys], nodes[layer.values]
         assert keys.target == values.target == torch.ops.aten.cat.default
-        assert keys in _ancestors(attention.args[1]) | {attention.args[1]}
-        assert values in _ancestors(attention.args[2]) | {attention.args[2]}
+        assert keys in ancestors(attention.args[1]) | {attention.args[1]}
+        assert values in ancestors(attention.args[2]) | {attention.args[2]}
 
 
 def test_lm_head_weight_is_a_program_parameter(cap, anatomy):

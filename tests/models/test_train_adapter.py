@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from engines import require_bundled
 
 from leapc.ir.capture import CaptureOptions, capture
+from leapc.ir.early_exit import slice_head
 from leapc.ir.errors import InputError
 from leapc.models import train_adapter as recipe
 from leapc.models.loaders import load_source
-from leapc.passes.slice_early_exit import slice_head
 
 QUICK = recipe.AdapterTraining(steps=12, sequences=8, eval_sequences=2, context=64)
 pytestmark = pytest.mark.slow  # trains on the bundled model

@@ -10,10 +10,11 @@ from families import captured, family_params, tiny_model
 
 from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.capture import StepModule
+from leapc.ir.graph import is_noop
 from leapc.passes.base import Invariant, violation
 from leapc.passes.fold_constants import FoldConstants
 from leapc.passes.pipeline import check_numerics
-from leapc.passes.remove_noop_ops import RemoveNoopOps, is_noop
+from leapc.passes.remove_noop_ops import RemoveNoopOps
 
 aten = torch.ops.aten
 

@@ -17,13 +17,14 @@ from families import captured, family_params
 from trees import tree_step_inputs
 
 import leapc
-from leapc.compiler import Attention, pipeline
+from leapc.compiler import pipeline
 from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.errors import InputError, UnsupportedModelError
 from leapc.ir.rewrite import rewrite
 from leapc.passes.base import Invariant, PassError, violation
 from leapc.passes.insert_tree_attention import SDPA, TREE_ATTENTION, InsertTreeAttention
 from leapc.runtime.backends import eager
+from leapc.runtime.backends.base import Attention
 
 aten = torch.ops.aten
 

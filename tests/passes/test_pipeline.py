@@ -10,7 +10,9 @@ import torch
 from families import captured, tiny_model
 
 from leapc.ir.capture import StepModule
-from leapc.ir.rewrite import rewrite
+from leapc.ir.errors import InputError
+from leapc.ir.graph import layer_presents, stack_presents
+from leapc.ir.rewrite import reexport, rewrite, set_outputs, unlift
 from leapc.passes.base import Invariant, PassError, PassResult
 from leapc.passes.fold_constants import FoldConstants
 from leapc.passes.pipeline import Pipeline, check_numerics, default_pipeline
@@ -58,11 +60,37 @@ class DropPresent:
     ensures: ClassVar[frozenset] = frozenset({Invariant.STEP_CONTRACT})
 
     def __call__(self, program):
-        from leapc.ir.rewrite import reexport, set_outputs, unlift
-
         gm = unlift(program)
         set_outputs(gm, [gm.graph.output_node().args[0][0]])
         return PassResult(reexport(gm, program), True)
+
+
+@dataclass(frozen=True)
+class DropLastLayerRows:
+    """Re-stacks ``present`` without the last layer but keeps the signature: a broken cut."""
+
+    name: ClassVar[str] = "drop_last_layer_rows"
+    requires: ClassVar[frozenset] = frozenset()
+    ensures: ClassVar[frozenset] = frozenset({Invariant.SIGNATURE, Invariant.KV_LAYERS})
+
+    def __call__(self, program):
+        gm = unlift(program)
+        logits, _ = gm.graph.output_node().args[0]
+        rows = layer_presents(gm, program.dims.num_layers)[:-1]
+        set_outputs(gm, [logits, stack_presents(gm, rows)])
+        return PassResult(reexport(gm, program), True)
+
+
+@dataclass(frozen=True)
+class RefuseTheOption:
+    """Finds a user's mistake."""
+
+    name: ClassVar[str] = "refuse_the_option"
+    requires: ClassVar[frozenset] = frozenset()
+    ensures: ClassVar[frozenset] = frozenset()
+
+    def __call__(self, program):
+        raise InputError("refuse_the_option: --option 3 is out of range")
 
 
 def test_requires_is_checked_before_the_pass_runs():
@@ -95,3 +123,15 @@ def test_default_pipeline_dumps_each_pass_and_matches_the_source(tmp_path):
         "00_fold_constants.py", "01_remove_noop_ops.py"]
     assert "scaled_dot_product_attention" in (tmp_path / "01_remove_noop_ops.py").read_text()
     check_numerics(StepModule(tiny_model("qwen2")), result.program)
+
+
+def test_a_cut_that_loses_a_layer_of_present_breaks_kv_layers():
+    with pytest.raises(PassError, match=r"'drop_last_layer_rows' \(after capture\): ensured "
+                                        r"KV_LAYERS violated: present holds 1 layers, the "
+                                        r"signature declares 2"):
+        Pipeline((DropLastLayerRows(),))(captured("llama"))
+
+
+def test_a_user_error_a_pass_finds_stays_a_user_error():
+    with pytest.raises(InputError, match="refuse_the_option: --option 3 is out of range"):
+        Pipeline((RemoveNoopOps(), RefuseTheOption()))(captured("llama"))

@@ -1,18 +1,20 @@
-"""skip_layers: bypassed sublayers equal the model with those branches zeroed (forward hooks
-on the HF model), on every family; structure; refusals."""
+"""skip_layers in a pipeline: bypassed sublayers equal the model with those branches zeroed
+(forward hooks on the HF model), on every family; Before/Expected structure; refusals."""
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 
 import pytest
 import torch
 from families import captured, family_params, tiny_model
+from programs import ATTENTION, MLP, call_counts, decode_inputs, llama_parts, parts, run
 
 from leapc.ir.errors import InputError
 from leapc.ir.skip_spec import SkipSet
+from leapc.passes.base import violation
 from leapc.passes.insert_tree_attention import SDPA
+from leapc.passes.pipeline import Pipeline
 from leapc.passes.skip_layers import SkipLayers
 
 SETS = ("a1", "m0", "0", "a0,m1")
@@ -62,16 +64,10 @@ def _reference(model, skip: SkipSet, prefix, new):
 def test_skipped_sublayers_equal_the_model_with_those_branches_zeroed(family, text):
     model, full = tiny_model(family), captured(family)
     skip = SkipSet.parse(text, full.dims.num_layers)
-    draft = SkipLayers(skip)(full).program
-    g = torch.Generator().manual_seed(1)
-    prefix = torch.randint(3, full.dims.vocab_size, (2, 6), generator=g)
-    new = torch.randint(3, full.dims.vocab_size, (2, 4), generator=g)
+    draft = Pipeline((SkipLayers(skip),))(full).program
+    prefix, new, positions, mask = decode_inputs(full.dims.vocab_size)
     past, want_logits, want_rows = _reference(model, skip, prefix, new)
-    positions = torch.arange(6, 10).expand(2, 4).contiguous()
-    mask = torch.cat([torch.ones(4, 6, dtype=torch.bool),
-                      torch.ones(4, 4, dtype=torch.bool).tril()], dim=1).expand(2, 4, 10)
-    with torch.no_grad():
-        logits, present = draft.program.module()(new, positions, past, mask.contiguous())
+    logits, present = run(draft, new, positions, past, mask)
     torch.testing.assert_close(logits, want_logits)
     for layer in range(full.dims.num_layers):
         if layer in skip.attention:  # scratch: never read, never committed
@@ -82,17 +78,29 @@ def test_skipped_sublayers_equal_the_model_with_those_branches_zeroed(family, te
 
 def test_skipped_sublayers_and_their_weights_are_gone():
     full = captured("llama")
-    draft = SkipLayers(SkipSet.parse("a1,m0", full.dims.num_layers))(full).program
-
-    def counts(program) -> Counter:
-        return Counter(n.target for n in program.program.graph.nodes if n.op == "call_function")
-
-    assert counts(full)[SDPA] == 2 and counts(draft)[SDPA] == 1
+    result = Pipeline((SkipLayers(SkipSet.parse("a1,m0", full.dims.num_layers)),))(full)
+    draft = result.program
+    assert parts(full) == llama_parts({0: (ATTENTION, MLP), 1: (ATTENTION, MLP)})
+    assert parts(draft) == llama_parts({0: (ATTENTION,), 1: (MLP,)})
+    assert call_counts(full)[SDPA] == 2 and call_counts(draft)[SDPA] == 1
     weights = set(draft.program.state_dict)
     assert not any(".layers.1.self_attn." in name for name in weights)
     assert not any(".layers.0.mlp." in name for name in weights)
     assert any(".layers.0.self_attn." in name for name in weights)
-    assert draft.signature == full.signature
+    assert draft.signature == full.signature and result.modified == ("skip_layers",)
+    for invariant in SkipLayers.ensures:
+        assert violation(invariant, draft) is None
+
+
+def test_an_empty_skip_set_leaves_the_program_as_it_is():
+    full = captured("llama")
+    result = Pipeline((SkipLayers(SkipSet()),))(full)
+    assert result.program is full and result.modified == ()
+
+
+def test_a_skip_set_outside_the_model_is_a_user_error_through_the_pipeline():
+    with pytest.raises(InputError, match=r"skip_layers: layer 2 is out of range"):
+        Pipeline((SkipLayers(SkipSet(frozenset({2}))),))(captured("llama"))
 
 
 @pytest.mark.parametrize(("text", "message"), [

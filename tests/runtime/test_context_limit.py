@@ -29,8 +29,8 @@ from leapc.runtime.drafters.base import Draft
 from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
-from leapc.runtime.engine import DraftOptions
 from leapc.runtime.kv_cache import KVCache
+from leapc.runtime.policies import DraftOptions
 from leapc.runtime.sampling import SamplingConfig
 
 MAX_SEQ = 96
@@ -180,7 +180,7 @@ def test_a_draft_over_its_budget_is_named(engine):
         def observe(self, context, result):
             pass
 
-    cache = engine._cache(engine.manifest.model)
+    cache = engine.new_cache()
     run = decode(engine.step, cache, [5, 6, 7], MAX_NEW, Greedy(), SamplingConfig(),
                  StopConfig(100, ()), np.random.default_rng(0), GenerationStats("greedy"))
     with pytest.raises(RuntimeError, match="Greedy drafted 32 nodes; the step's budget was 31"):
@@ -189,7 +189,7 @@ def test_a_draft_over_its_budget_is_named(engine):
 
 @pytest.mark.slow
 def test_decode_refuses_a_prompt_that_leaves_nothing_to_generate(engine):
-    cache = engine._cache(engine.manifest.model)
+    cache = engine.new_cache()
     run = decode(engine.step, cache, list(range(MAX_SEQ)), MAX_NEW, None, SamplingConfig(),
                  StopConfig(10, ()), np.random.default_rng(0), GenerationStats("ar"))
     with pytest.raises(ValueError, match="leaves nothing to generate"):

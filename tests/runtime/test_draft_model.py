@@ -12,7 +12,7 @@ from stats import chi2_critical, chi2_homogeneity, plain_samples
 import leapc
 from leapc.models.loaders import SourceModel
 from leapc.runtime.drafters.base import ChildSampling
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 
 PROMPT = [5, 17, 200, 3]
 pytestmark = pytest.mark.slow  # the engine builds two models (~15 s); the sampling tests 8k runs

@@ -12,7 +12,7 @@ from stats import chi2_critical, chi2_homogeneity, second_and_third, with_unifor
 import leapc
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.early_exit import EarlyExitDrafter
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 from leapc.runtime.sampling import SamplingConfig
 
 PROMPTS = {
@@ -39,10 +39,10 @@ def test_greedy_output_equals_ar(exit_engine_dir, key, backend):
 def _run(engine, prompt, policy: str, sampling=SamplingConfig()) -> tuple:
     """Generate; return the target cache and the generation's stats."""
     ids = engine.encode(prompt)
-    cache = engine._cache(engine.manifest.model, extra_layers=int(policy == "kangaroo"))
+    cache = engine.new_cache(policy)
     # A low stop: the tiny models' drafts are rarely confident.
-    drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4, confidence=0.01),
-                              sampling, 0, cache)
+    drafter = engine.drafter(policy, cache, DraftOptions(max_draft=4, confidence=0.01),
+                             sampling)
     stats = GenerationStats(policy)
     list(decode(engine.step, cache, ids, engine.manifest.max_new, drafter, sampling,
                 StopConfig(40, ()), np.random.default_rng(0), stats))
@@ -110,7 +110,7 @@ def test_kangaroo_adapter_rows_equal_one_pass_over_the_committed_tokens(exit_eng
     n, layers = len(tokens), engine.manifest.model.num_layers
     mask = np.concatenate([np.zeros((n, 1), bool), np.tri(n, dtype=bool)], axis=1)[None]
     past = np.zeros_like(reference.buffer[:, :, :, :, :1])
-    out = engine.steps["kangaroo"](np.asarray([tokens]), np.arange(n)[None],
+    out = engine.program("kangaroo")(np.asarray([tokens]), np.arange(n)[None],
                                    past[: engine.manifest.exit_layer], past[:1], mask)
     np.testing.assert_allclose(cache.buffer[layers:, :, :, :, :n], out["adapter_present"],
                                atol=1e-4)

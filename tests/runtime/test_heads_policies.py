@@ -11,7 +11,7 @@ from engines import STORIES_REFERENCE, tiny_source
 
 import leapc
 from leapc.runtime.drafters.heads import DynamicTree
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 
 CODE_PROMPT = 'def parse_header(line):\n    """Split an HTTP header line into name and value."""'
 TINY_PROMPT = [5, 17, 33, 2 + 7, 101]
@@ -71,10 +71,10 @@ def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
     tree it keeps is Sequoia's at the curve's best point, still token-identical to ``ar``."""
     from tokenizers import pre_tokenizers
 
-    from leapc.compiler import stage_count
+    from leapc.compiler import planned_steps
     from leapc.heads import HeadsOptions
-    from leapc.ir.head_spec import HeadPlacement
     from leapc.ir.tree_search import AcceptanceTable, optimal_tree
+    from leapc.stage import BuildOptions
 
     source = tiny_source("llama")
     source.tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -85,7 +85,7 @@ def test_auto_tree_is_sequoias_best_for_the_measured_costs(tmp_path):
     stages = []
     engine = leapc.load(leapc.build(source, tmp_path / "e", "ort", max_seq=256, max_new=16,
                                     heads=options, on_stage=stages.append))
-    assert len(stages) == stage_count(heads=HeadPlacement.PROGRAM), stages
+    assert len(stages) == planned_steps(BuildOptions.parse(heads=options)), stages
     heads = engine.manifest.heads
     choice = heads.tree_choice
     assert choice.source == "auto" and len(choice.acceptance) == 2

@@ -12,7 +12,7 @@ from stats import chi2_critical, chi2_homogeneity, second_and_third, with_unifor
 import leapc
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 from leapc.runtime.sampling import SamplingConfig
 
 PROMPTS = {
@@ -51,10 +51,9 @@ def test_scratch_rows_leave_the_cache_as_ar_leaves_it(skip_engine_dir):
     engine = leapc.load(skip_engine_dir("bundled"))
     caches = {}
     for policy in ("ar", "layer-skip"):
-        cache = engine._cache(engine.manifest.model)
+        cache = engine.new_cache(policy)
         sampling = SamplingConfig()
-        drafter = engine._drafter(engine._policy(policy), DraftOptions(max_draft=4), sampling,
-                                  0, cache)
+        drafter = engine.drafter(policy, cache, DraftOptions(max_draft=4), sampling)
         stats = GenerationStats(policy)
         list(decode(engine.step, cache, engine.encode(PROMPTS["bundled"][1]),
                     engine.manifest.max_new, drafter, sampling, StopConfig(40, ()),

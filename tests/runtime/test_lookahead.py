@@ -18,7 +18,7 @@ from leapc.runtime.drafters.lookahead import (
     candidate_tree,
     window_size,
 )
-from leapc.runtime.engine import DraftOptions
+from leapc.runtime.policies import DraftOptions
 
 REPETITIVE = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
               "Once upon a time, there was a little")
@@ -168,7 +168,7 @@ def test_window_logits_are_those_of_each_trajectory_read_as_plain_text(engine_di
     over the root and its trajectory (in position order) computes."""
     engine = leapc.load(engine_dir("tiny-llama"))
     prompt = [5, 17, 200, 3, 9, 44]
-    cache = engine._cache(engine.manifest.model)
+    cache = engine.new_cache()
     prefill(engine.step, cache, prompt, engine.manifest.max_new)
     la = drafter()
     la.window = full_window()

@@ -272,7 +272,7 @@ def test_validation_comes_before_loading(engine, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the program was loaded before the manifest was validated")
 
-    monkeypatch.setattr(engine_module, "_load_step", forbidden)
+    monkeypatch.setattr(engine_module, "load_program", forbidden)
     monkeypatch.setattr(engine_module, "Tokenizer", SimpleNamespace(from_file=forbidden))
     program_file(engine).unlink()
     load_error(engine, "is missing")
@@ -393,6 +393,8 @@ BREAKS = {
     "swift-no-choice": (_both(_set("skip_choice", value=None), _without_policies("layer-skip")),
                         "policy 'swift' needs skip_choice"),
     "swift-no-candidate-program": (_drop("programs", "skip_1"), "needs program 'skip_1'"),
+    "int8-drafting": (_set("quantization", value="int8"),
+                      "policy 'lookup' needs float weights to draft (the engine is int8)"),
     # sections without their policies (as int8 engines keep them) or out of range
     "exit-no-draft-unused": (_both(_drop("programs", "draft"),
                                    _without_policies("early-exit", "kangaroo")),

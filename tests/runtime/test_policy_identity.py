@@ -59,7 +59,7 @@ def test_policy_stops_at_the_token_budget_and_eos(engine_dir, policy):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_adaptive_lookup_is_token_identical_to_ar(engine_dir):
-    from leapc.runtime.engine import DraftOptions
+    from leapc.runtime.policies import DraftOptions
 
     engine = leapc.load(engine_dir("stories"))
     ar = engine.generate(REPETITIVE, 96)

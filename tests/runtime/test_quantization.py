@@ -9,7 +9,8 @@ from engines import tiny_source
 
 import leapc
 from leapc.ir.errors import InputError
-from leapc.runtime.manifest import Policy, Quantization
+from leapc.runtime.manifest import Quantization
+from leapc.runtime.policies import Policy
 
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
 

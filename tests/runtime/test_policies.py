@@ -1,0 +1,98 @@
+"""The policy registry: what each policy needs, what an engine offers, what loads for it."""
+
+from __future__ import annotations
+
+import pytest
+
+import leapc
+from leapc.ir.errors import InputError
+from leapc.runtime.manifest import Manifest, read_manifest
+from leapc.runtime.policies import (
+    POLICIES,
+    DraftOptions,
+    Policy,
+    offered_policies,
+    required_programs,
+)
+
+HYDRA = {"kind": "hydra", "num_heads": 2, "num_blocks": 1, "placement": "program",
+         "tree": [[0], [0, 0]], "tree_choice": {"source": "default"}, "top1": [0.5, 0.4],
+         "top5": [0.9, 0.8], "sha256": {}}
+ADAPTER = {"steps": 1, "seconds": 1.0, "agreement_before": 0.5, "agreement_after": 0.6,
+           "depth": 2, "confidence": 0.3, "ar_tokens_per_s": 100.0, "sweep": [], "sha256": {}}
+TRAINING_FREE = {Policy.AR, Policy.LOOKUP, Policy.RECYCLE, Policy.LOOKAHEAD}
+
+
+@pytest.fixture
+def tiny(engine_dir) -> dict:
+    """The tiny engine's manifest as data: only ``full``, the training-free policies."""
+    return read_manifest(engine_dir("tiny-llama")).model_dump(mode="json")
+
+
+def with_sections(data: dict, **sections) -> Manifest:
+    """``data`` with ``sections`` and the programs they describe (copies of ``full``)."""
+    programs = dict(data["programs"])
+    for name in ("draft_model", "heads", "draft", "remainder", "kangaroo", "skip_0", "skip_1"):
+        programs[name] = programs["full"]
+    return Manifest.model_validate(data | {"programs": programs} | sections)
+
+
+def test_every_policy_has_one_spec():
+    assert set(POLICIES) == set(Policy)
+
+
+def test_the_tiny_engine_offers_the_training_free_policies(tiny):
+    assert set(offered_policies(Manifest.model_validate(tiny))) == TRAINING_FREE
+
+
+@pytest.mark.parametrize("sections, added", [
+    ({"draft_model": "model"}, {Policy.DRAFT}),
+    ({"heads": HYDRA}, {Policy.HYDRA, Policy.HYDRA_DYNAMIC}),
+    ({"heads": HYDRA | {"kind": "medusa"}}, {Policy.MEDUSA, Policy.MEDUSA_DYNAMIC}),
+    ({"exit_layer": 1}, {Policy.EARLY_EXIT}),
+    ({"exit_layer": 1, "adapter": ADAPTER}, {Policy.EARLY_EXIT, Policy.KANGAROO}),
+    ({"skip": "a1", "skip_choice": {"source": "given", "depth": 3, "candidates": ["m0", "a1"]}},
+     {Policy.LAYER_SKIP, Policy.SWIFT}),
+])
+def test_a_section_offers_its_policies(tiny, sections, added):
+    if sections.get("draft_model") == "model":
+        sections = {"draft_model": tiny["model"]}
+    manifest = with_sections(tiny, **sections)
+    assert set(offered_policies(manifest)) == TRAINING_FREE | added
+
+
+def test_int8_engines_offer_ar_only(tiny):
+    """The one place the int8 rule lives: drafting policies verify in wider steps, whose
+    int8 logits differ from a one-token step's."""
+    manifest = with_sections(tiny | {"quantization": "int8", "policies": ["ar"]}, exit_layer=1)
+    assert offered_policies(manifest) == (Policy.AR,)
+    assert POLICIES[Policy.LOOKUP].missing(manifest) == \
+        "needs float weights to draft (the engine is int8)"
+
+
+def test_the_programs_each_policy_runs(tiny):
+    skip = {"source": "given", "depth": 3, "candidates": ["m0", "a1"]}
+    manifest = with_sections(tiny, exit_layer=1, adapter=ADAPTER, skip="a1", skip_choice=skip,
+                             heads=HYDRA | {"placement": "step"})
+    expected = {Policy.AR: (), Policy.EARLY_EXIT: ("draft", "remainder"),
+                Policy.KANGAROO: ("kangaroo", "remainder"),
+                Policy.LAYER_SKIP: ("skip_1",),  # the chosen set's draft only
+                Policy.SWIFT: ("skip_0", "skip_1"),
+                Policy.HYDRA: ()}  # step placement: the heads run inside "full"
+    for policy, programs in expected.items():
+        assert required_programs(manifest, policy) == ("full", *programs), policy
+
+
+def test_load_opens_only_the_programs_of_the_policies_named(exit_engine_dir):
+    engine = leapc.load(exit_engine_dir("tiny-llama"), policies=["early-exit"])
+    assert set(engine.manifest.programs) == {"full", "draft", "remainder", "kangaroo"}
+    assert engine.loaded_programs == ("full", "draft", "remainder")
+    engine.generate([5, 6, 7], 4, policy="lookup")
+    assert engine.loaded_programs == ("full", "draft", "remainder")
+    engine.generate([5, 6, 7], 4, policy="kangaroo", draft=DraftOptions(confidence=0.01))
+    assert engine.loaded_programs == ("full", "draft", "remainder", "kangaroo")
+
+
+def test_load_refuses_a_policy_the_engine_lacks(engine_dir):
+    with pytest.raises(InputError, match="does not support policy 'swift'"):
+        leapc.load(engine_dir("tiny-llama"), policies=["swift"])
