@@ -27,7 +27,7 @@ from leapc.benchmark import save_results
 from leapc.ir.tree import tree_from_parents
 from leapc.runtime.decode import tree_inputs
 from leapc.runtime.drafters.base import Draft
-from leapc.runtime.kv_cache import KVCache
+from leapc.runtime.policies import new_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / ".cache" / "bench" / "tree-attention"
@@ -45,8 +45,8 @@ def verify_inputs(manifest, past: int, new: int, seed: int = 0):
     """Step inputs for a ``new``-node tree over ``past`` committed tokens, as the runtime
     builds them (block-allocated cache, so T is the cache capacity, not ``past``)."""
     rng = np.random.default_rng(seed)
-    m = manifest.model
-    cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, manifest.max_seq)
+    m = manifest.model.dims
+    cache = new_cache(m, manifest.max_seq)
     rows = rng.standard_normal((m.num_layers, 2, 1, m.num_kv_heads, past, m.head_dim))
     cache.commit(rows.astype(m.dtype), np.arange(past))
     tree = tree_from_parents([-1, *((i - 1) // 2 for i in range(1, new))])

@@ -21,6 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from leapc.ir import signature as sig
+from leapc.ir.dims import ModelDims
 from leapc.ir.errors import UnsupportedModelError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
@@ -37,31 +38,6 @@ class CaptureOptions:
     max_seq: int = 1024  # bound on T + N
     max_batch: int = 4  # bound on B
     max_new: int = 128  # bound on N: the prefill chunk and the largest verified tree
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The static numbers of a captured model that the runtime needs."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    dtype: str
-
-    @classmethod
-    def of(cls, model: PreTrainedModel) -> ModelDims:
-        cfg = model.config.get_text_config()
-        heads = cfg.num_attention_heads
-        return cls(
-            num_layers=cfg.num_hidden_layers,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            hidden_size=cfg.hidden_size,
-            vocab_size=cfg.vocab_size,
-            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        )
 
 
 @dataclass(frozen=True)

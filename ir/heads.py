@@ -130,7 +130,8 @@ def capture_heads(heads: DecodingHeads, model, max_rows: int, max_seq: int):
     LM head (and, for Hydra, its input embedding), rows dynamic up to ``max_rows``."""
     from torch.export import Dim
 
-    from leapc.ir.capture import CapturedProgram, ModelDims
+    from leapc.ir.capture import CapturedProgram
+    from leapc.ir.dims import ModelDims
 
     dims = ModelDims.of(model)
     out = model.get_output_embeddings()

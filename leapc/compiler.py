@@ -223,7 +223,6 @@ def _manifest(full: CompiledProgram, options: BuildOptions, capture: CaptureOpti
                                       dims.hidden_size).describe()),
         policies=(Policy.AR,),  # the engine's full list: `_with_policies`, once complete
         max_seq=capture.max_seq,
-        max_batch=capture.max_batch,
         max_new=capture.max_new,
     )
 

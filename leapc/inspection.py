@@ -82,7 +82,7 @@ def _exit_table(manifest: Manifest) -> Table:
     """The early exit, and the sweep `--exit-layer auto` chose it from (fastest first)."""
     choice = manifest.exit_choice
     table = Table(title=f"early exit · layer {manifest.exit_layer} of "
-                        f"{manifest.model.num_layers}, draft length {choice.depth} "
+                        f"{manifest.model.dims.num_layers}, draft length {choice.depth} "
                         f"({choice.source})")
     for column in ("exit layer", "draft length", "tau", "tokens/s", "vs ar"):
         table.add_column(column, justify="right")
@@ -144,11 +144,11 @@ def inspect_engine(path: Path) -> list[Table]:
     """The engine's tables, after the same whole-engine validation as `leapc.load` (every
     file hashed): a broken engine is an `EngineError`, never a report."""
     m = read_manifest(path)
-    itemsize = np.dtype(m.model.dtype).itemsize
+    itemsize = np.dtype(m.model.dims.dtype).itemsize
     summary = Table(title=f"engine {path}", show_header=False)
     for key, value in (
-        ("model", f"{m.model.source} ({m.model.family}, {m.model.num_layers} layers, "
-                  f"vocab {m.model.vocab_size}, {m.model.dtype})"),
+        ("model", f"{m.model.source} ({m.model.family}, {m.model.dims.num_layers} layers, "
+                  f"vocab {m.model.dims.vocab_size}, {m.model.dims.dtype})"),
         ("backend", m.backend.value),
         ("passes", " → ".join(m.passes) or "none"),
         ("policies", ", ".join(p.value for p in m.policies)),

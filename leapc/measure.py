@@ -15,6 +15,7 @@ import numpy as np
 from leapc.runtime.decode import GenerationStats, StopConfig, decode
 from leapc.runtime.drafters.base import Drafter, NoDrafter
 from leapc.runtime.kv_cache import KVCache
+from leapc.runtime.policies import new_cache
 from leapc.runtime.sampling import SamplingConfig
 from leapc.runtime.step import StepFunction
 
@@ -30,8 +31,7 @@ def measure_drafters(step: StepFunction, dims, drafters: dict[Hashable, DrafterF
     median tokens/s of the repeats (tau is the same every repeat). ``extra_layers``: the
     cache's, for drafters that keep rows there (Kangaroo)."""
     def cache() -> KVCache:
-        return KVCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.dtype, max_seq,
-                       extra_layers=extra_layers)
+        return new_cache(dims, max_seq, extra_layers)
 
     configs = {AR: lambda kv: NoDrafter()} | drafters
     runs = {key: [] for key in configs}

@@ -104,9 +104,7 @@ class CompiledProgram:
     def info(self) -> ModelInfo:
         dims = self.result.program.dims
         return ModelInfo(
-            source=self.source.name, family=self.source.family, num_layers=dims.num_layers,
-            num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim,
-            hidden_size=dims.hidden_size, vocab_size=dims.vocab_size, dtype=dims.dtype,
+            source=self.source.name, family=self.source.family, dims=dims,
             weights_sha256=weights_sha256(self.source.model),
             max_positions=self.source.trained_positions,
         )

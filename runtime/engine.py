@@ -159,7 +159,7 @@ class Engine:
             if bos is None:
                 raise InputError("empty prompt and the model has no BOS token to start from")
             ids = [bos]
-        vocab = self.manifest.model.vocab_size
+        vocab = self.manifest.model.dims.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise InputError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
@@ -207,7 +207,7 @@ class Engine:
     def new_cache(self, policy: str | Policy = Policy.AR) -> KVCache:
         """An empty target KV cache for ``policy`` (with its extra layers, if any)."""
         extra = POLICIES[self.policy(policy)].extra_layers
-        return new_cache(self.manifest.model, self.manifest.max_seq, extra)
+        return new_cache(self.manifest.model.dims, self.manifest.max_seq, extra)
 
     def drafter(self, policy: str | Policy, cache: KVCache, options: DraftOptions = DraftOptions(),
                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> Drafter:

@@ -22,12 +22,13 @@ from pydantic import (
     model_validator,
 )
 
+from leapc.ir.dims import ModelDims
 from leapc.ir.errors import EngineError
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.datastore import SUFFIXES_FILE, TOKENS_FILE
 from leapc.runtime.policies import POLICIES, Policy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ModelInfo.dims; no addons, max_batch
 MANIFEST_FILE = "manifest.json"
 
 
@@ -57,24 +58,19 @@ class _Frozen(BaseModel):
 class ModelInfo(_Frozen):
     source: str  # what was built: "bundled", or the model's path (for `bench --vs-hf`)
     family: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    dtype: str
+    dims: ModelDims  # what the runtime sizes the KV cache by
     weights_sha256: str
     # Positions the model was trained for (its config's max_position_embeddings; None if the
     # config names none): past them a model's outputs are not what it learned.
     max_positions: int | None
 
-    @field_validator("dtype")
+    @field_validator("dims")
     @classmethod
-    def _known_dtype(cls, value: str) -> str:
+    def _known_dtype(cls, value: ModelDims) -> ModelDims:
         try:
-            np.dtype(value)  # the runtime allocates the KV cache in it
+            np.dtype(value.dtype)  # the runtime allocates the KV cache in it
         except TypeError:
-            raise ValueError(f"unknown dtype {value!r}") from None
+            raise ValueError(f"unknown dtype {value.dtype!r}") from None
         return value
 
 
@@ -250,7 +246,7 @@ class SkipChoice(_Frozen):
 
 
 class Manifest(_Frozen):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     leapc_version: str
     toolchain: dict[str, str]
     backend: Backend
@@ -269,10 +265,8 @@ class Manifest(_Frozen):
     # "kangaroo", "skip_<i>"
     passes: tuple[str, ...]
     anatomy: tuple[tuple[str, str], ...] = ()  # landmark -> graph node, for `leapc inspect`
-    addons: dict[str, str] = {}
     policies: tuple[Policy, ...]
     max_seq: int
-    max_batch: int
     max_new: int
 
     @model_validator(mode="after")
@@ -304,8 +298,6 @@ _SECTION_NEEDS = {"exit_choice": "exit_layer", "adapter": "exit_layer", "skip": 
 
 
 def _check_limits(m: Manifest) -> None:
-    if m.max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1 (got {m.max_batch})")
     if not 0 < m.max_new < m.max_seq:
         raise ValueError(f"max_new must be at least 1 and below max_seq {m.max_seq} "
                          f"(got {m.max_new})")
@@ -316,13 +308,13 @@ def _check_limits(m: Manifest) -> None:
 
 
 def _check_token_ids(m: Manifest) -> None:
-    vocab = m.model.vocab_size
+    vocab = m.model.dims.vocab_size
     bos = () if m.tokenizer.bos_id is None else (m.tokenizer.bos_id,)
     for token in bos + m.tokenizer.eos_ids:
         if not 0 <= token < vocab:
             raise ValueError(f"tokenizer token id {token} is outside the vocabulary [0, {vocab})")
-    if m.draft_model is not None and m.draft_model.vocab_size != vocab:
-        raise ValueError(f"draft_model's vocab_size {m.draft_model.vocab_size} differs from "
+    if m.draft_model is not None and m.draft_model.dims.vocab_size != vocab:
+        raise ValueError(f"draft_model's vocab_size {m.draft_model.dims.vocab_size} differs from "
                          f"the model's {vocab}")
 
 
@@ -348,7 +340,7 @@ def _check_sections(m: Manifest) -> None:
     for section in _SECTION_PROGRAMS:
         if getattr(m, section) is not None:
             _require_programs(m, section, section)
-    layers = m.model.num_layers
+    layers = m.model.dims.num_layers
     if m.exit_layer is not None and not 1 <= m.exit_layer < layers:
         raise ValueError(f"exit_layer {m.exit_layer} is outside 1..{layers - 1} "
                          f"(the model has {layers} layers)")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from leapc.ir.dims import ModelDims
 from leapc.ir.errors import InputError
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
@@ -40,7 +41,7 @@ from leapc.runtime.step import StepFunction
 
 if TYPE_CHECKING:
     from leapc.runtime.datastore import Datastore
-    from leapc.runtime.manifest import Manifest, ModelInfo
+    from leapc.runtime.manifest import Manifest
 
 
 class Policy(str, enum.Enum):
@@ -163,7 +164,7 @@ def _lookup(c: DraftContext) -> LookupDrafter:
 
 
 def _recycle(c: DraftContext) -> RecycleDrafter:
-    return RecycleDrafter(c.manifest.model.vocab_size)
+    return RecycleDrafter(c.manifest.model.dims.vocab_size)
 
 
 def _lookahead(c: DraftContext) -> LookaheadDrafter:
@@ -182,7 +183,7 @@ def _retrieval(c: DraftContext) -> RetrievalDrafter:
 
 def _draft_model(c: DraftContext) -> DraftModelDrafter:
     m = c.manifest
-    return DraftModelDrafter(c.program("draft_model"), new_cache(m.draft_model, m.max_seq),
+    return DraftModelDrafter(c.program("draft_model"), new_cache(m.draft_model.dims, m.max_seq),
                              m.max_new, c.sampling, c.rng(1), c.options.tree_shape(),
                              adaptive=c.options.adaptive)
 
@@ -226,7 +227,7 @@ def _kangaroo(c: DraftContext) -> KangarooDrafter:
 
 def _skip_drafter(c: DraftContext, index: int, confidence: float) -> LayerSkipDrafter:
     m, o = c.manifest, c.options
-    return LayerSkipDrafter(c.program(f"skip_{index}"), c.cache, m.model.num_layers, c.sampling,
+    return LayerSkipDrafter(c.program(f"skip_{index}"), c.cache, m.model.dims.num_layers, c.sampling,
                             c.rng(1, index), o.draft_length(m.skip_choice.depth), confidence,
                             o.adaptive)
 
@@ -294,8 +295,8 @@ def required_programs(manifest: Manifest, policy: Policy) -> tuple[str, ...]:
     return ("full", *POLICIES[policy].programs(manifest))
 
 
-def new_cache(model: ModelInfo, max_seq: int, extra_layers: int = 0) -> KVCache:
-    return KVCache(model.num_layers, model.num_kv_heads, model.head_dim, model.dtype, max_seq,
+def new_cache(dims: ModelDims, max_seq: int, extra_layers: int = 0) -> KVCache:
+    return KVCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, dims.dtype, max_seq,
                    extra_layers=extra_layers)
 
 

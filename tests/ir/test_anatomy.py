@@ -9,7 +9,8 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from leapc.ir.anatomy import is_attention, recover_anatomy
-from leapc.ir.capture import CaptureOptions, ModelDims, export_step
+from leapc.ir.capture import CaptureOptions, export_step
+from leapc.ir.dims import ModelDims
 from leapc.ir.errors import UnsupportedModelError
 from leapc.ir.graph import ancestors
 

@@ -118,7 +118,7 @@ def test_both_attention_lowerings_agree(tiny, tiny_other_attention):
     lowered = [e.manifest.passes[-1] == "insert_tree_attention" for e in (tiny, tiny_other_attention)]
     assert sorted(lowered) == [False, True]
     for seed, shape in enumerate([(1, 1, 64), (2, 9, 64), (1, 32, 192)]):
-        inputs = [t.numpy() for t in tree_step_inputs(tiny.manifest.model, *shape, seed=seed)]
+        inputs = [t.numpy() for t in tree_step_inputs(tiny.manifest.model.dims, *shape, seed=seed)]
         want, got = tiny.step(*inputs), tiny_other_attention.step(*inputs)
         for name in ("logits", "present"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
@@ -133,7 +133,7 @@ def test_tree_package_runs_in_a_process_without_leapc(tiny, tiny_other_attention
     Python op, so plain torch runs the package."""
     engine = next(e for e in (tiny, tiny_other_attention) if "insert_tree_attention" in
                   e.manifest.passes)
-    inputs = [t.numpy() for t in tree_step_inputs(engine.manifest.model, 1, 5, 64)]
+    inputs = [t.numpy() for t in tree_step_inputs(engine.manifest.model.dims, 1, 5, 64)]
     np.savez(tmp_path / "inputs.npz", *inputs)
     code = ("import sys, numpy as np, torch; "
             "runner = torch._inductor.aoti_load_package(sys.argv[1]); "

@@ -107,7 +107,7 @@ def test_kangaroo_adapter_rows_equal_one_pass_over_the_committed_tokens(exit_eng
     assert max(stats.accepted_depth) > 0 and min(stats.accepted_depth) < max(stats.drafted_depth)
     reference, _ = _run(engine, PROMPTS[key][1], "ar")
     tokens = _committed_tokens(engine, PROMPTS[key][1], cache.length)
-    n, layers = len(tokens), engine.manifest.model.num_layers
+    n, layers = len(tokens), engine.manifest.model.dims.num_layers
     mask = np.concatenate([np.zeros((n, 1), bool), np.tri(n, dtype=bool)], axis=1)[None]
     past = np.zeros_like(reference.buffer[:, :, :, :, :1])
     out = engine.program("kangaroo")(np.asarray([tokens]), np.arange(n)[None],
@@ -171,7 +171,7 @@ def test_exit_layer_auto_keeps_the_fastest_measured_point(tmp_path):
                                     exit_layer="auto"))
     manifest = engine.manifest
     choice = manifest.exit_choice
-    candidates = list(exit_candidates(manifest.model.num_layers))
+    candidates = list(exit_candidates(manifest.model.dims.num_layers))
     assert choice.source == "auto" and choice.ar_tokens_per_s > 0
     assert [(p.layer, p.depth) for p in choice.sweep] == [
         (layer, depth) for layer in candidates for depth in EXIT_DEPTHS]
@@ -185,5 +185,5 @@ def test_exit_layer_auto_keeps_the_fastest_measured_point(tmp_path):
     assert engine.generate(prompt, 24, policy="early-exit").token_ids == \
         engine.generate(prompt, 24).token_ids
     titles = [table.title for table in inspect_engine(tmp_path / "auto")]
-    assert f"early exit · layer {best.layer} of {manifest.model.num_layers}, draft length " \
+    assert f"early exit · layer {best.layer} of {manifest.model.dims.num_layers}, draft length " \
            f"{best.depth} (auto)" in titles

@@ -97,7 +97,7 @@ def test_skip_auto_keeps_the_fastest_measured_set_of_the_agreement_path(tmp_path
     engine = leapc.load(leapc.build(tiny_source("llama"), tmp_path / "auto", "ort", max_seq=256,
                                     skip="auto"))
     manifest = engine.manifest
-    choice, layers = manifest.skip_choice, manifest.model.num_layers
+    choice, layers = manifest.skip_choice, manifest.model.dims.num_layers
     assert choice.source == "auto" and choice.ar_tokens_per_s > 0
     path = [(SkipSet.parse(text, layers), agreement) for text, agreement in choice.path]
     sets = [s for s, _ in path]

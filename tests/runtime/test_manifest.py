@@ -100,7 +100,7 @@ def test_empty_directory(tmp_path):
 # ------------------------------------------------------------------ the manifest
 
 
-@pytest.mark.parametrize("text", ["{not json", "", "\x00\x01garbage", '{"schema_version": 1,'])
+@pytest.mark.parametrize("text", ["{not json", "", "\x00\x01garbage", '{"schema_version": 2,'])
 def test_manifest_that_is_not_json(engine, text):
     (engine / MANIFEST_FILE).write_text(text)
     load_error(engine, MANIFEST_FILE, "is not valid JSON")
@@ -111,7 +111,7 @@ def test_manifest_that_is_not_utf8(engine):
     load_error(engine, MANIFEST_FILE, "is not valid JSON")
 
 
-@pytest.mark.parametrize("version", [99, 0, 2, "1", None])
+@pytest.mark.parametrize("version", [99, 0, 1, "2", None])
 def test_unknown_schema_version(engine, version):
     data = manifest_of(engine)
     data["schema_version"] = version
@@ -142,7 +142,7 @@ def test_manifest_that_is_not_an_object(engine, data):
 
 @pytest.mark.parametrize(
     "path",
-    [("max_seq",), ("backend",), ("programs",), ("model", "vocab_size"),
+    [("max_seq",), ("backend",), ("programs",), ("model", "dims"),
      ("model", "max_positions"), ("tokenizer", "eos_ids"), ("tokenizer", "sha256"),
      ("tokenizer", "encode_special_tokens"), ("programs", "full", "sha256")],
     ids=".".join,
@@ -357,7 +357,6 @@ BREAKS = {
     # the limits
     "max_new-0": (_set("max_new", value=0), "max_new must be at least 1"),
     "max_new-is-max_seq": (_set("max_new", value=256), "below max_seq 256"),
-    "max_batch-0": (_set("max_batch", value=0), "max_batch must be at least 1"),
     "max_seq-past-trained-positions": (_set("model", "max_positions", value=128),
                                        "max_seq 256 exceeds the 128 positions"),
     "max_seq-not-the-programs": (_set("programs", "full", "signature", "max_seq", value=128),
@@ -366,7 +365,7 @@ BREAKS = {
     "bos-past-vocab": (_set("tokenizer", "bos_id", value=256),
                        "token id 256 is outside the vocabulary [0, 256)"),
     "eos-negative": (_set("tokenizer", "eos_ids", value=[3, -1]), "token id -1 is outside"),
-    "draft-vocab": (_set("draft_model", "vocab_size", value=300), "draft_model's vocab_size 300"),
+    "draft-vocab": (_set("draft_model", "dims", "vocab_size", value=300), "draft_model's vocab_size 300"),
     # every policy's sections and programs
     "no-full": (_drop("programs", "full"), "programs has no 'full'"),
     "draft-no-model": (_set("draft_model", value=None), "policy 'draft' needs draft_model"),
@@ -411,7 +410,7 @@ BREAKS = {
                             "deeper than the 2 heads"),
     "heads-top1-short": (_set("heads", "top1", value=[0.5]), "one value per head (2)"),
     # what the runtime reads from fields
-    "unknown-dtype": (_set("model", "dtype", value="float99"), "unknown dtype 'float99'"),
+    "unknown-dtype": (_set("model", "dims", "dtype", value="float99"), "unknown dtype 'float99'"),
     "signature-without-outputs": (_drop("programs", "draft", "signature", "outputs"),
                                   "programs.draft.signature: outputs: Field required"),
     "signature-shape-code": (_set("programs", "full", "signature", "inputs", 0, "shape", 0,

@@ -63,8 +63,5 @@ def test_quantizing_needs_the_ort_backend(tmp_path):
 def _prefill_inputs(engine):
     from leapc.runtime.decode import tree_inputs
     from leapc.runtime.drafters.base import Draft
-    from leapc.runtime.kv_cache import KVCache
-
-    m = engine.manifest.model
-    cache = KVCache(m.num_layers, m.num_kv_heads, m.head_dim, m.dtype, engine.manifest.max_seq)
+    cache = engine.new_cache()
     return tree_inputs(cache, Draft.chain_of(PROMPT[0], PROMPT[1:]))

@@ -18,8 +18,9 @@ def test_profiles_span_the_signature_bounds(engine_dir):
     engine = leapc.load(engine_dir("tiny-llama", "ort"))
     signature = StepSignature.from_json(engine.manifest.programs["full"].signature)
     profiles = optimization_profiles(signature)
-    layers, kv_heads, head_dim = (engine.manifest.model.num_layers,
-                                  engine.manifest.model.num_kv_heads, engine.manifest.model.head_dim)
+    layers, kv_heads, head_dim = (engine.manifest.model.dims.num_layers,
+                                  engine.manifest.model.dims.num_kv_heads,
+                                  engine.manifest.model.dims.head_dim)
     max_seq, max_new = engine.manifest.max_seq, engine.manifest.max_new  # 256, 128
     assert profiles["tokens"] == ((1, 1), (1, 8), (4, max_new))
     assert profiles["past"] == ((layers, 2, 1, kv_heads, 1, head_dim),
