@@ -6,11 +6,13 @@ not fit) print one line on stderr and exit with code 2; nothing else is caught.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import sys
 import warnings
+from inspect import Parameter, Signature, signature
 from pathlib import Path
 from typing import Annotated
 
@@ -34,7 +36,7 @@ from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
 from leapc.runtime.manifest import Backend, Quantization
-from leapc.runtime.policies import Policy
+from leapc.runtime.policies import DraftOptions, Policy
 from leapc.runtime.sampling import TypicalAcceptance
 
 
@@ -49,30 +51,59 @@ def _lookahead(text: str | LookaheadConfig) -> LookaheadConfig:
     return LookaheadConfig(window, ngram, guesses)
 
 
-# Drafting options shared by `run` and `bench`.
-MaxDraft = Annotated[int | None, typer.Option(
-    help="longest draft per step (drafting policies; default 8, early exit: the engine's)")]
-NGram = Annotated[int, typer.Option(help="lookup: longest n-gram matched")]
-Matches = Annotated[int, typer.Option(
-    help="lookup: continuations of this many earlier occurrences, verified as one tree")]
-Adaptive = Annotated[bool, typer.Option(help="chain drafts: +2/-1 adaptive draft length")]
-DraftTree = Annotated[str, typer.Option(
-    help="draft model: children per node at depths 1, 2, ... (e.g. 2,2; deeper is a chain)")]
-Confidence = Annotated[float, typer.Option(
-    help="draft model: stop expanding a node whose draft top-1 probability is below this")]
-TreeSampling = Annotated[ChildSampling, typer.Option(
-    help="draft model, sampled trees: how siblings are drawn (rule 3 or rule 4)")]
-Lookahead = Annotated[LookaheadConfig, typer.Option(
-    parser=_lookahead, metavar="W,N,G",
-    help="lookahead: window W, n-gram size N, n-grams kept and verified per token G")]
 DeviceOption = Annotated[Device, typer.Option(
     help="ort engines: cpu, or the cuda / tensorrt execution provider (onnxruntime-gpu)")]
-RetrievalNodes = Annotated[int, typer.Option(
-    help="retrieval: draft nodes per step (context continuation and datastore together)")]
-TreeNodes = Annotated[int, typer.Option(
-    help="medusa-dynamic / hydra-dynamic: drafted nodes kept per step")]
-Beam = Annotated[int, typer.Option(
-    help="medusa-dynamic / hydra-dynamic: nodes expanded per depth, children per node")]
+
+
+def _drafting(name: str, kind: object, default: object, help: str, **option) -> Parameter:
+    option = typer.Option(rich_help_panel="Drafting (policies that draft)", help=help, **option)
+    return Parameter(name, Parameter.KEYWORD_ONLY, default=default,
+                     annotation=Annotated[kind, option])
+
+
+# The drafting flags of `run` and `bench`, declared once: `_with_draft_options` adds them to
+# a command, which receives them as one DraftOptions.
+DRAFT_FLAGS = (
+    _drafting("max_draft", int | None, None,
+              "longest draft per step (drafting policies; default 8, early exit: the engine's)"),
+    _drafting("ngram", int, 4, "lookup: longest n-gram matched"),
+    _drafting("matches", int, 1,
+              "lookup: continuations of this many earlier occurrences, verified as one tree"),
+    _drafting("adaptive", bool, False, "chain drafts: +2/-1 adaptive draft length"),
+    _drafting("draft_tree", str, "",
+              "draft model: children per node at depths 1, 2, ... (e.g. 2,2; deeper is a "
+              "chain)"),
+    _drafting("confidence", float, 0.0,
+              "draft model: stop expanding a node whose draft top-1 probability is below this"),
+    _drafting("tree_sampling", ChildSampling, ChildSampling.WITHOUT_REPLACEMENT,
+              "draft model, sampled trees: how siblings are drawn (rule 3 or rule 4)"),
+    _drafting("lookahead", LookaheadConfig, LookaheadConfig(),
+              "lookahead: window W, n-gram size N, n-grams kept and verified per token G",
+              parser=_lookahead, metavar="W,N,G"),
+    _drafting("retrieval_nodes", int, RetrievalConfig().nodes,
+              "retrieval: draft nodes per step (context continuation and datastore together)"),
+    _drafting("tree_nodes", int, DynamicTree().total,
+              "medusa-dynamic / hydra-dynamic: drafted nodes kept per step"),
+    _drafting("beam", int, DynamicTree().beam,
+              "medusa-dynamic / hydra-dynamic: nodes expanded per depth, children per node"),
+)
+
+
+def _with_draft_options(command):
+    """``command(..., draft: DraftOptions)`` as a typer command taking DRAFT_FLAGS: typer
+    reads the signature, so the flags replace ``draft`` in it."""
+    names = [flag.name for flag in DRAFT_FLAGS]
+
+    @functools.wraps(command)
+    def with_flags(**kwargs):
+        flags = {name: kwargs.pop(name) for name in names}
+        return command(**kwargs, draft=_draft_options(**flags))
+
+    own = signature(command, eval_str=True).parameters.values()
+    with_flags.__signature__ = Signature(
+        [p.replace(kind=Parameter.KEYWORD_ONLY) for p in own if p.name != "draft"]
+        + list(DRAFT_FLAGS))
+    return with_flags
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="leapc: compile LLMs ahead of time for fast, lossless decoding.")
@@ -192,6 +223,7 @@ def _datastore_source(values: list[str] | None) -> str | list[Path] | None:
 
 
 @app.command()
+@_with_draft_options
 def run(
     engine: Path = typer.Argument(..., help="engine directory"),
     prompt: str = typer.Option(None, help="prompt text ('' means BOS only)"),
@@ -202,21 +234,11 @@ def run(
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     seed: int = typer.Option(0),
-    max_draft: MaxDraft = None,
-    ngram: NGram = 4,
-    matches: Matches = 1,
-    adaptive: Adaptive = False,
-    draft_tree: DraftTree = "",
-    confidence: Confidence = 0.0,
-    tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
-    lookahead: Lookahead = LookaheadConfig(),
-    retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
-    tree_nodes: TreeNodes = DynamicTree().total,
-    beam: Beam = DynamicTree().beam,
     typical: bool = typer.Option(
         False, help="sampling: Medusa's typical acceptance (lossy: output distribution changes)"),
     device: DeviceOption = Device.CPU,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    draft: DraftOptions = None,
 ) -> None:
     """Generate from a prompt."""
     import leapc
@@ -225,9 +247,6 @@ def run(
         raise InputError("give exactly one of --prompt and --prompt-ids")
     request = require_utf8(prompt, "--prompt") if prompt is not None else _prompt_ids(prompt_ids)
     loaded = leapc.load(engine, device, policies=[policy])
-    draft = _draft_options(max_draft, ngram, matches, adaptive, draft_tree, confidence,
-                           tree_sampling, lookahead, retrieval_nodes,
-                           DynamicTree(tree_nodes, beam))
     stream = loaded.stream(request, max_new_tokens, policy=policy, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, draft=draft,
                            typical=TypicalAcceptance() if typical else None)
@@ -279,13 +298,13 @@ def _parse_ids(text: str, option: str) -> list[int]:
 
 def _draft_options(max_draft: int | None, ngram: int, matches: int, adaptive: bool,
                    draft_tree: str, confidence: float, tree_sampling: ChildSampling,
-                   lookahead: LookaheadConfig, retrieval_nodes: int, dynamic: DynamicTree):
-    from leapc.runtime.policies import DraftOptions
-
+                   lookahead: LookaheadConfig, retrieval_nodes: int, tree_nodes: int,
+                   beam: int) -> DraftOptions:
     return DraftOptions(max_draft=max_draft, ngram=ngram, matches=matches, adaptive=adaptive,
                         branching=tuple(_parse_ids(draft_tree, "--draft-tree")),
                         confidence=confidence, children=tree_sampling, lookahead=lookahead,
-                        retrieval=RetrievalConfig(nodes=retrieval_nodes), dynamic=dynamic)
+                        retrieval=RetrievalConfig(nodes=retrieval_nodes),
+                        dynamic=DynamicTree(tree_nodes, beam))
 
 
 @app.command()
@@ -298,27 +317,18 @@ def inspect(path: Path = typer.Argument(..., help="engine directory or model")) 
 
 
 @app.command()
+@_with_draft_options
 def bench(
     engine: Path = typer.Argument(..., help="engine directory"),
     policies: str = typer.Option("ar", help="comma-separated policies"),
     prompts: Path = typer.Option(None, help="JSONL prompt file (default: built-in code prompts)"),
     max_new_tokens: int = typer.Option(64),
     repeats: int = typer.Option(3),
-    max_draft: MaxDraft = None,
-    ngram: NGram = 4,
-    matches: Matches = 1,
-    adaptive: Adaptive = False,
-    draft_tree: DraftTree = "",
-    confidence: Confidence = 0.0,
-    tree_sampling: TreeSampling = ChildSampling.WITHOUT_REPLACEMENT,
-    lookahead: Lookahead = LookaheadConfig(),
-    retrieval_nodes: RetrievalNodes = RetrievalConfig().nodes,
-    tree_nodes: TreeNodes = DynamicTree().total,
-    beam: Beam = DynamicTree().beam,
     device: DeviceOption = Device.CPU,
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
+    draft: DraftOptions = None,
 ) -> None:
     """Benchmark policies on an engine (medians over repeats)."""
     import leapc
@@ -333,9 +343,7 @@ def bench(
 
         pyplot()
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
-                      _draft_options(max_draft, ngram, matches, adaptive, draft_tree,
-                                     confidence, tree_sampling, lookahead, retrieval_nodes,
-                                     DynamicTree(tree_nodes, beam)))
+                      draft)
     with out.status("benchmarking"):
         result = run_bench(leapc.load(engine, device, cfg.policies), cfg, vs_hf)
     out.print(bench_table(result))

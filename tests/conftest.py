@@ -30,10 +30,12 @@ that says so fails, naming the marker (so a test cannot slip into the fast tier 
 
 import os
 import pathlib
+import signal
 import sys
 
 import pytest
 import torch
+from filelock import FileLock
 
 # Without a GPU, the Triton kernels run in Triton's interpreter on CPU tensors
 # (tests/kernels/test_triton_*.py). Triton reads TRITON_INTERPRET when it is first imported
@@ -41,6 +43,15 @@ import torch
 # transformers imports torch._dynamo, which imports triton. Importing torch does not.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `make test` runs two pytest-xdist workers on this machine's two cores: each runs its
+# programs (ORT's pool via LEAPC_THREADS, torch's) on one thread instead of fighting for both.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("LEAPC_THREADS", "1")
+    torch.set_num_threads(1)
+    # xdist workers ignore SIGINT, and an ignored signal stays ignored in every process
+    # they start: the tests that Ctrl-C a `leapc` process need it delivered.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
@@ -137,9 +148,30 @@ def short_build_measurements():
         yield
 
 
+def shared_root(tmp_path_factory) -> pathlib.Path:
+    """A directory every pytest-xdist worker of this run sees (the session's temp root
+    without xdist)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the directory the workers' temp roots share
+    (root / "shared").mkdir(exist_ok=True)
+    return root / "shared"
+
+
+def build_once(tmp_path_factory, name: str, build, lock: str | None = None) -> pathlib.Path:
+    """The engine ``build(path)`` writes, built by the first worker that asks for ``name``
+    (under a file lock, ``lock`` or ``name``); the others, and later asks, find it built."""
+    root = shared_root(tmp_path_factory)
+    out = root / name
+    with FileLock(root / f"{lock or name}.lock"):
+        if not (out / "manifest.json").exists():
+            build(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory):
-    """``engine_dir(key, backend)`` -> an engine directory built once per session.
+    """``engine_dir(key, backend)`` -> an engine directory built once per run.
 
     ``key`` is ``"stories"`` (../shared, skipped if absent; its draft model is its own
     first four of five layers; its datastore a few stories), ``"bundled"`` (with the
@@ -147,36 +179,44 @@ def engine_dir(tmp_path_factory):
     whole corpus, to build fast), or ``"tiny-<family>"`` (a random tiny model taking id
     prompts, max-seq 256).
     """
-    built = {}
 
-    def get(key: str, backend: str = "ort"):
-        check_marks(key, backend)
-        if (key, backend) not in built:
-            out = tmp_path_factory.mktemp(f"{key}-{backend}")
-            draft = datastore = None
-            if key == "stories":
-                model, max_seq = load_source(require_stories()), None
-                draft = save_first_layers(model, 4, tmp_path_factory.mktemp("stories-draft"))
-                datastore = tmp_path_factory.mktemp("stories-datastore") / "stories.txt"
-                datastore.write_text(STORIES_CORPUS)
-            elif key == "bundled":
-                require_bundled()
-                model, max_seq = "bundled", None
-                draft = BUNDLED_DRAFT if (BUNDLED_DRAFT_DIR / "model.safetensors").exists() else None
-                datastore = [corpus.stdlib_root() / "json", corpus.stdlib_root() / "email"]
-            else:
-                model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
-            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq,
-                                              draft_model=draft, datastore=datastore)
-        return built[key, backend]
+    def build(key: str, backend: str, out: pathlib.Path) -> None:
+        draft = datastore = None
+        if key == "stories":
+            model, max_seq = load_source(require_stories()), None
+            draft = save_first_layers(model, 4, tmp_path_factory.mktemp("stories-draft"))
+            datastore = tmp_path_factory.mktemp("stories-datastore") / "stories.txt"
+            datastore.write_text(STORIES_CORPUS)
+        elif key == "bundled":
+            model, max_seq = "bundled", None
+            draft = BUNDLED_DRAFT if (BUNDLED_DRAFT_DIR / "model.safetensors").exists() else None
+            datastore = [corpus.stdlib_root() / "json", corpus.stdlib_root() / "email"]
+        else:
+            model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
+        leapc.build(model, out, backend, max_seq=max_seq, draft_model=draft,
+                    datastore=datastore)
+
+    def get(key: str, backend: str = "ort") -> pathlib.Path:
+        _check_engine(key, backend)
+        return build_once(tmp_path_factory, f"{key}-{backend}",
+                          lambda out: build(key, backend, out))
 
     return get
+
+
+def _check_engine(key: str, backend: str) -> None:
+    """Skip or fail the running test before an engine of ``key`` is built for it."""
+    check_marks(key, backend)
+    if key == "stories":
+        require_stories()
+    elif key == "bundled":
+        require_bundled()
 
 
 @pytest.fixture(scope="session")
 def heads_engine_dir(tmp_path_factory):
     """``heads_engine_dir(key, kind, placement="program", backend="ort")`` -> an engine
-    with decoding heads, built once per session: ``"bundled"`` with the heads it ships,
+    with decoding heads, built once per run: ``"bundled"`` with the heads it ships,
     ``"stories"`` and ``"tiny-llama"`` with heads the recipe trains in a few steps (on
     ``STORIES_CORPUS`` and on random id text)."""
     from tokenizers import pre_tokenizers
@@ -184,54 +224,49 @@ def heads_engine_dir(tmp_path_factory):
     from leapc.heads import HeadsOptions
     from leapc.ir.head_spec import HeadKind, HeadPlacement
 
-    built = {}
+    def build(key: str, kind: str, placement: str, backend: str, out: pathlib.Path) -> None:
+        text, max_seq, count = tmp_path_factory.mktemp("heads-text") / "text.txt", None, 3
+        if key == "bundled":
+            model, text, count = "bundled", None, 4
+        elif key == "stories":
+            model = load_source(require_stories())
+            text.write_text(STORIES_CORPUS * 8)
+        else:
+            model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
+            model.tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+            text.write_text(" ".join(str(3 + (i * 7919) % 250) for i in range(4000)))
+        options = HeadsOptions(count=count, kind=HeadKind(kind), train_text=text,
+                               placement=HeadPlacement(placement), training_steps=15,
+                               training_sequences=16, training_context=64)
+        leapc.build(model, out, backend, max_seq=max_seq, heads=options)
 
     def get(key: str, kind: str, placement: str = "program", backend: str = "ort"):
-        check_marks(key, backend)
-        if (key, kind, placement, backend) not in built:
-            out = tmp_path_factory.mktemp(f"{key}-{kind}-{placement}-{backend}")
-            text, max_seq, count = tmp_path_factory.mktemp("heads-text") / "text.txt", None, 3
-            if key == "bundled":
-                require_bundled()
-                model, text, count = "bundled", None, 4
-            elif key == "stories":
-                model = load_source(require_stories())
-                text.write_text(STORIES_CORPUS * 8)
-            else:
-                model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
-                model.tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-                text.write_text(" ".join(str(3 + (i * 7919) % 250) for i in range(4000)))
-            options = HeadsOptions(count=count, kind=HeadKind(kind), train_text=text,
-                                   placement=HeadPlacement(placement), training_steps=15,
-                                   training_sequences=16, training_context=64)
-            built[key, kind, placement, backend] = leapc.build(model, out, backend,
-                                                               max_seq=max_seq, heads=options)
-        return built[key, kind, placement, backend]
+        _check_engine(key, backend)
+        return build_once(tmp_path_factory, f"{key}-{kind}-{placement}-{backend}",
+                          lambda out: build(key, kind, placement, backend, out))
 
     return get
 
 
-
-
 def _self_spec_engines(tmp_path_factory, kind: str, **options_of_key):
     """``get(key, backend="ort")`` building ``leapc.build(model of key, ..., option=value of
-    key)`` once per session (the early-exit and layer-skip engines)."""
-    built = {}
+    key)`` once per run (the early-exit and layer-skip engines). The engines of one key
+    are built under one lock: both backends' builds may share an input (an adapter)."""
+
+    def build(key: str, backend: str, out: pathlib.Path) -> None:
+        if key == "stories":
+            model, max_seq = load_source(require_stories()), None
+        elif key == "bundled":
+            model, max_seq = "bundled", None
+        else:
+            model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
+        options = {name: values[key] for name, values in options_of_key.items()}
+        leapc.build(model, out, backend, max_seq=max_seq, **options)
 
     def get(key: str, backend: str = "ort"):
-        check_marks(key, backend)
-        if (key, backend) not in built:
-            if key == "stories":
-                model, max_seq = load_source(require_stories()), None
-            elif key == "bundled":
-                require_bundled()
-                model, max_seq = "bundled", None
-            else:
-                model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
-            out = tmp_path_factory.mktemp(f"{key}-{kind}-{backend}")
-            options = {name: values[key] for name, values in options_of_key.items()}
-            built[key, backend] = leapc.build(model, out, backend, max_seq=max_seq, **options)
-        return built[key, backend]
+        _check_engine(key, backend)
+        return build_once(tmp_path_factory, f"{key}-{kind}-{backend}",
+                          lambda out: build(key, backend, out), lock=f"{key}-{kind}")
 
     return get
 
@@ -240,9 +275,11 @@ def _self_spec_engines(tmp_path_factory, kind: str, **options_of_key):
 def exit_engine_dir(tmp_path_factory):
     """``exit_engine_dir(key, backend="ort")`` -> an engine with an early exit at
     ``EXIT_LAYERS[key]`` and a briefly trained Kangaroo adapter there (policies early-exit
-    and kangaroo), built once per session; both backends of a key share the adapter."""
-    adapters = {key: AdapterOptions(tmp_path_factory.mktemp(f"adapter-{key}"), QUICK_ADAPTER)
-                for key in EXIT_LAYERS}
+    and kangaroo), built once per run; both backends of a key share the adapter."""
+    root = shared_root(tmp_path_factory)
+    for key in EXIT_LAYERS:
+        (root / f"adapter-{key}").mkdir(exist_ok=True)
+    adapters = {key: AdapterOptions(root / f"adapter-{key}", QUICK_ADAPTER) for key in EXIT_LAYERS}
     return _self_spec_engines(tmp_path_factory, "exit", exit_layer=EXIT_LAYERS,
                               adapter=adapters)
 

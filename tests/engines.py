@@ -22,6 +22,9 @@ EXIT_LAYERS = {"bundled": 4, "stories": 3, "tiny-llama": 1}
 # The sublayers each layer-skip engine's draft bypasses (conftest.skip_engine_dir); the
 # bundled model's is the greedy agreement search's 14 of 24 (docs/decisions.md).
 SKIP_SETS = {"bundled": "m2,3,5,6,m7,m8,a9,10,11", "stories": "a1,m3", "tiny-llama": "m0,a1"}
+# The policies every engine offers (nothing is built for them). A new training-free policy
+# is one entry here: the registry, identity, recorded-output and context-limit tests take it.
+TRAINING_FREE = ("ar", "lookup", "recycle", "lookahead")
 STORIES_REFERENCE = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
     "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high"

@@ -470,3 +470,43 @@ def test_run_refuses_kangaroo_on_an_engine_without_an_adapter(tiny):
 def test_build_refuses_a_bad_skip_set(in_process, tmp_path):
     result = in_process("build", "bundled", "-o", tmp_path / "e", "--skip", "a3,x4")
     user_error(result, "'x4' is not a layer (7), an attention (a7) or an MLP (m7) sublayer")
+
+
+# Every drafting flag, set away from its default, and the DraftOptions it must become.
+DRAFTING = ("--max-draft", "5", "--ngram", "3", "--matches", "2", "--adaptive",
+            "--draft-tree", "2,1", "--confidence", "0.25", "--tree-sampling", "iid",
+            "--lookahead", "4,3,2", "--retrieval-nodes", "7", "--tree-nodes", "9", "--beam", "3")
+
+
+def test_run_and_bench_turn_the_drafting_flags_into_one_draft_options(in_process, monkeypatch,
+                                                                       tmp_path):
+    from leapc import benchmark
+    from leapc.runtime.drafters.base import ChildSampling
+    from leapc.runtime.drafters.heads import DynamicTree
+    from leapc.runtime.drafters.lookahead import LookaheadConfig
+    from leapc.runtime.drafters.retrieval import RetrievalConfig
+    from leapc.runtime.policies import DraftOptions
+
+    expected = DraftOptions(max_draft=5, ngram=3, matches=2, adaptive=True, branching=(2, 1),
+                            confidence=0.25, children=ChildSampling.IID,
+                            lookahead=LookaheadConfig(4, 3, 2),
+                            retrieval=RetrievalConfig(nodes=7), dynamic=DynamicTree(9, 3))
+    received = []
+
+    class Stop(Exception):
+        pass
+
+    def stream(*args, draft, **kwargs):
+        received.append(draft)
+        raise Stop
+
+    def bench(engine, cfg, vs_hf):
+        received.append(cfg.draft)
+        raise Stop
+
+    monkeypatch.setattr(leapc, "load", lambda *a, **k: type("E", (), {"stream": stream})())
+    monkeypatch.setattr(benchmark, "run_bench", bench)
+    for command in (("run", tmp_path, "--prompt-ids", "1"), ("bench", tmp_path)):
+        with pytest.raises(Stop):
+            in_process(*command, *DRAFTING)
+    assert received == [expected, expected]

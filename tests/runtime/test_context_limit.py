@@ -15,7 +15,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from engines import tiny_source
+from engines import TRAINING_FREE, tiny_source
 from tokenizers import pre_tokenizers
 
 import leapc
@@ -35,8 +35,8 @@ from leapc.runtime.sampling import SamplingConfig
 
 MAX_SEQ = 96
 MAX_NEW = 32  # N's bound: swift's 32-token scoring window just fits
-ALL_POLICIES = {"ar", "lookup", "recycle", "lookahead", "draft", "retrieval", "hydra",
-                "hydra-dynamic", "early-exit", "kangaroo", "layer-skip", "swift"}
+ALL_POLICIES = {*TRAINING_FREE, "draft", "retrieval", "hydra", "hydra-dynamic", "early-exit",
+                "kangaroo", "layer-skip", "swift"}
 # The datastore's and the heads' text: a fixed id sequence, so prompts cut from it retrieve.
 CORPUS = [3 + (i * 7919) % 250 for i in range(4000)]
 # Prompt lengths: the last token only, a few tokens, a chain or tree's worth, most of it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import engines
 import pytest
 
 import leapc
@@ -20,7 +21,7 @@ HYDRA = {"kind": "hydra", "num_heads": 2, "num_blocks": 1, "placement": "program
          "top5": [0.9, 0.8], "sha256": {}}
 ADAPTER = {"steps": 1, "seconds": 1.0, "agreement_before": 0.5, "agreement_after": 0.6,
            "depth": 2, "confidence": 0.3, "ar_tokens_per_s": 100.0, "sweep": [], "sha256": {}}
-TRAINING_FREE = {Policy.AR, Policy.LOOKUP, Policy.RECYCLE, Policy.LOOKAHEAD}
+TRAINING_FREE = {Policy(name) for name in engines.TRAINING_FREE}
 
 
 @pytest.fixture

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from engines import TRAINING_FREE
 from families import family_params
 
 import leapc
 
-POLICIES = ("lookup", "recycle")  # training-free: every engine has them
+# Training-free (every engine has them); lookahead's identity tests: test_lookahead.py.
+POLICIES = tuple(p for p in TRAINING_FREE if p not in ("ar", "lookahead"))
 STORIES_POLICIES = (*POLICIES, "draft", "retrieval")  # draft: its own first 4 of 5 layers
 REPETITIVE = ("Once upon a time, there was a little girl named Lily. She loved to play outside. "
               "Once upon a time, there was a little")

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+from engines import TRAINING_FREE
 
 import leapc
 
@@ -28,8 +29,8 @@ PROMPTS = {
 NEW_TOKENS = 32
 # The session fixture that builds the engine carrying each policy (tests/conftest.py).
 ENGINES = {
-    "ar": ("engine_dir",), "lookup": ("engine_dir",), "recycle": ("engine_dir",),
-    "lookahead": ("engine_dir",), "draft": ("engine_dir",), "retrieval": ("engine_dir",),
+    **{policy: ("engine_dir",) for policy in TRAINING_FREE},
+    "draft": ("engine_dir",), "retrieval": ("engine_dir",),
     "medusa": ("heads_engine_dir", "medusa"), "medusa-dynamic": ("heads_engine_dir", "medusa"),
     "hydra": ("heads_engine_dir", "hydra"), "hydra-dynamic": ("heads_engine_dir", "hydra"),
     "early-exit": ("exit_engine_dir",), "kangaroo": ("exit_engine_dir",),
