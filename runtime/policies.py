@@ -34,6 +34,7 @@ from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
 from leapc.runtime.drafters.lookup import LookupDrafter
 from leapc.runtime.drafters.recycle import RecycleDrafter
 from leapc.runtime.drafters.retrieval import RetrievalConfig, RetrievalDrafter
+from leapc.runtime.drafters.suffix import suffix_drafter
 from leapc.runtime.drafters.swift import SwiftDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 class Policy(str, enum.Enum):
     AR = "ar"
     LOOKUP = "lookup"  # prompt lookup (training-free, any engine)
+    SUFFIX = "suffix"  # SuffixDecoding: suffix trie of the generation (training-free, any engine)
     RECYCLE = "recycle"  # token recycling (training-free, any engine)
     DRAFT = "draft"  # a draft model in its own program and KV cache (build --draft-model)
     LOOKAHEAD = "lookahead"  # Jacobi lookahead decoding (training-free, any engine)
@@ -269,6 +271,7 @@ def _head_program(m: Manifest) -> tuple[str, ...]:
 POLICIES: Mapping[Policy, PolicySpec] = {
     Policy.AR: PolicySpec(lambda c: NoDrafter(), drafts=False),
     Policy.LOOKUP: PolicySpec(_lookup),
+    Policy.SUFFIX: PolicySpec(suffix_drafter),
     Policy.RECYCLE: PolicySpec(_recycle),
     Policy.LOOKAHEAD: PolicySpec(_lookahead),
     Policy.DRAFT: PolicySpec(_draft_model, ("draft_model",), lambda m: ("draft_model",)),

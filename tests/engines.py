@@ -24,7 +24,7 @@ EXIT_LAYERS = {"bundled": 4, "stories": 3, "tiny-llama": 1}
 SKIP_SETS = {"bundled": "m2,3,5,6,m7,m8,a9,10,11", "stories": "a1,m3", "tiny-llama": "m0,a1"}
 # The policies every engine offers (nothing is built for them). A new training-free policy
 # is one entry here: the registry, identity, recorded-output and context-limit tests take it.
-TRAINING_FREE = ("ar", "lookup", "recycle", "lookahead")
+TRAINING_FREE = ("ar", "lookup", "suffix", "recycle", "lookahead")
 STORIES_REFERENCE = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
     "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high"
