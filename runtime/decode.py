@@ -6,6 +6,7 @@ Autoregressive decoding is the loop with an empty draft: each step verifies one 
 
 from __future__ import annotations
 
+import collections
 import enum
 import time
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ class GenerationStats:
     drafted_depth: list[int] = field(default_factory=list)  # per verify: deepest draft
     accepted_depth: list[int] = field(default_factory=list)  # per verify: drafts accepted
     stop_reason: StopReason | None = None  # set when generation ends
+    program_s: float = 0.0  # inside program calls (`TimedProgram`): the engine's time
+    calls: collections.Counter[str] = field(default_factory=collections.Counter)  # by program
 
     @property
     def tau(self) -> float:
@@ -58,6 +61,18 @@ class GenerationStats:
         """End to end: new tokens over prefill plus decode time."""
         total = self.prefill_s + self.decode_s
         return self.new_tokens / total if total > 0 else 0.0
+
+    @property
+    def overhead_share(self) -> float:
+        """leapc's own share of the generation's time: drafting, building inputs,
+        acceptance, commit, Python; everything outside program calls."""
+        total = self.prefill_s + self.decode_s
+        return max(0.0, 1.0 - self.program_s / total) if total > 0 else 0.0
+
+    @property
+    def calls_per_token(self) -> float:
+        """Program calls (prefill, drafting and verifying alike) per new token."""
+        return sum(self.calls.values()) / self.new_tokens if self.new_tokens else 0.0
 
     def per_depth_acceptance(self) -> list[float]:
         """At depth d: P(the d-th drafted token is accepted | a draft reached depth d)."""
@@ -72,8 +87,26 @@ class GenerationStats:
             "new_tokens": self.new_tokens, "steps": self.steps, "tau": self.tau,
             "tokens_per_s": self.tokens_per_s, "prefill_s": self.prefill_s,
             "decode_s": self.decode_s, "prefill_calls": self.prefill_calls,
+            "overhead_share": self.overhead_share, "calls_per_token": self.calls_per_token,
+            "calls": dict(self.calls),
             "stop_reason": self.stop_reason.value if self.stop_reason is not None else None,
         }
+
+
+class TimedProgram:
+    """``program`` adding each call's wall time and count to ``stats``: what the decode
+    stats' overhead share and calls per token are measured from."""
+
+    def __init__(self, name: str, program: StepFunction, stats: GenerationStats):
+        self.name, self.program, self.stats = name, program, stats
+        self.output_names = program.output_names
+
+    def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        out = self.program(*inputs)
+        self.stats.program_s += time.perf_counter() - start
+        self.stats.calls[self.name] += 1
+        return out
 
 
 @dataclass(frozen=True)

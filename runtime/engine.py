@@ -25,7 +25,7 @@ from leapc.ir.errors import (
 )
 from leapc.runtime.backends.base import BACKENDS, Device
 from leapc.runtime.datastore import Datastore
-from leapc.runtime.decode import GenerationStats, StopConfig, decode
+from leapc.runtime.decode import GenerationStats, StopConfig, TimedProgram, decode
 from leapc.runtime.detokenize import Detokenizer
 from leapc.runtime.drafters.base import Drafter
 from leapc.runtime.kv_cache import KVCache
@@ -197,8 +197,8 @@ class Engine:
         stats = GenerationStats(policy=chosen.value)
         cache = self.new_cache(chosen)
         tokens = decode(
-            self.step, cache, ids, self.manifest.max_new,
-            self.drafter(chosen, cache, draft, sampling, seed), sampling,
+            TimedProgram("full", self.step, stats), cache, ids, self.manifest.max_new,
+            self.drafter(chosen, cache, draft, sampling, seed, stats), sampling,
             StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
             np.random.default_rng(seed), stats,
         )
@@ -210,12 +210,18 @@ class Engine:
         return new_cache(self.manifest.model.dims, self.manifest.max_seq, extra)
 
     def drafter(self, policy: str | Policy, cache: KVCache, options: DraftOptions = DraftOptions(),
-                sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> Drafter:
+                sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                stats: GenerationStats | None = None) -> Drafter:
         """``policy``'s drafter for one generation into ``cache`` (the target's: early exit
-        and layer skip draft inside it)."""
+        and layer skip draft inside it); its program calls are timed into ``stats``."""
         chosen = self.policy(policy)
         options.tree_shape()  # every policy's knobs are checked, used or not
-        context = DraftContext(self.manifest, self.program, cache, sampling, seed, options,
+
+        def program(name: str) -> StepFunction:
+            found = self.program(name)
+            return TimedProgram(name, found, stats) if stats is not None else found
+
+        context = DraftContext(self.manifest, program, cache, sampling, seed, options,
                                lambda: self.datastore)
         return POLICIES[chosen].drafter(context)
 
