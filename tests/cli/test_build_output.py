@@ -7,6 +7,7 @@ signals reach a real build exactly as a user's would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -181,6 +182,19 @@ def start_build(model: Path, target: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@contextlib.contextmanager
+def killed_at_exit(process: subprocess.Popen):
+    """SIGKILL ``process`` if it still runs when the block ends: a test that fails while
+    it waits (a signal ignored, a timeout) must not leave a `leapc bench --repeats 100000`
+    spinning on the cores for the rest of the run."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def wait_for_staging(parent: Path, process: subprocess.Popen, timeout: float = 120) -> None:
     """Until the build has started writing (its staging directory exists)."""
     deadline = time.monotonic() + timeout
@@ -197,9 +211,10 @@ def test_a_signal_during_a_rebuild_exits_130_and_keeps_the_old_engine(engine, mo
     shutil.copytree(engine, target)
     before, output = snapshot(target), greedy(target)
     build = start_build(model, target)
-    wait_for_staging(tmp_path, build)
-    build.send_signal(sig)
-    _, stderr = build.communicate(timeout=120)
+    with killed_at_exit(build):
+        wait_for_staging(tmp_path, build)
+        build.send_signal(sig)
+        _, stderr = build.communicate(timeout=120)
     assert build.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "interrupted"
     assert snapshot(target) == before and greedy(target) == output
@@ -235,15 +250,15 @@ def test_ctrl_c_while_benchmarking_exits_130_with_one_line(engine):
     """Any command, not only build: SIGINT once the engine is loading or running."""
     bench = subprocess.Popen([LEAPC, "bench", str(engine), "--repeats", "100000"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    maps, deadline = Path(f"/proc/{bench.pid}/maps"), time.monotonic() + 120
-    if not maps.parent.is_dir():
-        bench.kill()
-        pytest.skip("needs Linux /proc to see when the engine is being loaded")
-    while "onnxruntime" not in maps.read_text():  # ORT is imported when the engine loads
-        assert bench.poll() is None and time.monotonic() < deadline, bench.communicate()
-        time.sleep(0.05)
-    bench.send_signal(signal.SIGINT)
-    _, stderr = bench.communicate(timeout=60)
+    with killed_at_exit(bench):
+        maps, deadline = Path(f"/proc/{bench.pid}/maps"), time.monotonic() + 120
+        if not maps.parent.is_dir():
+            pytest.skip("needs Linux /proc to see when the engine is being loaded")
+        while "onnxruntime" not in maps.read_text():  # ORT is imported when the engine loads
+            assert bench.poll() is None and time.monotonic() < deadline, bench.communicate()
+            time.sleep(0.05)
+        bench.send_signal(signal.SIGINT)
+        _, stderr = bench.communicate(timeout=60)
     assert bench.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["interrupted"], stderr
 
