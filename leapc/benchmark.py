@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
-from leapc.ir.errors import InputError, require_utf8
-from leapc.runtime.decode import GenerationStats
+from leapc.ir.errors import InputError, MissingDependencyError, require_utf8
+from leapc.runtime.decode import GenerationStats, StopConfig
 from leapc.runtime.engine import Engine, Generation
 from leapc.runtime.policies import DraftOptions
 
@@ -119,6 +121,11 @@ def _row(run: PolicyRun, gens: list[Generation], speeds: list[float], reference)
         merged.drafted_depth += g.stats.drafted_depth
         merged.accepted_depth += g.stats.accepted_depth
         merged.emitted_per_step += g.stats.emitted_per_step
+        merged.prefill_s += g.stats.prefill_s
+        merged.decode_s += g.stats.decode_s
+        merged.program_s += g.stats.program_s
+        merged.calls += g.stats.calls
+        merged.new_tokens += g.stats.new_tokens
     return {
         "policy": run.label,
         "tokens_per_s": statistics.median(speeds),
@@ -127,6 +134,9 @@ def _row(run: PolicyRun, gens: list[Generation], speeds: list[float], reference)
         "identical_to_ar": [g.token_ids for g in gens] == reference,
         "per_depth_acceptance": merged.per_depth_acceptance(),
         "emitted_histogram": _histogram(merged.emitted_per_step),
+        "overhead_share": merged.overhead_share,  # the last pass's, over every prompt
+        "calls_per_token": merged.calls_per_token,
+        "calls": dict(merged.calls),
     }
 
 
@@ -186,10 +196,159 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
     return baselines
 
 
-def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
+# llama.cpp baselines: (key prefix in the bench JSON, GGUF variant, table label).
+LLAMACPP_VARIANTS = (("llamacpp", "f32", "llama.cpp f32"),
+                     ("llamacpp_q8", "q8_0", "llama.cpp q8_0"))
+
+
+def require_llamacpp():
+    """The ``llama_cpp`` module (llama-cpp-python), after checking ``gguf`` is there too;
+    a `MissingDependencyError` naming the extra otherwise."""
+    from leapc.gguf_export import require_gguf
+
+    require_gguf()
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        raise MissingDependencyError("--vs-llamacpp needs llama-cpp-python (not installed): "
+                                     "pip install 'leapc[llamacpp]'") from None
+    return llama_cpp
+
+
+def _source_of(engine: Engine, option: str):
+    """The engine's source model, checked to still hold the weights it was built from."""
+    from leapc.models.loaders import load_source, weights_sha256
+
+    source = load_source(engine.manifest.model.source)
+    if weights_sha256(source.model) != engine.manifest.model.weights_sha256:
+        raise InputError(f"{option}: {engine.manifest.model.source} no longer has the weights "
+                         "this engine was built from")
+    return source
+
+
+def llamacpp_ggufs(engine: Engine) -> dict[str, Path]:
+    """The engine's source weights as GGUFs, one per `LLAMACPP_VARIANTS` entry (written into
+    the GGUF cache once, never into the engine directory)."""
+    from leapc.gguf_export import LLAMA_LIKE, GGUFType, cached_gguf, check_llama_like
+
+    require_llamacpp()
+    family = engine.manifest.model.family
+    if family not in LLAMA_LIKE:  # before loading any weights
+        raise InputError(f"--vs-llamacpp: the GGUF writer handles Llama-architecture models "
+                         f"({', '.join(LLAMA_LIKE)}); this engine's model is {family!r}")
+    source = _source_of(engine, "--vs-llamacpp")
+    check_llama_like(source.model)
+    return {prefix: cached_gguf(source, engine.manifest.model.weights_sha256, GGUFType(kind),
+                                source.trained_positions or engine.manifest.max_seq)
+            for prefix, kind, _ in LLAMACPP_VARIANTS}
+
+
+class LlamaCppGreedy:
+    """A GGUF loaded in llama.cpp (llama-cpp-python), decoding greedily from token ids.
+
+    The f32 variant keeps its KV cache in float32 (the engine's precision: its tokens can
+    match `ar` exactly); quantized ones keep llama.cpp's default (float16)."""
+
+    def __init__(self, path: Path, max_seq: int, batch: int, f32_cache: bool = True,
+                 threads: int | None = None):
+        from leapc.runtime.backends.base import configured_threads
+
+        llama_cpp = require_llamacpp()
+        self.threads = threads or configured_threads() or os.cpu_count() or 1
+        batch = max(1, min(batch, max_seq))
+        cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} \
+            if f32_cache else {}
+        self.kv_cache = "f32" if f32_cache else "f16"
+        self.llm = llama_cpp.Llama(str(path), n_ctx=max_seq, n_batch=batch, n_ubatch=batch,
+                                   n_threads=self.threads, n_threads_batch=self.threads,
+                                   logits_all=False, verbose=False, **cache)
+        self._logits = llama_cpp.llama_get_logits_ith
+        self.vocab = self.llm.n_vocab()
+
+    def _next(self) -> int:
+        """Greedy: the argmax of the last evaluated token's logits (ties: the lowest id)."""
+        row = np.ctypeslib.as_array(self._logits(self.llm.ctx, -1), shape=(self.vocab,))
+        return int(row.argmax())
+
+    def generate(self, ids: list[int], stop: StopConfig, max_seq: int) -> tuple[list[int], float]:
+        """Tokens after ``ids``, cut by leapc's stop rule (EOS included, the token budget,
+        prompt + output = max_seq), and the seconds prefill + decode took."""
+        self.llm.reset()  # the next eval drops the previous prompt's KV cells
+        room = max_seq - len(ids)
+        out: list[int] = []
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        while True:
+            token = self._next()
+            out.append(token)
+            if token in stop.eos_ids or len(out) >= min(stop.max_new_tokens, room):
+                break
+            self.llm.eval([token])
+        return out, time.perf_counter() - start
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def llamacpp_baselines(engine: Engine, cfg: BenchConfig, ggufs: dict[str, Path],
+                       reference: list[list[int]]) -> dict:
+    """llama.cpp's greedy decoding of each GGUF in ``ggufs`` (prefix -> path), same prompts
+    (the engine's token ids), same stop rule; timed like `hf_baselines` (prefill + decode
+    per prompt, summed; one warm-up pass, then the median of ``cfg.repeats`` passes,
+    interleaved across the GGUFs). Token ids are compared with ``reference`` (`ar`'s)."""
+    import llama_cpp
+
+    prompts = [engine.encode(p) for p in cfg.prompts]
+    stop = StopConfig(cfg.max_new_tokens, engine.manifest.tokenizer.eos_ids)
+    max_seq = engine.manifest.max_seq
+    runners = {prefix: LlamaCppGreedy(path, max_seq, max(len(p) for p in prompts),
+                                      f32_cache=prefix == "llamacpp")
+               for prefix, path in ggufs.items()}
+
+    def one_pass(runner: LlamaCppGreedy) -> tuple[list[list[int]], float]:
+        outs = [runner.generate(ids, stop, max_seq) for ids in prompts]
+        return [o for o, _ in outs], sum(len(o) for o, _ in outs) / sum(s for _, s in outs)
+
+    try:
+        for runner in runners.values():
+            one_pass(runner)  # warm-up
+        speeds: dict[str, list[float]] = {prefix: [] for prefix in runners}
+        last: dict[str, list[list[int]]] = {}
+        for _ in range(cfg.repeats):
+            for prefix, runner in runners.items():
+                last[prefix], tps = one_pass(runner)
+                speeds[prefix].append(tps)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    some = next(iter(runners.values()), None)
+    baselines: dict = {"llamacpp_version": llama_cpp.__version__,
+                       "llamacpp_threads": some.threads if some else None}
+    for prefix, runner in runners.items():
+        baselines[f"{prefix}_tokens_per_s"] = statistics.median(speeds[prefix])
+        baselines[f"{prefix}_identical_to_ar"] = last[prefix] == reference
+        baselines[f"{prefix}_first_difference"] = [
+            _first_difference(ours, theirs)
+            for ours, theirs in zip(reference, last[prefix], strict=True)]
+        baselines[f"{prefix}_kv_cache"] = runner.kv_cache
+    return baselines
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first index where two token lists differ (one ending first counts); None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False,
+              vs_llamacpp: bool = False) -> dict:
     """The `leapc bench` JSON: one row per policy plus the baselines, same run."""
     for prompt in cfg.prompts:  # a prompt the engine refuses fails now, not mid-benchmark
         engine.encode(prompt)
+    # GGUFs are written (or the request refused) before any timing; llama.cpp loads them
+    # only after leapc is timed (its thread pool must not share the cores with ORT's).
+    ggufs = llamacpp_ggufs(engine) if vs_llamacpp else {}
     timed = _timed_runs(engine, cfg)
     reference = [g.token_ids for g in timed["ar"][0]]
     rows = [_row(run, *timed[run.label], reference) for run in cfg.runs()]
@@ -202,6 +361,8 @@ def run_bench(engine: Engine, cfg: BenchConfig, vs_hf: bool = False) -> dict:
     if vs_hf:
         baselines = hf_baselines(engine, cfg)
         baselines["hf_identical_to_ar"] = baselines.pop("_hf_ids") == reference
+    if vs_llamacpp:
+        baselines.update(llamacpp_baselines(engine, cfg, ggufs, reference))
     return {
         "model": engine.manifest.model.source,
         "backend": engine.manifest.backend.value,
@@ -217,10 +378,12 @@ def bench_table(result: dict) -> Table:
     """`run_bench`'s result as the table `leapc bench` and `leapc demo` print."""
     table = Table(title=f"{result['model']} · {result['backend']} · {result['prompts']} prompts "
                         f"× {result['max_new_tokens']} tokens (median of {result['repeats']})")
-    for column in ("policy", "tokens/s", "tau", "steps", "speedup vs ar", "identical to ar"):
+    for column in ("policy", "tokens/s", "tau", "steps", "calls/token", "loop overhead",
+                   "speedup vs ar", "identical to ar"):
         table.add_column(column, justify="right")
     for r in result["results"]:
         table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
+                      f"{r['calls_per_token']:.2f}", f"{100 * r['overhead_share']:.0f}%",
                       f"{r['speedup_vs_ar']:.2f}×", "yes" if r["identical_to_ar"] else "NO")
     for key, label, policy in (("hf_generate_tokens_per_s", "hf generate", "ar"),
                                ("hf_prompt_lookup_tokens_per_s", "hf prompt lookup", "lookup"),
@@ -229,7 +392,16 @@ def bench_table(result: dict) -> Table:
         ours = next((r for r in result["results"] if r["policy"] == policy), None)
         if hf:
             ratio = f"({policy} is {ours['tokens_per_s'] / hf:.2f}× this)" if ours else ""
-            table.add_row(label, f"{hf:.1f}", "", "", ratio, "")
+            table.add_row(label, f"{hf:.1f}", "", "", "", "", ratio, "")
+    ar = next((r for r in result["results"] if r["policy"] == "ar"), None)
+    for prefix, _, label in LLAMACPP_VARIANTS:
+        tps = result["baselines"].get(f"{prefix}_tokens_per_s")
+        if tps:
+            ratio = f"(ar is {ar['tokens_per_s'] / tps:.2f}× this)" if ar else ""
+            differ = sum(d is not None for d in result["baselines"][f"{prefix}_first_difference"])
+            same = ("yes" if result["baselines"][f"{prefix}_identical_to_ar"]
+                    else f"NO ({differ}/{result['prompts']} prompts)")
+            table.add_row(label, f"{tps:.1f}", "", "", "", "", ratio, same)
     return table
 
 

@@ -326,6 +326,9 @@ def bench(
     repeats: int = typer.Option(3),
     device: DeviceOption = Device.CPU,
     vs_hf: bool = typer.Option(False, "--vs-hf", help="also time transformers generate()"),
+    vs_llamacpp: bool = typer.Option(
+        False, "--vs-llamacpp", help="also time llama.cpp greedy decoding (f32 and Q8_0 GGUFs "
+                                     "of the source weights; pip install 'leapc[llamacpp]')"),
     json_out: Path = typer.Option(None, "--json", help="write the results as JSON"),
     plot: Path = typer.Option(None, help="write a speedup plot (PNG)"),
     draft: DraftOptions = None,
@@ -345,7 +348,8 @@ def bench(
     cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
                       draft)
     with out.status("benchmarking"):
-        result = run_bench(leapc.load(engine, device, cfg.policies), cfg, vs_hf)
+        result = run_bench(leapc.load(engine, device, cfg.policies), cfg, vs_hf,
+                           vs_llamacpp=vs_llamacpp)
     out.print(bench_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))

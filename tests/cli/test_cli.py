@@ -500,7 +500,7 @@ def test_run_and_bench_turn_the_drafting_flags_into_one_draft_options(in_process
         received.append(draft)
         raise Stop
 
-    def bench(engine, cfg, vs_hf):
+    def bench(engine, cfg, vs_hf, vs_llamacpp=False):
         received.append(cfg.draft)
         raise Stop
 

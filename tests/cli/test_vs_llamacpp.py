@@ -1,0 +1,245 @@
+"""`leapc bench --vs-llamacpp`: the GGUF writer (leapc/gguf_export.py) and llama.cpp's greedy
+decoding of its files, checked token for token against leapc's ``ar``.
+
+The writer tests need only the ``gguf`` package (in ``dev``); the llama.cpp ones skip, with
+the reason, where llama-cpp-python (the ``llamacpp`` extra, compiled from source) is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from engines import id_tokenizer, tiny_source
+from families import (
+    FFN,
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    LAYERS,
+    MAX_POSITIONS,
+    VOCAB,
+    tiny_checkpoint,
+    tiny_model,
+)
+from test_cli import cli, user_error
+
+import leapc
+from leapc.benchmark import LlamaCppGreedy, llamacpp_ggufs
+from leapc.gguf_export import GGUFType, _interleave_rope_rows, write_gguf
+from leapc.ir.errors import InputError
+from leapc.models.loaders import SourceModel, weights_sha256
+from leapc.runtime.decode import StopConfig
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install "
+                                          "'leapc[dev]')")
+
+
+def require_llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                                   "(pip install 'leapc[llamacpp]')")
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory) -> dict[GGUFType, str]:
+    directory = tmp_path_factory.mktemp("gguf")
+    source = tiny_source("llama")
+    return {kind: write_gguf(source, directory / f"tiny-{kind.value}.gguf", kind)
+            for kind in GGUFType}
+
+
+def _field(reader, key: str):
+    return reader.fields[key].contents()
+
+
+# ------------------------------------------------------------------ the file
+
+
+def test_gguf_metadata_reads_back(tiny_ggufs):
+    for kind, path in tiny_ggufs.items():
+        reader = gguf.GGUFReader(path)
+        expected = {
+            "general.architecture": "llama",
+            "llama.context_length": MAX_POSITIONS,
+            "llama.embedding_length": HIDDEN,
+            "llama.block_count": LAYERS,
+            "llama.feed_forward_length": FFN,
+            "llama.attention.head_count": HEADS,
+            "llama.attention.head_count_kv": KV_HEADS,
+            "llama.attention.key_length": HEAD_DIM,
+            "llama.attention.value_length": HEAD_DIM,
+            "llama.rope.dimension_count": HEAD_DIM,
+            "llama.vocab_size": VOCAB,
+            "general.file_type": (gguf.LlamaFileType.MOSTLY_Q8_0 if kind is GGUFType.Q8_0
+                                  else gguf.LlamaFileType.ALL_F32),
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.bos_token_id": 1,
+        }
+        assert {key: _field(reader, key) for key in expected} == expected
+        assert _field(reader, "llama.rope.freq_base") == pytest.approx(10000.0)
+        assert _field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+        assert _field(reader, "tokenizer.ggml.tokens") == [str(i) for i in range(VOCAB)]
+        assert _field(reader, "tokenizer.ggml.token_type") == [gguf.TokenType.NORMAL] * VOCAB
+        assert len(_field(reader, "tokenizer.ggml.merges")) == 1  # the WordLevel placeholder
+        assert "tokenizer.ggml.eos_token_id" not in reader.fields  # tiny_source has no EOS
+
+
+def test_gguf_tensors_have_llama_cpp_names_shapes_and_types(tiny_ggufs):
+    per_layer = {"attn_norm": (HIDDEN,), "attn_q": (HIDDEN, HEADS * HEAD_DIM),
+                 "attn_k": (HIDDEN, KV_HEADS * HEAD_DIM), "attn_v": (HIDDEN, KV_HEADS * HEAD_DIM),
+                 "attn_output": (HEADS * HEAD_DIM, HIDDEN), "ffn_norm": (HIDDEN,),
+                 "ffn_gate": (HIDDEN, FFN), "ffn_up": (HIDDEN, FFN), "ffn_down": (FFN, HIDDEN)}
+    # GGUF dimensions are innermost first: a [out, in] torch weight reads back as (in, out)
+    expected = {"token_embd.weight": (HIDDEN, VOCAB), "output_norm.weight": (HIDDEN,),
+                "output.weight": (HIDDEN, VOCAB)}  # the tiny Llama's head is untied
+    for i in range(LAYERS):
+        expected |= {f"blk.{i}.{name}.weight": shape for name, shape in per_layer.items()}
+    for kind, path in tiny_ggufs.items():
+        tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+        assert {name: tuple(int(d) for d in t.shape) for name, t in tensors.items()} == expected
+        for name, t in tensors.items():
+            matrix = len(expected[name]) == 2
+            want = (gguf.GGMLQuantizationType.Q8_0 if kind is GGUFType.Q8_0 and matrix
+                    else gguf.GGMLQuantizationType.F32)
+            assert t.tensor_type == want, (kind, name)
+
+
+def test_gguf_f32_tensors_are_the_weights_with_q_and_k_rows_interleaved(tiny_ggufs):
+    model = tiny_source("llama").model
+    tensors = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tiny_ggufs[GGUFType.F32]).tensors}
+    layer = model.model.layers[1].self_attn
+    np.testing.assert_array_equal(tensors["token_embd.weight"],
+                                  model.model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(tensors["blk.1.attn_v.weight"], layer.v_proj.weight.detach().numpy())
+    q = layer.q_proj.weight.detach().numpy()
+    half = HEAD_DIM // 2
+    for head in range(HEADS):  # row 2i of a head is its row i, row 2i + 1 its row i + d/2
+        rows = tensors["blk.1.attn_q.weight"][head * HEAD_DIM : (head + 1) * HEAD_DIM]
+        np.testing.assert_array_equal(rows[0::2], q[head * HEAD_DIM : head * HEAD_DIM + half])
+        np.testing.assert_array_equal(rows[1::2], q[head * HEAD_DIM + half : (head + 1) * HEAD_DIM])
+
+
+def test_interleaved_rows_under_adjacent_pair_rope_give_rotate_half_attention_scores():
+    """Why the permutation is right: the q.k score of Hugging Face's rotate-half RoPE on the
+    original rows equals the score of GGML's adjacent-pair RoPE on the interleaved rows."""
+    rng = np.random.default_rng(0)
+    d, heads, hidden = 8, 2, 12
+    wq, wk = rng.normal(size=(heads * d, hidden)), rng.normal(size=(heads * d, hidden))
+    x_q, x_k = rng.normal(size=hidden), rng.normal(size=hidden)
+    freq = 10000.0 ** (-np.arange(d // 2) * 2 / d)
+
+    def rotate_half(v, pos):  # pairs (i, i + d/2)
+        a, b = v[: d // 2], v[d // 2 :]
+        cos, sin = np.cos(pos * freq), np.sin(pos * freq)
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin])
+
+    def adjacent(v, pos):  # pairs (2i, 2i + 1)
+        out, cos, sin = v.copy(), np.cos(pos * freq), np.sin(pos * freq)
+        out[0::2], out[1::2] = v[0::2] * cos - v[1::2] * sin, v[1::2] * cos + v[0::2] * sin
+        return out
+
+    pq, pk = _interleave_rope_rows(wq, heads) @ x_q, _interleave_rope_rows(wk, heads) @ x_k
+    for h in range(heads):
+        s = slice(h * d, (h + 1) * d)
+        hf = rotate_half((wq @ x_q)[s], 7) @ rotate_half((wk @ x_k)[s], 3)
+        ggml = adjacent(pq[s], 7) @ adjacent(pk[s], 3)
+        assert ggml == pytest.approx(hf, rel=1e-12)
+
+
+def test_gguf_writer_refuses_a_non_llama_family(tmp_path):
+    source = SourceModel(tiny_model("gpt2"), id_tokenizer(VOCAB), "tiny-gpt2", 1, (2,))
+    with pytest.raises(InputError) as refused:
+        write_gguf(source, tmp_path / "gpt2.gguf")
+    assert str(refused.value) == ("--vs-llamacpp: the GGUF writer handles Llama-architecture "
+                                  "models (llama, mistral); this model is 'gpt2'")
+    assert list(tmp_path.iterdir()) == []  # no file, not even a partial one
+
+
+def test_bench_vs_llamacpp_without_llama_cpp_is_one_error_line(in_process, engine_dir,
+                                                                monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails
+    user_error(in_process("bench", engine_dir("tiny-llama"), "--vs-llamacpp", "--repeats", "1"),
+               "--vs-llamacpp needs llama-cpp-python", "pip install 'leapc[llamacpp]'")
+
+
+# ------------------------------------------------------------------ llama.cpp
+
+
+def test_llama_cpp_greedy_on_the_f32_gguf_is_leapc_ar(tiny_ggufs, engine_dir):
+    require_llama_cpp()
+    engine = leapc.load(engine_dir("tiny-llama"))
+    assert weights_sha256(tiny_source("llama").model) == engine.manifest.model.weights_sha256
+    prompts = [[5], [17, 3, 99], [200, 1, 1, 42, 7, 7, 7, 9]]
+    runner = LlamaCppGreedy(tiny_ggufs[GGUFType.F32], engine.manifest.max_seq, 8, threads=1)
+    try:
+        stop = StopConfig(40, ())
+        ours = [engine.generate(p, 40).token_ids for p in prompts]
+        theirs = [runner.generate(p, stop, engine.manifest.max_seq)[0] for p in prompts]
+        # the context limit: 4 tokens of room after a prompt of max_seq - 4
+        long = [3] * (engine.manifest.max_seq - 4)
+        ours.append(engine.generate(long, 40).token_ids)
+        theirs.append(runner.generate(long, stop, engine.manifest.max_seq)[0])
+    finally:
+        runner.close()
+    assert [len(t) for t in theirs] == [40, 40, 40, 4]
+    assert theirs == ours
+
+
+def test_llama_cpp_runs_the_q8_gguf(tiny_ggufs, engine_dir):
+    require_llama_cpp()
+    max_seq = leapc.load(engine_dir("tiny-llama")).manifest.max_seq
+    runner = LlamaCppGreedy(tiny_ggufs[GGUFType.Q8_0], max_seq, 8, f32_cache=False, threads=1)
+    try:
+        tokens, seconds = runner.generate([5, 6], StopConfig(16, ()), max_seq)
+    finally:
+        runner.close()
+    assert len(tokens) == 16 and all(0 <= t < VOCAB for t in tokens) and seconds > 0
+
+
+@pytest.mark.slow  # builds an engine of its own and benches it in a process (~15 s)
+def test_bench_vs_llamacpp_reports_llama_cpp_rows(tmp_path, monkeypatch):
+    """End to end, on an engine built from a Hugging Face directory (its source reloads):
+    the tiny Llama's EOS (2) is kept, so the stop rule is mirrored too."""
+    require_llama_cpp()
+    checkpoint = tiny_checkpoint("llama", tmp_path / "model")
+    id_tokenizer(VOCAB).save(str(checkpoint / "tokenizer.json"))
+    leapc.build(str(checkpoint), tmp_path / "engine", "ort", max_seq=64)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in ("5", "17", "200")))
+    out = tmp_path / "bench.json"
+    monkeypatch.setenv("LEAPC_CACHE", str(tmp_path / "cache"))
+    result = cli("bench", tmp_path / "engine", "--policies", "ar,lookup", "--max-new-tokens",
+                 "24", "--repeats", "1", "--prompts", prompts, "--vs-llamacpp", "--json", out)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())["baselines"]
+    assert data["llamacpp_tokens_per_s"] > 0 and data["llamacpp_q8_tokens_per_s"] > 0
+    assert data["llamacpp_identical_to_ar"] is True
+    assert data["llamacpp_first_difference"] == [None, None, None]
+    assert len(data["llamacpp_q8_first_difference"]) == 3
+    assert isinstance(data["llamacpp_q8_identical_to_ar"], bool)
+    assert "llama.cpp f32" in result.stdout and "llama.cpp q8_0" in result.stdout
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache" / "gguf").iterdir()) == \
+        ["f32", "q8_0"]
+    assert not list((tmp_path / "engine").rglob("*.gguf"))  # never into the engine
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_on_the_bundled_model_is_leapc_ar(engine_dir, monkeypatch, tmp_path):
+    require_llama_cpp()
+    from leapc.benchmark import CODE_PROMPTS
+
+    monkeypatch.setenv("LEAPC_CACHE", str(tmp_path))
+    engine = leapc.load(engine_dir("bundled"))
+    path = llamacpp_ggufs(engine)["llamacpp"]
+    prompts = [engine.encode(p) for p in CODE_PROMPTS]
+    stop = StopConfig(64, engine.manifest.tokenizer.eos_ids)
+    runner = LlamaCppGreedy(path, engine.manifest.max_seq, max(map(len, prompts)))
+    try:
+        theirs = [runner.generate(p, stop, engine.manifest.max_seq)[0] for p in prompts]
+    finally:
+        runner.close()
+    assert theirs == [engine.generate(p, 64).token_ids for p in prompts]
