@@ -295,7 +295,9 @@ def llamacpp_baselines(engine: Engine, cfg: BenchConfig, ggufs: dict[str, Path],
     """llama.cpp's greedy decoding of each GGUF in ``ggufs`` (prefix -> path), same prompts
     (the engine's token ids), same stop rule; timed like `hf_baselines` (prefill + decode
     per prompt, summed; one warm-up pass, then the median of ``cfg.repeats`` passes,
-    interleaved across the GGUFs). Token ids are compared with ``reference`` (`ar`'s)."""
+    interleaved across the GGUFs). Token ids are compared with ``reference`` (`ar`'s):
+    ``<prefix>_first_difference`` holds, per prompt, None where the outputs are identical,
+    else the index of the first differing token (= the tokens that matched before it)."""
     import llama_cpp
 
     prompts = [engine.encode(p) for p in cfg.prompts]
@@ -398,9 +400,11 @@ def bench_table(result: dict) -> Table:
         tps = result["baselines"].get(f"{prefix}_tokens_per_s")
         if tps:
             ratio = f"(ar is {ar['tokens_per_s'] / tps:.2f}× this)" if ar else ""
-            differ = sum(d is not None for d in result["baselines"][f"{prefix}_first_difference"])
+            differ = [d for d in result["baselines"][f"{prefix}_first_difference"]
+                      if d is not None]
             same = ("yes" if result["baselines"][f"{prefix}_identical_to_ar"]
-                    else f"NO ({differ}/{result['prompts']} prompts)")
+                    else f"NO ({len(differ)}/{result['prompts']} prompts, "
+                         f"first at token {min(differ)})")
             table.add_row(label, f"{tps:.1f}", "", "", "", "", ratio, same)
     return table
 

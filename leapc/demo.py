@@ -4,34 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
 
 from leapc.benchmark import CODE_PROMPTS, BenchConfig, bench_table, run_bench
-from leapc.ir.errors import InputError
+from leapc.cache import cache_dir
 from leapc.ir.head_spec import HeadKind
 
 DEMO_PROMPTS = CODE_PROMPTS[:3]
 DEMO_HEADS = HeadKind.HYDRA  # the better of the shipped heads (bench/results/heads_bundled.md)
-
-
-def cache_dir() -> Path:
-    """Where the demo keeps its engines: ``$LEAPC_CACHE/engines`` (default
-    ``~/.cache/leapc``), created and checked before anything is built into it."""
-    root = os.environ.get("LEAPC_CACHE") or Path.home() / ".cache" / "leapc"
-    directory = Path(root) / "engines"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create the engine cache {directory} ({err.strerror}); "
-                         "set LEAPC_CACHE to a writable directory") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise InputError(f"the engine cache {directory} is not writable; "
-                         "set LEAPC_CACHE to a writable directory")
-    return directory
 
 
 def _engine_key() -> str:
@@ -54,7 +37,7 @@ def bundled_engine(console: Console) -> Path:
     from leapc.heads import HeadsOptions
     from leapc.models.loaders import BUNDLED_DRAFT, BUNDLED_DRAFT_DIR
 
-    path = cache_dir() / f"bundled-ort-{_engine_key()}"
+    path = cache_dir("engines") / f"bundled-ort-{_engine_key()}"
     draft = BUNDLED_DRAFT if (BUNDLED_DRAFT_DIR / "model.safetensors").exists() else None
     if not (path / "manifest.json").exists():
         with console.status("building the bundled model's engine (once)") as status:

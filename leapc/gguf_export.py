@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leapc.cache import cache_dir
 from leapc.ir.errors import InputError, MissingDependencyError
 
 # Bump when the writer's output changes: cached files of another version are rewritten.
@@ -242,27 +243,11 @@ def _tensors(model, heads: int, kv_heads: int):
         yield "output.weight", _numpy(head)
 
 
-def cache_dir() -> Path:
-    """Where the GGUFs go: ``$LEAPC_CACHE/gguf`` (default ``~/.cache/leapc/gguf``); never
-    an engine directory."""
-    root = os.environ.get("LEAPC_CACHE") or Path.home() / ".cache" / "leapc"
-    directory = Path(root) / "gguf"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create the GGUF cache {directory} ({err.strerror}); "
-                         "set LEAPC_CACHE to a writable directory") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise InputError(f"the GGUF cache {directory} is not writable; "
-                         "set LEAPC_CACHE to a writable directory")
-    return directory
-
-
 def cached_gguf(source, weights_sha256: str, kind: GGUFType,
                 context_length: int | None = None, directory: Path | None = None) -> Path:
     """``source`` as a GGUF of ``kind`` in the cache, written unless already there (keyed by
     the weights' digest, the variant, the context length and the writer's version)."""
-    directory = directory or cache_dir()
+    directory = directory or cache_dir("gguf")
     context = context_length or source.trained_positions or 2048
     path = directory / f"{weights_sha256[:16]}-{kind.value}-ctx{context}-v{WRITER_VERSION}.gguf"
     if not path.is_file():

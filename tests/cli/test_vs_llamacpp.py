@@ -28,8 +28,15 @@ from families import (
 from test_cli import cli, user_error
 
 import leapc
-from leapc.benchmark import LlamaCppGreedy, llamacpp_ggufs
-from leapc.gguf_export import GGUFType, _interleave_rope_rows, write_gguf
+from leapc.benchmark import LlamaCppGreedy, bench_table, llamacpp_ggufs
+from leapc.cache import cache_dir
+from leapc.gguf_export import (
+    WRITER_VERSION,
+    GGUFType,
+    _interleave_rope_rows,
+    cached_gguf,
+    write_gguf,
+)
 from leapc.ir.errors import InputError
 from leapc.models.loaders import SourceModel, weights_sha256
 from leapc.runtime.decode import StopConfig
@@ -121,6 +128,14 @@ def test_gguf_f32_tensors_are_the_weights_with_q_and_k_rows_interleaved(tiny_ggu
         rows = tensors["blk.1.attn_q.weight"][head * HEAD_DIM : (head + 1) * HEAD_DIM]
         np.testing.assert_array_equal(rows[0::2], q[head * HEAD_DIM : head * HEAD_DIM + half])
         np.testing.assert_array_equal(rows[1::2], q[head * HEAD_DIM + half : (head + 1) * HEAD_DIM])
+    # GQA: k_proj is permuted head by head over its KV_HEADS heads (convert_hf_to_gguf.py's
+    # permute with n_head_kv), not over the query heads
+    k = layer.k_proj.weight.detach().numpy()
+    assert KV_HEADS != HEADS
+    for head in range(KV_HEADS):
+        rows = tensors["blk.1.attn_k.weight"][head * HEAD_DIM : (head + 1) * HEAD_DIM]
+        np.testing.assert_array_equal(rows[0::2], k[head * HEAD_DIM : head * HEAD_DIM + half])
+        np.testing.assert_array_equal(rows[1::2], k[head * HEAD_DIM + half : (head + 1) * HEAD_DIM])
 
 
 def test_interleaved_rows_under_adjacent_pair_rope_give_rotate_half_attention_scores():
@@ -159,6 +174,50 @@ def test_gguf_writer_refuses_a_non_llama_family(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no file, not even a partial one
 
 
+def test_gguf_cache_is_leapc_cache_gguf_written_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEAPC_CACHE", str(tmp_path / "cache"))
+    source = tiny_source("llama")
+    digest = weights_sha256(source.model)
+    path = cached_gguf(source, digest, GGUFType.F32)
+    assert path == (tmp_path / "cache" / "gguf" /
+                    f"{digest[:16]}-f32-ctx{MAX_POSITIONS}-v{WRITER_VERSION}.gguf")
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]
+    monkeypatch.setattr("leapc.gguf_export.write_gguf", None)  # a second write would fail
+    assert cached_gguf(source, digest, GGUFType.F32) == path
+
+
+def test_gguf_cache_that_cannot_be_created_is_one_input_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LEAPC_CACHE", str(blocker / "cache"))
+    with pytest.raises(InputError) as refused:
+        cache_dir("gguf")
+    message = str(refused.value)
+    assert message.startswith(f"cannot create the GGUF cache {blocker / 'cache' / 'gguf'} (")
+    assert message.endswith("); set LEAPC_CACHE to a writable directory")
+
+
+def test_bench_table_says_where_llama_cpp_first_differs():
+    from rich.console import Console
+
+    row = {"policy": "ar", "tokens_per_s": 100.0, "tau": 1.0, "steps": 8, "calls_per_token": 1.0,
+           "overhead_share": 0.05, "speedup_vs_ar": 1.0, "identical_to_ar": True}
+    result = {"model": "m", "backend": "ort", "prompts": 3, "max_new_tokens": 4, "repeats": 1,
+              "results": [row],
+              "baselines": {"llamacpp_tokens_per_s": 50.0, "llamacpp_identical_to_ar": True,
+                            "llamacpp_first_difference": [None, None, None],
+                            "llamacpp_q8_tokens_per_s": 80.0,
+                            "llamacpp_q8_identical_to_ar": False,
+                            "llamacpp_q8_first_difference": [None, 3, 1]}}
+    console = Console(width=250, record=True, color_system=None)
+    console.print(bench_table(result))
+    lines = console.export_text().splitlines()
+    f32 = next(line for line in lines if "llama.cpp f32" in line)
+    q8 = next(line for line in lines if "llama.cpp q8_0" in line)
+    assert "(ar is 2.00× this)" in f32 and f32.rstrip(" │").endswith("yes")
+    assert "(ar is 1.25× this)" in q8 and "NO (2/3 prompts, first at token 1)" in q8
+
+
 def test_bench_vs_llamacpp_without_llama_cpp_is_one_error_line(in_process, engine_dir,
                                                                 monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails
@@ -187,6 +246,28 @@ def test_llama_cpp_greedy_on_the_f32_gguf_is_leapc_ar(tiny_ggufs, engine_dir):
         runner.close()
     assert [len(t) for t in theirs] == [40, 40, 40, 4]
     assert theirs == ours
+
+
+def test_llama_cpp_logits_on_the_f32_gguf_are_the_models(tiny_ggufs):
+    """Every position's logits of a prompt (llama.cpp ``logits_all``) against the Hugging
+    Face model's: the same numbers up to float32 rounding, so the tensor layout, the RoPE
+    row permutation (GQA included), the norms' epsilon and the untied head are all right."""
+    llama_cpp = require_llama_cpp()
+    import torch
+
+    prompt = [17, 3, 99, 200, 1, 1, 42, 7, 7, 7, 9, 250]
+    with torch.inference_mode():
+        ours = tiny_source("llama").model(torch.tensor([prompt])).logits[0].numpy()
+    llm = llama_cpp.Llama(str(tiny_ggufs[GGUFType.F32]), n_ctx=64, n_batch=16, n_ubatch=16,
+                          n_threads=1, n_threads_batch=1, logits_all=True, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    try:
+        llm.eval(prompt)
+        theirs = np.array(llm.scores[: len(prompt)])
+    finally:
+        llm.close()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
 def test_llama_cpp_runs_the_q8_gguf(tiny_ggufs, engine_dir):
