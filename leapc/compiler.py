@@ -27,8 +27,8 @@ from leapc.models.loaders import BUNDLED, BUNDLED_DRAFT, SourceModel, load_sourc
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, check_numerics, default_pipeline
-from leapc.runtime.backends.base import BACKENDS, Attention, Compression, Device, lower_program
-from leapc.runtime.manifest import Manifest, Quantization, TokenizerInfo
+from leapc.runtime.backends.base import BACKENDS, Compression, Device, lower_program
+from leapc.runtime.manifest import Attention, Manifest, TokenizerInfo
 from leapc.runtime.policies import Policy, offered_policies
 from leapc.stage import AUTO, BuildOptions, BuildState, CompiledProgram, Stage
 
@@ -40,7 +40,7 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
              heads: InsertDecodingHeads | None = None) -> Pipeline:
     """The cleanups every engine gets, the heads if any, then the attention lowering."""
     added = (heads,) if heads is not None else ()
-    lowering = (InsertTreeAttention(),) if attention is Attention.TREE else ()
+    lowering = (InsertTreeAttention(),) if attention.compact_mask else ()
     return Pipeline((*default_pipeline().passes, *added, *lowering), dump_dir)
 
 
@@ -153,8 +153,7 @@ def _compile(state: BuildState, source: SourceModel, name: str, attention: Atten
     on_stage(f"numeric check {name}")
     check_numerics(StepModule(source.model), result.program)
     on_stage(f"lower {name} ({options.backend.value})")
-    compress = Compression.INT8 if options.quantize is Quantization.INT8 else Compression.NONE
-    entry = lower_program(options.backend, result.program, state.out, name, compress)
+    entry = lower_program(options.lowering, result.program, state.out, name, Compression.NONE)
     return CompiledProgram(source, result, entry)
 
 
@@ -216,6 +215,7 @@ def _manifest(full: CompiledProgram, options: BuildOptions, capture: CaptureOpti
         backend=options.backend,
         model=full.info,
         quantization=options.quantize,
+        attention=options.attention,
         tokenizer=_tokenizer_info(full.source),
         programs={"full": full.entry},
         passes=full.result.ran,

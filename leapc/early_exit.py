@@ -27,10 +27,9 @@ from leapc.passes.pipeline import Pipeline
 from leapc.passes.slice_draft import SliceDraft
 from leapc.passes.slice_kangaroo import SliceKangaroo
 from leapc.passes.slice_remainder import SliceRemainder
-from leapc.runtime.backends.base import Compression, lower_program
+from leapc.runtime.backends.base import Compression, Lowering, lower_program
 from leapc.runtime.manifest import (
     AdapterInfo,
-    Backend,
     ExitChoice,
     ExitPoint,
     KangarooPoint,
@@ -61,7 +60,7 @@ def exit_candidates(num_layers: int) -> range:
     return range(max(1, num_layers // 6), max(2, num_layers // 2 + 1))
 
 
-def lower_exit(program: CapturedProgram, layer: int, backend: Backend,
+def lower_exit(program: CapturedProgram, layer: int, lowering: Lowering,
                out: Path) -> dict[str, ProgramEntry]:
     """The ``draft`` (layers < E and the exit) and ``remainder`` (layers >= E) programs,
     sliced from the final full program so they keep its rewrites and numbers.
@@ -69,16 +68,16 @@ def lower_exit(program: CapturedProgram, layer: int, backend: Backend,
     The exit's logits only propose: the draft's vocabulary projection may be approximate
     (`Compression.VOCAB_PROJECTION`); it drafts from the same hidden state and KV rows,
     which stay exact, as the remainder does."""
-    return {"draft": lower_program(backend, Pipeline((SliceDraft(layer),))(program).program, out, "draft",
+    return {"draft": lower_program(lowering, Pipeline((SliceDraft(layer),))(program).program, out, "draft",
                                    Compression.VOCAB_PROJECTION),
-            "remainder": lower_program(backend, Pipeline((SliceRemainder(layer),))(program).program, out,
+            "remainder": lower_program(lowering, Pipeline((SliceRemainder(layer),))(program).program, out,
                                        "remainder")}
 
 
 def lower_kangaroo(program: CapturedProgram, layer: int, adapter: KangarooAdapter,
-                   backend: Backend, out: Path) -> ProgramEntry:
+                   lowering: Lowering, out: Path) -> ProgramEntry:
     """The ``kangaroo`` program: layers < E, the adapter, the model's head."""
-    return lower_program(backend, Pipeline((SliceKangaroo(layer, adapter),))(program).program, out, "kangaroo",
+    return lower_program(lowering, Pipeline((SliceKangaroo(layer, adapter),))(program).program, out, "kangaroo",
                          Compression.VOCAB_PROJECTION)
 
 
@@ -108,7 +107,7 @@ def _exit(state: BuildState) -> None:
         layer, entries, choice = _sweep_exits(state)
     else:
         state.on_stage(f"lower draft and remainder, exit at layer {layer} ({backend.value})")
-        entries = lower_exit(state.full.result.program, layer, backend, state.out)
+        entries = lower_exit(state.full.result.program, layer, state.options.lowering, state.out)
         choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
     state.update(programs=state.manifest.programs | entries, exit_layer=layer,
                  exit_choice=choice)
@@ -125,7 +124,7 @@ def _sweep_exits(state: BuildState) -> tuple[int, dict[str, ProgramEntry], ExitC
     lowered = {}
     for layer in layers:
         (work / str(layer)).mkdir(parents=True)
-        lowered[layer] = lower_exit(program, layer, backend, work / str(layer))
+        lowered[layer] = lower_exit(program, layer, state.options.lowering, work / str(layer))
     state.on_stage(f"exit sweep: {len(layers)} layers x {len(EXIT_DEPTHS)} draft lengths")
     grid = {}
     for layer, entries in lowered.items():
@@ -159,7 +158,7 @@ def _adapter(state: BuildState) -> None:
     state.on_stage(f"kangaroo adapter at layer {layer}")
     adapter, report = trained_adapter(full.source, program, layer, options.directory,
                                       options.training)
-    entry = lower_kangaroo(program, layer, adapter, state.options.backend, state.out)
+    entry = lower_kangaroo(program, layer, adapter, state.options.lowering, state.out)
     state.on_stage("kangaroo: measure draft lengths x stops")
     programs = {"kangaroo": state.program(entry),
                 "remainder": state.program(manifest.programs["remainder"])}

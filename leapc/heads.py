@@ -33,6 +33,7 @@ from leapc.models.loaders import BUNDLED, SourceModel
 from leapc.models.train_heads import HeadsTraining, train_heads
 from leapc.runtime.backends.base import Compression, lower_program
 from leapc.runtime.manifest import (
+    Attention,
     Backend,
     HeadsInfo,
     ProgramEntry,
@@ -239,8 +240,9 @@ def check_heads(options: BuildOptions) -> None:
     heads = options.heads
     if options.backend is Backend.TENSORRT:
         raise InputError("decoding heads are not supported on the tensorrt backend yet")
-    if options.quantize is not Quantization.NONE:
-        raise InputError("decoding heads need float weights (int8 engines decode with ar only)")
+    if options.quantize is not Quantization.NONE and options.attention is not Attention.INVARIANT:
+        raise InputError(f"decoding heads on {options.quantize.value} weights need --attention "
+                         "invariant (without it, verification there does not reproduce ar)")
     if heads.count < 1:
         raise InputError(f"--heads must be at least 1 (got {heads.count})")
     if heads.placement is HeadPlacement.STEP and heads.kind is HeadKind.HYDRA:
@@ -270,7 +272,7 @@ def _program(state: BuildState) -> None:
         # Drafting only proposes (verification is exact), so the heads' vocabulary
         # projection may be approximate: int8 on ORT reads a quarter of the bytes of a
         # matrix each call reads in full (0.64 -> 0.39 ms a Hydra call, same top-1 here).
-        programs["heads"] = lower_program(state.options.backend, program, state.out, "heads",
+        programs["heads"] = lower_program(state.options.lowering, program, state.out, "heads",
                                           Compression.DRAFT)
     directory = save_heads(heads, report, state.out / "heads")
     state.on_stage("heads: tree")

@@ -153,6 +153,7 @@ def inspect_engine(path: Path) -> list[Table]:
         ("passes", " → ".join(m.passes) or "none"),
         ("policies", ", ".join(p.value for p in m.policies)),
         ("quantization", m.quantization.value),
+        ("attention", m.attention.value if m.attention else "not recorded"),
         ("datastore", f"{m.datastore.tokens:,} tokens in {m.datastore.documents:,} documents "
                       f"({m.datastore.source})" if m.datastore else "none"),
         ("kangaroo adapter", _adapter_line(m.adapter) if m.adapter else "none"),

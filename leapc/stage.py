@@ -19,9 +19,16 @@ from leapc.ir.errors import InputError, parse_choice
 from leapc.ir.skip_spec import SkipSet
 from leapc.models.loaders import SourceModel, weights_sha256
 from leapc.passes.pipeline import PipelineResult
-from leapc.runtime.backends.base import BACKENDS, Attention, Compression
+from leapc.runtime.backends.base import BACKENDS, Compression, Lowering
 from leapc.runtime.engine import load_program
-from leapc.runtime.manifest import Backend, Manifest, ModelInfo, ProgramEntry, Quantization
+from leapc.runtime.manifest import (
+    Attention,
+    Backend,
+    Manifest,
+    ModelInfo,
+    ProgramEntry,
+    Quantization,
+)
 from leapc.runtime.step import StepFunction
 
 if TYPE_CHECKING:
@@ -47,7 +54,7 @@ class BuildOptions:
     """Everything `leapc build` takes besides the model and the output directory."""
 
     backend: Backend = Backend.ORT
-    attention: Attention | None = None  # None: the faster lowering on the backend
+    attention: Attention = Attention.TREE  # `parse`: the backend's default
     max_seq: int | None = None  # None: the model's trained positions, at most 1024
     max_new: int = 128  # bounds N: the prefill chunk and the widest verify step
     tokenizer: Path | None = None  # for a llama2.c model
@@ -68,11 +75,28 @@ class BuildOptions:
         """The options from user values (strings for the enums and ``"auto"``), each
         refused with one line if it is not one."""
         chosen = parse_choice(Backend, backend, "backend")
-        lowering = (BACKENDS[chosen].default_attention if attention is None
-                    else parse_choice(Attention, attention, "attention lowering"))
-        return cls(backend=chosen, attention=lowering,
-                   quantize=_quantization(quantize, chosen), exit_layer=_exit_layer(exit_layer),
+        quantization = _quantization(quantize, chosen)
+        return cls(backend=chosen, attention=_attention(attention, chosen, quantization),
+                   quantize=quantization, exit_layer=_exit_layer(exit_layer),
                    skip=AUTO if skip == AUTO else skip, **options)
+
+    @property
+    def lowering(self) -> Lowering:
+        return Lowering(self.backend, self.attention, self.quantize)
+
+
+def _attention(value: str | None, backend: Backend, quantization: Quantization) -> Attention:
+    """The chosen lowering; by default the backend's faster one, or on int8 weights the
+    width-invariant one, without which no drafting policy reproduces `ar` there."""
+    if value is None:
+        return (Attention.INVARIANT if quantization is Quantization.INT8
+                else BACKENDS[backend].default_attention)
+    chosen = parse_choice(Attention, value, "attention lowering")
+    if chosen not in BACKENDS[backend].attentions:
+        able = [b.value for b in Backend if chosen in BACKENDS[b].attentions]
+        raise InputError(f"--attention {chosen.value} needs the {' or '.join(able)} backend "
+                         f"(got {backend.value})")
+    return chosen
 
 
 def _quantization(value: str | Quantization, backend: Backend) -> Quantization:

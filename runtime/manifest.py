@@ -43,12 +43,20 @@ class Quantization(str, enum.Enum):
     NONE = "none"  # weights as the model stores them (float32 here)
     INT8 = "int8"  # MatMul weights int8 per 32-row block (ORT MatMulNBits), int8 compute
 
+
+class Attention(str, enum.Enum):
+    """How the engine computes attention (a build choice; each backend has a default)."""
+
+    DENSE = "dense"  # as captured: SDPA under the dense [B, N, T + N] mask
+    TREE = "tree"  # insert_tree_attention: leapc.tree_attention on the compact mask
+    # TREE, lowered so that a token's row of every output is bit-identical in steps of any
+    # width and wherever free cache slots sit (`_width_invariant_attention`; ORT only)
+    INVARIANT = "invariant"
+
     @property
-    def width_invariant(self) -> bool:
-        """Whether a token's logits are the same in a one-token step and in a wider verify
-        step. ORT's int8 MatMulNBits gives them differently (by up to ~0.02 on stories260K),
-        so on int8 engines drafting policies would not reproduce `ar` (`PolicySpec.drafts`)."""
-        return self is Quantization.NONE
+    def compact_mask(self) -> bool:
+        """Whether the step program computes attention with ``leapc.tree_attention``."""
+        return self is not Attention.DENSE
 
 
 class _Frozen(BaseModel):
@@ -260,6 +268,7 @@ class Manifest(_Frozen):
     skip: str | None = None  # layer skip: the sublayers the chosen ``skip_<i>`` program bypasses
     skip_choice: SkipChoice | None = None  # with skip: how it and the draft length were chosen
     quantization: Quantization = Quantization.NONE
+    attention: Attention | None = None  # None: built before the manifest recorded it
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model", "heads", "draft", "remainder",
     # "kangaroo", "skip_<i>"
@@ -279,6 +288,20 @@ class Manifest(_Frozen):
         _check_policies(self)
         _check_sections(self)
         return self
+
+    @property
+    def verifies_exactly(self) -> bool:
+        """Whether a token's logits in a verify step are the ones a one-token `ar` step
+        gives it, so drafting policies reproduce `ar` (`PolicySpec.drafts`).
+
+        On int8 weights ORT quantizes activations on the fly, which turns the ~1e-7 a
+        fused attention row moves between step widths into a whole quantization step
+        (1e-3..2e-2 on the logits): only width-invariant attention verifies exactly there.
+        Float32 steps move by ~1e-6 of the logits, and greedy verification has emitted
+        `ar`'s tokens in every test; width-invariant attention makes that hold for every
+        prompt, at a measured cost (docs/decisions.md)."""
+        return (self.quantization is Quantization.NONE
+                or self.attention is Attention.INVARIANT)
 
     def write(self, engine_dir: Path) -> None:
         (engine_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2))

@@ -134,16 +134,16 @@ class PolicySpec:
     sections: tuple[str, ...] = ()  # manifest sections the policy reads
     programs: Callable[[Manifest], tuple[str, ...]] = _no_programs  # run besides "full"
     heads: HeadKind | None = None  # the kind of decoding heads it drafts with
-    # Verifies drafts in steps wider than one token. ORT's int8 MatMulNBits gives a token's
-    # logits differently (by up to ~0.02 on stories260K) in a one-token step and in a wider
-    # verify step, so on int8 engines a drafting policy would not reproduce `ar`.
+    # Verifies drafts in steps wider than one token (`Manifest.verifies_exactly`).
     drafts: bool = True
     extra_layers: int = 0  # KV cache layers beyond the model's (Kangaroo's adapter rows)
 
     def missing(self, manifest: Manifest) -> str | None:
         """Why ``manifest`` cannot offer this policy, or None if it can."""
-        if self.drafts and not manifest.quantization.width_invariant:
-            return f"needs float weights to draft (the engine is {manifest.quantization.value})"
+        if self.drafts and not manifest.verifies_exactly:
+            return (f"needs float weights or --attention invariant to draft (the engine is "
+                    f"{manifest.quantization.value}, attention "
+                    f"{getattr(manifest.attention, 'value', 'not recorded')})")
         for section in self.sections:
             if getattr(manifest, section) is None:
                 return f"needs {section}; the manifest has none"

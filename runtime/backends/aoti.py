@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from leapc.runtime.backends.base import Attention, BackendImpl, configured_threads, cpu_only
-from leapc.runtime.manifest import Backend
+from leapc.runtime.backends.base import BackendImpl, configured_threads, cpu_only
+from leapc.runtime.manifest import Attention, Backend
 
 PROGRAM_SUFFIX = ".pt2"
 
 
-def lower(program, out_dir: Path, name: str) -> Path:
+def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     """Compile a `CapturedProgram` into ``out_dir/<name>.pt2``."""
     import torch
 

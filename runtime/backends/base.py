@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from leapc.ir.errors import InputError
-from leapc.runtime.manifest import Backend, ProgramEntry
+from leapc.runtime.manifest import Attention, Backend, ProgramEntry, Quantization
 from leapc.runtime.step import StepFunction
 
 if TYPE_CHECKING:
@@ -42,13 +42,6 @@ def configured_threads() -> int:
         return int(value)
     raise InputError(f"LEAPC_THREADS must be a whole number of threads, 0 for all cores "
                      f"(got {value!r})")
-
-
-class Attention(str, enum.Enum):
-    """How the engine computes attention (a build choice; each backend has a default)."""
-
-    DENSE = "dense"  # as captured: SDPA under the dense [B, N, T + N] mask
-    TREE = "tree"  # insert_tree_attention: leapc.tree_attention on the compact mask
 
 
 class Compression(str, enum.Enum):
@@ -88,8 +81,9 @@ class BackendImpl:
 
     name: Backend
     default_attention: Attention  # the faster lowering here (docs/decisions.md)
-    # ``(program, out_dir, name) -> out_dir/<name><suffix>``, the file written
-    lower: Callable[[CapturedProgram, Path, str], Path]
+    # ``(program, out_dir, name, attention) -> out_dir/<name><suffix>``, the file written;
+    # ``attention`` is one of ``attentions``
+    lower: Callable[[CapturedProgram, Path, str, Attention], Path]
     # ``(path, outputs, device)``: a lowered program, callable on numpy arrays in
     # signature order
     load: Callable[[Path, tuple[str, ...], Device], StepFunction]
@@ -99,6 +93,7 @@ class BackendImpl:
     # allows, or leave it; ``compresses`` states which ones it acts on
     compress: Callable[[Path, CapturedProgram, Compression], None] = uncompressed
     compresses: frozenset[Compression] = frozenset()
+    attentions: frozenset[Attention] = frozenset({Attention.DENSE, Attention.TREE})
 
 
 class _Table(Mapping[Backend, BackendImpl]):
@@ -126,11 +121,26 @@ BACKENDS: Mapping[Backend, BackendImpl] = _Table({
 })
 
 
-def lower_program(backend: Backend, program: CapturedProgram, out: Path, name: str,
-                  compress: Compression = Compression.NONE) -> ProgramEntry:
-    """Lower ``program`` to ``out/<name>.*``, compress it as ``compress`` allows on
-    ``backend``, and return its manifest entry (every lowering site goes through here)."""
-    impl = BACKENDS[backend]
-    file = impl.lower(program, out, name)
-    impl.compress(file, program, compress)
+@dataclass(frozen=True)
+class Lowering:
+    """What every program of one engine is lowered with."""
+
+    backend: Backend
+    attention: Attention
+    quantization: Quantization = Quantization.NONE
+
+    def compression(self, use: Compression) -> Compression:
+        """How a program whose outputs serve ``use`` is compressed. On an int8 engine every
+        program is int8: the target's step is, and a program that shares KV rows or hidden
+        states with it (an early exit's draft) must compute them as the step does."""
+        return Compression.INT8 if self.quantization is Quantization.INT8 else use
+
+
+def lower_program(lowering: Lowering, program: CapturedProgram, out: Path, name: str,
+                  use: Compression = Compression.NONE) -> ProgramEntry:
+    """Lower ``program`` to ``out/<name>.*``, compress it as its ``use`` allows, and return
+    its manifest entry (every lowering site goes through here)."""
+    impl = BACKENDS[lowering.backend]
+    file = impl.lower(program, out, name, lowering.attention)
+    impl.compress(file, program, lowering.compression(use))
     return ProgramEntry.of(file, program.signature.to_json())

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from leapc.runtime.backends.base import Attention, BackendImpl, cpu_only
-from leapc.runtime.manifest import Backend
+from leapc.runtime.backends.base import BackendImpl, cpu_only
+from leapc.runtime.manifest import Attention, Backend
 
 PROGRAM_SUFFIX = ".pt2"
 
 
-def lower(program, out_dir: Path, name: str) -> Path:
+def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     import torch
 
     path = out_dir / f"{name}{PROGRAM_SUFFIX}"

@@ -14,19 +14,19 @@ import onnxruntime as ort
 
 from leapc.ir.errors import InputError
 from leapc.runtime.backends.base import (
-    Attention,
     BackendImpl,
     Compression,
     Device,
     configured_threads,
 )
-from leapc.runtime.manifest import Backend
+from leapc.runtime.manifest import Attention, Backend
 
 PROGRAM_SUFFIX = ".onnx"
 
 
-def lower(program, out_dir: Path, name: str) -> Path:
-    """Export a `CapturedProgram` to ``out_dir/<name>.onnx`` (weights inline)."""
+def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
+    """Export a `CapturedProgram` to ``out_dir/<name>.onnx`` (weights inline); tree attention
+    as the fused ``Attention`` node, or width-invariant (``Attention.INVARIANT``)."""
     import logging
 
     import torch
@@ -42,7 +42,8 @@ def lower(program, out_dir: Path, name: str) -> Path:
         program.program,
         input_names=[s.name for s in program.signature.inputs],
         output_names=output_names,
-        custom_translation_table=translations(),  # leapc's custom ops, as standard ONNX ops
+        # leapc's custom ops, as standard ONNX ops
+        custom_translation_table=translations(attention is Attention.INVARIANT),
         opset_version=OPSET,
         dynamo=True,
         optimize=True,
@@ -204,4 +205,5 @@ BACKEND = BackendImpl(
     name=Backend.ORT, default_attention=Attention.TREE, lower=lower,
     load=lambda path, outputs, device: OrtStep(path, device=device),
     check_device=check_device, compress=compress,
-    compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8}))
+    compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8}),
+    attentions=frozenset(Attention))

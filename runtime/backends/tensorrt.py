@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from leapc.ir.errors import InputError
-from leapc.runtime.backends.base import Attention, BackendImpl
+from leapc.runtime.backends.base import BackendImpl
 from leapc.runtime.backends.eager import EagerStep
-from leapc.runtime.manifest import Backend
+from leapc.runtime.manifest import Attention, Backend
 
 PROGRAM_SUFFIX = ".ep"
 OPT_NEW_TOKENS = 8  # the verify step's typical tree size: the shape TensorRT tunes for
@@ -54,7 +54,7 @@ def _shape(dims, values: dict[str, int], max_seq: int) -> Shape:
     return tuple(min(int(sympy.sympify(d).subs(symbols)), max_seq) for d in dims)
 
 
-def lower(program, out_dir: Path, name: str) -> Path:
+def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     """Compile a `CapturedProgram` with TensorRT; write ``out_dir/<name>.ep``."""
     import torch
     import torch_tensorrt

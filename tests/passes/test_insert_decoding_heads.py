@@ -17,6 +17,7 @@ from leapc.ir.heads import DecodingHeads, capture_heads, project
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.pipeline import check_numerics
 from leapc.runtime.backends import ort
+from leapc.runtime.manifest import Attention
 
 K = 3
 
@@ -118,7 +119,7 @@ def test_heads_program_in_onnx_runtime_equals_the_heads(kind, tmp_path):
     model = tiny_model("llama")
     heads = random_heads(kind, 64)
     program = capture_heads(heads, model, max_rows=16, max_seq=256)
-    step = ort.OrtStep(ort.lower(program, tmp_path, "heads"))
+    step = ort.OrtStep(ort.lower(program, tmp_path, "heads", Attention.TREE))
     rng = np.random.default_rng(0)
     hidden = rng.standard_normal((5, 64)).astype(np.float32)
     lm = model.get_output_embeddings()

@@ -24,7 +24,7 @@ from leapc.ir.rewrite import rewrite
 from leapc.passes.base import Invariant, PassError, violation
 from leapc.passes.insert_tree_attention import SDPA, TREE_ATTENTION, InsertTreeAttention
 from leapc.runtime.backends import eager
-from leapc.runtime.backends.base import Attention
+from leapc.runtime.manifest import Attention
 
 aten = torch.ops.aten
 
@@ -102,7 +102,7 @@ def test_build_option_selects_the_pipeline():
 @pytest.mark.slow
 def test_eager_engine_file_loads_in_a_fresh_process(tmp_path):
     """The .pt2 calls leapc.tree_attention: loading it must declare the op first."""
-    path = eager.lower(tree_program("llama"), tmp_path, "full")
+    path = eager.lower(tree_program("llama"), tmp_path, "full", Attention.TREE)
     code = ("import sys; from leapc.runtime.backends.eager import EagerStep; "
             "EagerStep(sys.argv[1], ('logits', 'present'))")
     subprocess.run([sys.executable, "-c", code, str(path)], check=True)

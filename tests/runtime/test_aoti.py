@@ -25,7 +25,7 @@ import leapc
 from leapc.ir.errors import EngineError
 from leapc.kernels import reference
 from leapc.runtime.backends.aoti import fused_sdpa
-from leapc.runtime.backends.base import BACKENDS, Attention
+from leapc.runtime.backends.base import BACKENDS
 from leapc.runtime.manifest import Backend
 
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
@@ -59,7 +59,8 @@ def tiny_other_attention(tmp_path_factory) -> leapc.Engine:
     source.model.config.eos_token_id = None  # as tiny_source: never stop early
     source.model.save_pretrained(checkpoint)
     source.tokenizer.save(str(checkpoint / "tokenizer.json"))
-    other = next(a for a in Attention if a is not BACKENDS[Backend.AOTI].default_attention)
+    aoti = BACKENDS[Backend.AOTI]
+    other = next(a for a in aoti.attentions if a is not aoti.default_attention)
     out = tmp_path_factory.mktemp(f"tiny-llama-aoti-{other.value}")
     leapc_cli = Path(sys.executable).parent / "leapc"
     subprocess.run([leapc_cli, "build", checkpoint, "-o", out, "--backend", "aoti",

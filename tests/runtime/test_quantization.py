@@ -1,15 +1,18 @@
-"""`leapc build --quantize int8`: MatMul weights stored as int8 (ORT MatMulNBits)."""
+"""`leapc build --quantize int8`: MatMul weights stored as int8 (ORT MatMulNBits), attention
+lowered width-invariant, so every policy reproduces the engine's own `ar`."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
-from engines import tiny_source
+from engines import TRAINING_FREE, tiny_source
 
 import leapc
 from leapc.ir.errors import InputError
-from leapc.runtime.manifest import Quantization
+from leapc.runtime.decode import prefill, tree_inputs
+from leapc.runtime.drafters.base import Draft
+from leapc.runtime.manifest import Attention, Quantization
 from leapc.runtime.policies import Policy
 
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
@@ -17,8 +20,10 @@ PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
 
 @pytest.fixture(scope="module")
 def int8_engine(tmp_path_factory):
+    """The tiny Llama, int8, with an early exit (its draft and remainder are int8 too)."""
     out = tmp_path_factory.mktemp("tiny-int8")
-    return leapc.load(leapc.build(tiny_source("llama"), out, "ort", max_seq=256, quantize="int8"))
+    return leapc.load(leapc.build(tiny_source("llama"), out, "ort", max_seq=256,
+                                  quantize="int8", exit_layer=1))
 
 
 @pytest.mark.slow  # the int8 engine: a build of its own
@@ -31,6 +36,16 @@ def test_every_constant_matmul_becomes_matmulnbits(int8_engine):
     float_weight_matmuls = [n for n in graph.node
                             if n.op_type == "MatMul" and n.input[1] in weights]
     assert not float_weight_matmuls
+    for name in ("draft", "remainder"):  # they share the step's KV rows and hidden states
+        assert "MatMulNBits" in {n.op_type for n in
+                                 onnx.load(str(int8_engine.path / f"{name}.onnx")).graph.node}
+
+
+@pytest.mark.slow
+def test_int8_engines_lower_attention_width_invariant_by_default(int8_engine):
+    assert int8_engine.manifest.attention is Attention.INVARIANT
+    ops = {node.op_type for node in onnx.load(str(int8_engine.path / "full.onnx")).graph.node}
+    assert "Attention" not in ops  # ORT's fused node: its rows move with the step's width
 
 
 @pytest.mark.slow
@@ -38,19 +53,81 @@ def test_int8_logits_stay_close_to_float32(int8_engine, engine_dir):
     full = leapc.load(engine_dir("tiny-llama", "ort"))
     ours, reference = (e.generate(PROMPT, 1) for e in (int8_engine, full))
     assert ours.token_ids == reference.token_ids
-    inputs = _prefill_inputs(full)
+    inputs = tree_inputs(full.new_cache(), Draft.chain_of(PROMPT[0], PROMPT[1:]))
     exact = full.step(*inputs)["logits"]
     rounded = int8_engine.step(*inputs)["logits"]
     assert np.abs(rounded - exact).max() < 0.05 * np.abs(exact).max()
     assert np.abs(rounded - exact).max() > 0  # the weights really changed
 
 
+def _one_token_steps(engine, context: list[int], tokens: list[int]) -> np.ndarray:
+    """The logits rows of ``tokens`` as `ar` computes them: one step each, committing
+    each token before the next."""
+    cache = engine.new_cache()
+    prefill(engine.step, cache, context, engine.manifest.max_new)
+    rows = []
+    for token in tokens:
+        out = engine.step(*tree_inputs(cache, Draft.root_only(token)))
+        cache.commit(out["present"], [0])
+        rows.append(out["logits"][0, 0])
+    return np.stack(rows)
+
+
+def _one_wide_step(engine, context: list[int], tokens: list[int]) -> np.ndarray:
+    cache = engine.new_cache()
+    prefill(engine.step, cache, context, engine.manifest.max_new)
+    return engine.step(*tree_inputs(cache, Draft.chain_of(tokens[0], tokens[1:])))["logits"][0]
+
+
 @pytest.mark.slow
-def test_int8_engines_decode_autoregressively_only(int8_engine):
-    """Drafting policies would not reproduce `ar` there (see docs/decisions.md)."""
-    assert int8_engine.manifest.policies == (Policy.AR,)
-    with pytest.raises(InputError, match="does not support policy 'lookup'"):
-        int8_engine.generate(PROMPT, 8, policy="lookup")
+@pytest.mark.parametrize("past", (1, 37, 150))
+def test_a_tokens_logits_are_bit_identical_in_steps_of_any_width(int8_engine, past):
+    """What verification relies on: a chain verified in one step of width k gives each
+    token the logits `ar` gives it (bit for bit, not close), at short and long pasts."""
+    rng = np.random.default_rng(past)
+    context = rng.integers(3, 250, past).tolist()
+    tokens = rng.integers(3, 250, 16).tolist()
+    expected = _one_token_steps(int8_engine, context, tokens)
+    for width in (2, 5, 16):
+        wide = _one_wide_step(int8_engine, context, tokens[:width])
+        np.testing.assert_array_equal(wide, expected[:width], err_msg=f"width {width}")
+
+
+@pytest.mark.slow
+def test_fused_attention_is_not_width_invariant_on_int8(tmp_path):
+    """Why int8 engines default to ``--attention invariant``: with ORT's fused node, the
+    same comparison fails, and the engine offers `ar` only."""
+    fused = leapc.load(leapc.build(tiny_source("llama"), tmp_path, "ort", max_seq=256,
+                                   quantize="int8", attention="tree"))
+    assert fused.manifest.policies == (Policy.AR,)
+    rng = np.random.default_rng(37)
+    context, tokens = rng.integers(3, 250, 37).tolist(), rng.integers(3, 250, 16).tolist()
+    expected = _one_token_steps(fused, context, tokens)
+    assert not np.array_equal(_one_wide_step(fused, context, tokens), expected)
+
+
+@pytest.mark.slow
+def test_int8_policies_are_token_identical_to_ar(int8_engine):
+    offered = {p.value for p in int8_engine.manifest.policies}
+    assert offered == set(TRAINING_FREE) | {Policy.EARLY_EXIT.value}
+    rng = np.random.default_rng(0)
+    for prompt in (PROMPT, rng.integers(3, 250, 60).tolist()):
+        ar = int8_engine.generate(prompt, 48).token_ids
+        for policy in offered - {"ar"}:
+            assert int8_engine.generate(prompt, 48, policy=policy).token_ids == ar, policy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ("lookup", "recycle", "draft", "retrieval"))
+def test_int8_policy_is_token_identical_to_ar_on_the_bundled_model(engine_dir, policy):
+    from leapc.models import corpus
+
+    engine = leapc.load(engine_dir("bundled", quantize="int8"))
+    if policy not in [p.value for p in engine.manifest.policies]:
+        pytest.skip(f"the bundled engine has no {policy!r} policy (bundled draft model absent)")
+    for prompt in corpus.held_out_prompts(8):
+        assert engine.generate(prompt, 64, policy=policy).token_ids == \
+            engine.generate(prompt, 64).token_ids, prompt
 
 
 def test_quantizing_needs_the_ort_backend(tmp_path):
@@ -60,8 +137,7 @@ def test_quantizing_needs_the_ort_backend(tmp_path):
         leapc.build(tiny_source("llama"), tmp_path, "ort", quantize="int3")
 
 
-def _prefill_inputs(engine):
-    from leapc.runtime.decode import tree_inputs
-    from leapc.runtime.drafters.base import Draft
-    cache = engine.new_cache()
-    return tree_inputs(cache, Draft.chain_of(PROMPT[0], PROMPT[1:]))
+def test_width_invariant_attention_needs_the_ort_backend(tmp_path):
+    with pytest.raises(InputError, match=r"^--attention invariant needs the ort backend "
+                                         r"\(got eager\)$"):
+        leapc.build(tiny_source("llama"), tmp_path, "eager", attention="invariant")
