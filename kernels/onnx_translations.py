@@ -45,10 +45,11 @@ def _without_spare_row(rows):
                     op.Constant(value_ints=[2]))
 
 
-def _width_invariant_attention(q, k, v, hidden, scale: float):
+def _width_invariant_attention(q, k, v, hidden, ones, scale: float):
     """Attention whose every output row is bit-identical however many rows share the step
-    and wherever masked keys sit among the visible ones; ``hidden`` is ``[B, 1, 1, N, T + N]``
-    float, 0 where a key is visible and -inf where not.
+    and wherever masked keys sit among the visible ones. ``hidden`` is ``[B, 1, G * N,
+    T + N]`` float, 0 where a key is visible and -inf where not (query row ``g * N + n`` is
+    node ``n``); ``ones`` is ``[B, Hkv, T + N, 1]``. Both are the same for every layer.
 
     ONNX Runtime's fused ``Attention`` is not: a row's output moves by ~1e-7 between a
     one-token and a wide step, and with a gap of masked keys (the cache's free slots)
@@ -61,34 +62,49 @@ def _width_invariant_attention(q, k, v, hidden, scale: float):
     and ``exp`` are per element, and a row's max is exact in any order. The softmax
     denominator, the one reduction whose order a vectorised ``ReduceSum`` ties to the row
     length, comes from an extra all-ones column of ``v``: ``exp(s) @ [v | 1]`` gives the
-    numerator and the denominator from one GEMM, which accumulates over keys in order, and
-    a masked key adds an exact ``0 * v``.
-    Every GEMM has at least two rows (`_with_spare_row`), so all run one kernel.
+    numerator and the denominator from one GEMM, which accumulates over keys in order
+    (in blocks fixed by its column count, ``Dv + 1``), and a masked key adds an exact
+    ``0 * v``. With GQA every GEMM has ``G * N >= 2`` rows; without it (G = 1) a spare
+    row keeps one-token steps off the matrix-vector kernel (`_with_spare_row`).
+
+    Every reshape is by constants (``0`` copies a dimension, ``-1`` infers it): per-layer
+    shape arithmetic cost more than the attention itself at short pasts.
     """
-    heads, kv_heads = q.shape[1], k.shape[1]
-    batch, new = op.Shape(q, start=0, end=1), op.Shape(q, start=2, end=3)
-    total = op.Shape(k, start=2, end=3)
-    grouped = op.Concat(batch, op.Constant(value_ints=[kv_heads, -1]), axis=0)
-    by_node = op.Concat(batch, op.Constant(value_ints=[kv_heads, heads // kv_heads]), new,
-                        total, axis=0)
+    heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     grouped_q = op.Reshape(op.Mul(q, op.Constant(value_float=scale)),
-                           op.Concat(grouped, op.Shape(q, start=3, end=4), axis=0))
-    scores = op.MatMul(_with_spare_row(grouped_q), op.Transpose(k, perm=[0, 1, 3, 2]))
-    scores = op.Add(op.Reshape(_without_spare_row(scores), by_node),
-                    hidden)  # [B, Hkv, G, N, T + N]
+                           op.Constant(value_ints=[0, kv_heads, -1, head_dim]))
+    spare = heads == kv_heads  # G = 1: a one-token step has one row
+    if spare:
+        grouped_q = _with_spare_row(grouped_q)
+    scores = op.MatMul(grouped_q, op.Transpose(k, perm=[0, 1, 3, 2]))
+    if spare:
+        scores = _without_spare_row(scores)
+    scores = op.Add(scores, hidden)  # [B, Hkv, G * N, T + N]
     weights = op.Exp(op.Sub(scores, op.ReduceMax(scores, op.Constant(value_ints=[-1]),
                                                  keepdims=1)))
-    ones = op.Expand(op.CastLike(op.Constant(value_floats=[1.0]), v),
-                     op.Concat(op.Shape(v, start=0, end=3), op.Constant(value_ints=[1]), axis=0))
-    weighted = _without_spare_row(op.MatMul(
-        _with_spare_row(op.Reshape(weights, op.Concat(grouped, total, axis=0))),
-        op.Concat(v, ones, axis=-1)))  # [B, Hkv, G * N, Dv + 1]
+    if spare:
+        weights = _with_spare_row(weights)
+    weighted = op.MatMul(weights, op.Concat(v, ones, axis=-1))  # [B, Hkv, G * N, Dv + 1]
+    if spare:
+        weighted = _without_spare_row(weighted)
     last = op.Constant(value_ints=[-1])
     numerator = op.Slice(weighted, op.Constant(value_ints=[0]), last, last)
     denominator = op.Slice(weighted, last, op.Constant(value_ints=[2**62]), last)
     return op.Reshape(op.Div(numerator, denominator),
-                      op.Concat(batch, op.Constant(value_ints=[heads]), new,
-                                op.Constant(value_ints=[-1]), axis=0))
+                      op.Constant(value_ints=[0, heads, -1, v.shape[3]]))
+
+
+def _hidden_keys(visible, groups: int, like):
+    """``[B, 1, G * N, T + N]``: 0 where ``visible`` (``[B, 1, N, T + N]``) is True, -inf
+    elsewhere, repeated for the ``G`` query heads of a KV head (rows ``g * N + n``)."""
+    hidden = op.Where(visible, op.CastLike(0.0, like), op.CastLike(float("-inf"), like))
+    return op.Tile(hidden, op.Constant(value_ints=[1, 1, groups, 1]))
+
+
+def _ones_column(v):
+    """``[B, Hkv, T + N, 1]`` ones, the softmax denominator's column."""
+    return op.Expand(op.CastLike(op.Constant(value_floats=[1.0]), v),
+                     op.Concat(op.Shape(v, start=0, end=3), op.Constant(value_ints=[1]), axis=0))
 
 
 def translations(width_invariant: bool = False) -> dict:
@@ -101,7 +117,7 @@ def translations(width_invariant: bool = False) -> dict:
     (6% at a short past), and neither the exporter nor ONNX Runtime can tell that two
     layers' key lengths are equal.
     """
-    masks, hidden = {}, {}
+    masks, shared = {}, {}
 
     def tree_attention(q, k, v, past_len, tree_mask, scale: float):
         """Query head h reads KV head h // G (GQA without repeating the cache); the
@@ -115,9 +131,9 @@ def translations(width_invariant: bool = False) -> dict:
         if not width_invariant:
             out, _, _, _ = op.Attention(q, k, v, masks[key], scale=scale)  # native GQA
             return out
-        if key not in hidden:  # shared by the layers, like the mask
-            hidden[key] = op.Where(op.Unsqueeze(masks[key], [1]), op.CastLike(0.0, q),
-                                   op.CastLike(float("-inf"), q))
-        return _width_invariant_attention(q, k, v, hidden[key], scale)
+        if key not in shared:  # shared by the layers, like the mask
+            shared[key] = (_hidden_keys(masks[key], q.shape[1] // k.shape[1], q),
+                           _ones_column(v))
+        return _width_invariant_attention(q, k, v, *shared[key], scale)
 
     return {torch.ops.leapc.tree_attention.default: tree_attention}
