@@ -76,7 +76,7 @@ class BuildOptions:
         refused with one line if it is not one."""
         chosen = parse_choice(Backend, backend, "backend")
         quantization = _quantization(quantize, chosen)
-        return cls(backend=chosen, attention=_attention(attention, chosen, quantization),
+        return cls(backend=chosen, attention=_attention(attention, chosen),
                    quantize=quantization, exit_layer=_exit_layer(exit_layer),
                    skip=AUTO if skip == AUTO else skip, **options)
 
@@ -85,12 +85,10 @@ class BuildOptions:
         return Lowering(self.backend, self.attention, self.quantize)
 
 
-def _attention(value: str | None, backend: Backend, quantization: Quantization) -> Attention:
-    """The chosen lowering; by default the backend's faster one, or on int8 weights the
-    width-invariant one, without which no drafting policy reproduces `ar` there."""
+def _attention(value: str | None, backend: Backend) -> Attention:
+    """The chosen lowering; by default the backend's faster one."""
     if value is None:
-        return (Attention.INVARIANT if quantization is Quantization.INT8
-                else BACKENDS[backend].default_attention)
+        return BACKENDS[backend].default_attention
     chosen = parse_choice(Attention, value, "attention lowering")
     if chosen not in BACKENDS[backend].attentions:
         able = [b.value for b in Backend if chosen in BACKENDS[b].attentions]

@@ -141,9 +141,7 @@ class PolicySpec:
     def missing(self, manifest: Manifest) -> str | None:
         """Why ``manifest`` cannot offer this policy, or None if it can."""
         if self.drafts and not manifest.verifies_exactly:
-            return (f"needs float weights or --attention invariant to draft (the engine is "
-                    f"{manifest.quantization.value}, attention "
-                    f"{getattr(manifest.attention, 'value', 'not recorded')})")
+            return f"needs float weights to draft (the engine is {manifest.quantization.value})"
         for section in self.sections:
             if getattr(manifest, section) is None:
                 return f"needs {section}; the manifest has none"

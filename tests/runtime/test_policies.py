@@ -62,20 +62,15 @@ def test_a_section_offers_its_policies(tiny, sections, added):
     assert set(offered_policies(manifest)) == TRAINING_FREE | added
 
 
-def test_int8_engines_draft_only_with_width_invariant_attention(tiny):
+def test_int8_engines_offer_ar_only(tiny):
     """The one place the int8 rule lives: drafting policies verify in wider steps, whose
-    int8 logits differ from a one-token step's unless attention is width-invariant."""
-    fused = with_sections(tiny | {"quantization": "int8", "attention": "tree",
-                                  "policies": ["ar"]}, exit_layer=1)
-    assert offered_policies(fused) == (Policy.AR,)
-    assert POLICIES[Policy.LOOKUP].missing(fused) == \
-        "needs float weights or --attention invariant to draft (the engine is int8, attention tree)"
-    older = {key: value for key, value in tiny.items() if key != "attention"}
-    unrecorded = with_sections(older | {"quantization": "int8", "policies": ["ar"]})
-    assert "attention not recorded" in POLICIES[Policy.LOOKUP].missing(unrecorded)
-    invariant = with_sections(tiny | {"quantization": "int8", "attention": "invariant"},
-                              exit_layer=1)
-    assert set(offered_policies(invariant)) == TRAINING_FREE | {Policy.EARLY_EXIT}
+    int8 logits differ from a one-token step's (with either attention lowering)."""
+    for attention in ("tree", "invariant"):
+        manifest = with_sections(tiny | {"quantization": "int8", "attention": attention,
+                                         "policies": ["ar"]}, exit_layer=1)
+        assert offered_policies(manifest) == (Policy.AR,)
+        assert POLICIES[Policy.LOOKUP].missing(manifest) == \
+            "needs float weights to draft (the engine is int8)"
 
 
 def test_the_programs_each_policy_runs(tiny):
