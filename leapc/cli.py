@@ -127,9 +127,9 @@ def build(
     output: Path = typer.Option(..., "-o", "--output", help="engine directory to write"),
     backend: Backend = typer.Option(Backend.ORT, help="engine backend"),
     attention: str = typer.Option(None, help="attention lowering: dense | tree | invariant "
-                                             "(ort: rows the same in steps of any width, "
-                                             "within 256 keys; default: the faster one on "
-                                             "the backend)"),
+                                             "(ort: rows the same in steps of any width "
+                                             "within one GEMM block of keys; default: the "
+                                             "faster one on the backend)"),
     max_seq: int = typer.Option(None, help="longest sequence (prompt + generation)"),
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
     draft_model: str = typer.Option(None, help="draft model for --policy draft "

@@ -19,7 +19,7 @@ from leapc.ir.errors import InputError, parse_choice
 from leapc.ir.skip_spec import SkipSet
 from leapc.models.loaders import SourceModel, weights_sha256
 from leapc.passes.pipeline import PipelineResult
-from leapc.runtime.backends.base import BACKENDS, Compression, Lowering
+from leapc.runtime.backends.base import BACKENDS, BackendImpl, Compression, Lowering
 from leapc.runtime.engine import load_program
 from leapc.runtime.manifest import (
     Attention,
@@ -75,9 +75,8 @@ class BuildOptions:
         """The options from user values (strings for the enums and ``"auto"``), each
         refused with one line if it is not one."""
         chosen = parse_choice(Backend, backend, "backend")
-        quantization = _quantization(quantize, chosen)
         return cls(backend=chosen, attention=_attention(attention, chosen),
-                   quantize=quantization, exit_layer=_exit_layer(exit_layer),
+                   quantize=_quantization(quantize, chosen), exit_layer=_exit_layer(exit_layer),
                    skip=AUTO if skip == AUTO else skip, **options)
 
     @property
@@ -90,20 +89,24 @@ def _attention(value: str | None, backend: Backend) -> Attention:
     if value is None:
         return BACKENDS[backend].default_attention
     chosen = parse_choice(Attention, value, "attention lowering")
-    if chosen not in BACKENDS[backend].attentions:
-        able = [b.value for b in Backend if chosen in BACKENDS[b].attentions]
-        raise InputError(f"--attention {chosen.value} needs the {' or '.join(able)} backend "
-                         f"(got {backend.value})")
+    _check_offered(f"--attention {chosen.value}", backend,
+                   lambda impl: chosen in impl.attentions)
     return chosen
 
 
 def _quantization(value: str | Quantization, backend: Backend) -> Quantization:
     chosen = parse_choice(Quantization, value, "quantization")
-    if chosen is Quantization.INT8 and Compression.INT8 not in BACKENDS[backend].compresses:
-        able = [b.value for b in Backend if Compression.INT8 in BACKENDS[b].compresses]
-        raise InputError(f"--quantize {chosen.value} needs the {' or '.join(able)} backend "
-                         f"(got {backend.value})")
+    if chosen is Quantization.INT8:
+        _check_offered(f"--quantize {chosen.value}", backend,
+                       lambda impl: Compression.INT8 in impl.compresses)
     return chosen
+
+
+def _check_offered(flag: str, backend: Backend, offers: Callable[[BackendImpl], bool]) -> None:
+    """Refuse ``flag`` in one line naming the backends that offer it, if ``backend`` does not."""
+    if not offers(BACKENDS[backend]):
+        able = [b.value for b in Backend if offers(BACKENDS[b])]
+        raise InputError(f"{flag} needs the {' or '.join(able)} backend (got {backend.value})")
 
 
 def _exit_layer(value: int | str | None) -> int | Auto | None:
