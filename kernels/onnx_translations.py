@@ -49,7 +49,7 @@ def _width_invariant_attention(q, k, v, hidden, ones, scale: float):
     """Attention whose every output row is bit-identical however many rows share the step
     and wherever masked keys sit among the visible ones. ``hidden`` is ``[B, 1, G * N,
     T + N]`` float, 0 where a key is visible and -inf where not (query row ``g * N + n`` is
-    node ``n``); ``ones`` is ``[B, Hkv, T + N, 1]``. Both are the same for every layer.
+    node ``n``); ``ones`` is ``[B, Hkv, T + N, 2]``. Both are the same for every layer.
 
     ONNX Runtime's fused ``Attention`` is not: a row's output moves by ~1e-7 between a
     one-token and a wide step, and with a gap of masked keys (the cache's free slots)
@@ -61,10 +61,9 @@ def _width_invariant_attention(q, k, v, hidden, ones, scale: float):
     whose per-element order does not depend on the row count or the key length: the scores
     and ``exp`` are per element, and a row's max is exact in any order. The softmax
     denominator, the one reduction whose order a vectorised ``ReduceSum`` ties to the row
-    length, comes from an extra all-ones column of ``v``: ``exp(s) @ [v | 1]`` gives the
-    numerator and the denominator from one GEMM, which accumulates over keys in order
-    (in blocks fixed by its column count, ``Dv + 1``), and a masked key adds an exact
-    ``0 * v``. With GQA every GEMM has ``G * N >= 2`` rows; without it (G = 1) a spare
+    length, is a GEMM with all-ones columns like the numerator ``exp(s) @ v``: a GEMM
+    accumulates over keys one by one, in cache order, while they fit one of its blocks
+    (`_weighted_values`), and a masked key adds an exact ``0 * v``. With GQA every GEMM has ``G * N >= 2`` rows; without it (G = 1) a spare
     row keeps one-token steps off the matrix-vector kernel (`_with_spare_row`).
 
     Every reshape is by constants (``0`` copies a dimension, ``-1`` infers it): per-layer
@@ -84,14 +83,36 @@ def _width_invariant_attention(q, k, v, hidden, ones, scale: float):
                                                  keepdims=1)))
     if spare:
         weights = _with_spare_row(weights)
-    weighted = op.MatMul(weights, op.Concat(v, ones, axis=-1))  # [B, Hkv, G * N, Dv + 1]
+    numerator, denominator = _weighted_values(weights, v, ones)  # [B, Hkv, G * N, Dv | 1]
     if spare:
-        weighted = _without_spare_row(weighted)
-    last = op.Constant(value_ints=[-1])
-    numerator = op.Slice(weighted, op.Constant(value_ints=[0]), last, last)
-    denominator = op.Slice(weighted, last, op.Constant(value_ints=[2**62]), last)
+        numerator, denominator = _without_spare_row(numerator), _without_spare_row(denominator)
     return op.Reshape(op.Div(numerator, denominator),
                       op.Constant(value_ints=[0, heads, -1, v.shape[3]]))
+
+
+def _weighted_values(weights, v, ones):
+    """``(weights @ v, weights @ 1)`` as GEMMs of at most 16 columns each.
+
+    MLAS, ONNX Runtime's CPU GEMM, sums over K in blocks and then adds the blocks' sums;
+    a block holds ``128 * 128 / S`` keys, ``S`` the column count rounded up to a power of
+    two, 16 at least. One GEMM of ``[v | 1]`` (33 columns on the bundled model) has blocks
+    of 256 keys, and a step's drafted keys, placed after the cache's free slots and their
+    tree siblings, fall into other blocks than the same keys in `ar`'s steps: the sums
+    group differently. At 16 columns or fewer a block is 1024 keys (`INVARIANT_MAX_KEYS`),
+    the whole row of any step of an engine up to that length. ``ones`` has two columns: a
+    one-column GEMM runs the matrix-vector kernel (`_with_spare_row`)."""
+    dv = v.shape[3]
+    chunks = -(-dv // 16)
+    width = -(-dv // chunks)
+    last = op.Constant(value_ints=[-1])
+    parts = [v] if chunks == 1 else [
+        op.Slice(v, op.Constant(value_ints=[start]), op.Constant(value_ints=[start + width]),
+                 last) for start in range(0, dv, width)]
+    products = [op.MatMul(weights, part) for part in parts]
+    numerator = products[0] if chunks == 1 else op.Concat(*products, axis=-1)
+    denominator = op.Slice(op.MatMul(weights, ones), op.Constant(value_ints=[0]),
+                           op.Constant(value_ints=[1]), last)
+    return numerator, denominator
 
 
 def _hidden_keys(visible, groups: int, like):
@@ -101,10 +122,11 @@ def _hidden_keys(visible, groups: int, like):
     return op.Tile(hidden, op.Constant(value_ints=[1, 1, groups, 1]))
 
 
-def _ones_column(v):
-    """``[B, Hkv, T + N, 1]`` ones, the softmax denominator's column."""
+def _ones_columns(v):
+    """``[B, Hkv, T + N, 2]`` ones, whose product with the weights is the softmax
+    denominator (twice: `_weighted_values`)."""
     return op.Expand(op.CastLike(op.Constant(value_floats=[1.0]), v),
-                     op.Concat(op.Shape(v, start=0, end=3), op.Constant(value_ints=[1]), axis=0))
+                     op.Concat(op.Shape(v, start=0, end=3), op.Constant(value_ints=[2]), axis=0))
 
 
 def translations(width_invariant: bool = False) -> dict:
@@ -133,7 +155,7 @@ def translations(width_invariant: bool = False) -> dict:
             return out
         if key not in shared:  # shared by the layers, like the mask
             shared[key] = (_hidden_keys(masks[key], q.shape[1] // k.shape[1], q),
-                           _ones_column(v))
+                           _ones_columns(v))
         return _width_invariant_attention(q, k, v, *shared[key], scale)
 
     return {torch.ops.leapc.tree_attention.default: tree_attention}

@@ -7,6 +7,7 @@ decode time, summed over the prompt set), each policy warmed up once first.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import statistics
@@ -243,6 +244,29 @@ def llamacpp_ggufs(engine: Engine) -> dict[str, Path]:
             for prefix, kind, _ in LLAMACPP_VARIANTS}
 
 
+@contextlib.contextmanager
+def _without_weight_repacking(llama_cpp):
+    """Load models with ``use_extra_bufts`` off: llama.cpp repacks Q8_0 weights into its
+    "extra buffer types" for its AVX-512 kernels, and on this machine (Zen 5,
+    llama-cpp-python 0.3.36) any batch of more than one token then segfaults inside
+    ``llama_decode`` (one-token batches and F32 weights, which are never repacked, run).
+    ``Llama()`` has no switch for it, so its default model parameters are wrapped while it
+    loads. The q8_0 baseline is therefore llama.cpp without repacking (`bench` records it)."""
+    bindings = llama_cpp.llama_cpp  # the ctypes module ``Llama`` calls
+    default = bindings.llama_model_default_params
+
+    def without_repacking():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_repacking
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
+
+
 class LlamaCppGreedy:
     """A GGUF loaded in llama.cpp (llama-cpp-python), decoding greedily from token ids.
 
@@ -259,9 +283,10 @@ class LlamaCppGreedy:
         cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} \
             if f32_cache else {}
         self.kv_cache = "f32" if f32_cache else "f16"
-        self.llm = llama_cpp.Llama(str(path), n_ctx=max_seq, n_batch=batch, n_ubatch=batch,
-                                   n_threads=self.threads, n_threads_batch=self.threads,
-                                   logits_all=False, verbose=False, **cache)
+        with _without_weight_repacking(llama_cpp):
+            self.llm = llama_cpp.Llama(str(path), n_ctx=max_seq, n_batch=batch, n_ubatch=batch,
+                                       n_threads=self.threads, n_threads_batch=self.threads,
+                                       logits_all=False, verbose=False, **cache)
         self._logits = llama_cpp.llama_get_logits_ith
         self.vocab = self.llm.n_vocab()
 
@@ -325,7 +350,8 @@ def llamacpp_baselines(engine: Engine, cfg: BenchConfig, ggufs: dict[str, Path],
             runner.close()
     some = next(iter(runners.values()), None)
     baselines: dict = {"llamacpp_version": llama_cpp.__version__,
-                       "llamacpp_threads": some.threads if some else None}
+                       "llamacpp_threads": some.threads if some else None,
+                       "llamacpp_weight_repacking": False}  # `_without_weight_repacking`
     for prefix, runner in runners.items():
         baselines[f"{prefix}_tokens_per_s"] = statistics.median(speeds[prefix])
         baselines[f"{prefix}_identical_to_ar"] = last[prefix] == reference

@@ -127,8 +127,8 @@ def build(
     output: Path = typer.Option(..., "-o", "--output", help="engine directory to write"),
     backend: Backend = typer.Option(Backend.ORT, help="engine backend"),
     attention: str = typer.Option(None, help="attention lowering: dense | tree | invariant "
-                                             "(ort: rows the same in steps of any width "
-                                             "within one GEMM block of keys; default: the "
+                                             "(ort: rows the same in steps of any width, up "
+                                             "to 1024 keys; default on int8, else the "
                                              "faster one on the backend)"),
     max_seq: int = typer.Option(None, help="longest sequence (prompt + generation)"),
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),

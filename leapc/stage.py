@@ -75,8 +75,9 @@ class BuildOptions:
         """The options from user values (strings for the enums and ``"auto"``), each
         refused with one line if it is not one."""
         chosen = parse_choice(Backend, backend, "backend")
-        return cls(backend=chosen, attention=_attention(attention, chosen),
-                   quantize=_quantization(quantize, chosen), exit_layer=_exit_layer(exit_layer),
+        quantization = _quantization(quantize, chosen)
+        return cls(backend=chosen, attention=_attention(attention, chosen, quantization),
+                   quantize=quantization, exit_layer=_exit_layer(exit_layer),
                    skip=AUTO if skip == AUTO else skip, **options)
 
     @property
@@ -84,10 +85,12 @@ class BuildOptions:
         return Lowering(self.backend, self.attention, self.quantize)
 
 
-def _attention(value: str | None, backend: Backend) -> Attention:
-    """The chosen lowering; by default the backend's faster one."""
+def _attention(value: str | None, backend: Backend, quantization: Quantization) -> Attention:
+    """The chosen lowering; by default the backend's faster one, or on int8 weights the
+    width-invariant one, without which no drafting policy reproduces `ar` there."""
     if value is None:
-        return BACKENDS[backend].default_attention
+        return (Attention.INVARIANT if quantization is Quantization.INT8
+                else BACKENDS[backend].default_attention)
     chosen = parse_choice(Attention, value, "attention lowering")
     _check_offered(f"--attention {chosen.value}", backend,
                    lambda impl: chosen in impl.attentions)

@@ -50,13 +50,19 @@ class Attention(str, enum.Enum):
     DENSE = "dense"  # as captured: SDPA under the dense [B, N, T + N] mask
     TREE = "tree"  # insert_tree_attention: leapc.tree_attention on the compact mask
     # TREE, lowered so that a token's row of every output is bit-identical in steps of any
-    # width and wherever free cache slots sit (`_width_invariant_attention`; ORT only)
+    # width and wherever free cache slots sit, up to INVARIANT_MAX_KEYS keys
+    # (`_width_invariant_attention`; ORT only)
     INVARIANT = "invariant"
 
     @property
     def compact_mask(self) -> bool:
         """Whether the step program computes attention with ``leapc.tree_attention``."""
         return self is not Attention.DENSE
+
+
+# The longest row (past + new keys) INVARIANT attention keeps bit-identical: ONNX Runtime's
+# GEMM sums a row's keys in order within blocks of this many (`_weighted_values`).
+INVARIANT_MAX_KEYS = 1024
 
 
 class _Frozen(BaseModel):
@@ -290,18 +296,25 @@ class Manifest(_Frozen):
         return self
 
     @property
-    def verifies_exactly(self) -> bool:
-        """Whether a token's logits in a verify step are the ones a one-token `ar` step
-        gives it, so drafting policies reproduce `ar` (`PolicySpec.drafts`).
+    def inexact_verification(self) -> str | None:
+        """Why a token's logits in a verify step may differ from the ones a one-token `ar`
+        step gives it (so drafting policies would not reproduce `ar`), or None.
 
         On int8 weights ORT quantizes activations on the fly, which turns the ~1e-7 a row
         of attention moves between step widths into a whole quantization step (1e-3..2e-2
-        on the logits). `--attention invariant` removes that within one GEMM block of keys
-        (256 on the bundled model) but not across blocks, where the drafted keys' slots
-        regroup the sums (docs/decisions.md): int8 engines draft once that holds too.
-        Float32 steps move by ~1e-6 of the logits, and greedy verification has emitted
-        `ar`'s tokens in every test."""
-        return self.quantization is Quantization.NONE
+        on the logits): only width-invariant attention, which holds up to
+        `INVARIANT_MAX_KEYS`, verifies exactly there. Float32 steps move by ~1e-6 of the
+        logits, and greedy verification has emitted `ar`'s tokens in every test."""
+        if self.quantization is Quantization.NONE:
+            return None
+        if self.attention is not Attention.INVARIANT:
+            attention = getattr(self.attention, "value", "not recorded")
+            return (f"needs float weights or --attention invariant to draft (the engine is "
+                    f"{self.quantization.value}, attention {attention})")
+        if self.max_seq > INVARIANT_MAX_KEYS:
+            return (f"needs --max-seq <= {INVARIANT_MAX_KEYS} to draft on "
+                    f"{self.quantization.value} weights (the engine's is {self.max_seq})")
+        return None
 
     def write(self, engine_dir: Path) -> None:
         (engine_dir / MANIFEST_FILE).write_text(self.model_dump_json(indent=2))

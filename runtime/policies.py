@@ -134,14 +134,14 @@ class PolicySpec:
     sections: tuple[str, ...] = ()  # manifest sections the policy reads
     programs: Callable[[Manifest], tuple[str, ...]] = _no_programs  # run besides "full"
     heads: HeadKind | None = None  # the kind of decoding heads it drafts with
-    # Verifies drafts in steps wider than one token (`Manifest.verifies_exactly`).
+    # Verifies drafts in steps wider than one token (`Manifest.inexact_verification`).
     drafts: bool = True
     extra_layers: int = 0  # KV cache layers beyond the model's (Kangaroo's adapter rows)
 
     def missing(self, manifest: Manifest) -> str | None:
         """Why ``manifest`` cannot offer this policy, or None if it can."""
-        if self.drafts and not manifest.verifies_exactly:
-            return f"needs float weights to draft (the engine is {manifest.quantization.value})"
+        if self.drafts and manifest.inexact_verification:
+            return manifest.inexact_verification
         for section in self.sections:
             if getattr(manifest, section) is None:
                 return f"needs {section}; the manifest has none"

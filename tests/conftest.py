@@ -171,7 +171,8 @@ def build_once(tmp_path_factory, name: str, build, lock: str | None = None) -> p
 
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory):
-    """``engine_dir(key, backend)`` -> an engine directory built once per run.
+    """``engine_dir(key, backend, quantize="none")`` -> an engine directory built once per
+    run.
 
     ``key`` is ``"stories"`` (../shared, skipped if absent; its draft model is its own
     first four of five layers; its datastore a few stories), ``"bundled"`` (with the
@@ -180,7 +181,7 @@ def engine_dir(tmp_path_factory):
     prompts, max-seq 256).
     """
 
-    def build(key: str, backend: str, out: pathlib.Path) -> None:
+    def build(key: str, backend: str, quantize: str, out: pathlib.Path) -> None:
         draft = datastore = None
         if key == "stories":
             model, max_seq = load_source(require_stories()), None
@@ -194,12 +195,12 @@ def engine_dir(tmp_path_factory):
         else:
             model, max_seq = tiny_source(key.removeprefix("tiny-")), 256
         leapc.build(model, out, backend, max_seq=max_seq, draft_model=draft,
-                    datastore=datastore)
+                    datastore=datastore, quantize=quantize)
 
-    def get(key: str, backend: str = "ort") -> pathlib.Path:
+    def get(key: str, backend: str = "ort", quantize: str = "none") -> pathlib.Path:
         _check_engine(key, backend)
-        return build_once(tmp_path_factory, f"{key}-{backend}",
-                          lambda out: build(key, backend, out))
+        name = f"{key}-{backend}" + ("" if quantize == "none" else f"-{quantize}")
+        return build_once(tmp_path_factory, name, lambda out: build(key, backend, quantize, out))
 
     return get
 

@@ -62,15 +62,33 @@ def test_a_section_offers_its_policies(tiny, sections, added):
     assert set(offered_policies(manifest)) == TRAINING_FREE | added
 
 
-def test_int8_engines_offer_ar_only(tiny):
+def test_int8_engines_draft_only_with_width_invariant_attention(tiny):
     """The one place the int8 rule lives: drafting policies verify in wider steps, whose
-    int8 logits differ from a one-token step's (with either attention lowering)."""
-    for attention in ("tree", "invariant"):
-        manifest = with_sections(tiny | {"quantization": "int8", "attention": attention,
-                                         "policies": ["ar"]}, exit_layer=1)
-        assert offered_policies(manifest) == (Policy.AR,)
-        assert POLICIES[Policy.LOOKUP].missing(manifest) == \
-            "needs float weights to draft (the engine is int8)"
+    int8 logits differ from a one-token step's unless attention is width-invariant, which
+    holds up to 1024 keys."""
+    fused = with_sections(tiny | {"quantization": "int8", "attention": "tree",
+                                  "policies": ["ar"]}, exit_layer=1)
+    assert offered_policies(fused) == (Policy.AR,)
+    assert POLICIES[Policy.LOOKUP].missing(fused) == \
+        "needs float weights or --attention invariant to draft (the engine is int8, attention tree)"
+    older = {key: value for key, value in tiny.items() if key != "attention"}
+    unrecorded = with_sections(older | {"quantization": "int8", "policies": ["ar"]})
+    assert "attention not recorded" in POLICIES[Policy.LOOKUP].missing(unrecorded)
+    invariant = with_sections(tiny | {"quantization": "int8", "attention": "invariant"},
+                              exit_layer=1)
+    assert set(offered_policies(invariant)) == TRAINING_FREE | {Policy.EARLY_EXIT}
+
+
+def test_int8_engines_longer_than_the_invariant_limit_offer_ar_only(tiny):
+    programs = {name: entry | {"signature": entry["signature"] | {"max_seq": 2048}}
+                for name, entry in tiny["programs"].items()}
+    model = tiny["model"] | {"max_positions": None}
+    long = with_sections(tiny | {"quantization": "int8", "attention": "invariant",
+                                 "max_seq": 2048, "programs": programs, "model": model,
+                                 "policies": ["ar"]})
+    assert offered_policies(long) == (Policy.AR,)
+    assert POLICIES[Policy.RECYCLE].missing(long) == \
+        "needs --max-seq <= 1024 to draft on int8 weights (the engine's is 2048)"
 
 
 def test_the_programs_each_policy_runs(tiny):
