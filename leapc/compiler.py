@@ -27,9 +27,11 @@ from leapc.models.loaders import BUNDLED, BUNDLED_DRAFT, SourceModel, load_sourc
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, check_numerics, default_pipeline
+from leapc.passes.unroll_draft_chain import UnrollDraftChain
 from leapc.runtime.backends.base import BACKENDS, Compression, Device, lower_program
 from leapc.runtime.manifest import Attention, Manifest, TokenizerInfo
-from leapc.runtime.policies import Policy, offered_policies
+from leapc.runtime.policies import DEFAULT_MAX_DRAFT, Policy, offered_policies
+from leapc.runtime.step import unrolled
 from leapc.stage import AUTO, BuildOptions, BuildState, CompiledProgram, Stage
 
 DEFAULT_MAX_SEQ = 1024
@@ -181,14 +183,21 @@ def _full(state: BuildState) -> None:
 # after the committed ones, so its valid slots are not a prefix, which the tree lowering's
 # compact mask assumes.
 def _draft_model(state: BuildState) -> None:
+    """The draft model's step, and its greedy chain of `DEFAULT_MAX_DRAFT` tokens unrolled
+    into one program (`unroll_draft_chain`): one call per drafted chain, not eight."""
     drafter = _compile(state, state.draft, "draft_model", Attention.DENSE)
-    state.update(draft_model=drafter.info,
-                 programs=state.manifest.programs | {"draft_model": drafter.entry})
+    state.on_stage("draft model: pass unroll_draft_chain")
+    chain = Pipeline((UnrollDraftChain(DEFAULT_MAX_DRAFT),))(drafter.result.program).program
+    name = unrolled("draft_model")
+    state.on_stage(f"lower {name} ({state.options.backend.value})")
+    entry = lower_program(state.options.lowering, chain, state.out, name)
+    state.update(draft_model=drafter.info, programs=state.manifest.programs
+                 | {"draft_model": drafter.entry, name: entry})
 
 
 FULL = Stage("full program", _full_steps, _full)
 DRAFT_MODEL = Stage("draft model", lambda o: (o.draft_model is not None)
-                    * _program_steps(Attention.DENSE), _draft_model)
+                    * (_program_steps(Attention.DENSE) + 2), _draft_model)
 
 
 # ------------------------------------------------------------------ the manifest

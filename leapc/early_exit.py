@@ -27,6 +27,7 @@ from leapc.passes.pipeline import Pipeline
 from leapc.passes.slice_draft import SliceDraft
 from leapc.passes.slice_kangaroo import SliceKangaroo
 from leapc.passes.slice_remainder import SliceRemainder
+from leapc.passes.unroll_draft_chain import UnrollDraftChain
 from leapc.runtime.backends.base import Compression, Lowering, lower_program
 from leapc.runtime.manifest import (
     AdapterInfo,
@@ -43,6 +44,7 @@ from leapc.runtime.policies import (
     Policy,
     measured_drafter,
 )
+from leapc.runtime.step import unrolled
 from leapc.stage import AUTO, BuildState, Stage
 
 EXIT_DEPTHS = (1, 2, 3, 4, 6)
@@ -72,6 +74,16 @@ def lower_exit(program: CapturedProgram, layer: int, lowering: Lowering,
                                    Compression.VOCAB_PROJECTION),
             "remainder": lower_program(lowering, Pipeline((SliceRemainder(layer),))(program).program, out,
                                        "remainder")}
+
+
+def lower_exit_chain(program: CapturedProgram, layer: int, depth: int, lowering: Lowering,
+                     out: Path) -> dict[str, ProgramEntry]:
+    """The exit's greedy chain of ``depth`` tokens in one call (``draft_chain``): the draft
+    sliced as `lower_exit` does, unrolled with the closing call verification reads."""
+    passes = (SliceDraft(layer), UnrollDraftChain(depth, closing_call=True))
+    name = unrolled("draft")
+    return {name: lower_program(lowering, Pipeline(passes)(program).program, out, name,
+                                Compression.VOCAB_PROJECTION)}
 
 
 def lower_kangaroo(program: CapturedProgram, layer: int, adapter: KangarooAdapter,
@@ -109,6 +121,9 @@ def _exit(state: BuildState) -> None:
         state.on_stage(f"lower draft and remainder, exit at layer {layer} ({backend.value})")
         entries = lower_exit(state.full.result.program, layer, state.options.lowering, state.out)
         choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
+    state.on_stage(f"lower the draft chain of {choice.depth} ({backend.value})")
+    entries |= lower_exit_chain(state.full.result.program, layer, choice.depth,
+                                state.options.lowering, state.out)
     state.update(programs=state.manifest.programs | entries, exit_layer=layer,
                  exit_choice=choice)
 
@@ -189,6 +204,6 @@ def _copy_adapter(source: Path, target: Path) -> Path:
     return target
 
 
-EXIT = Stage("early exit", lambda o: 0 if o.exit_layer is None else 1 + (o.exit_layer is AUTO),
+EXIT = Stage("early exit", lambda o: 0 if o.exit_layer is None else 2 + (o.exit_layer is AUTO),
              _exit)
 ADAPTER = Stage("kangaroo adapter", lambda o: 2 * (o.adapter is not None), _adapter)

@@ -137,6 +137,10 @@ class ProgramEntry(_Frozen):
         """The program's outputs, in the order it returns them."""
         return tuple(o["name"] for o in self.signature["outputs"])
 
+    def output_shape(self, name: str) -> tuple[str, ...]:
+        """Output ``name``'s shape as the signature writes it (``"B"``, ``"N + 7"``, ``"8"``)."""
+        return next(tuple(o["shape"]) for o in self.signature["outputs"] if o["name"] == name)
+
     @field_validator("signature")
     @classmethod
     def _signature_form(cls, value: dict) -> dict:

@@ -27,7 +27,7 @@ from leapc.ir.errors import InputError
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
-from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape
+from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape, UnrolledChain
 from leapc.runtime.drafters.early_exit import EarlyExitDrafter, KangarooDrafter
 from leapc.runtime.drafters.heads import DynamicTree, HeadsDrafter
 from leapc.runtime.drafters.lookahead import LookaheadConfig, LookaheadDrafter
@@ -38,7 +38,7 @@ from leapc.runtime.drafters.suffix import suffix_drafter
 from leapc.runtime.drafters.swift import SwiftDrafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig
-from leapc.runtime.step import StepFunction
+from leapc.runtime.step import DRAFTED, StepFunction, unrolled
 
 if TYPE_CHECKING:
     from leapc.runtime.datastore import Datastore
@@ -185,7 +185,23 @@ def _draft_model(c: DraftContext) -> DraftModelDrafter:
     m = c.manifest
     return DraftModelDrafter(c.program("draft_model"), new_cache(m.draft_model.dims, m.max_seq),
                              m.max_new, c.sampling, c.rng(1), c.options.tree_shape(),
-                             adaptive=c.options.adaptive)
+                             adaptive=c.options.adaptive, chain=_unrolled(c, "draft_model"))
+
+
+def _unrolled(c: DraftContext, program: str) -> UnrolledChain | None:
+    """``program``'s chain in one call, if the engine has it (engines built before it
+    existed do not)."""
+    name = unrolled(program)
+    if name not in c.manifest.programs:
+        return None
+    return UnrolledChain(c.program(name), int(c.manifest.programs[name].output_shape(DRAFTED)[1]))
+
+
+def _with_unrolled(drafting: str, *others: str) -> Callable[[Manifest], tuple[str, ...]]:
+    """Programs a policy runs: the one it drafts with, ``others``, and the drafting one's
+    chain if the engine has it."""
+    chain = unrolled(drafting)
+    return lambda m: (drafting, *others, *((chain,) if chain in m.programs else ()))
 
 
 def _heads(dynamic: bool) -> Callable[[DraftContext], HeadsDrafter]:
@@ -210,7 +226,7 @@ def _early_exit(c: DraftContext) -> EarlyExitDrafter:
     depth = m.exit_choice.depth if m.exit_choice is not None else DEFAULT_EXIT_DEPTH
     return EarlyExitDrafter(c.program("draft"), c.cache, m.exit_layer, c.sampling, c.rng(1),
                             o.draft_length(depth), o.confidence, o.adaptive,
-                            remainder=c.program("remainder"))
+                            _unrolled(c, "draft"), remainder=c.program("remainder"))
 
 
 def _kangaroo(c: DraftContext) -> KangarooDrafter:
@@ -272,14 +288,14 @@ POLICIES: Mapping[Policy, PolicySpec] = {
     Policy.SUFFIX: PolicySpec(suffix_drafter),
     Policy.RECYCLE: PolicySpec(_recycle),
     Policy.LOOKAHEAD: PolicySpec(_lookahead),
-    Policy.DRAFT: PolicySpec(_draft_model, ("draft_model",), lambda m: ("draft_model",)),
+    Policy.DRAFT: PolicySpec(_draft_model, ("draft_model",), _with_unrolled("draft_model")),
     Policy.RETRIEVAL: PolicySpec(_retrieval, ("datastore",)),
     Policy.MEDUSA: PolicySpec(_heads(False), ("heads",), _head_program, HeadKind.MEDUSA),
     Policy.MEDUSA_DYNAMIC: PolicySpec(_heads(True), ("heads",), _head_program, HeadKind.MEDUSA),
     Policy.HYDRA: PolicySpec(_heads(False), ("heads",), _head_program, HeadKind.HYDRA),
     Policy.HYDRA_DYNAMIC: PolicySpec(_heads(True), ("heads",), _head_program, HeadKind.HYDRA),
     Policy.EARLY_EXIT: PolicySpec(_early_exit, ("exit_layer",),
-                                  lambda m: ("draft", "remainder")),
+                                  _with_unrolled("draft", "remainder")),
     Policy.KANGAROO: PolicySpec(_kangaroo, ("exit_layer", "adapter"),
                                 lambda m: ("kangaroo", "remainder"), extra_layers=1),
     Policy.LAYER_SKIP: PolicySpec(_layer_skip, ("skip", "skip_choice"), _chosen_skip_program),

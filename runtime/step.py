@@ -10,6 +10,15 @@ from typing import Protocol
 
 import numpy as np
 
+# An unrolled draft chain's extra output: ``[B, depth]`` tokens (`passes/unroll_draft_chain`).
+DRAFTED = "drafted"
+
+
+def unrolled(program: str) -> str:
+    """The name of the engine's program that runs ``program``'s greedy draft chain in one
+    call (`passes/unroll_draft_chain.py`)."""
+    return f"{program}_chain"
+
 
 class StepFunction(Protocol):
     """``(tokens, positions, past, mask) -> outputs by name`` (``logits``, ``present``, ...)."""

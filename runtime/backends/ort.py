@@ -29,9 +29,11 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     as the fused ``Attention`` node, or width-invariant (``Attention.INVARIANT``)."""
     import logging
 
+    import onnx
     import torch
 
     from leapc.kernels.onnx_translations import OPSET, translations
+    from leapc.runtime.backends.onnx_past_by_layer import split_past_by_layer
 
     # The exporter warns once per torchvision op it cannot register; none are used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -49,7 +51,10 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
         optimize=True,
         verbose=False,
     )
-    onnx_program.save(str(path))
+    onnx_program.save(str(path))  # weights over 2 GB go to external data
+    model = onnx.load(str(path), load_external_data=False)  # the graph; weights stay put
+    split_past_by_layer(model)
+    onnx.save_model(model, str(path))
     return path
 
 
@@ -194,12 +199,27 @@ class OrtStep:
         self.session = ort.InferenceSession(
             str(path), session_options(), providers=list(PROVIDERS[device])
         )
-        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.feeds = _feed_plan([i.name for i in self.session.get_inputs()])
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
     def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = dict(zip(self.input_names, inputs, strict=True))
+        feeds = {name: inputs[i] if at is None else inputs[i][at]
+                 for name, i, at in self.feeds}
         return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+
+
+def _feed_plan(names: list[str]) -> list[tuple[str, int, tuple[int, int] | None]]:
+    """Per session input: the signature input (by position) it comes from, and for one
+    layer's keys or values ``<name>.<l>.<kv>`` (`onnx_past_by_layer`) the index into it.
+    Signature inputs keep their order; a split one's parts stand in its place."""
+    plan, order = [], []
+    for name in names:
+        base, _, part = name.partition(".")
+        if base not in order:
+            order.append(base)
+        at = tuple(int(x) for x in part.split(".")) if part else None
+        plan.append((name, order.index(base), at))
+    return plan
 
 
 def compress(file: Path, program, compression: Compression) -> None:

@@ -9,6 +9,11 @@ are the target's) or overwrites them when it commits. Children are the program's
 (greedy) or a draw from q, its distribution after the target's temperature / top-k /
 top-p, which rule 2 needs. With a confidence, the chain stops at the first node whose
 top-1 probability (temperature 1) is below it: Kangaroo's double exit, SWIFT's stop.
+
+Greedy chains run in one call when the engine has the program unrolled (`UnrolledChain`):
+every node's rows are written as scratch at once and each node's outputs are its row of
+the chain's; a confidence stop cuts the drafted tokens where the step-by-step chain would
+have stopped (the later rows are computed, and unused).
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import numpy as np
 
 from leapc.ir.tree import chain
 from leapc.runtime.drafters.base import AdaptiveLength, Draft, Verification
-from leapc.runtime.drafters.draft_model import top1_probability
+from leapc.runtime.drafters.draft_model import UnrolledChain, top1_probability
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, probabilities
-from leapc.runtime.step import StepFunction
+from leapc.runtime.step import DRAFTED, StepFunction
 
 
 @dataclass
@@ -36,6 +41,7 @@ class CacheChainDrafter:
     max_depth: int
     confidence: float = 0.0
     adaptive: bool = False
+    chain: UnrolledChain | None = None
     length: AdaptiveLength = field(init=False)
     _calls: list[dict[str, np.ndarray]] = field(init=False, default_factory=list)  # this chain's
     # 1: the last drafted token is fed too (its outputs are what verification needs).
@@ -48,6 +54,8 @@ class CacheChainDrafter:
         depth = self.length.current if self.adaptive else self.max_depth
         # Each chain node's scratch slot, and its call's own row, must fit max_seq.
         depth = max(0, min(depth, budget, self.cache.max_seq - self.cache.length - 2))
+        if self._chains(depth):
+            return self._propose_unrolled(root, depth)
         tokens, q = [root], []
         self._calls = []
         for offset in range(depth + self.closing_call):
@@ -61,6 +69,30 @@ class CacheChainDrafter:
         if self.sampling.greedy or not q:
             return Draft(drafted, chain(len(q)))
         return Draft(drafted, chain(len(q)), np.stack([np.zeros_like(q[0]), *q]))
+
+    def _chains(self, depth: int) -> bool:
+        """Greedy, no deeper than the unrolled chain, and room for its rows."""
+        chain = self.chain
+        return (chain is not None and self.sampling.greedy and 0 < depth <= chain.depth
+                and self.cache.length + chain.depth + self.closing_call <= self.cache.max_seq)
+
+    def _propose_unrolled(self, root: int, depth: int) -> Draft:
+        cache = self.cache
+        # The committed slots alone: the chain's rows go right after its past, and the
+        # tree lowering's compact mask needs the valid slots to be a prefix (`KVCache`).
+        past = cache.buffer[: self.layers, :, :, :, : cache.length]
+        mask = np.ones((1, 1, cache.length + 1), dtype=bool)
+        position = np.asarray([[cache.length]], dtype=np.int64)
+        out = self.chain.step(np.asarray([[root]], dtype=np.int64), position, past, mask)
+        cache.write_scratch(out["present"], 0)
+        drafted = out[DRAFTED][0, :depth].tolist()
+        if self.confidence:  # where the step-by-step chain stops: a node it is unsure after
+            sure = [top1_probability(row) >= self.confidence for row in out["logits"][0, :depth]]
+            drafted = drafted[: sure.index(False) if False in sure else depth]
+        rows = len(drafted) + self.closing_call
+        self._calls = [{name: value[:, i : i + 1] for name, value in out.items()
+                        if name not in ("present", DRAFTED)} for i in range(rows)]
+        return Draft(np.asarray([root, *drafted], dtype=np.int64), chain(len(drafted)))
 
     def _call(self, token: int, offset: int) -> np.ndarray:
         """Run chain node ``offset``; keep its rows as scratch and its outputs."""

@@ -8,6 +8,12 @@ as scratch after the committed ones. Children are the top tokens of the draft (g
 draws from q, the draft's distribution after the target's temperature / top-k / top-p —
 the q rules 2–4 need — i.i.d. or without replacement. After verification the accepted
 nodes' scratch rows are kept (compacted behind the context) and the rest dropped.
+
+A greedy chain (no branching, no confidence stop) is one call when the engine has the
+chain unrolled (`UnrolledChain`, `passes/unroll_draft_chain.py`): the catch-up and every
+depth in one program call, its rows committed the same way (catch-up, then the scratch
+rows of the drafted tokens it fed). Steps near the end of the context, where the
+unrolled chain's rows would not fit, grow one depth per call as above.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from leapc.runtime.decode import prefill
 from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, probabilities, sample_distinct
-from leapc.runtime.step import StepFunction
+from leapc.runtime.step import DRAFTED, StepFunction
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,14 @@ class _Growing:
                      tree_from_parents(np.asarray(self.parents)), q, children)
 
 
+@dataclass(frozen=True)
+class UnrolledChain:
+    """A program drafting ``depth`` greedy tokens in one call (it feeds ``depth - 1``)."""
+
+    step: StepFunction
+    depth: int
+
+
 @dataclass
 class DraftModelDrafter:
     step: StepFunction
@@ -72,6 +86,7 @@ class DraftModelDrafter:
     rng: np.random.Generator
     shape: TreeShape = TreeShape()
     adaptive: bool = False
+    chain: UnrolledChain | None = None
     length: AdaptiveLength = field(init=False)
     _context_slots: int = 0  # cache slots holding committed tokens (scratch follows)
     _last: _Growing | None = None
@@ -85,6 +100,8 @@ class DraftModelDrafter:
         if depth <= 0 or budget <= 0:
             return Draft.root_only(root)
         tokens = [*context, root]
+        if self._chains(depth, len(tokens)):
+            return self._propose_unrolled(tokens, min(depth, budget))
         logits = prefill(self.step, self.cache, tokens[self.cache.length:], self.chunk)["logits"][0, -1]
         self._context_slots = self.cache.length
         tree = _Growing([root])
@@ -94,6 +111,37 @@ class DraftModelDrafter:
             if not grown:
                 break
             frontier = self._evaluate(tree, grown) if d < depth else {}
+        self._last = tree
+        return tree.draft(self.shape.children)
+
+    def _chains(self, depth: int, length: int) -> bool:
+        """Whether this draft is the unrolled chain's: greedy, a chain no deeper than it,
+        and room for its rows (the catch-up is at least the root)."""
+        shape, chain = self.shape, self.chain
+        return (chain is not None and self.sampling.greedy and not shape.branching
+                and not shape.confidence and depth <= chain.depth
+                and length + chain.depth - 1 <= self.cache.max_seq)
+
+    def _propose_unrolled(self, tokens: list[int], depth: int) -> Draft:
+        cache, calls = self.cache, self.chain.depth
+        catch_up = tokens[cache.length:]
+        if len(catch_up) > self.chunk:  # a prompt: all but the root as prefill would
+            prefill(self.step, cache, catch_up[:-1], self.chunk)
+            catch_up = catch_up[-1:]
+        n = len(catch_up)
+        past = cache.past_for(n + calls - 1)
+        mask = np.concatenate([np.broadcast_to(cache.valid_mask(), (n, past.shape[4])),
+                               np.tri(n, dtype=bool)], axis=1)
+        positions = cache.length + np.arange(n)
+        out = self.chain.step(np.asarray([catch_up], dtype=np.int64), positions[None], past,
+                              mask[None])
+        cache.commit(out["present"], np.arange(n + calls - 1))
+        self._context_slots = cache.length - (calls - 1)
+        tree = _Growing([tokens[-1]])
+        for node, token in enumerate(out[DRAFTED][0, :depth].tolist()):
+            tree.add(token, node, None)
+        # Node j (1..calls-1) was fed by call j: its rows follow the catch-up.
+        tree.slots.update({j: self._context_slots + j - 1 for j in range(1, min(depth, calls - 1) + 1)})
         self._last = tree
         return tree.draft(self.shape.children)
 

@@ -53,6 +53,24 @@ def test_greedy_draft_is_token_identical_to_ar(engine, options):
     assert drafted.stats.tau > 1.1  # the close draft is often right
 
 
+def test_greedy_chains_are_one_call_drafting_what_step_by_step_calls_draft(engine):
+    """The unrolled chain (``draft_model_chain``) against the same engine without it (as built
+    before it existed): the same drafts (so the same steps) and ar's tokens. The last
+    prompt runs into max-seq 256, where the chain no longer fits and calls step by step."""
+    stepwise = leapc.load(engine.path)
+    programs = {k: v for k, v in engine.manifest.programs.items() if k != "draft_model_chain"}
+    stepwise.manifest = engine.manifest.model_copy(update={"programs": programs})
+    for prompt in (PROMPT, list(range(40, 140)), list(range(3, 200))):
+        ar = engine.generate(prompt, 64)
+        chained = engine.generate(prompt, 64, policy="draft", draft=DraftOptions(max_draft=8))
+        stepped = stepwise.generate(prompt, 64, policy="draft", draft=DraftOptions(max_draft=8))
+        assert chained.token_ids == stepped.token_ids == ar.token_ids
+        assert chained.stats.steps == stepped.stats.steps
+        assert "draft_model_chain" not in stepped.stats.calls
+        assert chained.stats.calls["draft_model_chain"] >= chained.stats.steps - 8
+        assert chained.stats.calls.get("draft_model", 0) < stepped.stats.calls["draft_model"] / 4
+
+
 def test_confidence_threshold_stops_unsure_drafts_and_keeps_the_output(engine):
     ar = engine.generate(PROMPT, 64).token_ids
     depth = {}

@@ -36,6 +36,30 @@ def test_greedy_output_equals_ar(exit_engine_dir, key, backend):
                 assert got == reference, (policy, length, prompt)
 
 
+@pytest.mark.parametrize(("key", "backend"), CASES)
+def test_the_unrolled_chain_drafts_what_step_by_step_calls_draft(exit_engine_dir, key, backend):
+    """``draft_chain`` (one call per chain) against the same engine without it: the same
+    drafts, so the same steps, confidence stops included, and `ar`'s tokens."""
+    engine = leapc.load(exit_engine_dir(key, backend))
+    stepwise = leapc.load(engine.path)
+    programs = {k: v for k, v in engine.manifest.programs.items() if k != "draft_chain"}
+    stepwise.manifest = engine.manifest.model_copy(update={"programs": programs})
+    depth = engine.manifest.exit_choice.depth
+    for prompt in PROMPTS[key]:
+        reference = engine.generate(prompt, 48).token_ids
+        for options in (DraftOptions(), DraftOptions(max_draft=depth, confidence=0.05)):
+            chained = engine.generate(prompt, 48, policy="early-exit", draft=options)
+            stepped = stepwise.generate(prompt, 48, policy="early-exit", draft=options)
+            assert chained.token_ids == stepped.token_ids == reference
+            assert chained.stats.steps == stepped.stats.steps
+            # Every step after the prefill drafts in one call, unless the token budget
+            # leaves no room for a draft (then its root's call is a plain draft call).
+            calls = chained.stats.calls
+            assert calls["draft_chain"] + calls["draft"] == chained.stats.steps - 1
+            assert calls["draft"] <= 1
+            assert "draft_chain" not in stepped.stats.calls
+
+
 def _run(engine, prompt, policy: str, sampling=SamplingConfig()) -> tuple:
     """Generate; return the target cache and the generation's stats."""
     ids = engine.encode(prompt)

@@ -1,0 +1,96 @@
+"""`split_past_by_layer`: the ONNX step program takes each layer's keys and values as inputs
+of their own (views of the runtime's cache), not the whole ``past`` it would copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import leapc
+from leapc.ir.errors import GraphError
+from leapc.runtime.backends.onnx_past_by_layer import split_past_by_layer
+from leapc.runtime.backends.ort import _feed_plan, session_options
+
+LAYERS = 2
+
+
+def _before() -> onnx.ModelProto:
+    """What the exporter emits: ``past[l][kv]`` by two Gathers, concatenated with the new
+    rows; T read from ``past``'s shape."""
+    nodes, inits = [], [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in range(2)]
+    outputs = []
+    for layer in range(LAYERS):
+        inits.append(numpy_helper.from_array(np.array(layer, np.int64), f"layer{layer}"))
+        nodes.append(helper.make_node("Gather", ["past", f"layer{layer}"], [f"sel{layer}"], axis=0))
+        for kv in range(2):
+            nodes.append(helper.make_node("Gather", [f"sel{layer}", f"i{kv}"],
+                                          [f"kv{layer}{kv}"], axis=0))
+            nodes.append(helper.make_node("Concat", [f"kv{layer}{kv}", "new"],
+                                          [f"out{layer}{kv}"], axis=2))
+            outputs.append(f"out{layer}{kv}")
+    nodes.append(helper.make_node("Shape", ["past"], ["length"], start=4, end=5))
+    past = helper.make_tensor_value_info("past", TensorProto.FLOAT, [LAYERS, 2, 1, 2, "T", 4])
+    new = helper.make_tensor_value_info("new", TensorProto.FLOAT, [1, 2, "N", 4])
+    graph = helper.make_graph(
+        nodes, "step", [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "N"]),
+                        past, new],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs]
+        + [helper.make_tensor_value_info("length", TensorProto.INT64, [1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), session_options(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+
+
+def test_past_becomes_one_input_per_layer_and_kv_in_its_place():
+    model = _before()
+    split_past_by_layer(model)
+    assert [v.name for v in model.graph.input] == \
+        ["tokens", "past.0.0", "past.0.1", "past.1.0", "past.1.1", "new"]
+    dims = [d.dim_value or d.dim_param for d in model.graph.input[1].type.tensor_type.shape.dim]
+    assert dims == [1, 2, "T", 4]
+    assert [n.op_type for n in model.graph.node] == ["Concat"] * 4 + ["Shape"]
+    shape = model.graph.node[-1]
+    assert shape.input[0] == "past.0.0"
+    assert {a.name: a.i for a in shape.attribute} == {"start": 2, "end": 3}
+
+
+def test_the_split_program_computes_what_the_whole_past_did():
+    rng = np.random.default_rng(0)
+    past = rng.standard_normal((LAYERS, 2, 1, 2, 7, 4)).astype(np.float32)
+    feeds = {"tokens": np.zeros((1, 3), np.int64), "past": past,
+             "new": rng.standard_normal((1, 2, 3, 4)).astype(np.float32)}
+    before, after = _before(), _before()
+    split_past_by_layer(after)
+    feeds |= {f"past.{i}.{kv}": past[i, kv] for i in range(LAYERS) for kv in range(2)}
+    for ours, reference in zip(_run(after, feeds), _run(before, feeds), strict=True):
+        np.testing.assert_array_equal(ours, reference)
+
+
+def test_another_reader_of_past_is_an_internal_error_naming_the_rewrite():
+    model = _before()
+    model.graph.node.append(helper.make_node("ReduceSum", ["past"], ["total"]))
+    with pytest.raises(GraphError, match="^split_past_by_layer: past is read by ReduceSum"):
+        split_past_by_layer(model)
+
+
+def test_the_feed_plan_maps_parts_to_their_signature_input():
+    assert _feed_plan(["tokens", "positions", "past.0.0", "past.0.1", "past.1.0", "mask"]) == [
+        ("tokens", 0, None), ("positions", 1, None), ("past.0.0", 2, (0, 0)),
+        ("past.0.1", 2, (0, 1)), ("past.1.0", 2, (1, 0)), ("mask", 3, None)]
+
+
+def test_an_ort_engines_step_takes_each_layers_keys_and_values(engine_dir):
+    engine = leapc.load(engine_dir("tiny-llama"))
+    model = onnx.load(str(engine.path / "full.onnx"))
+    names = [v.name for v in model.graph.input]
+    layers = engine.manifest.model.dims.num_layers
+    assert names == ["tokens", "positions"] + \
+        [f"past.{i}.{kv}" for i in range(layers) for kv in range(2)] + ["mask"]
+    assert not any(n.op_type == "Gather" and "past" in n.input[0] for n in model.graph.node)
