@@ -106,12 +106,13 @@ def test_the_programs_each_policy_runs(tiny):
 
 def test_load_opens_only_the_programs_of_the_policies_named(exit_engine_dir):
     engine = leapc.load(exit_engine_dir("tiny-llama"), policies=["early-exit"])
-    assert set(engine.manifest.programs) == {"full", "draft", "remainder", "kangaroo"}
-    assert engine.loaded_programs == ("full", "draft", "remainder")
+    early_exit = ("full", "draft", "remainder", "draft_chain")
+    assert set(engine.manifest.programs) == {*early_exit, "kangaroo"}
+    assert engine.loaded_programs == early_exit
     engine.generate([5, 6, 7], 4, policy="lookup")
-    assert engine.loaded_programs == ("full", "draft", "remainder")
+    assert engine.loaded_programs == early_exit
     engine.generate([5, 6, 7], 4, policy="kangaroo", draft=DraftOptions(confidence=0.01))
-    assert engine.loaded_programs == ("full", "draft", "remainder", "kangaroo")
+    assert engine.loaded_programs == (*early_exit, "kangaroo")
 
 
 def test_load_refuses_a_policy_the_engine_lacks(engine_dir):
