@@ -28,9 +28,10 @@ from leapc.passes.slice_draft import SliceDraft
 from leapc.passes.slice_kangaroo import SliceKangaroo
 from leapc.passes.slice_remainder import SliceRemainder
 from leapc.passes.unroll_draft_chain import UnrollDraftChain
-from leapc.runtime.backends.base import Compression, Lowering, lower_program
+from leapc.runtime.backends.base import Backend, Compression, Lowering, lower_program
 from leapc.runtime.manifest import (
     AdapterInfo,
+    Attention,
     ExitChoice,
     ExitPoint,
     KangarooPoint,
@@ -121,11 +122,24 @@ def _exit(state: BuildState) -> None:
         state.on_stage(f"lower draft and remainder, exit at layer {layer} ({backend.value})")
         entries = lower_exit(state.full.result.program, layer, state.options.lowering, state.out)
         choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
-    state.on_stage(f"lower the draft chain of {choice.depth} ({backend.value})")
-    entries |= lower_exit_chain(state.full.result.program, layer, choice.depth,
-                                state.options.lowering, state.out)
+    if _chain_is_exact(state.options.lowering):
+        state.on_stage(f"lower the draft chain of {choice.depth} ({backend.value})")
+        entries |= lower_exit_chain(state.full.result.program, layer, choice.depth,
+                                    state.options.lowering, state.out)
+    else:
+        state.on_stage(f"no draft chain ({backend.value}, {state.options.attention.value} attention)")
     state.update(programs=state.manifest.programs | entries, exit_layer=layer,
                  exit_choice=choice)
+
+
+def _chain_is_exact(lowering: Lowering) -> bool:
+    """Whether an unrolled exit chain's rows are the target's own bit for bit, which the
+    remainder's verification needs (it keeps them). A chain's later calls read more key
+    slots than the target's step read for the same token. ORT's tree lowering computes
+    over the valid keys alone (tested: bundled and tiny models); on the width-invariant
+    lowering (int8) a chain left `ar`'s tokens on 7 of 16 code_heldout prompts, and the
+    other backends' lowerings read every slot under a mask: no chain there."""
+    return lowering.backend is Backend.ORT and lowering.attention is Attention.TREE
 
 
 def _sweep_exits(state: BuildState) -> tuple[int, dict[str, ProgramEntry], ExitChoice]:
