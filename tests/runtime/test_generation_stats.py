@@ -33,8 +33,10 @@ def test_every_target_call_is_counted_and_timed(engine_dir, policy):
 def test_a_self_drafting_policy_counts_its_own_programs(exit_engine_dir):
     stats = leapc.load(exit_engine_dir("tiny-llama")).generate(REPEATING, 40,
                                                               policy="early-exit").stats
-    # early exit drafts with `draft` and verifies with `remainder`; `full` only prefills
+    # early exit drafts with `draft` (a whole chain per `draft_chain` call) and verifies
+    # with `remainder`; `full` only prefills
     assert stats.calls["full"] == stats.prefill_calls
     assert stats.calls["remainder"] == stats.steps - 1
-    assert stats.calls["draft"] >= stats.steps - 1
+    assert stats.calls["draft_chain"] + stats.calls["draft"] >= stats.steps - 1
+    assert stats.calls["draft_chain"] > 0
     _check_time(stats)
