@@ -144,14 +144,14 @@ def _select_part(node: Node) -> bool:
     source, axis, index = node.args
     axis %= _rank(source)
     if source.target == aten.cat.default:
-        parts, along = source.args[0], _cat_axis(source)
+        parts, along = source.args[0], _axis(source)
         if along == axis:
             return False
         with node.graph.inserting_before(node):
             picked = [node.graph.call_function(aten.select.int, (p, axis, index)) for p in parts]
             replacement = node.graph.call_function(
                 aten.cat.default, (picked, along - (along > axis)))
-    elif source.target == aten.stack.default and (_stack_axis(source) == axis):
+    elif source.target == aten.stack.default and (_axis(source) == axis):
         replacement = source.args[0][index]
     else:
         return False
@@ -162,10 +162,10 @@ def _select_part(node: Node) -> bool:
 def _inline_cats(node: Node) -> bool:
     """``cat([cat([a, b], d), c], d)`` is ``cat([a, b, c], d)`` when the inner one has no
     other reader."""
-    axis, parts, flat = _cat_axis(node), node.args[0], []
+    axis, parts, flat = _axis(node), node.args[0], []
     for part in parts:
         inner = part.op == "call_function" and part.target == aten.cat.default \
-            and len(part.users) == 1 and _cat_axis(part) == axis
+            and len(part.users) == 1 and _axis(part) == axis
         flat.extend(part.args[0] if inner else [part])
     if len(flat) == len(parts):
         return False
@@ -173,16 +173,10 @@ def _inline_cats(node: Node) -> bool:
     return True
 
 
-def _cat_axis(node: Node) -> int:
-    return _axis(node) % _rank(node)
-
-
-def _stack_axis(node: Node) -> int:
-    return _axis(node) % _rank(node)
-
-
 def _axis(node: Node) -> int:
-    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    """The (non-negative) axis a ``cat`` or ``stack`` joins along."""
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return axis % _rank(node)
 
 
 def _rank(node: Node) -> int:

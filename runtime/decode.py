@@ -126,13 +126,14 @@ def prefill(step: StepFunction, cache: KVCache, prompt: list[int],
     return out
 
 
-def tree_inputs(cache: KVCache, draft: Draft):
+def tree_inputs(cache: KVCache, draft: Draft, rows_after: int = 0):
     """Step inputs verifying a draft: positions = cache length + each node's offset from
     the root (its depth, for tree nodes); mask = the valid past, then the node mask (the
-    ancestor mask for a plain tree)."""
+    ancestor mask for a plain tree). ``rows_after``: rows the program writes after the
+    nodes' own (an unrolled chain's), which must fit max_seq too."""
     tokens, offsets, nodes_mask = draft.step_nodes()
     n = len(tokens)
-    past = cache.past_for(n)
+    past = cache.past_for(n + rows_after)
     mask = np.concatenate(
         [np.broadcast_to(cache.valid_mask(), (n, past.shape[4])), nodes_mask], axis=1
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leapc.ir.tree import tree_from_parents
-from leapc.runtime.decode import prefill
+from leapc.runtime.decode import prefill, tree_inputs
 from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, probabilities, sample_distinct
@@ -129,12 +129,8 @@ class DraftModelDrafter:
             prefill(self.step, cache, catch_up[:-1], self.chunk)
             catch_up = catch_up[-1:]
         n = len(catch_up)
-        past = cache.past_for(n + calls - 1)
-        mask = np.concatenate([np.broadcast_to(cache.valid_mask(), (n, past.shape[4])),
-                               np.tri(n, dtype=bool)], axis=1)
-        positions = cache.length + np.arange(n)
-        out = self.chain.step(np.asarray([catch_up], dtype=np.int64), positions[None], past,
-                              mask[None])
+        out = self.chain.step(*tree_inputs(cache, Draft.chain_of(catch_up[0], catch_up[1:]),
+                                           rows_after=calls - 1))
         cache.commit(out["present"], np.arange(n + calls - 1))
         self._context_slots = cache.length - (calls - 1)
         tree = _Growing([tokens[-1]])
