@@ -52,8 +52,10 @@ class _PastLayer(DynamicLayer):
 
     Filling a stock `DynamicLayer` through ``update`` would concatenate ``past`` onto a
     lifted empty constant (an in-place ``detach_`` in the graph), and a config-built cache
-    would use `DynamicSlidingWindowLayer`, which trims what it stores; ``present`` is sliced
-    from what the layer stores, so it must keep everything.
+    would use `DynamicSlidingWindowLayer`, which trims what it stores.
+
+    ``present`` is the rows ``update`` received, not a slice of the concatenation: sliced,
+    every layer's rows cost a ``Slice`` node the ONNX graph runs each step.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
@@ -61,6 +63,13 @@ class _PastLayer(DynamicLayer):
         self.dtype, self.device = keys.dtype, keys.device
         self.keys, self.values = keys, values
         self.is_initialized = True
+        self.new_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.new_rows is not None:
+            raise UnsupportedModelError("the model updated a cache layer twice in one step")
+        self.new_rows = key_states, value_states
+        return super().update(key_states, value_states, *args, **kwargs)
 
 
 class StepModule(torch.nn.Module):
@@ -71,7 +80,6 @@ class StepModule(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens, positions, past, mask):
-        past_len = past.shape[-2]
         cache = DynamicCache()
         cache.layers.extend(_PastLayer(past[i, 0], past[i, 1]) for i in range(past.shape[0]))
         dtype = past.dtype
@@ -88,10 +96,9 @@ class StepModule(torch.nn.Module):
             raise UnsupportedModelError(
                 f"the model wrote {len(cache.layers)} cache layers for {past.shape[0]} past layers"
             )
-        present = torch.stack(
-            [torch.stack([lyr.keys[..., past_len:, :], lyr.values[..., past_len:, :]])
-             for lyr in cache.layers]
-        )
+        if any(lyr.new_rows is None for lyr in cache.layers):
+            raise UnsupportedModelError("the model left a cache layer without new rows")
+        present = torch.stack([torch.stack(lyr.new_rows) for lyr in cache.layers])
         return out.logits, present
 
 

@@ -129,6 +129,7 @@ def _row(run: PolicyRun, gens: list[Generation], speeds: list[float], reference)
         merged.new_tokens += g.stats.new_tokens
     return {
         "policy": run.label,
+        "ran": gens[0].stats.policy,  # ``auto``'s tuned choice; the label's policy otherwise
         "tokens_per_s": statistics.median(speeds),
         "tau": new / steps if steps else 0.0,
         "steps": steps,
@@ -410,7 +411,8 @@ def bench_table(result: dict) -> Table:
                    "speedup vs ar", "identical to ar"):
         table.add_column(column, justify="right")
     for r in result["results"]:
-        table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
+        label = r["policy"] if r["ran"] == r["policy"] else f"{r['policy']} ({r['ran']})"
+        table.add_row(label, f"{r['tokens_per_s']:.1f}", f"{r['tau']:.2f}", str(r["steps"]),
                       f"{r['calls_per_token']:.2f}", f"{100 * r['overhead_share']:.0f}%",
                       f"{r['speedup_vs_ar']:.2f}×", "yes" if r["identical_to_ar"] else "NO")
     for key, label, policy in (("hf_generate_tokens_per_s", "hf generate", "ar"),

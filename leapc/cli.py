@@ -36,7 +36,7 @@ from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
 from leapc.runtime.manifest import Backend, Quantization
-from leapc.runtime.policies import DraftOptions, Policy
+from leapc.runtime.policies import AUTO_POLICY, DraftOptions, Policy
 from leapc.runtime.sampling import TypicalAcceptance
 
 
@@ -115,9 +115,10 @@ def _policies(value: str) -> tuple[str, ...]:
     names = tuple(p.strip() for p in value.split(",") if p.strip())
     if not names:
         raise InputError(f"--policies names no policy (got {value!r}; e.g. ar,lookup)")
+    known = [AUTO_POLICY, *(p.value for p in Policy)]
     for name in names:
-        if name not in {p.value for p in Policy}:
-            raise InputError(f"unknown policy {name!r} (known: {', '.join(p.value for p in Policy)})")
+        if name not in known:
+            raise InputError(f"unknown policy {name!r} (known: {', '.join(known)})")
     return names
 
 
@@ -159,14 +160,22 @@ def build(
                                         "(m3) sublayers, or 'auto' (searched, then "
                                         "measured): policy layer-skip"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
+    tune: bool = typer.Option(False, "--tune", help="measure the engine's policies on this "
+                                                    "machine; --policy auto runs the fastest"),
+    tune_prompts: Path = typer.Option(None, help="--tune on these prompts (JSONL; default: "
+                                                 "built-in code prompts)"),
     force: bool = typer.Option(False, "--force", "--overwrite",
                                help="replace the engine at --output (never anything else)"),
 ) -> None:
     """Compile MODEL into an engine directory."""
+    from leapc.benchmark import load_prompts
     from leapc.compiler import build as build_engine
     from leapc.compiler import planned_steps
     from leapc.early_exit import AdapterOptions
     from leapc.stage import BuildOptions
+
+    if tune_prompts is not None and not tune:
+        raise InputError("--tune-prompts needs --tune")
 
     # flags first: a mistake is one error line, not a progress bar and then the line
     options = BuildOptions.parse(
@@ -174,7 +183,7 @@ def build(
         tokenizer=tokenizer, draft_model=draft_model, datastore=_datastore_source(datastore),
         heads=_heads_options(heads, head_kind, train_heads, tree, head_placement),
         adapter=AdapterOptions(train_adapter) if train_adapter else None,
-        dump_dir=dump_passes)
+        dump_dir=dump_passes, tune_prompts=load_prompts(tune_prompts) if tune else None)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -231,7 +240,9 @@ def run(
     prompt: str = typer.Option(None, help="prompt text ('' means BOS only)"),
     prompt_ids: str = typer.Option(None, help="comma-separated prompt token ids"),
     max_new_tokens: int = typer.Option(64),
-    policy: str = typer.Option("ar"),
+    policy: str = typer.Option(AUTO_POLICY, help="a policy the engine offers, or 'auto': the "
+                                                 "one `build --tune` measured fastest (ar "
+                                                 "if untuned)"),
     temperature: float = typer.Option(0.0),
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
@@ -322,7 +333,8 @@ def inspect(path: Path = typer.Argument(..., help="engine directory or model")) 
 @_with_draft_options
 def bench(
     engine: Path = typer.Argument(..., help="engine directory"),
-    policies: str = typer.Option("ar", help="comma-separated policies"),
+    policies: str = typer.Option(f"ar,{AUTO_POLICY}", help="comma-separated policies ('auto': "
+                                                          "the engine's tuned choice)"),
     prompts: Path = typer.Option(None, help="JSONL prompt file (default: built-in code prompts)"),
     max_new_tokens: int = typer.Option(64),
     repeats: int = typer.Option(3),

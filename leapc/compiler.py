@@ -33,6 +33,7 @@ from leapc.runtime.manifest import Attention, Manifest, TokenizerInfo
 from leapc.runtime.policies import DEFAULT_MAX_DRAFT, Policy, offered_policies
 from leapc.runtime.step import unrolled
 from leapc.stage import AUTO, BuildOptions, BuildState, CompiledProgram, Stage
+from leapc.tune import tune
 
 DEFAULT_MAX_SEQ = 1024
 TOOLCHAIN = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers")
@@ -73,12 +74,16 @@ def build(model: str | Path | SourceModel, out_dir: str | Path,
             if stage.steps(options):
                 stage.run(state)
         _with_policies(state.manifest).write(out)
+        if options.tune_prompts is not None:  # the whole engine, measured before it is swapped in
+            on_stage("tune")
+            tune(out, options.tune_prompts)
     return Path(out_dir)
 
 
 def planned_steps(options: BuildOptions) -> int:
     """The progress steps a build with ``options`` reports: its stages' sum."""
-    return LOAD_STEPS + sum(stage.steps(options) for stage in STAGES)
+    tuning = int(options.tune_prompts is not None)
+    return LOAD_STEPS + sum(stage.steps(options) for stage in STAGES) + tuning
 
 
 def _input_paths(model, options: BuildOptions) -> list[Path]:

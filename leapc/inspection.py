@@ -15,8 +15,11 @@ from leapc.runtime.manifest import (
     HeadsInfo,
     Manifest,
     ProgramEntry,
+    TunedRun,
+    Tuning,
     read_manifest,
 )
+from leapc.runtime.policies import Policy
 
 
 def _kv_row(signature: StepSignature, itemsize: int, max_seq: int) -> str:
@@ -78,14 +81,21 @@ def _heads_table(heads: HeadsInfo) -> Table:
     return table
 
 
+def _measured(title: str, *columns: str) -> Table:
+    """A table of measured configurations: numbers, right-justified."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right")
+    return table
+
+
 def _exit_table(manifest: Manifest) -> Table:
     """The early exit, and the sweep `--exit-layer auto` chose it from (fastest first)."""
     choice = manifest.exit_choice
-    table = Table(title=f"early exit · layer {manifest.exit_layer} of "
-                        f"{manifest.model.dims.num_layers}, draft length {choice.depth} "
-                        f"({choice.source})")
-    for column in ("exit layer", "draft length", "tau", "tokens/s", "vs ar"):
-        table.add_column(column, justify="right")
+    table = _measured(f"early exit · layer {manifest.exit_layer} of "
+                      f"{manifest.model.dims.num_layers}, draft length {choice.depth} "
+                      f"({choice.source})", "exit layer", "draft length", "tau", "tokens/s",
+                      "vs ar")
     for point in sorted(choice.sweep, key=lambda p: -p.tokens_per_s):
         table.add_row(str(point.layer), str(point.depth), f"{point.tau:.2f}",
                       f"{point.tokens_per_s:.1f}", _vs(point.tokens_per_s, choice.ar_tokens_per_s))
@@ -117,10 +127,9 @@ def _kangaroo_table(adapter: AdapterInfo) -> Table:
 def _skip_table(manifest: Manifest) -> Table:
     """The layer-skip draft, and the measured sets `--skip auto` chose it from."""
     choice = manifest.skip_choice
-    table = Table(title=f"layer skip · bypassing {manifest.skip}, draft length {choice.depth} "
-                        f"({choice.source})")
-    for column in ("skip set", "draft length", "tau", "tokens/s", "vs ar"):
-        table.add_column(column, justify="right")
+    table = _measured(f"layer skip · bypassing {manifest.skip}, draft length {choice.depth} "
+                      f"({choice.source})", "skip set", "draft length", "tau", "tokens/s",
+                      "vs ar")
     for point in sorted(choice.points, key=lambda p: -p.tokens_per_s):
         table.add_row(point.skip, str(point.depth), f"{point.tau:.2f}",
                       f"{point.tokens_per_s:.1f}", _vs(point.tokens_per_s, choice.ar_tokens_per_s))
@@ -129,6 +138,25 @@ def _skip_table(manifest: Manifest) -> Table:
         table.caption = (f"ar {choice.ar_tokens_per_s:.1f} tokens/s in the same run; argmax "
                          f"agreement along the greedy path (sublayers skipped: agreement) {path}")
     return table
+
+
+def _tuning_table(tuning: Tuning) -> Table:
+    """What `build --tune` measured, fastest first; ``--policy auto`` runs the marked row."""
+    chosen = tuning.chosen
+    table = _measured(f"tuning · auto runs {_tuned_label(chosen)} ({tuning.prompts} prompts "
+                      f"× {tuning.max_new_tokens} tokens, median of {tuning.repeats}, "
+                      f"{tuning.threads} threads)", "policy", "tokens/s", "tau", "vs ar",
+                      "identical to ar")
+    ar = next(run.tokens_per_s for run in tuning.table if run.policy is Policy.AR)
+    for run in sorted(tuning.table, key=lambda r: -r.tokens_per_s):
+        mark = " ←" if run == chosen else ""
+        table.add_row(_tuned_label(run) + mark, f"{run.tokens_per_s:.1f}", f"{run.tau:.2f}",
+                      _vs(run.tokens_per_s, ar), "yes" if run.identical_to_ar else "NO")
+    return table
+
+
+def _tuned_label(run: TunedRun) -> str:
+    return run.policy.value + (f" (max-draft {run.max_draft})" if run.max_draft else "")
 
 
 def _anatomy_table(rows) -> Table:
@@ -168,6 +196,8 @@ def inspect_engine(path: Path) -> list[Table]:
         tables.append(_kangaroo_table(m.adapter))
     if m.skip_choice is not None:
         tables.append(_skip_table(m))
+    if m.tuning is not None:
+        tables.append(_tuning_table(m.tuning))
     tables += [_program_table(name, entry, itemsize) for name, entry in m.programs.items()]
     return tables
 

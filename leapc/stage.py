@@ -66,6 +66,7 @@ class BuildOptions:
     adapter: AdapterOptions | None = None
     skip: SkipSet | Auto | str | None = None  # layer-skip, swift; a str is parsed at load
     dump_dir: Path | None = None  # each pass's graph code
+    tune_prompts: tuple[str, ...] | None = None  # `--tune`: measure the policies on these
 
     @classmethod
     def parse(cls, backend: str | Backend = Backend.ORT, attention: str | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from leapc.runtime.drafters.base import Drafter
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, Manifest, read_manifest
 from leapc.runtime.policies import (
+    AUTO_POLICY,
     POLICIES,
     DraftContext,
     DraftOptions,
@@ -169,7 +170,11 @@ class Engine:
         return ids
 
     def policy(self, policy: str | Policy) -> Policy:
-        """``policy`` as a `Policy`, refused unless this engine supports it."""
+        """``policy`` as a `Policy`, refused unless this engine supports it; ``auto`` is the
+        tuned choice (`ar` on an engine built without ``--tune``)."""
+        if policy == AUTO_POLICY:
+            tuning = self.manifest.tuning
+            return tuning.chosen.policy if tuning is not None else Policy.AR
         chosen = parse_choice(Policy, policy, "policy")
         if chosen not in self.manifest.policies:
             supported = ", ".join(p.value for p in self.manifest.policies)
@@ -191,6 +196,8 @@ class Engine:
         """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
         tokens per step, but the output no longer follows the model's distribution."""
         chosen = self.policy(policy)
+        if policy == AUTO_POLICY:
+            draft = self.tuned_options(draft)
         _check_options(max_new_tokens, temperature, top_k, top_p, seed)
         ids = self.encode(prompt)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
@@ -203,6 +210,13 @@ class Engine:
             np.random.default_rng(seed), stats,
         )
         return Stream(tokens, self.tokenizer, stats)
+
+    def tuned_options(self, draft: DraftOptions) -> DraftOptions:
+        """``draft`` with the tuned draft length, unless it sets one."""
+        tuning = self.manifest.tuning
+        if tuning is None or draft.max_draft is not None:
+            return draft
+        return replace(draft, max_draft=tuning.chosen.max_draft)
 
     def new_cache(self, policy: str | Policy = Policy.AR) -> KVCache:
         """An empty target KV cache for ``policy`` (with its extra layers, if any)."""

@@ -263,6 +263,39 @@ class SkipChoice(_Frozen):
     candidates: tuple[str, ...] = ()  # program ``skip_<i>`` bypasses candidates[i]
 
 
+class TunedRun(_Frozen):
+    """One configuration `leapc build --tune` measured: a policy (at its default options
+    but ``max_draft``), greedy, on the calibration prompts."""
+
+    policy: Policy
+    max_draft: int | None = None  # None: the policy's default
+    tokens_per_s: float
+    tau: float
+    identical_to_ar: bool  # False: never chosen (a lossless policy left ``ar``'s tokens)
+
+
+class Tuning(_Frozen):
+    """`leapc build --tune`: the engine's policies measured on the machine that built it;
+    ``--policy auto`` runs ``table[choice]``, the fastest run identical to ``ar``."""
+
+    prompts: int
+    max_new_tokens: int
+    repeats: int
+    threads: int  # the CPU threads the runs had (speed is this machine's)
+    table: tuple[TunedRun, ...]
+    choice: int
+
+    @model_validator(mode="after")
+    def _chosen(self) -> Tuning:
+        if not 0 <= self.choice < len(self.table) or not self.table[self.choice].identical_to_ar:
+            raise ValueError(f"tuning choice {self.choice} is not a run identical to ar")
+        return self
+
+    @property
+    def chosen(self) -> TunedRun:
+        return self.table[self.choice]
+
+
 class Manifest(_Frozen):
     schema_version: Literal[2] = SCHEMA_VERSION
     leapc_version: str
@@ -287,6 +320,7 @@ class Manifest(_Frozen):
     policies: tuple[Policy, ...]
     max_seq: int
     max_new: int
+    tuning: Tuning | None = None  # `--tune`: what ``--policy auto`` runs
 
     @model_validator(mode="after")
     def _whole(self) -> Manifest:
@@ -371,6 +405,9 @@ def _check_policies(m: Manifest) -> None:
         missing = POLICIES[policy].missing(m)
         if missing is not None:
             raise ValueError(f"policy {policy.value!r} {missing}")
+    if m.tuning is not None and m.tuning.chosen.policy not in m.policies:
+        raise ValueError(f"tuning chose policy {m.tuning.chosen.policy.value!r}, which the "
+                         "engine does not list")
 
 
 def _check_sections(m: Manifest) -> None:

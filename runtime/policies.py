@@ -63,6 +63,8 @@ class Policy(str, enum.Enum):
     SWIFT = "swift"  # layer skip choosing among the engine's skip sets while generating
 
 
+# `--policy auto`: the engine's tuned choice (`leapc build --tune`), or `ar` if untuned.
+AUTO_POLICY = "auto"
 DEFAULT_MAX_DRAFT = 8
 # Early exit's chain length when the engine measured none (`--exit-layer E` without a sweep
 # records this one): the bundled model's best at E = 4 (docs/decisions.md).

@@ -33,7 +33,8 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     import torch
 
     from leapc.kernels.onnx_translations import OPSET, translations
-    from leapc.runtime.backends.onnx_past_by_layer import split_past_by_layer
+    from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
+    from leapc.runtime.backends.onnx_kv_by_layer import split_past_by_layer, split_present_by_layer
 
     # The exporter warns once per torchvision op it cannot register; none are used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -52,8 +53,10 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
         verbose=False,
     )
     onnx_program.save(str(path))  # weights over 2 GB go to external data
-    model = onnx.load(str(path), load_external_data=False)  # the graph; weights stay put
+    model = onnx.load(str(path), load_external_data=False)  # external weights stay put
     split_past_by_layer(model)
+    split_present_by_layer(model)
+    fuse_sibling_projections(model)
     onnx.save_model(model, str(path))
     return path
 
@@ -200,17 +203,20 @@ class OrtStep:
             str(path), session_options(), providers=list(PROVIDERS[device])
         )
         self.feeds = _feed_plan([i.name for i in self.session.get_inputs()])
-        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self.outputs = _output_plan([o.name for o in self.session.get_outputs()])
+        self.output_names = tuple(name for name, _ in self.outputs)
 
     def __call__(self, *inputs: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {name: inputs[i] if at is None else inputs[i][at]
                  for name, i, at in self.feeds}
-        return dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        results = self.session.run(None, feeds)
+        return {name: results[parts] if isinstance(parts, int) else _stack_layers(results, parts)
+                for name, parts in self.outputs}
 
 
 def _feed_plan(names: list[str]) -> list[tuple[str, int, tuple[int, int] | None]]:
     """Per session input: the signature input (by position) it comes from, and for one
-    layer's keys or values ``<name>.<l>.<kv>`` (`onnx_past_by_layer`) the index into it.
+    layer's keys or values ``<name>.<l>.<kv>`` (`onnx_kv_by_layer`) the index into it.
     Signature inputs keep their order; a split one's parts stand in its place."""
     plan, order = [], []
     for name in names:
@@ -220,6 +226,27 @@ def _feed_plan(names: list[str]) -> list[tuple[str, int, tuple[int, int] | None]
         at = tuple(int(x) for x in part.split(".")) if part else None
         plan.append((name, order.index(base), at))
     return plan
+
+
+def _output_plan(names: list[str]) -> list[tuple[str, int | slice]]:
+    """Per signature output, in order: the session output it is, or for one split by layer
+    (``<name>.<l>.<kv>``, layer-major) the run of session outputs holding its parts."""
+    plan = []
+    for index, name in enumerate(names):
+        base, _, part = name.partition(".")
+        if not part:
+            plan.append((name, index))
+        elif plan and plan[-1][0] == base:
+            plan[-1] = (base, slice(plan[-1][1].start, index + 1))
+        else:
+            plan.append((base, slice(index, index + 1)))
+    return plan
+
+
+def _stack_layers(results: list[np.ndarray], parts: slice) -> np.ndarray:
+    """``[L, 2, ...]`` from the ``2 L`` per-layer keys and values."""
+    rows = results[parts]
+    return np.stack(rows).reshape(len(rows) // 2, 2, *rows[0].shape)
 
 
 def compress(file: Path, program, compression: Compression) -> None:

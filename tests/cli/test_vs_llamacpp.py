@@ -200,8 +200,8 @@ def test_gguf_cache_that_cannot_be_created_is_one_input_error(tmp_path, monkeypa
 def test_bench_table_says_where_llama_cpp_first_differs():
     from rich.console import Console
 
-    row = {"policy": "ar", "tokens_per_s": 100.0, "tau": 1.0, "steps": 8, "calls_per_token": 1.0,
-           "overhead_share": 0.05, "speedup_vs_ar": 1.0, "identical_to_ar": True}
+    row = {"policy": "ar", "ran": "ar", "tokens_per_s": 100.0, "tau": 1.0, "steps": 8,
+           "calls_per_token": 1.0, "overhead_share": 0.05, "speedup_vs_ar": 1.0, "identical_to_ar": True}
     result = {"model": "m", "backend": "ort", "prompts": 3, "max_new_tokens": 4, "repeats": 1,
               "results": [row],
               "baselines": {"llamacpp_tokens_per_s": 50.0, "llamacpp_identical_to_ar": True,

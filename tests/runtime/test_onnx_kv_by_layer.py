@@ -1,5 +1,6 @@
-"""`split_past_by_layer`: the ONNX step program takes each layer's keys and values as inputs
-of their own (views of the runtime's cache), not the whole ``past`` it would copy."""
+"""`split_past_by_layer` / `split_present_by_layer`: the ONNX step program takes each
+layer's keys and values as inputs of their own (views of the runtime's cache), not the
+whole ``past`` it would copy, and returns each layer's new rows without stacking them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import leapc
 from leapc.ir.errors import GraphError
-from leapc.runtime.backends.onnx_past_by_layer import split_past_by_layer
-from leapc.runtime.backends.ort import _feed_plan, session_options
+from leapc.runtime.backends.onnx_kv_by_layer import split_past_by_layer, split_present_by_layer
+from leapc.runtime.backends.ort import _feed_plan, _output_plan, _stack_layers, session_options
 
 LAYERS = 2
 
@@ -94,3 +95,72 @@ def test_an_ort_engines_step_takes_each_layers_keys_and_values(engine_dir):
     assert names == ["tokens", "positions"] + \
         [f"past.{i}.{kv}" for i in range(layers) for kv in range(2)] + ["mask"]
     assert not any(n.op_type == "Gather" and "past" in n.input[0] for n in model.graph.node)
+    assert [v.name for v in model.graph.output] == ["logits"] + \
+        [f"present.{i}.{kv}" for i in range(layers) for kv in range(2)]
+    assert engine.program("full").output_names == ("logits", "present")
+
+
+def _stacking(rows_by_layer=None) -> onnx.ModelProto:
+    """What the exporter emits for ``present``: each layer's keys and values (here ``k<l>``
+    = ``x + l``, ``v<l>`` = ``x - l``) stacked, then the layers stacked, by ``Unsqueeze``
+    at axis 0 and ``Concat``."""
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    nodes, layers = [], []
+    for layer in range(LAYERS):
+        inits.append(numpy_helper.from_array(np.array(layer, np.float32), f"c{layer}"))
+        pair = []
+        for kv, op in enumerate(("Add", "Sub")):
+            nodes.append(helper.make_node(op, ["x", f"c{layer}"], [f"row{layer}{kv}"]))
+            nodes.append(helper.make_node("Unsqueeze", [f"row{layer}{kv}", "axis0"],
+                                          [f"u{layer}{kv}"]))
+            pair.append(f"u{layer}{kv}")
+        nodes.append(helper.make_node("Concat", pair, [f"stack{layer}"], axis=0))
+        nodes.append(helper.make_node("Unsqueeze", [f"stack{layer}", "axis0"], [f"s{layer}"]))
+        layers.append(f"s{layer}")
+    nodes.append(helper.make_node("Concat", layers, ["present"], axis=0))
+    nodes.append(helper.make_node("Neg", ["x"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "step", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, "N", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("present", TensorProto.FLOAT, [LAYERS, 2, 1, 2, "N", 4])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_present_becomes_one_output_per_layer_and_kv_without_the_stacking():
+    model = _stacking()
+    split_present_by_layer(model)
+    assert [v.name for v in model.graph.output] == \
+        ["logits", "present.0.0", "present.0.1", "present.1.0", "present.1.1"]
+    dims = [d.dim_value or d.dim_param for d in model.graph.output[1].type.tensor_type.shape.dim]
+    assert dims == [1, 2, "N", 4]
+    assert [n.op_type for n in model.graph.node] == ["Add", "Sub", "Add", "Sub", "Neg"]
+
+
+def test_the_stacked_parts_are_the_whole_present():
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 4)).astype(np.float32)
+    before, after = _stacking(), _stacking()
+    split_present_by_layer(after)
+    logits, present = _run(before, {"x": x})
+    results = _run(after, {"x": x})
+    plan = _output_plan([v.name for v in after.graph.output])
+    assert plan == [("logits", 0), ("present", slice(1, 5))]
+    np.testing.assert_array_equal(results[0], logits)
+    np.testing.assert_array_equal(_stack_layers(results, plan[1][1]), present)
+
+
+def test_a_present_made_another_way_is_left_whole():
+    model = _stacking()
+    model.graph.node.append(helper.make_node("Identity", ["stack0"], ["peek"]))
+    model.graph.output.append(helper.make_tensor_value_info("peek", TensorProto.FLOAT, None))
+    split_present_by_layer(model)
+    assert [v.name for v in model.graph.output] == ["logits", "present", "peek"]
+
+
+def test_a_row_that_is_also_an_output_keeps_its_name():
+    model = _stacking()
+    model.graph.output.append(helper.make_tensor_value_info("row00", TensorProto.FLOAT, None))
+    split_present_by_layer(model)
+    x = np.ones((1, 2, 3, 4), np.float32)
+    results = dict(zip([v.name for v in model.graph.output], _run(model, {"x": x}), strict=True))
+    np.testing.assert_array_equal(results["row00"], results["present.0.0"])

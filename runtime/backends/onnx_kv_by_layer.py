@@ -1,4 +1,4 @@
-"""Feed the KV cache to an ONNX step program one layer's keys or values at a time.
+"""Pass the KV cache to and from an ONNX step program one layer's keys or values at a time.
 
 The step contract's ``past`` is one tensor ``[L, 2, B, Hkv, T, Dh]``. Exported as is,
 every layer selects its keys and values with two ``Gather`` nodes, and ONNX Runtime
@@ -8,7 +8,13 @@ buffer whose ``[l, kv]`` slices are contiguous too, so the program can take them
 inputs ``past.<l>.<kv>`` (``[B, Hkv, T, Dh]``), in place of ``past`` and in its position
 among the inputs, and the runtime passes views: no copy but the ``Concat``.
 
-`OrtStep` feeds an input named ``<name>.<l>.<kv>`` from signature input ``<name>``.
+The new rows come back the same way: the exporter builds ``present`` ``[L, 2, B, Hkv, N,
+Dh]`` by stacking each layer's rows, a dozen ``Unsqueeze`` / ``Concat`` nodes per layer
+pair that ONNX Runtime runs every step; the program returns each layer's rows as
+``present.<l>.<kv>`` instead, and `OrtStep` stacks them (one copy of N rows).
+
+`OrtStep` feeds an input named ``<name>.<l>.<kv>`` from signature input ``<name>``, and
+gathers outputs named so into signature output ``<name>``.
 """
 
 from __future__ import annotations
@@ -20,12 +26,16 @@ from onnx import numpy_helper
 
 from leapc.ir.errors import GraphError
 
-PAST = "past"
+PAST, PRESENT = "past", "present"
 _INDEX_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 def layer_input(layer: int, kv: int) -> str:
     return f"{PAST}.{layer}.{kv}"
+
+
+def layer_output(layer: int, kv: int) -> str:
+    return f"{PRESENT}.{layer}.{kv}"
 
 
 def split_past_by_layer(model: onnx.ModelProto) -> None:
@@ -95,11 +105,68 @@ def _read_length_from(node: onnx.NodeProto, name: str) -> None:
                            onnx.helper.make_attribute("end", 3)])
 
 
-def _layer_value_info(past: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
-    """``[B, Hkv, T, Dh]``: ``past``'s type without its two leading axes."""
+def _layer_value_info(whole: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    """``[B, Hkv, T | N, Dh]``: ``whole``'s type without its two leading axes."""
     value = onnx.ValueInfoProto()
-    value.CopyFrom(past)
+    value.CopyFrom(whole)
     value.name = name
     dims = value.type.tensor_type.shape.dim
     del dims[:2]
     return value
+
+
+def split_present_by_layer(model: onnx.ModelProto) -> None:
+    """Rewrite ``model`` in place so each layer's new keys and values are outputs of their
+    own, in ``present``'s position. A ``present`` that is not a stack of per-layer stacks
+    (an unrolled chain concatenates its calls' rows) is left whole."""
+    graph = model.graph
+    position = next((i for i, v in enumerate(graph.output) if v.name == PRESENT), None)
+    if position is None:
+        return
+    producers = {out: node for node in graph.node for out in node.output}
+    constants = {init.name: numpy_helper.to_array(init).tolist() for init in graph.initializer
+                 if init.data_location != onnx.TensorProto.EXTERNAL and len(init.dims) <= 1}
+    layers, stacking = _stacked(producers, constants, PRESENT)
+    rows = []
+    for stack in layers:
+        pair, nodes = _stacked(producers, constants, stack)
+        rows.append(pair)
+        stacking += nodes
+    if not layers or any(len(pair) != 2 for pair in rows):
+        return
+    dropped = {id(n) for n in stacking}
+    kept = [n for n in graph.node if id(n) not in dropped]
+    internal = {out for n in stacking for out in n.output} - {PRESENT}
+    if any(name in internal for n in kept for name in n.input):
+        return  # another node reads a partial stack
+    renames, outputs = {}, {v.name for v in graph.output}
+    for layer, pair in enumerate(rows):
+        for kv, row in enumerate(pair):
+            name = layer_output(layer, kv)
+            if row in renames or row in outputs or row not in producers:
+                kept.append(onnx.helper.make_node("Identity", [row], [name]))
+            else:
+                renames[row] = name
+    for node in kept:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    del graph.node[:]
+    graph.node.extend(kept)
+    whole = graph.output[position]
+    graph.output.remove(whole)
+    for offset, (layer, kv) in enumerate((i, kv) for i in range(len(rows)) for kv in range(2)):
+        graph.output.insert(position + offset, _layer_value_info(whole, layer_output(layer, kv)))
+
+
+def _stacked(producers: dict, constants: dict, name: str) -> tuple[list[str], list]:
+    """What ``name`` stacks on axis 0 (a ``Concat`` of ``Unsqueeze``s at axis 0) and the
+    nodes that stack it; nothing if it is made another way."""
+    concat = producers.get(name)
+    if concat is None or concat.op_type != "Concat" or \
+            next(a.i for a in concat.attribute if a.name == "axis") != 0:
+        return [], []
+    parts = [producers.get(part) for part in concat.input]
+    if any(p is None or p.op_type != "Unsqueeze" or constants.get(p.input[1]) != [0]
+           for p in parts):
+        return [], []
+    return [p.input[0] for p in parts], [concat, *parts]

@@ -1,0 +1,86 @@
+"""`fuse_sibling_projections`: the projections of one input become one MatMul and a Split."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import leapc
+from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
+from leapc.runtime.backends.ort import quantize_weights, session_options
+
+WIDTHS = {"q": 8, "k": 4, "v": 4}
+
+
+def _before() -> onnx.ModelProto:
+    """``x`` projected three times (a layer's queries, keys and values), then a fourth
+    MatMul whose weight is another node's output (not fused), and one of ``y``'s alone."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, w)).astype(np.float32), f"w{n}")
+             for n, w in WIDTHS.items()]
+    inits.append(numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "wy"))
+    nodes = [helper.make_node("MatMul", ["x", f"w{n}"], [n], name=f"proj_{n}") for n in WIDTHS]
+    nodes += [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+              helper.make_node("MatMul", ["x", "xt"], ["gram"]),
+              helper.make_node("MatMul", ["y", "wy"], ["alone"])]
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32]),
+                         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+         for n in [*WIDTHS, "gram", "alone"]], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), session_options(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x, "y": x})
+
+
+def test_siblings_become_one_matmul_and_a_split():
+    model = _before()
+    assert fuse_sibling_projections(model) == 1
+    ops = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    assert ops[:2] == [("MatMul", ["x", "proj_q.fused_weight"], ["proj_q.fused"]),
+                       ("Split", ["proj_q.fused", "proj_q.fused_split"], ["q", "k", "v"])]
+    assert [op for op, _, _ in ops[2:]] == ["Transpose", "MatMul", "MatMul"]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits["proj_q.fused_weight"].shape == (32, 16)
+    assert inits["proj_q.fused_split"].tolist() == [8, 4, 4]
+    assert not {"wq", "wk", "wv"} & set(inits)
+
+
+def test_the_fused_program_computes_the_same_projections():
+    x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
+    before, after = _before(), _before()
+    fuse_sibling_projections(after)
+    for ours, reference in zip(_run(after, x), _run(before, x), strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_quantization_of_the_fused_weight_is_bit_identical(tmp_path):
+    """Weight-only int8 quantizes each column's blocks on their own: fused or not, the
+    quantized projections are the same numbers."""
+    x = np.random.default_rng(2).standard_normal((5, 32)).astype(np.float32)
+    results = []
+    for fuse in (False, True):
+        model = _before()
+        if fuse:
+            fuse_sibling_projections(model)
+        path = tmp_path / f"fused{fuse}.onnx"
+        onnx.save(model, path)
+        quantize_weights(path, vocab_size=8)
+        results.append(_run(onnx.load(path), x))
+    for ours, reference in zip(*results, strict=True):
+        np.testing.assert_array_equal(ours, reference)
+
+
+def test_an_ort_engine_projects_each_layer_twice_fused(engine_dir):
+    engine = leapc.load(engine_dir("tiny-llama"))
+    model = onnx.load(str(engine.path / "full.onnx"))
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    layers = engine.manifest.model.dims.num_layers
+    assert len(splits) == 2 * layers
+    assert sorted(len(n.output) for n in splits) == [2] * layers + [3] * layers
