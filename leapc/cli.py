@@ -135,6 +135,10 @@ def build(
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
     draft_model: str = typer.Option(None, help="draft model for --policy draft "
                                                 "(HF dir, llama2.c .bin, or 'bundled-draft')"),
+    draft_chain: bool = typer.Option(False, "--unroll-draft-chain",
+                                     help="with --draft-model: one program call per greedy "
+                                          "draft chain (~12%% less drafting time, minutes "
+                                          "more build)"),
     datastore: list[str] = typer.Option(
         None, help="corpus for --policy retrieval: text files/directories (repeatable), or "
                    "'bundled' (the bundled model's training corpus)"),
@@ -180,7 +184,7 @@ def build(
     # flags first: a mistake is one error line, not a progress bar and then the line
     options = BuildOptions.parse(
         backend, attention, quantize, _exit_layer(exit_layer), skip, max_seq=max_seq,
-        tokenizer=tokenizer, draft_model=draft_model, datastore=_datastore_source(datastore),
+        tokenizer=tokenizer, draft_model=draft_model, draft_chain=draft_chain, datastore=_datastore_source(datastore),
         heads=_heads_options(heads, head_kind, train_heads, tree, head_placement),
         adapter=AdapterOptions(train_adapter) if train_adapter else None,
         dump_dir=dump_passes, tune_prompts=load_prompts(tune_prompts) if tune else None)

@@ -59,6 +59,7 @@ class BuildOptions:
     max_new: int = 128  # bounds N: the prefill chunk and the widest verify step
     tokenizer: Path | None = None  # for a llama2.c model
     draft_model: str | Path | SourceModel | None = None  # policy draft
+    draft_chain: bool = False  # with draft_model: its greedy chain unrolled into one program
     datastore: DatastoreSource | None = None  # policy retrieval
     quantize: Quantization = Quantization.NONE
     heads: HeadsOptions | None = None  # medusa / hydra

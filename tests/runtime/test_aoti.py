@@ -91,8 +91,7 @@ def stories_greedy(engine_dir) -> dict[str, list[int]]:
 def test_engine_is_a_package_per_program(stories):
     assert stories.manifest.backend is Backend.AOTI
     assert {name: entry.file for name, entry in stories.manifest.programs.items()} == \
-        {"full": "full.pt2", "draft_model": "draft_model.pt2",
-         "draft_model_chain": "draft_model_chain.pt2"}
+        {"full": "full.pt2", "draft_model": "draft_model.pt2"}
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "new", "past"),

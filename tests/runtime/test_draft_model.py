@@ -32,7 +32,7 @@ def noisy_copy(source: SourceModel, scale: float, seed: int = 0) -> SourceModel:
 def engine(tmp_path_factory):
     target = tiny_source("llama")
     path = leapc.build(target, tmp_path_factory.mktemp("draft"), "ort", max_seq=256,
-                       draft_model=noisy_copy(target, 0.02))
+                       draft_model=noisy_copy(target, 0.02), draft_chain=True)
     return leapc.load(path)
 
 
@@ -51,6 +51,15 @@ def test_greedy_draft_is_token_identical_to_ar(engine, options):
         drafted = engine.generate(prompt, 64, policy="draft", draft=options)
         assert drafted.token_ids == ar.token_ids
     assert drafted.stats.tau > 1.1  # the close draft is often right
+
+
+def test_the_unrolled_chain_is_built_only_when_asked(engine):
+    from leapc.compiler import planned_steps
+    from leapc.stage import BuildOptions
+
+    assert "draft_model_chain" in engine.manifest.programs  # built with draft_chain=True
+    plain = planned_steps(BuildOptions(draft_model="draft"))
+    assert planned_steps(BuildOptions(draft_model="draft", draft_chain=True)) == plain + 2
 
 
 def test_greedy_chains_are_one_call_drafting_what_step_by_step_calls_draft(engine):
