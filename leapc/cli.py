@@ -143,7 +143,8 @@ def build(
         None, help="corpus for --policy retrieval: text files/directories (repeatable), or "
                    "'bundled' (the bundled model's training corpus)"),
     quantize: Quantization = typer.Option(
-        Quantization.NONE, help="ort: store MatMul weights as int8 (weight-only)"),
+        Quantization.NONE, help="ort: store MatMul weights as int8 or int4 "
+                                           "(weight-only)"),
     heads: int = typer.Option(0, help="add K decoding heads (policies medusa / hydra)"),
     head_kind: HeadKind = typer.Option(HeadKind.MEDUSA, help="medusa or hydra heads"),
     train_heads: list[Path] = typer.Option(

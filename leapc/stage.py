@@ -91,7 +91,7 @@ def _attention(value: str | None, backend: Backend, quantization: Quantization) 
     """The chosen lowering; by default the backend's faster one, or on int8 weights the
     width-invariant one, without which no drafting policy reproduces `ar` there."""
     if value is None:
-        return (Attention.INVARIANT if quantization is Quantization.INT8
+        return (Attention.INVARIANT if quantization is not Quantization.NONE
                 else BACKENDS[backend].default_attention)
     chosen = parse_choice(Attention, value, "attention lowering")
     _check_offered(f"--attention {chosen.value}", backend,
@@ -101,9 +101,9 @@ def _attention(value: str | None, backend: Backend, quantization: Quantization) 
 
 def _quantization(value: str | Quantization, backend: Backend) -> Quantization:
     chosen = parse_choice(Quantization, value, "quantization")
-    if chosen is Quantization.INT8:
+    if chosen is not Quantization.NONE:
         _check_offered(f"--quantize {chosen.value}", backend,
-                       lambda impl: Compression.INT8 in impl.compresses)
+                       lambda impl: Compression(chosen.value) in impl.compresses)
     return chosen
 
 

@@ -42,6 +42,7 @@ class Backend(str, enum.Enum):
 class Quantization(str, enum.Enum):
     NONE = "none"  # weights as the model stores them (float32 here)
     INT8 = "int8"  # MatMul weights int8 per 32-row block (ORT MatMulNBits), int8 compute
+    INT4 = "int4"  # the same with 4-bit weights: half the bytes a step streams
 
 
 class Attention(str, enum.Enum):

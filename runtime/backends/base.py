@@ -57,6 +57,7 @@ class Compression(str, enum.Enum):
     # projection may be approximate (the early-exit draft, kangaroo).
     VOCAB_PROJECTION = "vocab-projection"
     INT8 = "int8"  # `--quantize int8`: the engine's own programs, weight-only int8
+    INT4 = "int4"  # `--quantize int4`: the same, 4-bit
 
 
 def uncompressed(file: Path, program: CapturedProgram, compression: Compression) -> None:
@@ -133,7 +134,9 @@ class Lowering:
         """How a program whose outputs serve ``use`` is compressed. On an int8 engine every
         program is int8: the target's step is, and a program that shares KV rows or hidden
         states with it (an early exit's draft) must compute them as the step does."""
-        return Compression.INT8 if self.quantization is Quantization.INT8 else use
+        if self.quantization is Quantization.NONE:
+            return use
+        return Compression(self.quantization.value)
 
 
 def lower_program(lowering: Lowering, program: CapturedProgram, out: Path, name: str,

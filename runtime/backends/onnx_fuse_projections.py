@@ -8,7 +8,10 @@ in a matrix product, so each output column is the product it was; only MLAS's bl
 over K, which it sizes from the column count, can round a float32 column differently (a
 row's result never depends on how many rows share the step, the invariant the decode loop
 needs). Run before weight-only quantization, which quantizes each column's blocks on their
-own: the fused int8 weight holds exactly the separate weights' values and scales.
+own: the fused int8 weight holds exactly the separate weights' values and scales, and
+MatMulNBits computes each column as it did (bit for bit, tested). Float32 programs are
+not fused: there an early exit's draft and the full step must compute the same KV rows
+bit for bit, and with fused projections the tiny Llama's early exit left `ar`'s tokens.
 """
 
 from __future__ import annotations

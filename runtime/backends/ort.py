@@ -33,7 +33,6 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     import torch
 
     from leapc.kernels.onnx_translations import OPSET, translations
-    from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
     from leapc.runtime.backends.onnx_kv_by_layer import split_past_by_layer, split_present_by_layer
 
     # The exporter warns once per torchvision op it cannot register; none are used here.
@@ -56,7 +55,6 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     model = onnx.load(str(path), load_external_data=False)  # external weights stay put
     split_past_by_layer(model)
     split_present_by_layer(model)
-    fuse_sibling_projections(model)
     onnx.save_model(model, str(path))
     return path
 
@@ -74,7 +72,10 @@ def quantize_weights(path: Path, vocab_size: int, bits: int = 8) -> None:
     """
     import onnx
 
+    from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
+
     model = onnx.load(str(path))
+    fuse_sibling_projections(model)  # exact on quantized weights (float32 programs stay unfused)
     _untie_vocab_projection(model, vocab_size)
     _quantize(model, path, bits, 32, exclude=())
 
@@ -250,10 +251,13 @@ def _stack_layers(results: list[np.ndarray], parts: slice) -> np.ndarray:
 
 
 def compress(file: Path, program, compression: Compression) -> None:
-    """Weight-only int8 (`MatMulNBits`): a draft-only program and every program of a
-    ``--quantize int8`` engine whole, an early-exit draft's vocabulary projection only."""
+    """Weight-only `MatMulNBits`: int8 for a draft-only program and every program of a
+    ``--quantize int8`` engine, int4 for every program of a ``--quantize int4`` one, int8
+    for an early-exit draft's vocabulary projection only."""
     if compression in (Compression.DRAFT, Compression.INT8):
         quantize_weights(file, program.dims.vocab_size)
+    elif compression is Compression.INT4:
+        quantize_weights(file, program.dims.vocab_size, bits=4)
     elif compression is Compression.VOCAB_PROJECTION:
         quantize_vocab_projection(file, program.dims.vocab_size)
 
@@ -263,5 +267,6 @@ BACKEND = BackendImpl(
     name=Backend.ORT, default_attention=Attention.TREE, lower=lower,
     load=lambda path, outputs, device: OrtStep(path, device=device),
     check_device=check_device, compress=compress,
-    compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8}),
+    compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8,
+                          Compression.INT4}),
     attentions=frozenset(Attention))

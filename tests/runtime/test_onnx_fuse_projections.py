@@ -77,10 +77,12 @@ def test_int8_quantization_of_the_fused_weight_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(ours, reference)
 
 
-def test_an_ort_engine_projects_each_layer_twice_fused(engine_dir):
-    engine = leapc.load(engine_dir("tiny-llama"))
+def test_a_quantized_engine_projects_each_layer_twice_fused(engine_dir):
+    engine = leapc.load(engine_dir("tiny-llama", "ort", "int8"))
     model = onnx.load(str(engine.path / "full.onnx"))
     splits = [n for n in model.graph.node if n.op_type == "Split"]
     layers = engine.manifest.model.dims.num_layers
     assert len(splits) == 2 * layers
     assert sorted(len(n.output) for n in splits) == [2] * layers + [3] * layers
+    unquantized = onnx.load(str(engine_dir("tiny-llama") / "full.onnx"))
+    assert not any(n.op_type == "Split" for n in unquantized.graph.node)
