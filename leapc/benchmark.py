@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -276,10 +275,10 @@ class LlamaCppGreedy:
 
     def __init__(self, path: Path, max_seq: int, batch: int, f32_cache: bool = True,
                  threads: int | None = None):
-        from leapc.runtime.backends.base import configured_threads
+        from leapc.runtime.backends.base import thread_count
 
         llama_cpp = require_llamacpp()
-        self.threads = threads or configured_threads() or os.cpu_count() or 1
+        self.threads = threads or thread_count()
         batch = max(1, min(batch, max_seq))
         cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} \
             if f32_cache else {}

@@ -11,11 +11,10 @@ model) also run at shorter chains; early exit and layer skip already chose their
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from leapc.benchmark import CODE_PROMPTS, BenchConfig, PolicyRun, run_bench
-from leapc.runtime.backends.base import configured_threads
+from leapc.runtime.backends.base import thread_count
 from leapc.runtime.engine import Engine
 from leapc.runtime.manifest import TunedRun, Tuning
 from leapc.runtime.policies import DraftOptions, Policy
@@ -50,7 +49,7 @@ def measure(engine: Engine, prompts: tuple[str, ...] = CODE_PROMPTS,
     lossless = [i for i, run in enumerate(table) if run.identical_to_ar]
     choice = max(lossless, key=lambda i: table[i].tokens_per_s)  # ``ar`` is always there
     return Tuning(prompts=len(prompts), max_new_tokens=max_new_tokens, repeats=repeats,
-                  threads=configured_threads() or os.cpu_count() or 1, table=table, choice=choice)
+                  threads=thread_count(), table=table, choice=choice)
 
 
 def tune(engine_dir: Path, prompts: tuple[str, ...] = CODE_PROMPTS) -> Tuning:

@@ -44,6 +44,11 @@ def configured_threads() -> int:
                      f"(got {value!r})")
 
 
+def thread_count() -> int:
+    """The threads programs run on: ``LEAPC_THREADS``, or every core."""
+    return configured_threads() or os.cpu_count() or 1
+
+
 class Compression(str, enum.Enum):
     """What a lowered program's outputs are used for, which bounds how approximate its
     weights may be. The backend decides what, if anything, that lets it compress

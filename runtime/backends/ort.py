@@ -6,7 +6,6 @@ Loading and running import only numpy and onnxruntime (edge deployments have no 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from leapc.runtime.backends.base import (
     BackendImpl,
     Compression,
     Device,
-    configured_threads,
+    thread_count,
 )
 from leapc.runtime.manifest import Attention, Backend
 
@@ -160,7 +159,7 @@ def _global_thread_pool() -> int:
     On the shared pool it takes 0.86 ms and the target step is unchanged (2.15 ms), and a
     draft-4 + verify cycle went from 9.2 to 7.3 ms (bundled model, E = 4).
     """
-    threads = configured_threads() or os.cpu_count() or 1
+    threads = thread_count()
     ort.set_global_thread_pool_sizes(threads, 1)
     return threads
 
