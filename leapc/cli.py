@@ -143,8 +143,9 @@ def build(
         None, help="corpus for --policy retrieval: text files/directories (repeatable), or "
                    "'bundled' (the bundled model's training corpus)"),
     quantize: Quantization = typer.Option(
-        Quantization.NONE, help="ort: store MatMul weights as int8 or int4 "
-                                           "(weight-only)"),
+        Quantization.NONE, help="ort: int8 weights and activations in leapc's kernel "
+                                "(AVX512-VNNI, compiled into the engine), int8-nbits / int4 "
+                                "in ONNX Runtime's MatMulNBits"),
     heads: int = typer.Option(0, help="add K decoding heads (policies medusa / hydra)"),
     head_kind: HeadKind = typer.Option(HeadKind.MEDUSA, help="medusa or hydra heads"),
     train_heads: list[Path] = typer.Option(

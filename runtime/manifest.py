@@ -41,7 +41,10 @@ class Backend(str, enum.Enum):
 
 class Quantization(str, enum.Enum):
     NONE = "none"  # weights as the model stores them (float32 here)
-    INT8 = "int8"  # MatMul weights int8 per 32-row block (ORT MatMulNBits), int8 compute
+    # MatMul weights int8 per 32 inputs, activations int8 per 32 on the fly: leapc's
+    # Q8MatMul (AVX512-VNNI; each row's result independent of the rows beside it)
+    INT8 = "int8"
+    INT8_NBITS = "int8-nbits"  # the same scheme in ONNX Runtime's MatMulNBits
     INT4 = "int4"  # the same with 4-bit weights: half the bytes a step streams
 
 
@@ -121,15 +124,16 @@ class ProgramEntry(_Frozen):
     file: str
     sha256: str
     signature: dict  # StepSignature.to_json(); shapes as strings of B, N, T
-    # Files the program reads beside its own (ONNX external weights, ``<file>.data``, which
-    # the exporter writes for programs over 2 GB): name -> digest.
+    # Files the program reads beside its own: name -> digest. ONNX external weights
+    # (``<file>.data``, which the exporter writes for programs over 2 GB), and the
+    # custom-op library compiled for it (``<stem>.ops.so``, `leapc.kernels.ort_ops`).
     data_files: dict[str, str] = {}
 
     @classmethod
     def of(cls, file: Path, signature: dict) -> ProgramEntry:
-        """The entry of a lowered program file (and its external data, if any), hashed."""
-        data = file.with_name(f"{file.name}.data")
-        extra = {data.name: sha256_file(data)} if data.is_file() else {}
+        """The entry of a lowered program file (and the files it reads, if any), hashed."""
+        beside = (file.with_name(f"{file.name}.data"), file.with_suffix(".ops.so"))
+        extra = {data.name: sha256_file(data) for data in beside if data.is_file()}
         return cls(file=file.name, sha256=sha256_file(file), signature=signature,
                    data_files=extra)
 

@@ -61,7 +61,8 @@ class Compression(str, enum.Enum):
     # Proposes, but from hidden states and KV rows the target reuses: only the vocabulary
     # projection may be approximate (the early-exit draft, kangaroo).
     VOCAB_PROJECTION = "vocab-projection"
-    INT8 = "int8"  # `--quantize int8`: the engine's own programs, weight-only int8
+    INT8 = "int8"  # `--quantize int8`: the engine's own programs, int8 (leapc's Q8MatMul)
+    INT8_NBITS = "int8-nbits"  # `--quantize int8-nbits`: the same in ORT's MatMulNBits
     INT4 = "int4"  # `--quantize int4`: the same, 4-bit
 
 

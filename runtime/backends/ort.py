@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from leapc.ir.errors import InputError
+from leapc.kernels.ort_ops import library_file
 from leapc.runtime.backends.base import (
     BackendImpl,
     Compression,
@@ -63,6 +64,7 @@ def quantize_weights(path: Path, vocab_size: int, bits: int = 8) -> None:
     integer weights, one float scale per 32 input rows of each column), in place: every
     MatMul with a constant weight, and the vocabulary projection (`_untie_vocab_projection`),
     the largest of them on small models. Embeddings and norms stay float32.
+    (`use_leapc_int8` is the same scheme in leapc's own kernel.)
 
     ``accuracy_level`` 4 lets ORT quantize each activation block to int8 on the fly and
     multiply in int8 (VNNI / AMX): measured on the bundled model, 2.06 ms a step against
@@ -77,6 +79,29 @@ def quantize_weights(path: Path, vocab_size: int, bits: int = 8) -> None:
     fuse_sibling_projections(model)  # exact on quantized weights (float32 programs stay unfused)
     _untie_vocab_projection(model, vocab_size)
     _quantize(model, path, bits, 32, exclude=())
+
+
+def use_leapc_int8(path: Path, vocab_size: int) -> None:
+    """Rewrite ``path`` with leapc's ``Q8MatMul`` (int8 weights per 32 inputs, int8
+    activations per 32 on the fly, as ``MatMulNBits`` at accuracy level 4), in place, and
+    compile the custom-op library beside it (`leapc.kernels.ort_ops.library_file`).
+
+    ``MatMulNBits`` costs ~M times its one-row time for M rows (a verify step of 8 tokens
+    cost ~2x a step of one on the bundled model); ``Q8MatMul`` reads each group of weights
+    once for four rows, and a row's result does not depend on the rows beside it
+    (docs/decisions.md, "leapc's int8 kernel")."""
+    import onnx
+
+    from leapc.kernels.ort_ops import compile_library, library_file
+    from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
+    from leapc.runtime.backends.onnx_q8_matmul import use_q8_matmul
+
+    model = onnx.load(str(path))
+    fuse_sibling_projections(model)
+    _untie_vocab_projection(model, vocab_size)
+    use_q8_matmul(model)
+    onnx.save_model(model, str(path))
+    compile_library(library_file(path))
 
 
 def quantize_vocab_projection(path: Path, vocab_size: int, bits: int = 8) -> list[str]:
@@ -199,8 +224,12 @@ class OrtStep:
     InferenceSession, called with its inputs in signature order."""
 
     def __init__(self, path: Path, device: Device = Device.CPU):
+        options = session_options()
+        ops = library_file(path)
+        if ops.is_file():  # leapc's custom ops, compiled with the program (an int8 engine)
+            options.register_custom_ops_library(str(ops))
         self.session = ort.InferenceSession(
-            str(path), session_options(), providers=list(PROVIDERS[device])
+            str(path), options, providers=list(PROVIDERS[device])
         )
         self.feeds = _feed_plan([i.name for i in self.session.get_inputs()])
         self.outputs = _output_plan([o.name for o in self.session.get_outputs()])
@@ -250,10 +279,13 @@ def _stack_layers(results: list[np.ndarray], parts: slice) -> np.ndarray:
 
 
 def compress(file: Path, program, compression: Compression) -> None:
-    """Weight-only `MatMulNBits`: int8 for a draft-only program and every program of a
-    ``--quantize int8`` engine, int4 for every program of a ``--quantize int4`` one, int8
-    for an early-exit draft's vocabulary projection only."""
-    if compression in (Compression.DRAFT, Compression.INT8):
+    """leapc's int8 ``Q8MatMul`` for every program of a ``--quantize int8`` engine;
+    weight-only `MatMulNBits`: int8 for a draft-only program and every program of an
+    ``int8-nbits`` engine, int4 for every program of an ``int4`` one, int8 for an early-exit
+    draft's vocabulary projection only."""
+    if compression is Compression.INT8:
+        use_leapc_int8(file, program.dims.vocab_size)
+    elif compression in (Compression.DRAFT, Compression.INT8_NBITS):
         quantize_weights(file, program.dims.vocab_size)
     elif compression is Compression.INT4:
         quantize_weights(file, program.dims.vocab_size, bits=4)
@@ -267,5 +299,5 @@ BACKEND = BackendImpl(
     load=lambda path, outputs, device: OrtStep(path, device=device),
     check_device=check_device, compress=compress,
     compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8,
-                          Compression.INT4}),
+                          Compression.INT8_NBITS, Compression.INT4}),
     attentions=frozenset(Attention))

@@ -1,0 +1,128 @@
+/* y[M, N] = x[M, K] @ W[K, N] with int8 weights and int8 activations, on AVX512-VNNI.
+
+   Weights: symmetric int8, one float scale per 32 inputs (K) per column, stored offset
+   by +128 as unsigned bytes so `vpdpbusd` (unsigned x signed) can take them as its first
+   operand. Packed in tiles of 16 columns: for tile t, K/4 groups of 64 bytes, each the
+   16 columns' four consecutive inputs k..k+3 (the dot-product unit of `vpdpbusd`).
+   Scales: for tile t, K/32 rows of 16 floats.
+
+   Activations: each row is quantized per block of 32 inputs (symmetric int8, scale =
+   max|x| / 127) and its block sums kept: sum_k (q_w + 128) q_a = sum_k q_w q_a + 128 *
+   sum_k q_a, so each block's exact integer dot product starts from -128 * sum q_a.
+
+   Why this kernel exists: every output element is
+       y = (((0 + i_0 * (w_0 * a_0)) + i_1 * (w_1 * a_1)) + ...)      (float32, block order)
+   with i_b the exact integer dot product of block b, whatever M is, whichever rows share
+   the call, and however the columns are split across threads. A verify step of N tokens
+   therefore computes each token's row bit for bit as a one-token step does (the
+   N-invariance speculative decoding needs), and M rows reuse each 64-byte weight load,
+   so a step of 8 tokens reads the weights once, like a step of one.
+   Built with -ffp-contract=off: the multiply and add above must not become one FMA
+   (the Python reference in `leapc.kernels.q8_gemm` reproduces the arithmetic exactly). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define Q8_BLOCK 32
+#define Q8_TILE 16
+
+/* Quantize rows of x [M, K] (K % 32 == 0): q [M, K] int8, sums and scales [M, K/32]. */
+void q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, int32_t *sums,
+                      float *scales) {
+    const int64_t blocks = K / Q8_BLOCK;
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t b = 0; b < blocks; ++b) {
+            const float *src = x + m * K + b * Q8_BLOCK;
+            __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
+            float amax = _mm512_reduce_max_ps(
+                _mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));  /* max is exact */
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            __m512 vinv = _mm512_set1_ps(inv);
+            __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, vinv));  /* round to even */
+            __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, vinv));
+            const __m512i lim = _mm512_set1_epi32(127);
+            qlo = _mm512_max_epi32(_mm512_min_epi32(qlo, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+            qhi = _mm512_max_epi32(_mm512_min_epi32(qhi, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+            _mm_storeu_si128((__m128i *)(q + m * K + b * Q8_BLOCK), _mm512_cvtepi32_epi8(qlo));
+            _mm_storeu_si128((__m128i *)(q + m * K + b * Q8_BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
+            sums[m * blocks + b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+            scales[m * blocks + b] = amax / 127.0f;
+        }
+    }
+}
+
+/* R rows x C column tiles of the output, all K: R * C accumulators stay in registers. */
+static inline __attribute__((always_inline)) void
+q8_block(const int R, const int C, const int8_t *q, const int32_t *sums, const float *scales,
+         int64_t K, const uint8_t *w, const float *ws, int64_t tile_w, int64_t tile_s,
+         float *y, int64_t N) {
+    const int64_t blocks = K / Q8_BLOCK;
+    __m512 acc[4][4];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512i dot[4][4];
+        for (int r = 0; r < R; ++r) {
+            __m512i start = _mm512_set1_epi32(-128 * sums[r * blocks + b]);
+            for (int c = 0; c < C; ++c) dot[r][c] = start;
+        }
+        for (int j = 0; j < Q8_BLOCK / 4; ++j) {
+            __m512i wv[4];
+            for (int c = 0; c < C; ++c)
+                wv[c] = _mm512_loadu_si512(w + c * tile_w + (b * Q8_BLOCK + 4 * j) * Q8_TILE);
+            for (int r = 0; r < R; ++r) {
+                __m512i a = _mm512_set1_epi32(*(const int32_t *)(q + r * K + b * Q8_BLOCK + 4 * j));
+                for (int c = 0; c < C; ++c) dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], wv[c], a);
+            }
+        }
+        for (int c = 0; c < C; ++c) {
+            __m512 s = _mm512_loadu_ps(ws + c * tile_s + b * Q8_TILE);
+            for (int r = 0; r < R; ++r) {
+                __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(scales[r * blocks + b]));
+                acc[r][c] = _mm512_add_ps(acc[r][c],
+                                          _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r][c]), scale));
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + r * N + c * Q8_TILE, acc[r][c]);
+}
+
+#define Q8_VARIANT(R, C)                                                                    \
+    static void q8_block_##R##x##C(const int8_t *q, const int32_t *sums, const float *sc,   \
+                                   int64_t K, const uint8_t *w, const float *ws,            \
+                                   int64_t tw, int64_t ts, float *y, int64_t N) {           \
+        q8_block(R, C, q, sums, sc, K, w, ws, tw, ts, y, N);                                \
+    }
+Q8_VARIANT(4, 2) Q8_VARIANT(3, 2) Q8_VARIANT(2, 2) Q8_VARIANT(1, 2) Q8_VARIANT(1, 4)
+Q8_VARIANT(4, 1) Q8_VARIANT(3, 1) Q8_VARIANT(2, 1) Q8_VARIANT(1, 1)
+
+typedef void (*q8_block_fn)(const int8_t *, const int32_t *, const float *, int64_t,
+                            const uint8_t *, const float *, int64_t, int64_t, float *, int64_t);
+
+/* Output columns [16 t0, 16 t1) of every row: the unit a thread takes. Tiles go two at a
+   time (four for a single row), and every group of four rows runs over them while they
+   sit in L1, so each 64-byte weight load feeds up to eight accumulators. */
+void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, int64_t M,
+                   int64_t K, const uint8_t *w, const float *ws, int64_t N, float *y,
+                   int64_t t0, int64_t t1) {
+    static const q8_block_fn pair[5] = {0, q8_block_1x2, q8_block_2x2, q8_block_3x2, q8_block_4x2};
+    static const q8_block_fn one[5] = {0, q8_block_1x1, q8_block_2x1, q8_block_3x1, q8_block_4x1};
+    const int64_t blocks = K / Q8_BLOCK, tile_w = K * Q8_TILE, tile_s = blocks * Q8_TILE;
+    const int C = M == 1 ? 4 : 2;
+    int64_t t = t0;
+    for (; t + C <= t1; t += C)
+        for (int64_t m = 0; m < M; m += 4) {
+            const int R = M - m < 4 ? (int)(M - m) : 4;
+            (C == 4 ? q8_block_1x4 : pair[R])(
+                q + m * K, sums + m * blocks, scales + m * blocks, K, w + t * tile_w,
+                ws + t * tile_s, tile_w, tile_s, y + m * N + t * Q8_TILE, N);
+        }
+    for (; t < t1; ++t)
+        for (int64_t m = 0; m < M; m += 4) {
+            const int R = M - m < 4 ? (int)(M - m) : 4;
+            one[R](q + m * K, sums + m * blocks, scales + m * blocks, K, w + t * tile_w,
+                   ws + t * tile_s, tile_w, tile_s, y + m * N + t * Q8_TILE, N);
+        }
+}

@@ -1,0 +1,105 @@
+"""leapc's int8 ``Q8MatMul`` (kernels/native/q8_gemm.c) run by ONNX Runtime: equal bit for
+bit to the Python reference, a row's result independent of the rows beside it, and the
+layout round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from leapc.kernels import q8_gemm
+from leapc.kernels.ort_ops import DOMAIN, compile_library
+from leapc.runtime.backends.onnx_q8_matmul import use_q8_matmul
+
+pytestmark = pytest.mark.skipif(
+    "avx512_vnni" not in open("/proc/cpuinfo").read(),
+    reason="Q8MatMul needs a CPU with AVX512-VNNI")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    return compile_library(tmp_path_factory.mktemp("ops") / "ops.so")
+
+
+def _matmul_model(weight: np.ndarray, rank: int = 2):
+    """``y = x @ weight`` as a float ONNX model, ``x`` of the given rank."""
+    n = weight.shape[1]
+    dims = ["B", "M", "K"][-rank:]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims[:-1], n])],
+        [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _session(model, library):
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(library))
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k, n", [(320, 448), (864, 320), (64, 48), (96, 2048)])
+def test_q8_matmul_equals_the_reference_bit_for_bit(library, k, n):
+    rng = np.random.default_rng(k + n)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    model = _matmul_model(weight)
+    assert use_q8_matmul(model) == 1
+    assert [node.op_type for node in model.graph.node] == ["Q8MatMul"]
+    assert {i.name for i in model.graph.initializer} == {"w.q8", "w.q8_scales"}
+    session = _session(model, library)
+    packed, scales = q8_gemm.pack_weights(weight)
+    for rows in (1, 2, 3, 5, 8, 17, 32):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        np.testing.assert_array_equal(session.run(None, {"x": x})[0],
+                                      q8_gemm.reference(x, packed, scales))
+    # and close to float32: int8 per 32 inputs, both operands
+    x = rng.standard_normal((8, k)).astype(np.float32)
+    exact = x @ weight
+    assert np.abs(session.run(None, {"x": x})[0] - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(library):
+    """The N-invariance a verify step needs: row i of an M-row call equals the same row
+    alone, at every M and position (3-D inputs, as the step program's)."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((320, 1728)).astype(np.float32)
+    model = _matmul_model(weight, rank=3)
+    use_q8_matmul(model)
+    session = _session(model, library)
+    x = rng.standard_normal((1, 16, 320)).astype(np.float32) * 3
+    alone = np.concatenate([session.run(None, {"x": x[:, i:i + 1]})[0] for i in range(16)], 1)
+    for width in (2, 5, 8, 16):
+        for start in (0, 16 - width):
+            wide = session.run(None, {"x": x[:, start:start + width]})[0]
+            np.testing.assert_array_equal(wide, alone[:, start:start + width])
+
+
+def test_weights_the_kernel_cannot_block_stay_float():
+    model = _matmul_model(np.ones((40, 48), np.float32))  # 40 inputs: not a multiple of 32
+    assert use_q8_matmul(model) == 0
+    assert [node.op_type for node in model.graph.node] == ["MatMul"]
+    assert all(o.domain != DOMAIN for o in model.opset_import)
+
+
+def test_packing_round_trips():
+    weight = np.random.default_rng(1).standard_normal((96, 64)).astype(np.float32)
+    q, scales = q8_gemm.quantize_weights(weight)
+    assert np.abs(q).max() == 127
+    unpacked_q, unpacked_scales = q8_gemm.unpack_weights(*q8_gemm.pack_weights(weight))
+    np.testing.assert_array_equal(unpacked_q, q)
+    np.testing.assert_array_equal(unpacked_scales, scales)
+    with pytest.raises(ValueError, match="K % 32 == 0 and N % 16 == 0, got 96 x 40"):
+        q8_gemm.pack_weights(np.ones((96, 40), np.float32))
+
+
+def test_a_mismatched_weight_is_refused_with_its_shapes(library):
+    model = _matmul_model(np.ones((64, 32), np.float32))
+    use_q8_matmul(model)
+    session = _session(model, library)
+    with pytest.raises(Exception, match=r"x \[\.\.\., 96\] does not match packed weights"):
+        session.run(None, {"x": np.ones((1, 96), np.float32)})
