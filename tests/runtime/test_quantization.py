@@ -155,3 +155,17 @@ def test_width_invariant_attention_needs_the_ort_backend(tmp_path):
     with pytest.raises(InputError, match=r"^--attention invariant needs the ort backend "
                                          r"\(got eager\)$"):
         leapc.build(tiny_source("llama"), tmp_path, "eager", attention="invariant")
+
+
+def test_int8_kernels_are_a_build_choice():
+    """``int8`` is leapc's Q8MatMul, ``int8-nbits`` ORT's MatMulNBits: the same scheme,
+    each program compressed the way its engine names, and both width-invariant."""
+    from leapc.runtime.backends.base import Compression
+    from leapc.stage import BuildOptions
+
+    for name, kernel in (("int8", Compression.INT8), ("int8-nbits", Compression.INT8_NBITS)):
+        options = BuildOptions.parse("ort", quantize=name)
+        assert options.quantize is Quantization(name)
+        assert options.attention is Attention.INVARIANT
+        assert options.lowering.compression(Compression.NONE) is kernel
+        assert options.lowering.compression(Compression.DRAFT) is kernel
