@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from leapc.kernels import q8_gemm
 from leapc.kernels.ort_ops import DOMAIN, compile_library
 from leapc.runtime.backends.onnx_q8_matmul import use_q8_matmul
+from leapc.runtime.backends.ort import session_options
 
 pytestmark = pytest.mark.skipif(
     "avx512_vnni" not in open("/proc/cpuinfo").read(),
@@ -36,9 +37,8 @@ def _matmul_model(weight: np.ndarray, rank: int = 2):
 
 
 def _session(model, library):
-    options = ort.SessionOptions()
+    options = session_options()  # the process's one ORT pool, as engines run
     options.register_custom_ops_library(str(library))
-    options.intra_op_num_threads = 2
     return ort.InferenceSession(model.SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
 
