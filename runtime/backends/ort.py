@@ -71,14 +71,7 @@ def quantize_weights(path: Path, vocab_size: int, bits: int = 8) -> None:
     2.66 ms in float32, while level 1 (dequantize the weights, multiply in float32) took
     11.7 ms. So the weights are what is stored quantized, and the arithmetic is int8 too.
     """
-    import onnx
-
-    from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
-
-    model = onnx.load(str(path))
-    fuse_sibling_projections(model)  # exact on quantized weights (float32 programs stay unfused)
-    _untie_vocab_projection(model, vocab_size)
-    _quantize(model, path, bits, 32, exclude=())
+    _quantize(_load_for_int_weights(path, vocab_size), path, bits, 32, exclude=())
 
 
 def use_leapc_int8(path: Path, vocab_size: int) -> None:
@@ -92,16 +85,27 @@ def use_leapc_int8(path: Path, vocab_size: int) -> None:
     (docs/decisions.md, "leapc's int8 kernel")."""
     import onnx
 
-    from leapc.kernels.ort_ops import compile_library, library_file
-    from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
+    from leapc.kernels.ort_ops import compile_library
     from leapc.runtime.backends.onnx_q8_matmul import use_q8_matmul
+
+    model = _load_for_int_weights(path, vocab_size)
+    use_q8_matmul(model)
+    onnx.save_model(model, str(path))
+    compile_library(library_file(path))
+
+
+def _load_for_int_weights(path: Path, vocab_size: int):
+    """The program at ``path`` with every weight an integer kernel may take as a constant
+    MatMul operand: sibling projections fused (exact on quantized weights; float32 programs
+    stay unfused) and the vocabulary projection untied from the embedding table."""
+    import onnx
+
+    from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
 
     model = onnx.load(str(path))
     fuse_sibling_projections(model)
     _untie_vocab_projection(model, vocab_size)
-    use_q8_matmul(model)
-    onnx.save_model(model, str(path))
-    compile_library(library_file(path))
+    return model
 
 
 def quantize_vocab_projection(path: Path, vocab_size: int, bits: int = 8) -> list[str]:
