@@ -9,8 +9,30 @@ from __future__ import annotations
 
 import torch
 from onnxscript import opset23 as op
+from onnxscript.values import Op, Opset
 
 import leapc.kernels.tree_attention  # noqa: F401  (declares torch.ops.leapc.tree_attention)
+from leapc.kernels.ort_ops import DOMAIN
+from leapc.runtime.manifest import Attention
+
+
+def _tree_attention_schema():
+    """The signature of ``ai.leapc::TreeAttention`` (kernels/native/ort_ops.c), which
+    onnxscript needs to build the node: inputs in order, one float attribute."""
+    from onnx.defs import OpSchema
+
+    floats = ("q", "k_past", "k_new", "v_past", "v_new")
+    inputs = [OpSchema.FormalParameter(name, "tensor(float)") for name in floats]
+    inputs += [OpSchema.FormalParameter("past_len", "tensor(int64)"),
+               OpSchema.FormalParameter("tree_mask", "tensor(bool)")]
+    return OpSchema(
+        "TreeAttention", DOMAIN, 1, inputs=inputs,
+        outputs=[OpSchema.FormalParameter("out", "tensor(float)")],
+        attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scores' factor")])
+
+
+_leapc_ops = Opset(DOMAIN, 1)  # leapc's ONNX Runtime ops (`leapc.kernels.ort_ops`)
+_tree_attention_op = Op(_leapc_ops, "TreeAttention", _tree_attention_schema())
 
 # Opset 23 has fused Attention (native GQA, boolean mask), RMSNormalization and
 # RotaryEmbedding, which the exporter emits for the whole step program.
@@ -129,9 +151,33 @@ def _ones_columns(v):
                      op.Concat(op.Shape(v, start=0, end=3), op.Constant(value_ints=[2]), axis=0))
 
 
-def translations(width_invariant: bool = False) -> dict:
-    """The translation table for one export; ``width_invariant`` lowers tree attention with
-    `_width_invariant_attention` instead of the fused ``Attention`` node.
+def _cache_and_new(keys, new):
+    """``keys [B, Hkv, T + N, D]`` as the cache ``[.., T, D]`` and the step's own
+    ``[.., N, D]``: the inputs of the model's ``cat`` when it made them (then that copy of
+    the cache goes unused and the exporter drops it), else two slices."""
+    producer = keys.producer()
+    if (producer is not None and producer.op_type == "Concat" and len(producer.inputs) == 2
+            and producer.attributes["axis"].value in (2, -2)):
+        return producer.inputs[0], producer.inputs[1]
+    total = op.Shape(keys, start=2, end=3)
+    past = op.Sub(total, new)
+    two = op.Constant(value_ints=[2])
+    return (op.Slice(keys, op.Constant(value_ints=[0]), past, two),
+            op.Slice(keys, past, total, two))
+
+
+def _kernel_attention(q, k, v, past_len, tree_mask, scale: float):
+    """leapc's ``TreeAttention`` kernel (kernels/native/tree_attention.c): width-invariant
+    by construction at any length, reading the cache where it is."""
+    new = op.Shape(tree_mask, start=1, end=2)
+    return _tree_attention_op(q, *_cache_and_new(k, new), *_cache_and_new(v, new),
+                                  past_len, tree_mask, scale=scale)
+
+
+def translations(attention: Attention = Attention.TREE) -> dict:
+    """The translation table for one export: tree attention as the fused ``Attention``
+    node (``TREE``), `_width_invariant_attention` (``INVARIANT``) or leapc's kernel
+    (``KERNEL``).
 
     Every layer's tree attention reads the same ``past_len`` and ``tree_mask`` and keys of
     the same symbolic length, so all layers share one mask. Built per layer from the
@@ -145,12 +191,14 @@ def translations(width_invariant: bool = False) -> dict:
         """Query head h reads KV head h // G (GQA without repeating the cache); the
         boolean mask (True: attend) hides exactly the keys the reference sets to -inf;
         every row sees its own diagonal, so none is empty."""
+        if attention is Attention.KERNEL:
+            return _kernel_attention(q, k, v, past_len, tree_mask, scale)
         total = k.shape[2]
         known = isinstance(total, int) or total.value is not None
         key = (past_len, tree_mask, total if known else k)
         if key not in masks:
             masks[key] = _visible_keys(past_len, tree_mask, op.Shape(k, start=2, end=3))
-        if not width_invariant:
+        if attention is not Attention.INVARIANT:
             out, _, _, _ = op.Attention(q, k, v, masks[key], scale=scale)  # native GQA
             return out
         if key not in shared:  # shared by the layers, like the mask

@@ -17,12 +17,12 @@ from pathlib import Path
 from leapc.ir.errors import InputError
 
 DOMAIN = "ai.leapc"
-SOURCES = ("q8_gemm.c", "ort_ops.c")
+SOURCES = ("q8_gemm.c", "tree_attention.c", "ort_ops.c")
 # AVX-512 with VNNI (any CPU that has it: no -march=native, so an engine built on one
 # machine runs on another); no contraction of multiply-add into FMA, since the kernels'
 # results are defined operation by operation (`leapc.kernels.q8_gemm.reference`).
 FLAGS = ("-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-         "-ffp-contract=off", "-fvisibility=hidden", "-fPIC", "-shared")
+         "-ffp-contract=off", "-fvisibility=hidden", "-fPIC", "-pthread", "-shared")
 
 
 def library_file(program: Path) -> Path:

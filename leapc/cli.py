@@ -128,9 +128,10 @@ def build(
     output: Path = typer.Option(..., "-o", "--output", help="engine directory to write"),
     backend: Backend = typer.Option(Backend.ORT, help="engine backend"),
     attention: str = typer.Option(None, help="attention lowering: dense | tree | invariant "
-                                             "(ort: rows the same in steps of any width, up "
-                                             "to 1024 keys; default on int8, else the "
-                                             "faster one on the backend)"),
+                                             "| kernel (ort: rows the same in steps of any "
+                                             "width; invariant up to 1024 keys, kernel is "
+                                             "leapc's AVX-512 op and the default on int8; "
+                                             "else the faster one on the backend)"),
     max_seq: int = typer.Option(None, help="longest sequence (prompt + generation)"),
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
     draft_model: str = typer.Option(None, help="draft model for --policy draft "

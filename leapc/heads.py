@@ -33,7 +33,6 @@ from leapc.models.loaders import BUNDLED, SourceModel
 from leapc.models.train_heads import HeadsTraining, train_heads
 from leapc.runtime.backends.base import Compression, lower_program
 from leapc.runtime.manifest import (
-    Attention,
     Backend,
     HeadsInfo,
     ProgramEntry,
@@ -240,9 +239,10 @@ def check_heads(options: BuildOptions) -> None:
     heads = options.heads
     if options.backend is Backend.TENSORRT:
         raise InputError("decoding heads are not supported on the tensorrt backend yet")
-    if options.quantize is not Quantization.NONE and options.attention is not Attention.INVARIANT:
+    if options.quantize is not Quantization.NONE and not options.attention.width_invariant:
         raise InputError(f"decoding heads on {options.quantize.value} weights need --attention "
-                         "invariant (without it, verification there does not reproduce ar)")
+                         "kernel or invariant (without it, verification there does not "
+                         "reproduce ar)")
     if heads.count < 1:
         raise InputError(f"--heads must be at least 1 (got {heads.count})")
     if heads.placement is HeadPlacement.STEP and heads.kind is HeadKind.HYDRA:

@@ -88,9 +88,12 @@ class BuildOptions:
 
 
 def _attention(value: str | None, backend: Backend, quantization: Quantization) -> Attention:
-    """The chosen lowering; by default the backend's faster one, or on int8 weights the
-    width-invariant one, without which no drafting policy reproduces `ar` there."""
+    """The chosen lowering; by default the backend's faster one, or on integer weights a
+    width-invariant one, without which no drafting policy reproduces `ar` there: leapc's
+    kernel where the engine carries leapc's library anyway (``int8``), else the ONNX one."""
     if value is None:
+        if quantization is Quantization.INT8:
+            return Attention.KERNEL
         return (Attention.INVARIANT if quantization is not Quantization.NONE
                 else BACKENDS[backend].default_attention)
     chosen = parse_choice(Attention, value, "attention lowering")

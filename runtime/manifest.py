@@ -57,11 +57,19 @@ class Attention(str, enum.Enum):
     # width and wherever free cache slots sit, up to INVARIANT_MAX_KEYS keys
     # (`_width_invariant_attention`; ORT only)
     INVARIANT = "invariant"
+    # TREE as leapc's own kernel (``ai.leapc::TreeAttention``, compiled into the engine;
+    # ORT on AVX-512 only): width-invariant at any length, reads the cache in place
+    KERNEL = "kernel"
 
     @property
     def compact_mask(self) -> bool:
         """Whether the step program computes attention with ``leapc.tree_attention``."""
         return self is not Attention.DENSE
+
+    @property
+    def width_invariant(self) -> bool:
+        """Whether a token's row of every output is bit-identical in steps of any width."""
+        return self in (Attention.INVARIANT, Attention.KERNEL)
 
 
 # The longest row (past + new keys) INVARIANT attention keeps bit-identical: ONNX Runtime's
@@ -345,16 +353,16 @@ class Manifest(_Frozen):
 
         On int8 weights ORT quantizes activations on the fly, which turns the ~1e-7 a row
         of attention moves between step widths into a whole quantization step (1e-3..2e-2
-        on the logits): only width-invariant attention, which holds up to
-        `INVARIANT_MAX_KEYS`, verifies exactly there. Float32 steps move by ~1e-6 of the
+        on the logits): only width-invariant attention verifies exactly there (leapc's
+        kernel at any length; the ONNX lowering up to `INVARIANT_MAX_KEYS`). Float32 steps move by ~1e-6 of the
         logits, and greedy verification has emitted `ar`'s tokens in every test."""
         if self.quantization is Quantization.NONE:
             return None
-        if self.attention is not Attention.INVARIANT:
+        if self.attention is None or not self.attention.width_invariant:
             attention = getattr(self.attention, "value", "not recorded")
-            return (f"needs float weights or --attention invariant to draft (the engine is "
-                    f"{self.quantization.value}, attention {attention})")
-        if self.max_seq > INVARIANT_MAX_KEYS:
+            return (f"needs float weights or --attention kernel|invariant to draft (the engine "
+                    f"is {self.quantization.value}, attention {attention})")
+        if self.attention is Attention.INVARIANT and self.max_seq > INVARIANT_MAX_KEYS:
             return (f"needs --max-seq <= {INVARIANT_MAX_KEYS} to draft on "
                     f"{self.quantization.value} weights (the engine's is {self.max_seq})")
         return None

@@ -55,7 +55,8 @@ typedef enum ONNXTensorElementDataType {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 = 2,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 = 3,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 = 6,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 = 7
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 = 7,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL = 9
 } ONNXTensorElementDataType;
 
 typedef enum OrtErrorCode {
@@ -152,6 +153,7 @@ struct OrtCustomOp {
 #define LC_ORT_SLOT_GetDimensionsCount 61                 /* GetDimensionsCount */
 #define LC_ORT_SLOT_GetDimensions 62                      /* GetDimensions */
 #define LC_ORT_SLOT_GetTensorTypeAndShape 65              /* GetTensorTypeAndShape */
+#define LC_ORT_SLOT_KernelInfoGetAttribute_float 85       /* KernelInfoGetAttribute_float */
 #define LC_ORT_SLOT_KernelInfoGetAttribute_int64 86       /* KernelInfoGetAttribute_int64 */
 #define LC_ORT_SLOT_KernelContext_GetInputCount 88        /* KernelContext_GetInputCount */
 #define LC_ORT_SLOT_KernelContext_GetOutputCount 89       /* KernelContext_GetOutputCount */
@@ -207,6 +209,14 @@ static inline OrtStatus *lc_ort_AddCustomOpDomain(const OrtApi *api, OrtSessionO
                                                   OrtCustomOpDomain *domain) {
     typedef OrtStatus *(LC_ORT_CALL * fn_t)(OrtSessionOptions *, OrtCustomOpDomain *);
     return ((fn_t)LC_ORT_SLOT(api, LC_ORT_SLOT_AddCustomOpDomain))(options, domain);
+}
+
+/* Fails (non-NULL status) when the node has no such attribute. */
+static inline OrtStatus *lc_ort_KernelInfoGetAttribute_float(const OrtApi *api,
+                                                             const OrtKernelInfo *info,
+                                                             const char *name, float *out) {
+    typedef OrtStatus *(LC_ORT_CALL * fn_t)(const OrtKernelInfo *, const char *, float *);
+    return ((fn_t)LC_ORT_SLOT(api, LC_ORT_SLOT_KernelInfoGetAttribute_float))(info, name, out);
 }
 
 /* Fails (non-NULL status) when the node has no such attribute. */

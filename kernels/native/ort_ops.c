@@ -4,10 +4,17 @@
    runs `q8_gemm.c` on every row of x: w and s are the weight in that kernel's tiled layout
    (`leapc.kernels.q8_gemm.pack_weights`). The rows' activations are quantized once, then
    the column tiles are shared out over ORT's intra-op pool (KernelContext_ParallelFor);
-   a column's arithmetic does not depend on which thread computes it. */
+   a column's arithmetic does not depend on which thread computes it.
+
+   TreeAttention(q, k_past, k_new, v_past, v_new, past_len, tree_mask; scale) -> out runs
+   `tree_attention.c` (shapes in tree_attention.h): one task per (batch row, KV head) to
+   transpose the keys, then tasks of query rows; a row's arithmetic does not depend on the
+   task it falls in. */
 
 #include "ort_abi.h"
+#include "tree_attention.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +27,7 @@ void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, in
 
 #define TILES_PER_TASK 8 /* 128 columns: a multiple of the kernel's 2- and 4-tile groups */
 #define MAX_RANK 8
+#define MAX_INPUTS 7
 
 #define TRY(expr)                \
     do {                         \
@@ -27,9 +35,86 @@ void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, in
         if (st_) return st_;     \
     } while (0)
 
+/* One op of the library: ORT hands `base` back to every callback, which finds the rest. */
+typedef struct {
+    OrtCustomOp base;
+    const char *name;
+    size_t inputs;
+    ONNXTensorElementDataType input_types[MAX_INPUTS];
+} Op;
+
 typedef struct {
     const OrtApi *api;
+    float scale; /* TreeAttention's attribute */
 } Kernel;
+
+/* The calling thread's scratch memory, grown as needed and kept between calls: a fresh
+   allocation of a step's few hundred KB is mmap'ed and page-faulted on every call, which
+   cost more than the attention it served. Freed when the thread exits. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+typedef struct {
+    size_t bytes;
+    void *data;
+} Scratch;
+
+static void free_scratch(void *p) {
+    free(((Scratch *)p)->data);
+    free(p);
+}
+
+static void make_scratch_key(void) { pthread_key_create(&scratch_key, free_scratch); }
+
+static void *scratch_memory(size_t bytes) {
+    pthread_once(&scratch_once, make_scratch_key);
+    Scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        if (!(s = calloc(1, sizeof *s))) return NULL;
+        pthread_setspecific(scratch_key, s);
+    }
+    if (s->bytes < bytes) {
+        free(s->data);
+        s->bytes = (bytes + 63) / 64 * 64;
+        if (!(s->data = aligned_alloc(64, s->bytes))) s->bytes = 0;
+    }
+    return s->data;
+}
+
+static OrtStatus *invalid(const OrtApi *api, const char *message) {
+    return lc_ort_CreateStatus(api, ORT_INVALID_ARGUMENT, message);
+}
+
+static OrtStatus *out_of_memory(const OrtApi *api) {
+    return lc_ort_CreateStatus(api, ORT_FAIL, "leapc ops: out of memory");
+}
+
+/* Input `index`: its data and dims (at most MAX_RANK, exactly `want_rank` unless 0),
+   checking its element type. */
+static OrtStatus *input(const OrtApi *api, OrtKernelContext *ctx, size_t index,
+                        ONNXTensorElementDataType want, size_t want_rank, void **data,
+                        int64_t *dims, size_t *rank) {
+    const OrtValue *value;
+    TRY(lc_ort_KernelContext_GetInput(api, ctx, index, &value));
+    OrtTensorTypeAndShapeInfo *info = NULL;
+    TRY(lc_ort_GetTensorTypeAndShape(api, value, &info));
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    OrtStatus *st = lc_ort_GetTensorElementType(api, info, &type);
+    if (!st) st = lc_ort_GetDimensionsCount(api, info, rank);
+    if (!st && (*rank > MAX_RANK || *rank == 0 || (want_rank && *rank != want_rank) ||
+                type != want)) {
+        char message[120];
+        snprintf(message, sizeof message,
+                 "leapc ops: input %zu has the wrong element type or rank", index);
+        st = invalid(api, message);
+    }
+    if (!st) st = lc_ort_GetDimensions(api, info, dims, *rank);
+    lc_ort_ReleaseTensorTypeAndShapeInfo(api, info);
+    if (!st) st = lc_ort_GetTensorMutableData(api, (OrtValue *)value, data);
+    return st;
+}
+
+/* ---- Q8MatMul ---- */
 
 typedef struct {
     const int8_t *q;
@@ -39,48 +124,26 @@ typedef struct {
     const uint8_t *w;
     const float *ws;
     float *y;
-} Job;
+} MatMulJob;
 
-static void run_task(void *user, size_t task) {
-    const Job *job = (const Job *)user;
+static void matmul_task(void *user, size_t task) {
+    const MatMulJob *job = (const MatMulJob *)user;
     const int64_t t0 = (int64_t)task * TILES_PER_TASK;
     const int64_t t1 = t0 + TILES_PER_TASK < job->tiles ? t0 + TILES_PER_TASK : job->tiles;
     q8_gemm_tiles(job->q, job->sums, job->scales, job->M, job->K, job->w, job->ws, job->N,
                   job->y, t0, t1);
 }
 
-static OrtStatus *invalid(const OrtApi *api, const char *message) {
-    return lc_ort_CreateStatus(api, ORT_INVALID_ARGUMENT, message);
-}
-
-/* The dims of input `index` (at most MAX_RANK), checking its element type. */
-static OrtStatus *input_shape(const OrtApi *api, OrtKernelContext *ctx, size_t index,
-                              ONNXTensorElementDataType want, const OrtValue **value,
-                              int64_t *dims, size_t *rank) {
-    TRY(lc_ort_KernelContext_GetInput(api, ctx, index, value));
-    OrtTensorTypeAndShapeInfo *info = NULL;
-    TRY(lc_ort_GetTensorTypeAndShape(api, *value, &info));
-    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    OrtStatus *st = lc_ort_GetTensorElementType(api, info, &type);
-    if (!st) st = lc_ort_GetDimensionsCount(api, info, rank);
-    if (!st && (*rank > MAX_RANK || *rank == 0 || type != want))
-        st = invalid(api, "leapc Q8MatMul: an input has the wrong element type or rank");
-    if (!st) st = lc_ort_GetDimensions(api, info, dims, *rank);
-    lc_ort_ReleaseTensorTypeAndShapeInfo(api, info);
-    return st;
-}
-
-static OrtStatus *LC_ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
+static OrtStatus *LC_ORT_CALL q8_matmul(void *kernel, OrtKernelContext *ctx) {
     const OrtApi *api = ((const Kernel *)kernel)->api;
-    const OrtValue *xv, *wv, *sv;
+    void *x, *w, *s, *y;
     int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK];
     size_t xr, wr, sr;
-    TRY(input_shape(api, ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &xv, xd, &xr));
-    TRY(input_shape(api, ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, &wv, wd, &wr));
-    TRY(input_shape(api, ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &sv, sd, &sr));
+    TRY(input(api, ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, &x, xd, &xr));
+    TRY(input(api, ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 2, &w, wd, &wr));
+    TRY(input(api, ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2, &s, sd, &sr));
     const int64_t K = xd[xr - 1], tiles = wd[0], N = 16 * tiles;
-    if (wr != 2 || sr != 2 || K % 32 != 0 || wd[1] != 16 * K || sd[0] != tiles ||
-        sd[1] != K / 2) {
+    if (K % 32 != 0 || wd[1] != 16 * K || sd[0] != tiles || sd[1] != K / 2) {
         char message[200];
         snprintf(message, sizeof message,
                  "leapc Q8MatMul: x [..., %lld] does not match packed weights [%lld, %lld] "
@@ -95,47 +158,139 @@ static OrtStatus *LC_ORT_CALL compute(void *kernel, OrtKernelContext *ctx) {
     OrtValue *yv;
     TRY(lc_ort_KernelContext_GetOutput(api, ctx, 0, yd, xr, &yv));
     if (M == 0) return NULL;
-    void *x, *w, *s, *y;
-    TRY(lc_ort_GetTensorMutableData(api, (OrtValue *)xv, &x));
-    TRY(lc_ort_GetTensorMutableData(api, (OrtValue *)wv, &w));
-    TRY(lc_ort_GetTensorMutableData(api, (OrtValue *)sv, &s));
     TRY(lc_ort_GetTensorMutableData(api, yv, &y));
 
     const int64_t blocks = K / 32;
-    char *scratch = malloc((size_t)(M * K + M * blocks * (sizeof(int32_t) + sizeof(float))));
-    if (!scratch) return lc_ort_CreateStatus(api, ORT_FAIL, "leapc Q8MatMul: out of memory");
+    char *scratch = scratch_memory((size_t)(M * K + M * blocks * (sizeof(int32_t) + sizeof(float))));
+    if (!scratch) return out_of_memory(api);
     int8_t *q = (int8_t *)scratch;
     int32_t *sums = (int32_t *)(scratch + M * K);
     float *scales = (float *)(sums + M * blocks);
     q8_quantize_rows((const float *)x, M, K, q, sums, scales);
-    Job job = {q, sums, scales, M, K, N, tiles, (const uint8_t *)w, (const float *)s, (float *)y};
+    MatMulJob job = {q, sums, scales, M, K, N, tiles, (const uint8_t *)w, (const float *)s,
+                     (float *)y};
     const size_t tasks = (size_t)((tiles + TILES_PER_TASK - 1) / TILES_PER_TASK);
-    OrtStatus *st = lc_ort_KernelContext_ParallelFor(api, ctx, run_task, tasks, 0, &job);
-    free(scratch);
-    return st;
+    return lc_ort_KernelContext_ParallelFor(api, ctx, matmul_task, tasks, 0, &job);
 }
+
+/* ---- TreeAttention ---- */
+
+typedef struct {
+    LcTreeAttention args;
+    float *kt;      /* B * Hkv transposed key blocks */
+    float *scratch; /* one block per task */
+    int64_t chunks, nodes_per_task;
+} AttentionJob;
+
+static void transpose_task(void *user, size_t bh) {
+    const AttentionJob *job = (const AttentionJob *)user;
+    const int64_t size = job->args.D * lc_tree_attention_kt_stride(&job->args);
+    lc_tree_attention_transpose(&job->args, (int64_t)bh, job->kt + (int64_t)bh * size);
+}
+
+static void rows_task(void *user, size_t task) {
+    const AttentionJob *job = (const AttentionJob *)user;
+    const int64_t bh = (int64_t)task / job->chunks, chunk = (int64_t)task % job->chunks;
+    if (job->chunks == 1) transpose_task(user, (size_t)bh); /* no other task reads its keys */
+    const int64_t n0 = chunk * job->nodes_per_task;
+    const int64_t n1 = n0 + job->nodes_per_task < job->args.N ? n0 + job->nodes_per_task
+                                                             : job->args.N;
+    const int64_t size = job->args.D * lc_tree_attention_kt_stride(&job->args);
+    lc_tree_attention_rows(&job->args, bh, job->kt + bh * size, n0, n1,
+                           job->scratch + (int64_t)task * lc_tree_attention_scratch(&job->args));
+}
+
+/* Reads the inputs into `a`, checking that their shapes agree. */
+static OrtStatus *attention_inputs(const OrtApi *api, OrtKernelContext *ctx, LcTreeAttention *a) {
+    void *data[7];
+    int64_t d[7][MAX_RANK];
+    size_t rank;
+    static const size_t ranks[7] = {4, 4, 4, 4, 4, 1, 3};
+    for (size_t i = 0; i < 7; ++i)
+        TRY(input(api, ctx, i,
+                  i < 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                        : i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                                 : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+                  ranks[i], &data[i], d[i], &rank));
+    *a = (LcTreeAttention){data[0], data[1], data[2], data[3], data[4], data[5], data[6], NULL,
+                           d[0][0], d[0][1], d[1][1], d[0][2], d[1][2], d[0][3], d[3][3], 0.0f};
+    int ok = a->Hkv > 0 && a->H % a->Hkv == 0 && d[1][3] == a->D;
+    for (size_t i = 1; i < 5; ++i) ok = ok && d[i][0] == a->B && d[i][1] == a->Hkv;
+    ok = ok && d[2][2] == a->N && d[3][2] == a->T && d[4][2] == a->N && d[4][3] == a->Dv &&
+         d[2][3] == a->D && d[5][0] == a->B && d[6][0] == a->B && d[6][1] == a->N &&
+         d[6][2] == a->N;
+    if (!ok) {
+        char message[300];
+        snprintf(message, sizeof message,
+                 "leapc TreeAttention: q [%lld, %lld, %lld, %lld] does not fit k_past [B, Hkv, T, "
+                 "D], k_new [B, Hkv, N, D], v_past [B, Hkv, T, Dv], v_new [B, Hkv, N, Dv], "
+                 "past_len [B], tree_mask [B, N, N] (H a multiple of Hkv)",
+                 (long long)d[0][0], (long long)d[0][1], (long long)d[0][2], (long long)d[0][3]);
+        return invalid(api, message);
+    }
+    for (int64_t b = 0; b < a->B; ++b)
+        if (a->past_len[b] < 0 || a->past_len[b] > a->T)
+            return invalid(api, "leapc TreeAttention: a past_len is outside [0, T]");
+    return NULL;
+}
+
+static OrtStatus *LC_ORT_CALL tree_attention(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *k = (const Kernel *)kernel;
+    const OrtApi *api = k->api;
+    AttentionJob job;
+    TRY(attention_inputs(api, ctx, &job.args));
+    LcTreeAttention *a = &job.args;
+    a->scale = k->scale;
+    const int64_t od[4] = {a->B, a->H, a->N, a->Dv};
+    OrtValue *ov;
+    void *out;
+    TRY(lc_ort_KernelContext_GetOutput(api, ctx, 0, od, 4, &ov));
+    if (a->B * a->H * a->N == 0) return NULL;
+    TRY(lc_ort_GetTensorMutableData(api, ov, &out));
+    a->out = (float *)out;
+    /* up to 4 tasks per KV head, so a one-row batch with few KV heads still fills the pool */
+    job.chunks = a->N < 4 ? a->N : 4;
+    job.nodes_per_task = (a->N + job.chunks - 1) / job.chunks;
+    job.chunks = (a->N + job.nodes_per_task - 1) / job.nodes_per_task;
+    const int64_t heads = a->B * a->Hkv, tasks = heads * job.chunks;
+    const int64_t kt_floats = heads * a->D * lc_tree_attention_kt_stride(a);
+    float *memory = scratch_memory(sizeof(float) *
+                                   (size_t)(kt_floats + tasks * lc_tree_attention_scratch(a)));
+    if (!memory) return out_of_memory(api);
+    job.kt = memory;
+    job.scratch = memory + kt_floats;
+    if (job.chunks > 1)
+        TRY(lc_ort_KernelContext_ParallelFor(api, ctx, transpose_task, (size_t)heads, 0, &job));
+    return lc_ort_KernelContext_ParallelFor(api, ctx, rows_task, (size_t)tasks, 0, &job);
+}
+
+/* ---- Registration ---- */
 
 static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi *api,
                                             const OrtKernelInfo *info, void **out) {
-    (void)op;
-    (void)info;
-    Kernel *kernel = malloc(sizeof *kernel);
-    if (!kernel) return lc_ort_CreateStatus(api, ORT_FAIL, "leapc Q8MatMul: out of memory");
+    Kernel *kernel = calloc(1, sizeof *kernel);
+    if (!kernel) return out_of_memory(api);
     kernel->api = api;
+    if (op->KernelComputeV2 == tree_attention) {
+        OrtStatus *st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
+        if (st) {
+            free(kernel);
+            return st;
+        }
+    }
     *out = kernel;
     return NULL;
 }
 
 static void LC_ORT_CALL destroy_kernel(void *kernel) { free(kernel); }
-static const char *LC_ORT_CALL op_name(const OrtCustomOp *op) { (void)op; return "Q8MatMul"; }
+static const char *LC_ORT_CALL op_name(const OrtCustomOp *op) { return ((const Op *)op)->name; }
 static const char *LC_ORT_CALL cpu_provider(const OrtCustomOp *op) { (void)op; return NULL; }
-static size_t LC_ORT_CALL three(const OrtCustomOp *op) { (void)op; return 3; }
+static size_t LC_ORT_CALL input_count(const OrtCustomOp *op) { return ((const Op *)op)->inputs; }
 static size_t LC_ORT_CALL one(const OrtCustomOp *op) { (void)op; return 1; }
 static int LC_ORT_CALL int_one(const OrtCustomOp *op) { (void)op; return 1; }
 
 static ONNXTensorElementDataType LC_ORT_CALL input_type(const OrtCustomOp *op, size_t i) {
-    (void)op;
-    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return ((const Op *)op)->input_types[i];
 }
 static ONNXTensorElementDataType LC_ORT_CALL output_type(const OrtCustomOp *op, size_t i) {
     (void)op;
@@ -154,7 +309,37 @@ static OrtMemType LC_ORT_CALL default_memory(const OrtCustomOp *op, size_t i) {
     return OrtMemTypeDefault;
 }
 
-static OrtCustomOp q8_matmul; /* ORT keeps pointers to it for every session: static */
+#define F ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+/* ORT keeps pointers to the ops for every session: static storage */
+static Op ops[] = {
+    {.name = "Q8MatMul", .inputs = 3,
+     .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F},
+     .base = {.KernelComputeV2 = q8_matmul}},
+    {.name = "TreeAttention", .inputs = 7,
+     .input_types = {F, F, F, F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+                     ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL},
+     .base = {.KernelComputeV2 = tree_attention}},
+};
+#undef F
+
+static void fill_callbacks(OrtCustomOp *op) {
+    op->version = LC_ORT_API_VERSION;
+    op->GetName = op_name;
+    op->GetExecutionProviderType = cpu_provider;
+    op->GetInputType = input_type;
+    op->GetInputTypeCount = input_count;
+    op->GetOutputType = output_type;
+    op->GetOutputTypeCount = one;
+    op->KernelDestroy = destroy_kernel;
+    op->GetInputCharacteristic = required;
+    op->GetOutputCharacteristic = required;
+    op->GetInputMemoryType = default_memory;
+    op->GetVariadicInputMinArity = int_one;
+    op->GetVariadicInputHomogeneity = int_one;
+    op->GetVariadicOutputMinArity = int_one;
+    op->GetVariadicOutputHomogeneity = int_one;
+    op->CreateKernelV2 = create_kernel;
+}
 
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
                                                                     const OrtApiBase *base) {
@@ -166,28 +351,14 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     }
     if (!__builtin_cpu_supports("avx512vnni") || !__builtin_cpu_supports("avx512bw"))
         return lc_ort_CreateStatus(api, ORT_FAIL,
-                                   "this engine's int8 kernels need a CPU with AVX512-VNNI "
-                                   "(rebuild it with --quantize int8-ort for this machine)");
-    memset(&q8_matmul, 0, sizeof q8_matmul);
-    q8_matmul.version = LC_ORT_API_VERSION;
-    q8_matmul.GetName = op_name;
-    q8_matmul.GetExecutionProviderType = cpu_provider;
-    q8_matmul.GetInputType = input_type;
-    q8_matmul.GetInputTypeCount = three;
-    q8_matmul.GetOutputType = output_type;
-    q8_matmul.GetOutputTypeCount = one;
-    q8_matmul.KernelDestroy = destroy_kernel;
-    q8_matmul.GetInputCharacteristic = required;
-    q8_matmul.GetOutputCharacteristic = required;
-    q8_matmul.GetInputMemoryType = default_memory;
-    q8_matmul.GetVariadicInputMinArity = int_one;
-    q8_matmul.GetVariadicInputHomogeneity = int_one;
-    q8_matmul.GetVariadicOutputMinArity = int_one;
-    q8_matmul.GetVariadicOutputHomogeneity = int_one;
-    q8_matmul.CreateKernelV2 = create_kernel;
-    q8_matmul.KernelComputeV2 = compute;
-    OrtCustomOpDomain *domain; /* lives as long as the process, like the op */
+                                   "this engine's kernels need a CPU with AVX512-VNNI "
+                                   "(rebuild it with --quantize int8-nbits and --attention "
+                                   "invariant for this machine)");
+    OrtCustomOpDomain *domain; /* lives as long as the process, like the ops */
     TRY(lc_ort_CreateCustomOpDomain(api, "ai.leapc", &domain));
-    TRY(lc_ort_CustomOpDomain_Add(api, domain, &q8_matmul));
+    for (size_t i = 0; i < sizeof ops / sizeof ops[0]; ++i) {
+        fill_callbacks(&ops[i].base);
+        TRY(lc_ort_CustomOpDomain_Add(api, domain, &ops[i].base));
+    }
     return lc_ort_AddCustomOpDomain(api, options, domain);
 }

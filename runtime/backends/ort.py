@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from leapc.ir.errors import InputError
-from leapc.kernels.ort_ops import library_file
+from leapc.kernels.ort_ops import compile_library, library_file
 from leapc.runtime.backends.base import (
     BackendImpl,
     Compression,
@@ -26,7 +26,8 @@ PROGRAM_SUFFIX = ".onnx"
 
 def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     """Export a `CapturedProgram` to ``out_dir/<name>.onnx`` (weights inline); tree attention
-    as the fused ``Attention`` node, or width-invariant (``Attention.INVARIANT``)."""
+    as the fused ``Attention`` node, width-invariant (``Attention.INVARIANT``), or leapc's
+    kernel (``Attention.KERNEL``, its library compiled beside the program)."""
     import logging
 
     import onnx
@@ -45,7 +46,7 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
         input_names=[s.name for s in program.signature.inputs],
         output_names=output_names,
         # leapc's custom ops, as standard ONNX ops
-        custom_translation_table=translations(attention is Attention.INVARIANT),
+        custom_translation_table=translations(attention),
         opset_version=OPSET,
         dynamo=True,
         optimize=True,
@@ -56,6 +57,8 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     split_past_by_layer(model)
     split_present_by_layer(model)
     onnx.save_model(model, str(path))
+    if attention is Attention.KERNEL:
+        compile_library(library_file(path))
     return path
 
 
@@ -85,13 +88,13 @@ def use_leapc_int8(path: Path, vocab_size: int) -> None:
     (docs/decisions.md, "leapc's int8 kernel")."""
     import onnx
 
-    from leapc.kernels.ort_ops import compile_library
     from leapc.runtime.backends.onnx_q8_matmul import use_q8_matmul
 
     model = _load_for_int_weights(path, vocab_size)
     use_q8_matmul(model)
     onnx.save_model(model, str(path))
-    compile_library(library_file(path))
+    if not library_file(path).exists():  # an --attention kernel program has it already
+        compile_library(library_file(path))
 
 
 def _load_for_int_weights(path: Path, vocab_size: int):

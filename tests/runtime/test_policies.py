@@ -64,13 +64,14 @@ def test_a_section_offers_its_policies(tiny, sections, added):
 
 def test_int8_engines_draft_only_with_width_invariant_attention(tiny):
     """The one place the int8 rule lives: drafting policies verify in wider steps, whose
-    int8 logits differ from a one-token step's unless attention is width-invariant, which
-    holds up to 1024 keys."""
+    int8 logits differ from a one-token step's unless attention is width-invariant (the
+    ONNX lowering up to 1024 keys, leapc's kernel at any length)."""
     fused = with_sections(tiny | {"quantization": "int8", "attention": "tree",
                                   "policies": ["ar"]}, exit_layer=1)
     assert offered_policies(fused) == (Policy.AR,)
     assert POLICIES[Policy.LOOKUP].missing(fused) == \
-        "needs float weights or --attention invariant to draft (the engine is int8, attention tree)"
+        "needs float weights or --attention kernel|invariant to draft (the engine is int8, " \
+        "attention tree)"
     older = {key: value for key, value in tiny.items() if key != "attention"}
     unrecorded = with_sections(older | {"quantization": "int8", "policies": ["ar"]})
     assert "attention not recorded" in POLICIES[Policy.LOOKUP].missing(unrecorded)
@@ -83,12 +84,14 @@ def test_int8_engines_longer_than_the_invariant_limit_offer_ar_only(tiny):
     programs = {name: entry | {"signature": entry["signature"] | {"max_seq": 2048}}
                 for name, entry in tiny["programs"].items()}
     model = tiny["model"] | {"max_positions": None}
-    long = with_sections(tiny | {"quantization": "int8", "attention": "invariant",
-                                 "max_seq": 2048, "programs": programs, "model": model,
-                                 "policies": ["ar"]})
+    fields = tiny | {"quantization": "int8", "attention": "invariant", "max_seq": 2048,
+                     "programs": programs, "model": model, "policies": ["ar"]}
+    long = with_sections(fields)
     assert offered_policies(long) == (Policy.AR,)
     assert POLICIES[Policy.RECYCLE].missing(long) == \
         "needs --max-seq <= 1024 to draft on int8 weights (the engine's is 2048)"
+    kernel = with_sections(fields | {"attention": "kernel"})
+    assert set(offered_policies(kernel)) == TRAINING_FREE  # leapc's kernel: any length
 
 
 def test_the_programs_each_policy_runs(tiny):

@@ -1,5 +1,6 @@
-"""`leapc build --quantize int8`: MatMul weights stored as int8 (ORT MatMulNBits), attention
-lowered width-invariant, so every policy reproduces the engine's own `ar`."""
+"""`leapc build --quantize int8`: MatMul weights stored as int8 (leapc's Q8MatMul; ORT's
+MatMulNBits for int4), attention width-invariant (leapc's kernel; the ONNX lowering for
+int4), so every policy reproduces the engine's own `ar`."""
 
 from __future__ import annotations
 
@@ -49,10 +50,21 @@ def test_every_constant_matmul_becomes_an_integer_matmul(quantized_engine):
 
 
 @pytest.mark.slow
-def test_int8_engines_lower_attention_width_invariant_by_default(quantized_engine):
-    assert quantized_engine.manifest.attention is Attention.INVARIANT
-    ops = {node.op_type for node in onnx.load(str(quantized_engine.path / "full.onnx")).graph.node}
+def test_integer_engines_lower_attention_width_invariant_by_default(quantized_engine):
+    """int8 engines carry leapc's library, so attention is its kernel, reading the cache in
+    place; int4 ones (ORT's kernels) get the width-invariant ONNX lowering."""
+    graph = onnx.load(str(quantized_engine.path / "full.onnx")).graph
+    ops = [node.op_type for node in graph.node]
     assert "Attention" not in ops  # ORT's fused node: its rows move with the step's width
+    if quantized_engine.manifest.quantization is Quantization.INT8:
+        assert quantized_engine.manifest.attention is Attention.KERNEL
+        assert ops.count("TreeAttention") == 2  # one per layer
+        cache_copies = [n for n in graph.node if n.op_type == "Concat"
+                        and any(name.startswith("past.") for name in n.input)]
+        assert not cache_copies
+    else:
+        assert quantized_engine.manifest.attention is Attention.INVARIANT
+        assert "TreeAttention" not in ops
 
 
 @pytest.mark.slow
@@ -102,6 +114,22 @@ def test_a_tokens_logits_are_bit_identical_in_steps_of_any_width(quantized_engin
     for width in (2, 5, 16 if past < 1000 else 8):
         wide = _one_wide_step(quantized_engine, context, tokens[:width])
         np.testing.assert_array_equal(wide, expected[:width], err_msg=f"width {width}")
+
+
+@pytest.mark.slow
+def test_kernel_attention_is_width_invariant_past_1024_keys(tmp_path):
+    """leapc's attention kernel has no length limit (the ONNX lowering holds to 1024 keys):
+    an int8 engine of 2048 positions verifies bit for bit at a past of 1500, and drafts."""
+    source = tiny_source("llama")
+    source.model.config.max_position_embeddings = 2048  # plain RoPE: any length is the model's
+    engine = leapc.load(leapc.build(source, tmp_path, "ort", max_seq=2048, quantize="int8"))
+    assert Policy.LOOKUP in engine.manifest.policies
+    rng = np.random.default_rng(1500)
+    context, tokens = rng.integers(3, 250, 1500).tolist(), rng.integers(3, 250, 8).tolist()
+    expected = _one_token_steps(engine, context, tokens)
+    for width in (3, 8):
+        np.testing.assert_array_equal(_one_wide_step(engine, context, tokens[:width]),
+                                      expected[:width], err_msg=f"width {width}")
 
 
 @pytest.mark.slow
@@ -159,13 +187,15 @@ def test_width_invariant_attention_needs_the_ort_backend(tmp_path):
 
 def test_int8_kernels_are_a_build_choice():
     """``int8`` is leapc's Q8MatMul, ``int8-nbits`` ORT's MatMulNBits: the same scheme,
-    each program compressed the way its engine names, and both width-invariant."""
+    each program compressed the way its engine names, and both width-invariant (leapc's
+    attention kernel, or ORT's operators only)."""
     from leapc.runtime.backends.base import Compression
     from leapc.stage import BuildOptions
 
-    for name, kernel in (("int8", Compression.INT8), ("int8-nbits", Compression.INT8_NBITS)):
+    for name, kernel, attention in (("int8", Compression.INT8, Attention.KERNEL),
+                                    ("int8-nbits", Compression.INT8_NBITS, Attention.INVARIANT)):
         options = BuildOptions.parse("ort", quantize=name)
         assert options.quantize is Quantization(name)
-        assert options.attention is Attention.INVARIANT
+        assert options.attention is attention
         assert options.lowering.compression(Compression.NONE) is kernel
         assert options.lowering.compression(Compression.DRAFT) is kernel

@@ -1,0 +1,257 @@
+/* Tree attention over a prefix-valid KV cache plus the step's new tokens, on AVX-512.
+
+   The maths is `leapc.kernels.reference.tree_attention`: query row (h, n) of batch row b
+   sees cache slots 0 .. past_len[b] - 1 and the new tokens m with tree_mask[b, n, m];
+   query head h reads KV head h / G. What this kernel adds is the order of the arithmetic.
+
+   Why this kernel exists: a token's row must come out bit for bit the same in a one-token
+   `ar` step and in a verify step of any width (the N-invariance exact speculation on int8
+   weights needs), and a token's ancestors are cache slots in one of those steps and new
+   tokens in the other. So every row works on its *visible list*, the keys it sees in
+   sequence order (valid cache slots, then its visible new tokens): that list is the same
+   in both steps, while T (the cache's free slots), N and where the keys sit are not.
+     - score s_j = (((0 + q_0 k_j0) + q_1 k_j1) + ...) * scale: one fused multiply-add per
+       input, in input order, the same code for cache and new keys;
+     - m = max_j s_j (exact in any order); e_j = exp(s_j - m), element by element;
+     - the denominator sums e_j in 16 lanes by the key's position in the visible list,
+       then reduces the lanes in one fixed tree;
+     - out = (sum_j e_j v_j, in visible-list order) / denominator.
+   Nothing depends on how many rows share the step or on the masked keys, so the property
+   holds at any cache length (the ONNX lowering held it only up to 1024 keys).
+
+   Layout: k_past/v_past [B, Hkv, T, D|Dv], k_new/v_new [B, Hkv, N, D|Dv], the cache and
+   the step's new keys as separate tensors, so the cache is never copied to concatenate
+   them. A first pass transposes each (b, KV head)'s visible cache keys and new keys to
+   kt [D, P + N] (one key per lane), which every query row of that head then reads. */
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "tree_attention.h"
+
+#define LANES 16
+#define GROUP 4 /* query rows computed together */
+
+/* Keys are handled two blocks of 16 at a time: counts round up to 32. */
+static int64_t round_up(int64_t x) { return (x + 2 * LANES - 1) / (2 * LANES) * (2 * LANES); }
+
+int64_t lc_tree_attention_kt_stride(const LcTreeAttention *a) { return round_up(a->T + a->N); }
+
+/* r[k] <- column k of the 16 x 16 block whose rows are r[0..15]: pairs of floats, then
+   of doubles, then 128- and 256-bit quarters change places. */
+static void transpose16(__m512 r[LANES]) {
+    __m512 t[LANES], u[LANES], v[LANES];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+        u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int i = 0; i < 2; ++i)
+        for (int k = 0; k < 4; ++k) {
+            v[8 * i + k] = _mm512_shuffle_f32x4(u[8 * i + k], u[8 * i + 4 + k], 0x88);
+            v[8 * i + 4 + k] = _mm512_shuffle_f32x4(u[8 * i + k], u[8 * i + 4 + k], 0xdd);
+        }
+    for (int k = 0; k < 8; ++k) {
+        r[k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0x88);
+        r[8 + k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0xdd);
+    }
+}
+
+/* kt [D, stride] for batch row b, KV head kvh = bh % Hkv: its valid cache keys, then its
+   new keys; the padding up to a multiple of 32 keys is zero. Blocks of 16 keys x 16
+   inputs are transposed in registers (a scalar copy cost more than all of a one-token
+   step's attention); inputs past the last multiple of 16 are copied one by one. */
+void lc_tree_attention_transpose(const LcTreeAttention *a, int64_t bh, float *kt) {
+    const int64_t stride = lc_tree_attention_kt_stride(a), P = a->past_len[bh / a->Hkv];
+    const int64_t D = a->D, keys = round_up(P + a->N), whole = D / LANES * LANES;
+    const float *past = a->k_past + bh * a->T * D, *fresh = a->k_new + bh * a->N * D;
+    for (int64_t j0 = 0; j0 < keys; j0 += LANES) {
+        const float *key[LANES];
+        for (int i = 0; i < LANES; ++i) {
+            const int64_t j = j0 + i;
+            key[i] = j < P ? past + j * D : j < P + a->N ? fresh + (j - P) * D : NULL;
+        }
+        for (int64_t d0 = 0; d0 < whole; d0 += LANES) {
+            __m512 r[LANES];
+            for (int i = 0; i < LANES; ++i)
+                r[i] = key[i] ? _mm512_loadu_ps(key[i] + d0) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int i = 0; i < LANES; ++i) _mm512_storeu_ps(kt + (d0 + i) * stride + j0, r[i]);
+        }
+        for (int64_t d = whole; d < D; ++d)
+            for (int i = 0; i < LANES; ++i) kt[d * stride + j0 + i] = key[i] ? key[i][d] : 0.0f;
+    }
+}
+
+/* Four rows' running sums over 32 columns: row r's += w[r][i] * x_i for i = 0 .. count - 1
+   in order, x_i the 32 floats at x + i * step (the lanes outside lo/hi read as 0). Both
+   of attention's products are this: q k^T over the inputs, e v over the keys. Eight
+   independent chains of fused multiply-adds keep both FMA units busy; the sums are named
+   variables because, kept in an array, the compiler held them in memory. */
+typedef struct {
+    __m512 s00, s01, s10, s11, s20, s21, s30, s31;
+} Sums;
+
+static inline Sums accumulate(Sums t, const float *const w[GROUP], int64_t count,
+                              const float *x, int64_t step, __mmask16 lo, __mmask16 hi) {
+    const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+    for (int64_t i = 0; i < count; ++i) {
+        const __m512 x0 = _mm512_maskz_loadu_ps(lo, x + i * step);
+        const __m512 x1 = _mm512_maskz_loadu_ps(hi, x + i * step + LANES);
+        const __m512 v0 = _mm512_set1_ps(w0[i]), v1 = _mm512_set1_ps(w1[i]);
+        const __m512 v2 = _mm512_set1_ps(w2[i]), v3 = _mm512_set1_ps(w3[i]);
+        t.s00 = _mm512_fmadd_ps(v0, x0, t.s00);
+        t.s01 = _mm512_fmadd_ps(v0, x1, t.s01);
+        t.s10 = _mm512_fmadd_ps(v1, x0, t.s10);
+        t.s11 = _mm512_fmadd_ps(v1, x1, t.s11);
+        t.s20 = _mm512_fmadd_ps(v2, x0, t.s20);
+        t.s21 = _mm512_fmadd_ps(v2, x1, t.s21);
+        t.s30 = _mm512_fmadd_ps(v3, x0, t.s30);
+        t.s31 = _mm512_fmadd_ps(v3, x1, t.s31);
+    }
+    return t;
+}
+
+static Sums zero_sums(void) {
+    const __m512 z = _mm512_setzero_ps();
+    return (Sums){z, z, z, z, z, z, z, z};
+}
+
+/* s[r][j] for four query rows and the first `blocks` (even) * 16 keys of kt, 32 keys at a
+   time (a key's lane and a row's neighbours do not change its arithmetic). */
+static void scores(const float *const q[GROUP], const float *kt, int64_t D, int64_t stride,
+                   int64_t blocks, float scale, float *const s[GROUP]) {
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int64_t blk = 0; blk < blocks; blk += 2) {
+        const Sums t = accumulate(zero_sums(), q, D, kt + blk * LANES, stride, 0xFFFF, 0xFFFF);
+        const __m512 rows[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21},
+                                       {t.s30, t.s31}};
+        for (int r = 0; r < GROUP; ++r) {
+            _mm512_storeu_ps(s[r] + blk * LANES, _mm512_mul_ps(rows[r][0], vscale));
+            _mm512_storeu_ps(s[r] + blk * LANES + LANES, _mm512_mul_ps(rows[r][1], vscale));
+        }
+    }
+}
+
+/* exp(x) for x <= 0, to ~1 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so
+   n ln2 is exact), e^r by its degree-7 Taylor-like minimax polynomial (the classic
+   single-precision coefficients), times 2^n. Below -88, e^x is under float's normal
+   range and the result is 0. */
+static inline __m512 exp_nonpositive(__m512 x) {
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.0f), _CMP_LT_OQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_scalef_ps(~underflow, p, n);
+}
+
+static __mmask16 tail_mask(int64_t count) {
+    if (count <= 0) return 0;
+    return count >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+}
+
+/* Turn the visible scores s[0, count) into e_j = exp(s_j - max) in place; return their sum. */
+static float softmax_numerators(float *s, int64_t count) {
+    __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j = 0; j < count; j += LANES)
+        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(count - j), s + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < count; j += LANES) {
+        const __mmask16 live = tail_mask(count - j);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), m));
+        _mm512_mask_storeu_ps(s + j, live, e);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* One group's rows: out = (sum over the visible list of e_j v_j) / total. The P cache
+   slots every row sees come first, accumulated for the four rows together (eight chains);
+   then each row's own visible new tokens, listed in `fresh`. */
+typedef struct {
+    float *e[GROUP];
+    int64_t *fresh[GROUP];
+    int64_t count[GROUP];
+    float total[GROUP];
+    float *out[GROUP]; /* NULL: a padding row */
+} Group;
+
+static void weighted_values(const LcTreeAttention *a, int64_t bh, int64_t P, const Group *g) {
+    const float *past = a->v_past + bh * a->T * a->Dv, *mine = a->v_new + bh * a->N * a->Dv;
+    for (int64_t c = 0; c < a->Dv; c += 2 * LANES) {
+        const __mmask16 lo = tail_mask(a->Dv - c), hi = tail_mask(a->Dv - c - LANES);
+        const Sums t = accumulate(zero_sums(), (const float *const *)g->e, P, past + c, a->Dv,
+                                  lo, hi);
+        __m512 acc[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21}, {t.s30, t.s31}};
+        for (int r = 0; r < GROUP; ++r) {
+            if (!g->out[r]) continue;
+            for (int64_t j = P; j < g->count[r]; ++j) {
+                const float *v = mine + g->fresh[r][j - P] * a->Dv + c;
+                const __m512 e = _mm512_set1_ps(g->e[r][j]);
+                acc[r][0] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(lo, v), acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(hi, v + LANES), acc[r][1]);
+            }
+            const __m512 total = _mm512_set1_ps(g->total[r]);
+            _mm512_mask_storeu_ps(g->out[r] + c, lo, _mm512_div_ps(acc[r][0], total));
+            _mm512_mask_storeu_ps(g->out[r] + c + LANES, hi, _mm512_div_ps(acc[r][1], total));
+        }
+    }
+}
+
+int64_t lc_tree_attention_scratch(const LcTreeAttention *a) {
+    /* per row of a group: its scores, then its visible new keys' indices (int64) */
+    return GROUP * (lc_tree_attention_kt_stride(a) + 2 * a->N);
+}
+
+/* Query rows of nodes [n0, n1) of every query head reading KV head bh % Hkv, four at a
+   time (the last group repeats its last row, whose copies are not written). */
+void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *kt, int64_t n0,
+                            int64_t n1, float *scratch) {
+    const int64_t b = bh / a->Hkv, kvh = bh % a->Hkv, G = a->H / a->Hkv, P = a->past_len[b];
+    const int64_t stride = lc_tree_attention_kt_stride(a), blocks = round_up(P + a->N) / LANES;
+    const int64_t nodes = n1 - n0, rows = G * nodes;
+    for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {
+        Group g;
+        const float *q[GROUP];
+        int64_t node[GROUP];
+        for (int r = 0; r < GROUP; ++r) {
+            const int64_t i = r0 + r < rows ? r0 + r : rows - 1;
+            const int64_t h = kvh * G + i / nodes, row = (b * a->H + h) * a->N + n0 + i % nodes;
+            node[r] = n0 + i % nodes;
+            q[r] = a->q + row * a->D;
+            g.e[r] = scratch + r * (stride + 2 * a->N);
+            g.fresh[r] = (int64_t *)(void *)(g.e[r] + stride);
+            g.out[r] = r0 + r < rows ? a->out + row * a->Dv : NULL;
+        }
+        scores(q, kt, a->D, stride, blocks, a->scale, g.e);
+        for (int r = 0; r < GROUP; ++r) {
+            const uint8_t *sees = a->tree_mask + (b * a->N + node[r]) * a->N;
+            float *s = g.e[r];
+            int64_t count = P; /* compact the visible new keys behind the cache's, in order */
+            for (int64_t m = 0; m < a->N; ++m)
+                if (sees[m]) {
+                    g.fresh[r][count - P] = m;
+                    s[count++] = s[P + m];
+                }
+            g.count[r] = count;
+            g.total[r] = softmax_numerators(s, count);
+        }
+        weighted_values(a, bh, P, &g);
+    }
+}

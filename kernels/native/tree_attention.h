@@ -1,0 +1,30 @@
+/* leapc's tree-attention kernel (tree_attention.c): the arguments of one call. */
+#ifndef LEAPC_TREE_ATTENTION_H
+#define LEAPC_TREE_ATTENTION_H
+
+#include <stdint.h>
+
+typedef struct {
+    const float *q;              /* [B, H, N, D] */
+    const float *k_past;         /* [B, Hkv, T, D]: the cache, valid up to past_len */
+    const float *k_new;          /* [B, Hkv, N, D]: the step's own keys */
+    const float *v_past;         /* [B, Hkv, T, Dv] */
+    const float *v_new;          /* [B, Hkv, N, Dv] */
+    const int64_t *past_len;     /* [B], each in [0, T] */
+    const uint8_t *tree_mask;    /* [B, N, N] bool: node n sees new token m */
+    float *out;                  /* [B, H, N, Dv] */
+    int64_t B, H, Hkv, N, T, D, Dv;
+    float scale;
+} LcTreeAttention;
+
+/* Floats per key row of the transposed keys (T + N rounded up to 32). */
+int64_t lc_tree_attention_kt_stride(const LcTreeAttention *a);
+/* Fill kt [D, stride] for batch row bh / Hkv and KV head bh % Hkv. */
+void lc_tree_attention_transpose(const LcTreeAttention *a, int64_t bh, float *kt);
+/* Floats of scratch one lc_tree_attention_rows call needs. */
+int64_t lc_tree_attention_scratch(const LcTreeAttention *a);
+/* Output rows of nodes [n0, n1) for the query heads of KV head bh % Hkv. */
+void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *kt, int64_t n0,
+                            int64_t n1, float *scratch);
+
+#endif

@@ -1,0 +1,127 @@
+"""leapc's ``TreeAttention`` kernel (kernels/native/tree_attention.c) run by ONNX Runtime:
+close to the reference, a token's row bit-identical however the step around it is laid out,
+never reading the cache's free slots, and the errors for inputs that do not fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from leapc.kernels import reference
+from leapc.kernels.ort_ops import DOMAIN, compile_library
+from leapc.runtime.backends.ort import session_options
+
+pytestmark = pytest.mark.skipif(
+    "avx512_vnni" not in open("/proc/cpuinfo").read(),
+    reason="leapc's ORT ops need a CPU with AVX512-VNNI")
+
+INPUTS = (("q", TensorProto.FLOAT), ("k_past", TensorProto.FLOAT), ("k_new", TensorProto.FLOAT),
+          ("v_past", TensorProto.FLOAT), ("v_new", TensorProto.FLOAT),
+          ("past_len", TensorProto.INT64), ("tree_mask", TensorProto.BOOL))
+SCALE = 0.25
+
+
+@pytest.fixture(scope="module")
+def attention(tmp_path_factory):
+    """``run(q, k, v, past_len, tree_mask, T)``: the one-node model on the compiled library,
+    ``k``/``v`` split into the cache's T slots and the new keys."""
+    library = compile_library(tmp_path_factory.mktemp("ops") / "ops.so")
+    inputs = [helper.make_tensor_value_info(name, kind, None) for name, kind in INPUTS]
+    node = helper.make_node("TreeAttention", [name for name, _ in INPUTS], ["out"],
+                            domain=DOMAIN, scale=SCALE)
+    graph = helper.make_graph([node], "tree_attention", inputs,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(DOMAIN, 1)])
+    options = session_options()
+    options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+
+    def run(q, k, v, past_len, tree_mask, past):
+        feeds = dict(q=q, k_past=k[:, :, :past], k_new=k[:, :, past:], v_past=v[:, :, :past],
+                     v_new=v[:, :, past:], past_len=past_len, tree_mask=tree_mask)
+        return session.run(None, {name: np.ascontiguousarray(x) for name, x in feeds.items()})[0]
+
+    return run
+
+
+def _random_tree(rng, batch: int, new: int) -> np.ndarray:
+    """``[B, N, N]`` ancestor matrices of random trees (parent before child)."""
+    mask = np.zeros((batch, new, new), dtype=bool)
+    for b in range(batch):
+        for n in range(new):
+            mask[b, n] = mask[b, rng.integers(0, n)] if n else False
+            mask[b, n, n] = True
+    return mask
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, new, past, dim, dim_v", [
+    (1, 10, 2, 1, 256, 32, 32),  # the bundled model's decode step
+    (1, 10, 2, 8, 300, 32, 32),
+    (2, 8, 8, 5, 37, 8, 8),  # no GQA, a head dim under one vector (stories260K's)
+    (1, 4, 2, 16, 100, 40, 24),  # head dims not multiples of 16, Dv != D
+    (3, 6, 3, 3, 0, 64, 64),  # an empty cache: prefill's first chunk
+])
+def test_equals_the_reference(attention, batch, heads, kv_heads, new, past, dim, dim_v):
+    rng = np.random.default_rng(new * past + dim)
+    q = rng.standard_normal((batch, heads, new, dim), dtype=np.float32)
+    k = rng.standard_normal((batch, kv_heads, past + new, dim), dtype=np.float32)
+    v = rng.standard_normal((batch, kv_heads, past + new, dim_v), dtype=np.float32)
+    past_len = rng.integers(0, past + 1, batch)
+    tree_mask = _random_tree(rng, batch, new)
+    expected = reference.tree_attention(*map(torch.from_numpy, (q, k, v, past_len, tree_mask)),
+                                        SCALE).numpy()
+    np.testing.assert_allclose(attention(q, k, v, past_len, tree_mask, past), expected,
+                               rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("context", (1, 17, 255, 1500))
+def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, context):
+    """The property exact speculation on int8 weights needs. Token x with its ``context``
+    ancestors is computed (a) as `ar` does: ancestors in the cache, x the one new token;
+    (b) as verification does: the last 3 ancestors new in the step, beside drafted
+    siblings x does not see, and the cache longer than its valid prefix, its free slots
+    NaN (read, they would poison the row). Its rows must be equal bit for bit."""
+    rng = np.random.default_rng(context)
+    heads, kv_heads, dim = 10, 2, 32
+    keys = rng.standard_normal((1, kv_heads, context + 1, dim), dtype=np.float32)
+    values = rng.standard_normal((1, kv_heads, context + 1, dim), dtype=np.float32)
+    query = rng.standard_normal((1, heads, 1, dim), dtype=np.float32)
+    alone = attention(query, keys, values, np.array([context]), np.ones((1, 1, 1), bool),
+                      context)
+    drafted = min(3, context)
+    valid, free = context - drafted, 40
+    # step nodes: the drafted ancestors (a chain), two siblings nobody sees, then x
+    chain = keys[:, :, valid:], values[:, :, valid:]
+    siblings = [rng.standard_normal((1, kv_heads, 2, dim), dtype=np.float32) for _ in range(2)]
+    nan_slots = np.full((1, kv_heads, free, dim), np.nan, dtype=np.float32)
+    cache_k = np.concatenate([keys[:, :, :valid], nan_slots], axis=2)
+    cache_v = np.concatenate([values[:, :, :valid], nan_slots], axis=2)
+    step_k = np.concatenate([cache_k, chain[0][:, :, :-1], siblings[0], chain[0][:, :, -1:]], 2)
+    step_v = np.concatenate([cache_v, chain[1][:, :, :-1], siblings[1], chain[1][:, :, -1:]], 2)
+    new = drafted + 3
+    mask = np.tril(np.ones((new, new), bool))
+    mask[:, drafted:drafted + 2] = False  # the siblings: seen by themselves only
+    mask[drafted, drafted] = mask[drafted + 1, drafted + 1] = True
+    q = rng.standard_normal((1, heads, new, dim), dtype=np.float32)
+    q[:, :, -1] = query[:, :, 0]
+    wide = attention(q, step_k, step_v, np.array([valid]), mask[None], valid + free)
+    np.testing.assert_array_equal(wide[:, :, -1:], alone)
+
+
+def test_a_past_length_beyond_the_cache_is_refused(attention):
+    q = np.zeros((1, 2, 1, 16), np.float32)
+    k = np.zeros((1, 2, 5, 16), np.float32)
+    with pytest.raises(Exception, match=r"leapc TreeAttention: a past_len is outside \[0, T\]"):
+        attention(q, k, k, np.array([5]), np.ones((1, 1, 1), bool), 4)
+
+
+def test_shapes_that_do_not_fit_are_refused(attention):
+    q = np.zeros((1, 3, 1, 16), np.float32)  # 3 query heads over 2 KV heads
+    k = np.zeros((1, 2, 5, 16), np.float32)
+    with pytest.raises(Exception, match=r"leapc TreeAttention: q \[1, 3, 1, 16\] does not fit"):
+        attention(q, k, k, np.array([4]), np.ones((1, 1, 1), bool), 4)
