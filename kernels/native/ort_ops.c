@@ -9,7 +9,8 @@
    TreeAttention(q, k_past, k_new, v_past, v_new, past_len, tree_mask; scale) -> out runs
    `tree_attention.c` (shapes in tree_attention.h): one task per (batch row, KV head) to
    transpose the keys, then tasks of query rows; a row's arithmetic does not depend on the
-   task it falls in. */
+   task it falls in. RotaryTreeAttention is the same attention from a fused q/k/v
+   projection, RoPE included (below). */
 
 #include "ort_abi.h"
 #include "tree_attention.h"
@@ -39,13 +40,14 @@ void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, in
 typedef struct {
     OrtCustomOp base;
     const char *name;
-    size_t inputs;
+    size_t inputs, outputs; /* outputs are float */
     ONNXTensorElementDataType input_types[MAX_INPUTS];
 } Op;
 
 typedef struct {
     const OrtApi *api;
-    float scale; /* TreeAttention's attribute */
+    float scale;       /* the attention ops' attributes */
+    int64_t num_heads; /* RotaryTreeAttention's */
 } Kernel;
 
 /* The calling thread's scratch memory, grown as needed and kept between calls: a fresh
@@ -177,6 +179,7 @@ static OrtStatus *LC_ORT_CALL q8_matmul(void *kernel, OrtKernelContext *ctx) {
 
 typedef struct {
     LcTreeAttention args;
+    float *extra;   /* the caller's scratch */
     float *kt;      /* B * Hkv transposed key blocks */
     float *scratch; /* one block per task */
     int64_t chunks, nodes_per_task;
@@ -213,7 +216,7 @@ static OrtStatus *attention_inputs(const OrtApi *api, OrtKernelContext *ctx, LcT
                                  : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
                   ranks[i], &data[i], d[i], &rank));
     *a = (LcTreeAttention){data[0], data[1], data[2], data[3], data[4], data[5], data[6], NULL,
-                           d[0][0], d[0][1], d[1][1], d[0][2], d[1][2], d[0][3], d[3][3], 0.0f};
+                           d[0][0], d[0][1], d[1][1], d[0][2], d[1][2], d[0][3], d[3][3], 0.0f, 0};
     int ok = a->Hkv > 0 && a->H % a->Hkv == 0 && d[1][3] == a->D;
     for (size_t i = 1; i < 5; ++i) ok = ok && d[i][0] == a->B && d[i][1] == a->Hkv;
     ok = ok && d[2][2] == a->N && d[3][2] == a->T && d[4][2] == a->N && d[4][3] == a->Dv &&
@@ -234,34 +237,105 @@ static OrtStatus *attention_inputs(const OrtApi *api, OrtKernelContext *ctx, LcT
     return NULL;
 }
 
+/* Shares the attention of `a` out into tasks and takes scratch memory for them, after
+   `extra` floats for the caller (job->extra). */
+static OrtStatus *plan_attention(const OrtApi *api, const LcTreeAttention *a, int64_t extra,
+                                 AttentionJob *job) {
+    *job = (AttentionJob){.args = *a};
+    /* up to 4 tasks per KV head, so a one-row batch with few KV heads still fills the pool */
+    job->chunks = a->N < 4 ? a->N : 4;
+    job->nodes_per_task = (a->N + job->chunks - 1) / job->chunks;
+    job->chunks = (a->N + job->nodes_per_task - 1) / job->nodes_per_task;
+    const int64_t tasks = a->B * a->Hkv * job->chunks;
+    const int64_t kt_floats = a->B * a->Hkv * a->D * lc_tree_attention_kt_stride(a);
+    job->extra = scratch_memory(
+        sizeof(float) * (size_t)(extra + kt_floats + tasks * lc_tree_attention_scratch(a)));
+    if (!job->extra) return out_of_memory(api);
+    job->kt = job->extra + extra;
+    job->scratch = job->kt + kt_floats;
+    return NULL;
+}
+
+static OrtStatus *launch_attention(const OrtApi *api, OrtKernelContext *ctx, AttentionJob *job) {
+    const int64_t heads = job->args.B * job->args.Hkv;
+    if (job->chunks > 1)
+        TRY(lc_ort_KernelContext_ParallelFor(api, ctx, transpose_task, (size_t)heads, 0, job));
+    return lc_ort_KernelContext_ParallelFor(api, ctx, rows_task, (size_t)(heads * job->chunks), 0,
+                                            job);
+}
+
 static OrtStatus *LC_ORT_CALL tree_attention(void *kernel, OrtKernelContext *ctx) {
     const Kernel *k = (const Kernel *)kernel;
     const OrtApi *api = k->api;
-    AttentionJob job;
-    TRY(attention_inputs(api, ctx, &job.args));
-    LcTreeAttention *a = &job.args;
-    a->scale = k->scale;
-    const int64_t od[4] = {a->B, a->H, a->N, a->Dv};
+    LcTreeAttention a;
+    TRY(attention_inputs(api, ctx, &a));
+    a.scale = k->scale;
+    const int64_t od[4] = {a.B, a.H, a.N, a.Dv};
     OrtValue *ov;
     void *out;
     TRY(lc_ort_KernelContext_GetOutput(api, ctx, 0, od, 4, &ov));
-    if (a->B * a->H * a->N == 0) return NULL;
+    if (a.B * a.H * a.N == 0) return NULL;
     TRY(lc_ort_GetTensorMutableData(api, ov, &out));
-    a->out = (float *)out;
-    /* up to 4 tasks per KV head, so a one-row batch with few KV heads still fills the pool */
-    job.chunks = a->N < 4 ? a->N : 4;
-    job.nodes_per_task = (a->N + job.chunks - 1) / job.chunks;
-    job.chunks = (a->N + job.nodes_per_task - 1) / job.nodes_per_task;
-    const int64_t heads = a->B * a->Hkv, tasks = heads * job.chunks;
-    const int64_t kt_floats = heads * a->D * lc_tree_attention_kt_stride(a);
-    float *memory = scratch_memory(sizeof(float) *
-                                   (size_t)(kt_floats + tasks * lc_tree_attention_scratch(a)));
-    if (!memory) return out_of_memory(api);
-    job.kt = memory;
-    job.scratch = memory + kt_floats;
-    if (job.chunks > 1)
-        TRY(lc_ort_KernelContext_ParallelFor(api, ctx, transpose_task, (size_t)heads, 0, &job));
-    return lc_ort_KernelContext_ParallelFor(api, ctx, rows_task, (size_t)tasks, 0, &job);
+    a.out = (float *)out;
+    AttentionJob job;
+    TRY(plan_attention(api, &a, 0, &job));
+    return launch_attention(api, ctx, &job);
+}
+
+/* RotaryTreeAttention(qkv [B, N, W], cos, sin [B, N, R/2], k_past, v_past, past_len,
+   tree_mask; scale, num_heads) -> out [B, N, H*Dv], k_new [B, Hkv, N, D], v_new: a
+   decoder's attention block from its fused projection to the input of its output
+   projection, in one node (`lc_rotary_split`, then TreeAttention in token-major order). */
+static OrtStatus *LC_ORT_CALL rotary_tree_attention(void *kernel, OrtKernelContext *ctx) {
+    const Kernel *k = (const Kernel *)kernel;
+    const OrtApi *api = k->api;
+    void *data[7];
+    int64_t d[7][MAX_RANK];
+    size_t rank;
+    static const size_t ranks[7] = {3, 3, 3, 4, 4, 1, 3};
+    for (size_t i = 0; i < 7; ++i)
+        TRY(input(api, ctx, i,
+                  i < 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                        : i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                                 : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+                  ranks[i], &data[i], d[i], &rank));
+    const int64_t B = d[0][0], N = d[0][1], H = k->num_heads, Hkv = d[3][1], T = d[3][2];
+    const int64_t D = d[3][3], Dv = d[4][3], R = 2 * d[1][2];
+    int ok = Hkv > 0 && H % Hkv == 0 && d[0][2] == (H + Hkv) * D + Hkv * Dv && R <= D;
+    for (size_t i = 1; i < 3; ++i) ok = ok && d[i][0] == B && d[i][1] == N && d[i][2] == R / 2;
+    ok = ok && d[3][0] == B && d[4][0] == B && d[4][1] == Hkv && d[4][2] == T && d[5][0] == B &&
+         d[6][0] == B && d[6][1] == N && d[6][2] == N;
+    if (!ok) {
+        char message[300];
+        snprintf(message, sizeof message,
+                 "leapc RotaryTreeAttention: qkv [%lld, %lld, %lld] does not fit %lld heads, "
+                 "k_past [B, Hkv, T, D], v_past [B, Hkv, T, Dv], cos and sin [B, N, R/2 <= D/2], "
+                 "past_len [B], tree_mask [B, N, N]",
+                 (long long)B, (long long)N, (long long)d[0][2], (long long)H);
+        return invalid(api, message);
+    }
+    const int64_t *past_len = data[5];
+    for (int64_t b = 0; b < B; ++b)
+        if (past_len[b] < 0 || past_len[b] > T)
+            return invalid(api, "leapc RotaryTreeAttention: a past_len is outside [0, T]");
+    const int64_t shapes[3][4] = {{B, N, H * Dv}, {B, Hkv, N, D}, {B, Hkv, N, Dv}};
+    float *outputs[3];
+    for (size_t i = 0; i < 3; ++i) {
+        OrtValue *value;
+        void *out;
+        TRY(lc_ort_KernelContext_GetOutput(api, ctx, i, shapes[i], i ? 4 : 3, &value));
+        TRY(lc_ort_GetTensorMutableData(api, value, &out));
+        outputs[i] = out;
+    }
+    if (B * N == 0) return NULL;
+    LcTreeAttention a = {NULL, data[3], outputs[1], data[4], outputs[2], past_len, data[6],
+                         outputs[0], B, H, Hkv, N, T, D, Dv, k->scale, 1};
+    AttentionJob job;
+    TRY(plan_attention(api, &a, B * H * N * D, &job));
+    lc_rotary_split(data[0], data[1], data[2], B, N, H, Hkv, D, Dv, R, job.extra, outputs[1],
+                    outputs[2]);
+    job.args.q = job.extra;
+    return launch_attention(api, ctx, &job);
 }
 
 /* ---- Registration ---- */
@@ -271,12 +345,16 @@ static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi 
     Kernel *kernel = calloc(1, sizeof *kernel);
     if (!kernel) return out_of_memory(api);
     kernel->api = api;
-    if (op->KernelComputeV2 == tree_attention) {
-        OrtStatus *st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
-        if (st) {
-            free(kernel);
-            return st;
-        }
+    OrtStatus *st = NULL;
+    if (op->KernelComputeV2 != q8_matmul)
+        st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
+    if (!st && op->KernelComputeV2 == rotary_tree_attention)
+        st = lc_ort_KernelInfoGetAttribute_int64(api, info, "num_heads", &kernel->num_heads);
+    if (!st && op->KernelComputeV2 == rotary_tree_attention && kernel->num_heads < 1)
+        st = invalid(api, "leapc RotaryTreeAttention: num_heads must be positive");
+    if (st) {
+        free(kernel);
+        return st;
     }
     *out = kernel;
     return NULL;
@@ -286,7 +364,7 @@ static void LC_ORT_CALL destroy_kernel(void *kernel) { free(kernel); }
 static const char *LC_ORT_CALL op_name(const OrtCustomOp *op) { return ((const Op *)op)->name; }
 static const char *LC_ORT_CALL cpu_provider(const OrtCustomOp *op) { (void)op; return NULL; }
 static size_t LC_ORT_CALL input_count(const OrtCustomOp *op) { return ((const Op *)op)->inputs; }
-static size_t LC_ORT_CALL one(const OrtCustomOp *op) { (void)op; return 1; }
+static size_t LC_ORT_CALL output_count(const OrtCustomOp *op) { return ((const Op *)op)->outputs; }
 static int LC_ORT_CALL int_one(const OrtCustomOp *op) { (void)op; return 1; }
 
 static ONNXTensorElementDataType LC_ORT_CALL input_type(const OrtCustomOp *op, size_t i) {
@@ -312,13 +390,17 @@ static OrtMemType LC_ORT_CALL default_memory(const OrtCustomOp *op, size_t i) {
 #define F ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 /* ORT keeps pointers to the ops for every session: static storage */
 static Op ops[] = {
-    {.name = "Q8MatMul", .inputs = 3,
+    {.name = "Q8MatMul", .inputs = 3, .outputs = 1,
      .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F},
      .base = {.KernelComputeV2 = q8_matmul}},
-    {.name = "TreeAttention", .inputs = 7,
+    {.name = "TreeAttention", .inputs = 7, .outputs = 1,
      .input_types = {F, F, F, F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
                      ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL},
      .base = {.KernelComputeV2 = tree_attention}},
+    {.name = "RotaryTreeAttention", .inputs = 7, .outputs = 3,
+     .input_types = {F, F, F, F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+                     ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL},
+     .base = {.KernelComputeV2 = rotary_tree_attention}},
 };
 #undef F
 
@@ -329,7 +411,7 @@ static void fill_callbacks(OrtCustomOp *op) {
     op->GetInputType = input_type;
     op->GetInputTypeCount = input_count;
     op->GetOutputType = output_type;
-    op->GetOutputTypeCount = one;
+    op->GetOutputTypeCount = output_count;
     op->KernelDestroy = destroy_kernel;
     op->GetInputCharacteristic = required;
     op->GetOutputCharacteristic = required;

@@ -237,7 +237,8 @@ void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *k
             q[r] = a->q + row * a->D;
             g.e[r] = scratch + r * (stride + 2 * a->N);
             g.fresh[r] = (int64_t *)(void *)(g.e[r] + stride);
-            g.out[r] = r0 + r < rows ? a->out + row * a->Dv : NULL;
+            const int64_t at = a->tokens_major ? (b * a->N + n0 + i % nodes) * a->H + h : row;
+            g.out[r] = r0 + r < rows ? a->out + at * a->Dv : NULL;
         }
         scores(q, kt, a->D, stride, blocks, a->scale, g.e);
         for (int r = 0; r < GROUP; ++r) {
@@ -254,4 +255,36 @@ void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *k
         }
         weighted_values(a, bh, P, &g);
     }
+}
+
+/* One head's row of the projections, rotated: (x1, x2) = its first R inputs in halves,
+   out = (x1 cos - x2 sin, x2 cos + x1 sin, the inputs past R unchanged), the arithmetic
+   of ONNX's RotaryEmbedding (non-interleaved), element by element. */
+static void rotate(const float *x, const float *cos, const float *sin, int64_t D, int64_t R,
+                   float *out) {
+    const int64_t half = R / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        out[i] = cos[i] * x[i] - sin[i] * x[i + half];
+        out[i + half] = sin[i] * x[i] + cos[i] * x[i + half];
+    }
+    for (int64_t i = R; i < D; ++i) out[i] = x[i];
+}
+
+void lc_rotary_split(const float *qkv, const float *cos, const float *sin, int64_t B, int64_t N,
+                     int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t R, float *q, float *k,
+                     float *v) {
+    const int64_t width = (H + Hkv) * D + Hkv * Dv;
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = 0; n < N; ++n) {
+            const float *x = qkv + (b * N + n) * width;
+            const float *c = cos + (b * N + n) * (R / 2), *s = sin + (b * N + n) * (R / 2);
+            for (int64_t h = 0; h < H; ++h)
+                rotate(x + h * D, c, s, D, R, q + ((b * H + h) * N + n) * D);
+            for (int64_t h = 0; h < Hkv; ++h) {
+                rotate(x + (H + h) * D, c, s, D, R, k + ((b * Hkv + h) * N + n) * D);
+                const float *xv = x + (H + Hkv) * D + h * Dv;
+                float *out = v + ((b * Hkv + h) * N + n) * Dv;
+                for (int64_t i = 0; i < Dv; ++i) out[i] = xv[i];
+            }
+        }
 }

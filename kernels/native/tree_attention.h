@@ -12,10 +12,18 @@ typedef struct {
     const float *v_new;          /* [B, Hkv, N, Dv] */
     const int64_t *past_len;     /* [B], each in [0, T] */
     const uint8_t *tree_mask;    /* [B, N, N] bool: node n sees new token m */
-    float *out;                  /* [B, H, N, Dv] */
+    float *out;                  /* [B, H, N, Dv], or [B, N, H, Dv] if tokens_major */
     int64_t B, H, Hkv, N, T, D, Dv;
     float scale;
+    int tokens_major;
 } LcTreeAttention;
+
+/* The projections of a decoder's attention block as attention reads them: from
+   qkv [B, N, H*D + Hkv*D + Hkv*Dv] and cos/sin [B, N, R/2], q [B, H, N, D] and
+   k [B, Hkv, N, D] with RoPE (rotate-half form) on their first R inputs, v [B, Hkv, N, Dv]. */
+void lc_rotary_split(const float *qkv, const float *cos, const float *sin, int64_t B, int64_t N,
+                     int64_t H, int64_t Hkv, int64_t D, int64_t Dv, int64_t R, float *q, float *k,
+                     float *v);
 
 /* Floats per key row of the transposed keys (T + N rounded up to 32). */
 int64_t lc_tree_attention_kt_stride(const LcTreeAttention *a);

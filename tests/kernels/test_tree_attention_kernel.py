@@ -125,3 +125,82 @@ def test_shapes_that_do_not_fit_are_refused(attention):
     k = np.zeros((1, 2, 5, 16), np.float32)
     with pytest.raises(Exception, match=r"leapc TreeAttention: q \[1, 3, 1, 16\] does not fit"):
         attention(q, k, k, np.array([4]), np.ones((1, 1, 1), bool), 4)
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """RoPE in rotate-half form on the first ``2 * cos.shape[-1]`` inputs of ``x [B, H, N,
+    D]``, as ONNX's RotaryEmbedding defines it; ``cos``/``sin`` are ``[B, N, R / 2]``."""
+    half = cos.shape[-1]
+    c, s = cos[:, None], sin[:, None]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return np.concatenate([c * x1 - s * x2, s * x1 + c * x2, rest], axis=-1)
+
+
+@pytest.fixture(scope="module")
+def rotary_attention(tmp_path_factory):
+    library = compile_library(tmp_path_factory.mktemp("ops") / "ops.so")
+    names = ("qkv", "cos", "sin", "k_past", "v_past", "past_len", "tree_mask")
+    kinds = [TensorProto.FLOAT] * 5 + [TensorProto.INT64, TensorProto.BOOL]
+    outputs = ("out", "k_new", "v_new")
+
+    def run(qkv, cos, sin, k_past, v_past, past_len, tree_mask, heads):
+        node = helper.make_node("RotaryTreeAttention", list(names), list(outputs),
+                                domain=DOMAIN, scale=SCALE, num_heads=heads)
+        graph = helper.make_graph(
+            [node], "rotary_tree_attention",
+            [helper.make_tensor_value_info(n, k, None) for n, k in zip(names, kinds, strict=True)],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                        helper.make_opsetid(DOMAIN, 1)])
+        options = session_options()
+        options.register_custom_ops_library(str(library))
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        feeds = (qkv, cos, sin, k_past, v_past, past_len, tree_mask)
+        return session.run(None, dict(zip(names, feeds, strict=True)))
+
+    return run
+
+
+@pytest.mark.parametrize("heads, kv_heads, new, past, dim, rotary", [
+    (10, 2, 1, 256, 32, 32),  # the bundled model's decode step
+    (10, 2, 8, 40, 32, 32),
+    (4, 4, 5, 17, 16, 8),  # partial rotary: the last 8 inputs pass through
+])
+def test_rotary_attention_is_the_attention_of_its_rotated_projections(
+        rotary_attention, heads, kv_heads, new, past, dim, rotary):
+    """The fused block (`fuse_rotary_attention`'s node): split, RoPE, attention, and the
+    output in token-major order, with the rotated keys and the values as the step's."""
+    rng = np.random.default_rng(heads * new + past)
+    batch = 2
+    qkv = rng.standard_normal((batch, new, (heads + 2 * kv_heads) * dim), dtype=np.float32)
+    angles = rng.uniform(0, 50, (batch, new, rotary // 2)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    k_past = rng.standard_normal((batch, kv_heads, past, dim), dtype=np.float32)
+    v_past = rng.standard_normal((batch, kv_heads, past, dim), dtype=np.float32)
+    past_len, tree_mask = rng.integers(0, past + 1, batch), _random_tree(rng, batch, new)
+    out, k_new, v_new = rotary_attention(qkv, cos, sin, k_past, v_past, past_len, tree_mask,
+                                         heads)
+
+    def heads_of(x, count):  # [B, N, count * D] -> [B, count, N, D]
+        return x.reshape(batch, new, count, dim).transpose(0, 2, 1, 3)
+
+    q, k, v = np.split(qkv, [heads * dim, (heads + kv_heads) * dim], axis=-1)
+    q, k, v = _rotate(heads_of(q, heads), cos, sin), _rotate(heads_of(k, kv_heads), cos, sin), \
+        heads_of(v, kv_heads)
+    np.testing.assert_allclose(k_new, k, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(v_new, v)
+    expected = reference.tree_attention(
+        *map(torch.from_numpy, (q, np.concatenate([k_past, k], 2),
+                                np.concatenate([v_past, v], 2), past_len, tree_mask)), SCALE)
+    np.testing.assert_allclose(out, expected.numpy().transpose(0, 2, 1, 3).reshape(out.shape),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_rotary_attention_refuses_a_projection_of_another_width(rotary_attention):
+    qkv = np.zeros((1, 1, 100), np.float32)
+    cos = np.zeros((1, 1, 8), np.float32)
+    cache = np.zeros((1, 2, 4, 16), np.float32)
+    with pytest.raises(Exception, match=r"leapc RotaryTreeAttention: qkv \[1, 1, 100\] does "
+                                         r"not fit 4 heads"):
+        rotary_attention(qkv, cos, cos, cache, cache, np.array([4]), np.ones((1, 1, 1), bool), 4)

@@ -52,19 +52,22 @@ def test_every_constant_matmul_becomes_an_integer_matmul(quantized_engine):
 @pytest.mark.slow
 def test_integer_engines_lower_attention_width_invariant_by_default(quantized_engine):
     """int8 engines carry leapc's library, so attention is its kernel, reading the cache in
-    place; int4 ones (ORT's kernels) get the width-invariant ONNX lowering."""
+    place, each layer's block from the q/k/v projection on one node
+    (`fuse_rotary_attention`); int4 ones (ORT's kernels) get the width-invariant ONNX
+    lowering."""
     graph = onnx.load(str(quantized_engine.path / "full.onnx")).graph
     ops = [node.op_type for node in graph.node]
     assert "Attention" not in ops  # ORT's fused node: its rows move with the step's width
     if quantized_engine.manifest.quantization is Quantization.INT8:
         assert quantized_engine.manifest.attention is Attention.KERNEL
-        assert ops.count("TreeAttention") == 2  # one per layer
+        assert ops.count("RotaryTreeAttention") == 2  # one per layer
+        assert not {"TreeAttention", "RotaryEmbedding", "Transpose"} & set(ops)
         cache_copies = [n for n in graph.node if n.op_type == "Concat"
                         and any(name.startswith("past.") for name in n.input)]
         assert not cache_copies
     else:
         assert quantized_engine.manifest.attention is Attention.INVARIANT
-        assert "TreeAttention" not in ops
+        assert not {"TreeAttention", "RotaryTreeAttention"} & set(ops)
 
 
 @pytest.mark.slow
