@@ -17,7 +17,7 @@ from pathlib import Path
 from leapc.ir.errors import InputError
 
 DOMAIN = "ai.leapc"
-SOURCES = ("q8_gemm.c", "tree_attention.c", "ort_ops.c")
+SOURCES = ("q8_gemm.c", "row_ops.c", "tree_attention.c", "ort_ops.c")
 # AVX-512 with VNNI (any CPU that has it: no -march=native, so an engine built on one
 # machine runs on another); no contraction of multiply-add into FMA, since the kernels'
 # results are defined operation by operation (`leapc.kernels.q8_gemm.reference`).
@@ -38,7 +38,8 @@ def compile_library(out: Path) -> Path:
                          f"({compiler!r} not found); install one, or build with --quantize "
                          "int8-nbits (ONNX Runtime's own int8 kernels)")
     source = Path(__file__).parent / "native"
-    command = [compiler, *FLAGS, *(str(source / name) for name in SOURCES), "-o", str(out)]
+    command = [compiler, *FLAGS, *(str(source / name) for name in SOURCES), "-lm", "-o",
+               str(out)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"compiling leapc's ORT ops failed ({' '.join(command)}):\n"

@@ -1,10 +1,12 @@
 /* leapc's ONNX Runtime custom-op library: domain "ai.leapc".
 
-   Q8MatMul(x float [..., K], w uint8 [N/16, 16 K], s float [N/16, K/2]) -> y float [..., N]
-   runs `q8_gemm.c` on every row of x: w and s are the weight in that kernel's tiled layout
-   (`leapc.kernels.q8_gemm.pack_weights`). The rows' activations are quantized once, then
-   the column tiles are shared out over ORT's intra-op pool (KernelContext_ParallelFor);
-   a column's arithmetic does not depend on which thread computes it.
+   Q8MatMul(x float [..., K], w uint8 [N/16, 16 K], s float [N/16, K/2][, residual]) -> y
+   float [..., N] runs `q8_gemm.c` on every row of x: w and s are the weight in that
+   kernel's tiled layout (`leapc.kernels.q8_gemm.pack_weights`). The rows' activations are
+   quantized once, then the column tiles are shared out over ORT's intra-op pool
+   (KernelContext_ParallelFor); a column's arithmetic does not depend on which thread
+   computes it. RMSNormQ8MatMul and SwiGLUQ8MatMul first apply a row prologue
+   (row_ops.c); a residual, when given, is added to y as the Add node it replaces did.
 
    TreeAttention(q, k_past, k_new, v_past, v_new, past_len, tree_mask; scale) -> out runs
    `tree_attention.c` (shapes in tree_attention.h): one task per (batch row, KV head) to
@@ -13,7 +15,10 @@
    projection, RoPE included (below). */
 
 #include "ort_abi.h"
+#include "row_ops.h"
 #include "tree_attention.h"
+
+#include <immintrin.h>
 
 #include <pthread.h>
 #include <stdio.h>
@@ -36,17 +41,25 @@ void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, in
         if (st_) return st_;     \
     } while (0)
 
+/* What an int8 GEMM op computes on its rows before quantizing them (row_ops.h). */
+typedef enum { PROLOGUE_NONE, PROLOGUE_RMS_NORM, PROLOGUE_SWIGLU } Prologue;
+
 /* One op of the library: ORT hands `base` back to every callback, which finds the rest. */
 typedef struct {
     OrtCustomOp base;
     const char *name;
     size_t inputs, outputs; /* outputs are float */
+    size_t optional_from;   /* inputs from this index on may be left out (0: none) */
+    Prologue prologue;
     ONNXTensorElementDataType input_types[MAX_INPUTS];
 } Op;
 
 typedef struct {
     const OrtApi *api;
-    float scale;       /* the attention ops' attributes */
+    const OrtCustomOp *op;
+    Prologue prologue;
+    float epsilon;     /* RMSNormQ8MatMul's attribute */
+    float scale;       /* the attention ops' */
     int64_t num_heads; /* RotaryTreeAttention's */
 } Kernel;
 
@@ -116,7 +129,7 @@ static OrtStatus *input(const OrtApi *api, OrtKernelContext *ctx, size_t index,
     return st;
 }
 
-/* ---- Q8MatMul ---- */
+/* ---- Q8MatMul, RMSNormQ8MatMul, SwiGLUQ8MatMul ---- */
 
 typedef struct {
     const int8_t *q;
@@ -125,6 +138,7 @@ typedef struct {
     int64_t M, K, N, tiles;
     const uint8_t *w;
     const float *ws;
+    const float *residual; /* [M, N] added to y, or NULL */
     float *y;
 } MatMulJob;
 
@@ -134,43 +148,79 @@ static void matmul_task(void *user, size_t task) {
     const int64_t t1 = t0 + TILES_PER_TASK < job->tiles ? t0 + TILES_PER_TASK : job->tiles;
     q8_gemm_tiles(job->q, job->sums, job->scales, job->M, job->K, job->w, job->ws, job->N,
                   job->y, t0, t1);
+    if (!job->residual) return;
+    for (int64_t m = 0; m < job->M; ++m) /* y + residual, as the Add node it replaces */
+        for (int64_t c = 16 * t0; c < 16 * t1; c += 16) {
+            float *y = job->y + m * job->N + c;
+            _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y),
+                                              _mm512_loadu_ps(job->residual + m * job->N + c)));
+        }
+}
+
+/* Optional input `index`: *data stays NULL when the node leaves it out. */
+static OrtStatus *optional_input(const OrtApi *api, OrtKernelContext *ctx, size_t index,
+                                 void **data, int64_t *dims, size_t *rank) {
+    size_t count = 0;
+    const OrtValue *value = NULL;
+    *data = NULL;
+    TRY(lc_ort_KernelContext_GetInputCount(api, ctx, &count));
+    if (index < count) TRY(lc_ort_KernelContext_GetInput(api, ctx, index, &value));
+    if (!value) return NULL;
+    return input(api, ctx, index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, data, dims, rank);
 }
 
 static OrtStatus *LC_ORT_CALL q8_matmul(void *kernel, OrtKernelContext *ctx) {
-    const OrtApi *api = ((const Kernel *)kernel)->api;
-    void *x, *w, *s, *y;
-    int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK];
-    size_t xr, wr, sr;
+    const Kernel *k = (const Kernel *)kernel;
+    const OrtApi *api = k->api;
+    const size_t wi = k->prologue == PROLOGUE_RMS_NORM ? 2 : 1; /* x [, gamma], w, s [, r] */
+    void *x, *w, *s, *y, *gamma = NULL, *residual;
+    int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK], gd[MAX_RANK], rd[MAX_RANK];
+    size_t xr, wr, sr, gr, rr;
     TRY(input(api, ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, &x, xd, &xr));
-    TRY(input(api, ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 2, &w, wd, &wr));
-    TRY(input(api, ctx, 2, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2, &s, sd, &sr));
-    const int64_t K = xd[xr - 1], tiles = wd[0], N = 16 * tiles;
-    if (K % 32 != 0 || wd[1] != 16 * K || sd[0] != tiles || sd[1] != K / 2) {
-        char message[200];
-        snprintf(message, sizeof message,
-                 "leapc Q8MatMul: x [..., %lld] does not match packed weights [%lld, %lld] "
-                 "and scales [%lld, %lld]",
-                 (long long)K, (long long)wd[0], (long long)wd[1], (long long)sd[0],
-                 (long long)sd[1]);
-        return invalid(api, message);
+    TRY(input(api, ctx, wi, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 2, &w, wd, &wr));
+    TRY(input(api, ctx, wi + 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2, &s, sd, &sr));
+    TRY(optional_input(api, ctx, wi + 2, &residual, rd, &rr));
+    const int64_t width = xd[xr - 1], tiles = wd[0], N = 16 * tiles;
+    const int64_t K = k->prologue == PROLOGUE_SWIGLU ? width / 2 : width;
+    int ok = K % 32 == 0 && wd[1] == 16 * K && sd[0] == tiles && sd[1] == K / 2 &&
+             (k->prologue != PROLOGUE_SWIGLU || width == 2 * K);
+    if (k->prologue == PROLOGUE_RMS_NORM) {
+        TRY(input(api, ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1, &gamma, gd, &gr));
+        ok = ok && gd[0] == K;
     }
     int64_t M = 1, yd[MAX_RANK];
     for (size_t i = 0; i + 1 < xr; ++i) M *= (yd[i] = xd[i]);
     yd[xr - 1] = N;
+    for (size_t i = 0; residual && i < xr; ++i) ok = ok && rr == xr && rd[i] == yd[i];
+    if (!ok) {
+        char message[240];
+        snprintf(message, sizeof message,
+                 "leapc %s: x [..., %lld] does not match packed weights [%lld, %lld] and "
+                 "scales [%lld, %lld] (or its norm weights or residual)",
+                 ((const Op *)k->op)->name, (long long)width, (long long)wd[0],
+                 (long long)wd[1], (long long)sd[0], (long long)sd[1]);
+        return invalid(api, message);
+    }
     OrtValue *yv;
     TRY(lc_ort_KernelContext_GetOutput(api, ctx, 0, yd, xr, &yv));
     if (M == 0) return NULL;
     TRY(lc_ort_GetTensorMutableData(api, yv, &y));
 
-    const int64_t blocks = K / 32;
-    char *scratch = scratch_memory((size_t)(M * K + M * blocks * (sizeof(int32_t) + sizeof(float))));
+    const int64_t blocks = K / 32, staged = k->prologue == PROLOGUE_NONE ? 0 : M * K;
+    char *scratch = scratch_memory(sizeof(float) * (size_t)staged +
+                                   (size_t)(M * K + M * blocks * (sizeof(int32_t) + sizeof(float))));
     if (!scratch) return out_of_memory(api);
-    int8_t *q = (int8_t *)scratch;
-    int32_t *sums = (int32_t *)(scratch + M * K);
+    float *rows = (float *)scratch;
+    if (k->prologue == PROLOGUE_RMS_NORM)
+        lc_rms_norm_rows(x, gamma, M, K, k->epsilon, rows);
+    else if (k->prologue == PROLOGUE_SWIGLU)
+        lc_swiglu_rows(x, M, K, rows);
+    int8_t *q = (int8_t *)(rows + staged);
+    int32_t *sums = (int32_t *)(q + M * K);
     float *scales = (float *)(sums + M * blocks);
-    q8_quantize_rows((const float *)x, M, K, q, sums, scales);
+    q8_quantize_rows(staged ? rows : (const float *)x, M, K, q, sums, scales);
     MatMulJob job = {q, sums, scales, M, K, N, tiles, (const uint8_t *)w, (const float *)s,
-                     (float *)y};
+                     (const float *)residual, (float *)y};
     const size_t tasks = (size_t)((tiles + TILES_PER_TASK - 1) / TILES_PER_TASK);
     return lc_ort_KernelContext_ParallelFor(api, ctx, matmul_task, tasks, 0, &job);
 }
@@ -345,7 +395,11 @@ static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi 
     Kernel *kernel = calloc(1, sizeof *kernel);
     if (!kernel) return out_of_memory(api);
     kernel->api = api;
+    kernel->op = op;
+    kernel->prologue = ((const Op *)op)->prologue;
     OrtStatus *st = NULL;
+    if (kernel->prologue == PROLOGUE_RMS_NORM)
+        st = lc_ort_KernelInfoGetAttribute_float(api, info, "epsilon", &kernel->epsilon);
     if (op->KernelComputeV2 != q8_matmul)
         st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
     if (!st && op->KernelComputeV2 == rotary_tree_attention)
@@ -375,6 +429,11 @@ static ONNXTensorElementDataType LC_ORT_CALL output_type(const OrtCustomOp *op, 
     (void)i;
     return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
+static OrtCustomOpInputOutputCharacteristic LC_ORT_CALL input_kind(const OrtCustomOp *op,
+                                                                   size_t i) {
+    const size_t from = ((const Op *)op)->optional_from;
+    return from && i >= from ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
 static OrtCustomOpInputOutputCharacteristic LC_ORT_CALL required(const OrtCustomOp *op,
                                                                  size_t i) {
     (void)op;
@@ -390,8 +449,19 @@ static OrtMemType LC_ORT_CALL default_memory(const OrtCustomOp *op, size_t i) {
 #define F ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 /* ORT keeps pointers to the ops for every session: static storage */
 static Op ops[] = {
-    {.name = "Q8MatMul", .inputs = 3, .outputs = 1,
-     .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F},
+    /* x, w, s [, residual]: y = x @ W (+ residual) */
+    {.name = "Q8MatMul", .inputs = 4, .outputs = 1, .optional_from = 3,
+     .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F, F},
+     .base = {.KernelComputeV2 = q8_matmul}},
+    /* x, gamma, w, s [, residual]; epsilon: y = rms_norm(x) gamma @ W (+ residual) */
+    {.name = "RMSNormQ8MatMul", .inputs = 5, .outputs = 1, .optional_from = 4,
+     .prologue = PROLOGUE_RMS_NORM,
+     .input_types = {F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F, F},
+     .base = {.KernelComputeV2 = q8_matmul}},
+    /* gate_up, w, s [, residual]: y = silu(gate) up @ W (+ residual) */
+    {.name = "SwiGLUQ8MatMul", .inputs = 4, .outputs = 1, .optional_from = 3,
+     .prologue = PROLOGUE_SWIGLU,
+     .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F, F},
      .base = {.KernelComputeV2 = q8_matmul}},
     {.name = "TreeAttention", .inputs = 7, .outputs = 1,
      .input_types = {F, F, F, F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
@@ -413,7 +483,7 @@ static void fill_callbacks(OrtCustomOp *op) {
     op->GetOutputType = output_type;
     op->GetOutputTypeCount = output_count;
     op->KernelDestroy = destroy_kernel;
-    op->GetInputCharacteristic = required;
+    op->GetInputCharacteristic = input_kind;
     op->GetOutputCharacteristic = required;
     op->GetInputMemoryType = default_memory;
     op->GetVariadicInputMinArity = int_one;

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "simd_exp.h"
 #include "tree_attention.h"
 
 #define LANES 16
@@ -140,26 +141,6 @@ static void scores(const float *const q[GROUP], const float *kt, int64_t D, int6
     }
 }
 
-/* exp(x) for x <= 0, to ~1 ulp: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so
-   n ln2 is exact), e^r by its degree-7 Taylor-like minimax polynomial (the classic
-   single-precision coefficients), times 2^n. Below -88, e^x is under float's normal
-   range and the result is 0. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.0f), _CMP_LT_OQ);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_scalef_ps(~underflow, p, n);
-}
-
 static __mmask16 tail_mask(int64_t count) {
     if (count <= 0) return 0;
     return count >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
@@ -174,7 +155,7 @@ static float softmax_numerators(float *s, int64_t count) {
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < count; j += LANES) {
         const __mmask16 live = tail_mask(count - j);
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), m));
+        const __m512 e = lc_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), m));
         _mm512_mask_storeu_ps(s + j, live, e);
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
     }

@@ -18,13 +18,13 @@ elsewhere, keys consumed by other nodes) is left as it is.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import onnx
 from onnx import helper, numpy_helper
 
 from leapc.kernels.ort_ops import DOMAIN
+from leapc.runtime.backends.onnx_graph import GraphIndex, attribute, drop_unread
 
 _HEADS_TO_TOKENS = [0, 2, 1, 3]  # [B, N, H, D] <-> [B, H, N, D]
 
@@ -42,38 +42,10 @@ class _Block:
     heads: int
 
 
-class _Graph:
-    """Producer and consumer lookups over a graph, for matching."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                self.readers[name].append(node)
-        self.outputs = {o.name for o in graph.output}
-        self.constants = {i.name: i for i in graph.initializer}
-        self.dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-                     for v in graph.input}
-
-    def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op_type and not node.domain else None
-
-    def private(self, name: str) -> bool:
-        """Read by one node only, and not a graph output: safe to fuse away."""
-        return len(self.readers[name]) == 1 and name not in self.outputs
-
-
-def _attribute(node: onnx.NodeProto, name: str, default=None):
-    found = [a for a in node.attribute if a.name == name]
-    return helper.get_attribute_value(found[0]) if found else default
-
-
-def _head_view(g: _Graph, name: str) -> tuple[list[onnx.NodeProto], str] | None:
+def _head_view(g: GraphIndex, name: str) -> tuple[list[onnx.NodeProto], str] | None:
     """``Transpose(Reshape(x), [0, 2, 1, 3])``: its two nodes and ``x``."""
     transpose = g.made_by(name, "Transpose")
-    if transpose is None or list(_attribute(transpose, "perm", [])) != _HEADS_TO_TOKENS:
+    if transpose is None or list(attribute(transpose, "perm", [])) != _HEADS_TO_TOKENS:
         return None
     reshape = g.made_by(transpose.input[0], "Reshape")
     if reshape is None or not g.private(transpose.input[0]):
@@ -81,11 +53,11 @@ def _head_view(g: _Graph, name: str) -> tuple[list[onnx.NodeProto], str] | None:
     return [reshape, transpose], reshape.input[0]
 
 
-def _rotated_view(g: _Graph, name: str):
+def _rotated_view(g: GraphIndex, name: str):
     """``RotaryEmbedding(head_view(x), cos, sin)`` (rotate-half form): its nodes, ``x``,
     ``cos`` and ``sin``."""
     rotary = g.made_by(name, "RotaryEmbedding")
-    if rotary is None or len(rotary.input) != 3 or _attribute(rotary, "interleaved", 0):
+    if rotary is None or len(rotary.input) != 3 or attribute(rotary, "interleaved", 0):
         return None
     view = _head_view(g, rotary.input[0])
     if view is None or not g.private(rotary.input[0]):
@@ -93,7 +65,7 @@ def _rotated_view(g: _Graph, name: str):
     return [*view[0], rotary], view[1], rotary.input[1], rotary.input[2]
 
 
-def _same_angles(g: _Graph, a: str, b: str) -> bool:
+def _same_angles(g: GraphIndex, a: str, b: str) -> bool:
     """Whether two cos (or sin) tensors are one, or the same op of the same input."""
     if a == b:
         return True
@@ -102,7 +74,7 @@ def _same_angles(g: _Graph, a: str, b: str) -> bool:
             and list(pa.input) == list(pb.input))
 
 
-def _tokens_major(g: _Graph, name: str) -> tuple[list[onnx.NodeProto], str] | None:
+def _tokens_major(g: GraphIndex, name: str) -> tuple[list[onnx.NodeProto], str] | None:
     """The attention output's way back to ``[B, N, H * Dv]``: an optional same-shape
     ``Reshape``, ``Transpose([0, 2, 1, 3])``, ``Reshape``. Its nodes and final value."""
     nodes = []
@@ -114,7 +86,7 @@ def _tokens_major(g: _Graph, name: str) -> tuple[list[onnx.NodeProto], str] | No
         if not g.private(node.output[0]):
             return None
         node = g.readers[node.output[0]][0]
-    if node.op_type != "Transpose" or list(_attribute(node, "perm", [])) != _HEADS_TO_TOKENS \
+    if node.op_type != "Transpose" or list(attribute(node, "perm", [])) != _HEADS_TO_TOKENS \
             or not g.private(node.output[0]):
         return None
     reshape = g.readers[node.output[0]][0]
@@ -123,13 +95,13 @@ def _tokens_major(g: _Graph, name: str) -> tuple[list[onnx.NodeProto], str] | No
     return [*nodes, node, reshape], reshape.output[0]
 
 
-def _split_sizes(g: _Graph, split: onnx.NodeProto) -> list[int] | None:
+def _split_sizes(g: GraphIndex, split: onnx.NodeProto) -> list[int] | None:
     if len(split.input) > 1 and split.input[1] in g.constants:
         return numpy_helper.to_array(g.constants[split.input[1]]).tolist()
-    return list(_attribute(split, "split", [])) or None
+    return list(attribute(split, "split", [])) or None
 
 
-def _match(g: _Graph, attention: onnx.NodeProto) -> _Block | None:
+def _match(g: GraphIndex, attention: onnx.NodeProto) -> _Block | None:
     q, k_past, k_new, v_past, v_new = attention.input[:5]
     query, key = _rotated_view(g, q), _rotated_view(g, k_new)
     value = _head_view(g, v_new)
@@ -141,7 +113,7 @@ def _match(g: _Graph, attention: onnx.NodeProto) -> _Block | None:
     split = g.producer.get(query[1])
     parts = (query[1], key[1], value[1])
     if split is None or split.op_type != "Split" or list(split.output) != list(parts) \
-            or _attribute(split, "axis", 0) not in (-1, 2) or not all(map(g.private, parts)):
+            or attribute(split, "axis", 0) not in (-1, 2) or not all(map(g.private, parts)):
         return None
     if not (_same_angles(g, query[2], key[2]) and _same_angles(g, query[3], key[3])):
         return None
@@ -156,7 +128,7 @@ def _match(g: _Graph, attention: onnx.NodeProto) -> _Block | None:
 def fuse_rotary_attention(model: onnx.ModelProto) -> int:
     """Rewrite every matching block; return how many were fused."""
     graph = model.graph
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     blocks = [block for node in graph.node if node.op_type == "TreeAttention"
               and node.domain == DOMAIN and (block := _match(g, node)) is not None]
     fused = {id(block.attention): _fused_node(block) for block in blocks}
@@ -164,7 +136,7 @@ def fuse_rotary_attention(model: onnx.ModelProto) -> int:
     rewritten = [fused.get(id(node), node) for node in graph.node if id(node) not in removed]
     del graph.node[:]  # the fused node takes the attention's place in the order
     graph.node.extend(rewritten)
-    _drop_unread(graph)
+    drop_unread(graph)
     return len(fused)
 
 
@@ -174,19 +146,4 @@ def _fused_node(block: _Block) -> onnx.NodeProto:
         "RotaryTreeAttention",
         [block.qkv, block.cos, block.sin, k_past, v_past, past_len, tree_mask],
         [block.out, k_new, v_new], name=f"{block.attention.name}/rotary", domain=DOMAIN,
-        scale=_attribute(block.attention, "scale"), num_heads=block.heads)
-
-
-def _drop_unread(graph: onnx.GraphProto) -> None:
-    """Remove the nodes none of whose outputs is read (the per-layer Cos/Sin copies), and
-    the constants no node reads (the reshapes' shapes, the splits' sizes)."""
-    while True:
-        read = {name for node in graph.node for name in node.input} | \
-            {o.name for o in graph.output}
-        dead = [n for n in graph.node if not any(out in read for out in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    for constant in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(constant)
+        scale=attribute(block.attention, "scale"), num_heads=block.heads)

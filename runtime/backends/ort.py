@@ -89,11 +89,13 @@ def use_leapc_int8(path: Path, vocab_size: int) -> None:
     import onnx
 
     from leapc.runtime.backends.onnx_fuse_attention import fuse_rotary_attention
+    from leapc.runtime.backends.onnx_fuse_q8_neighbours import fold_into_q8_matmuls
     from leapc.runtime.backends.onnx_q8_matmul import use_q8_matmul
 
     model = _load_for_int_weights(path, vocab_size)
     use_q8_matmul(model)
     fuse_rotary_attention(model)  # on `--attention kernel` programs (after the q/k/v fusion)
+    fold_into_q8_matmuls(model)
     onnx.save_model(model, str(path))
     if not library_file(path).exists():  # an --attention kernel program has it already
         compile_library(library_file(path))

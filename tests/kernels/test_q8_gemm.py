@@ -103,3 +103,59 @@ def test_a_mismatched_weight_is_refused_with_its_shapes(library):
     session = _session(model, library)
     with pytest.raises(Exception, match=r"x \[\.\.\., 96\] does not match packed weights"):
         session.run(None, {"x": np.ones((1, 96), np.float32)})
+
+
+def _fused_session(library, op: str, weight: np.ndarray, inputs: list[str], **attributes):
+    """A one-node model of leapc's int8 GEMM family on ``weight``'s packed form."""
+    tiles, scales = q8_gemm.pack_weights(weight)
+    constants = [numpy_helper.from_array(tiles, "w"), numpy_helper.from_array(scales, "s")]
+    feeds = [name for name in inputs if name not in ("w", "s")]
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"], domain=DOMAIN, **attributes)], op,
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in feeds],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid(DOMAIN, 1)])
+    return _session(model, library)
+
+
+def _rms_norm(x, gamma, eps):
+    return x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + eps) * gamma
+
+
+def _swiglu(gate_up):
+    gate, up = np.split(gate_up.astype(np.float64), 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
+
+
+@pytest.mark.parametrize("op", ["RMSNormQ8MatMul", "SwiGLUQ8MatMul"])
+def test_prologues_are_the_product_of_the_rows_they_compute(library, op):
+    """The norm or SwiGLU before the product is the one the graph computed (within float
+    rounding, which int8 activations can move by one quantization step), a residual is
+    added exactly as the ``Add`` it replaces, and each row's result does not depend on
+    the rows beside it."""
+    rng = np.random.default_rng(7)
+    k, n = 320, 128
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    if op == "RMSNormQ8MatMul":
+        session = _fused_session(library, op, weight, ["x", "gamma", "w", "s", "r"],
+                                 epsilon=1e-5)
+        x = rng.standard_normal((1, 12, k)).astype(np.float32) * 3
+        rows, extra = _rms_norm(x, gamma, 1e-5).astype(np.float32), {"gamma": gamma}
+    else:
+        session = _fused_session(library, op, weight, ["x", "w", "s", "r"])
+        x = rng.standard_normal((1, 12, 2 * k)).astype(np.float32) * 3
+        rows, extra = _swiglu(x).astype(np.float32), {}
+    residual = rng.standard_normal((1, 12, n)).astype(np.float32)
+    y = session.run(None, {"x": x, "r": residual, **extra})[0]
+    packed = q8_gemm.pack_weights(weight)
+    np.testing.assert_allclose(y - residual, q8_gemm.reference(rows[0], *packed)[None],
+                               atol=0.05 * np.abs(y - residual).max())
+    for width, start in ((1, 3), (5, 0), (8, 4)):
+        part = session.run(None, {"x": x[:, start:start + width],
+                                  "r": residual[:, start:start + width], **extra})[0]
+        np.testing.assert_array_equal(part, y[:, start:start + width])
+    without = _fused_session(library, op, weight, ["x", "w", "s"] if op == "SwiGLUQ8MatMul"
+                             else ["x", "gamma", "w", "s"], **({"epsilon": 1e-5} if extra else {}))
+    np.testing.assert_array_equal(y, without.run(None, {"x": x, **extra})[0] + residual)

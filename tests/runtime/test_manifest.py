@@ -393,7 +393,8 @@ BREAKS = {
                         "policy 'swift' needs skip_choice"),
     "swift-no-candidate-program": (_drop("programs", "skip_1"), "needs program 'skip_1'"),
     "int8-drafting": (_set("quantization", value="int8"),
-                      "policy 'lookup' needs float weights or --attention invariant to draft"),
+                      "policy 'lookup' needs float weights or --attention kernel|invariant to "
+                      "draft"),
     # sections without their policies (as int8 engines keep them) or out of range
     "exit-no-draft-unused": (_both(_drop("programs", "draft"),
                                    _without_policies("early-exit", "kangaroo")),

@@ -4,6 +4,8 @@ int4), so every policy reproduces the engine's own `ar`."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import pytest
@@ -11,6 +13,7 @@ from engines import TRAINING_FREE, tiny_source
 
 import leapc
 from leapc.ir.errors import InputError
+from leapc.runtime.backends.onnx_fuse_q8_neighbours import BASE_INPUTS
 from leapc.runtime.decode import prefill, tree_inputs
 from leapc.runtime.drafters.base import Draft
 from leapc.runtime.manifest import Attention, Quantization
@@ -36,17 +39,33 @@ def test_every_constant_matmul_becomes_an_integer_matmul(quantized_engine):
     weights = {init.name for init in graph.initializer}
     ops = [node.op_type for node in graph.node]
     assert quantized_engine.manifest.quantization in (Quantization.INT8, Quantization.INT4)
-    # int8: leapc's kernel (its library ships beside the program); int4: ORT's
-    kernel = "Q8MatMul" if quantized_engine.manifest.quantization is Quantization.INT8 \
-        else "MatMulNBits"
+    # int8: leapc's kernels (their library ships beside the program); int4: ORT's
+    kernels = set(BASE_INPUTS) if quantized_engine.manifest.quantization is Quantization.INT8 \
+        else {"MatMulNBits"}
     # each layer's qkv, o, gate_up and down (q/k/v and gate/up are fused), and the head
-    assert ops.count(kernel) == 4 * 2 + 1
+    assert sum(op in kernels for op in ops) == 4 * 2 + 1
     float_weight_matmuls = [n for n in graph.node
                             if n.op_type == "MatMul" and n.input[1] in weights]
     assert not float_weight_matmuls
     for name in ("draft", "remainder"):  # they share the step's KV rows and hidden states
-        assert kernel in {n.op_type for n in
+        assert kernels & {n.op_type for n in
                           onnx.load(str(quantized_engine.path / f"{name}.onnx")).graph.node}
+
+
+@pytest.mark.slow
+def test_an_int8_layer_is_five_nodes(quantized_engine):
+    """Norm + q/k/v projection, the attention block, the output projection + residual,
+    norm + gate/up, SwiGLU + down projection + residual (`fold_into_q8_matmuls`,
+    `fuse_rotary_attention`); the final norm goes into the head's projection."""
+    if quantized_engine.manifest.quantization is not Quantization.INT8:
+        pytest.skip("int4 runs ORT's kernels: nothing to fold into")
+    ops = Counter(n.op_type for n in
+                  onnx.load(str(quantized_engine.path / "full.onnx")).graph.node)
+    layers = 2
+    assert {op: ops[op] for op in (*BASE_INPUTS, "RotaryTreeAttention")} == {
+        "RMSNormQ8MatMul": 2 * layers + 1, "Q8MatMul": layers, "SwiGLUQ8MatMul": layers,
+        "RotaryTreeAttention": layers}
+    assert not {"Add", "RMSNormalization", "Sigmoid", "Split", "Transpose"} & set(ops)
 
 
 @pytest.mark.slow
