@@ -34,6 +34,9 @@ void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, in
 #define TILES_PER_TASK 8 /* 128 columns: a multiple of the kernel's 2- and 4-tile groups */
 #define MAX_RANK 8
 #define MAX_INPUTS 7
+/* a multiple of the kernel's 4-row groups: a bundled verify step of 8 tokens gives each
+   KV head's 40 query rows 3 tasks, so a one-row batch with few KV heads fills the pool */
+#define ROWS_PER_TASK 16
 
 #define TRY(expr)                \
     do {                         \
@@ -232,7 +235,7 @@ typedef struct {
     float *extra;   /* the caller's scratch */
     float *kt;      /* B * Hkv transposed key blocks */
     float *scratch; /* one block per task */
-    int64_t chunks, nodes_per_task;
+    int64_t chunks; /* tasks per KV head */
 } AttentionJob;
 
 static void transpose_task(void *user, size_t bh) {
@@ -245,11 +248,11 @@ static void rows_task(void *user, size_t task) {
     const AttentionJob *job = (const AttentionJob *)user;
     const int64_t bh = (int64_t)task / job->chunks, chunk = (int64_t)task % job->chunks;
     if (job->chunks == 1) transpose_task(user, (size_t)bh); /* no other task reads its keys */
-    const int64_t n0 = chunk * job->nodes_per_task;
-    const int64_t n1 = n0 + job->nodes_per_task < job->args.N ? n0 + job->nodes_per_task
-                                                             : job->args.N;
+    const int64_t rows = job->args.H / job->args.Hkv * job->args.N;
+    const int64_t first = chunk * ROWS_PER_TASK;
+    const int64_t end = first + ROWS_PER_TASK < rows ? first + ROWS_PER_TASK : rows;
     const int64_t size = job->args.D * lc_tree_attention_kt_stride(&job->args);
-    lc_tree_attention_rows(&job->args, bh, job->kt + bh * size, n0, n1,
+    lc_tree_attention_rows(&job->args, bh, job->kt + bh * size, first, end,
                            job->scratch + (int64_t)task * lc_tree_attention_scratch(&job->args));
 }
 
@@ -292,10 +295,7 @@ static OrtStatus *attention_inputs(const OrtApi *api, OrtKernelContext *ctx, LcT
 static OrtStatus *plan_attention(const OrtApi *api, const LcTreeAttention *a, int64_t extra,
                                  AttentionJob *job) {
     *job = (AttentionJob){.args = *a};
-    /* up to 4 tasks per KV head, so a one-row batch with few KV heads still fills the pool */
-    job->chunks = a->N < 4 ? a->N : 4;
-    job->nodes_per_task = (a->N + job->chunks - 1) / job->chunks;
-    job->chunks = (a->N + job->nodes_per_task - 1) / job->nodes_per_task;
+    job->chunks = (a->H / a->Hkv * a->N + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     const int64_t tasks = a->B * a->Hkv * job->chunks;
     const int64_t kt_floats = a->B * a->Hkv * a->D * lc_tree_attention_kt_stride(a);
     job->extra = scratch_memory(

@@ -200,26 +200,26 @@ int64_t lc_tree_attention_scratch(const LcTreeAttention *a) {
     return GROUP * (lc_tree_attention_kt_stride(a) + 2 * a->N);
 }
 
-/* Query rows of nodes [n0, n1) of every query head reading KV head bh % Hkv, four at a
-   time (the last group repeats its last row, whose copies are not written). */
-void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *kt, int64_t n0,
-                            int64_t n1, float *scratch) {
+/* Query rows [first, end) of the G * N reading KV head bh % Hkv (row i: head i / N of
+   the group, node i % N), four at a time (the last group repeats its last row, whose
+   copies are not written). */
+void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *kt,
+                            int64_t first, int64_t end, float *scratch) {
     const int64_t b = bh / a->Hkv, kvh = bh % a->Hkv, G = a->H / a->Hkv, P = a->past_len[b];
     const int64_t stride = lc_tree_attention_kt_stride(a), blocks = round_up(P + a->N) / LANES;
-    const int64_t nodes = n1 - n0, rows = G * nodes;
-    for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {
+    for (int64_t r0 = first; r0 < end; r0 += GROUP) {
         Group g;
         const float *q[GROUP];
         int64_t node[GROUP];
         for (int r = 0; r < GROUP; ++r) {
-            const int64_t i = r0 + r < rows ? r0 + r : rows - 1;
-            const int64_t h = kvh * G + i / nodes, row = (b * a->H + h) * a->N + n0 + i % nodes;
-            node[r] = n0 + i % nodes;
+            const int64_t i = r0 + r < end ? r0 + r : end - 1;
+            const int64_t h = kvh * G + i / a->N, row = (b * a->H + h) * a->N + i % a->N;
+            node[r] = i % a->N;
             q[r] = a->q + row * a->D;
             g.e[r] = scratch + r * (stride + 2 * a->N);
             g.fresh[r] = (int64_t *)(void *)(g.e[r] + stride);
-            const int64_t at = a->tokens_major ? (b * a->N + n0 + i % nodes) * a->H + h : row;
-            g.out[r] = r0 + r < rows ? a->out + at * a->Dv : NULL;
+            const int64_t at = a->tokens_major ? (b * a->N + node[r]) * a->H + h : row;
+            g.out[r] = r0 + r < end ? a->out + at * a->Dv : NULL;
         }
         scores(q, kt, a->D, stride, blocks, a->scale, g.e);
         for (int r = 0; r < GROUP; ++r) {

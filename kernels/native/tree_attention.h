@@ -31,8 +31,9 @@ int64_t lc_tree_attention_kt_stride(const LcTreeAttention *a);
 void lc_tree_attention_transpose(const LcTreeAttention *a, int64_t bh, float *kt);
 /* Floats of scratch one lc_tree_attention_rows call needs. */
 int64_t lc_tree_attention_scratch(const LcTreeAttention *a);
-/* Output rows of nodes [n0, n1) for the query heads of KV head bh % Hkv. */
-void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *kt, int64_t n0,
-                            int64_t n1, float *scratch);
+/* Output rows [first, end) of the G * N that read KV head bh % Hkv (row i: the group's
+   query head i / N, node i % N). */
+void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *kt,
+                            int64_t first, int64_t end, float *scratch);
 
 #endif
