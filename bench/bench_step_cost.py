@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> leapc.build options for the bundled model
 ENGINES = {
     "ort": {"backend": "ort"},
-    "ort-int8": {"backend": "ort", "quantize": "int8"},  # leapc's Q8MatMul
+    "ort-int8": {"backend": "ort", "quantize": "int8"},  # leapc's kernels: int8 GEMMs, attention
     "ort-int8-nbits": {"backend": "ort", "quantize": "int8-nbits"},
     "eager": {"backend": "eager"},
     "aoti": {"backend": "aoti"},
