@@ -108,7 +108,8 @@ def _match(g: GraphIndex, attention: onnx.NodeProto) -> _Block | None:
     back = _tokens_major(g, attention.output[0])
     if None in (query, key, value, back) or not g.private(q):
         return None
-    if any(len(g.readers[x]) != 1 or g.readers[x][0] is not attention for x in (k_new, v_new)):
+    at = g.position[id(attention)]
+    if any(g.position[id(reader)] < at for x in (k_new, v_new) for reader in g.readers[x]):
         return None  # the fused node makes them in the attention's place: nothing reads earlier
     split = g.producer.get(query[1])
     parts = (query[1], key[1], value[1])

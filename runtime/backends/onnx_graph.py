@@ -13,7 +13,9 @@ class GraphIndex:
     once per rewrite: it does not follow later edits."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
-        self.producer = {out: node for node in graph.node for out in node.output}
+        self.nodes = list(graph.node)  # held: the ids below stay the nodes'
+        self.position = {id(node): i for i, node in enumerate(self.nodes)}
+        self.producer = {out: node for node in self.nodes for out in node.output}
         self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in graph.node:
             for name in node.input:
