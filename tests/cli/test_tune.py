@@ -16,7 +16,7 @@ from leapc.ir.errors import EngineError
 from leapc.runtime.manifest import MANIFEST_FILE
 from leapc.runtime.policies import DraftOptions, Policy
 from leapc.stage import BuildOptions
-from leapc.tune import SHORTER_CHAINS, tune
+from leapc.tune import SHORTER_CHAINS, TUNE_MAX_NEW, tune
 
 # id prompts of the tiny model: repeats that prompt lookup and recycling can draft from
 PROMPTS = ("1 2 3 4 5 1 2 3 4 5 1 2", "7 8 9 10 7 8 9 10 7")
@@ -42,7 +42,7 @@ def test_tuning_measures_every_offered_policy_and_records_the_fastest_lossless(t
     lossless = [run for run in tuning.table if run.identical_to_ar]
     assert tuning.chosen.identical_to_ar
     assert tuning.chosen.tokens_per_s == max(run.tokens_per_s for run in lossless)
-    assert (tuning.prompts, tuning.max_new_tokens) == (len(PROMPTS), 64)
+    assert (tuning.prompts, tuning.max_new_tokens) == (len(PROMPTS), TUNE_MAX_NEW)
 
 
 def test_auto_runs_the_tuned_choice_with_its_draft_length(tuned):
