@@ -256,18 +256,39 @@ static void rows_task(void *user, size_t task) {
                            job->scratch + (int64_t)task * lc_tree_attention_scratch(&job->args));
 }
 
-/* Reads the inputs into `a`, checking that their shapes agree. */
-static OrtStatus *attention_inputs(const OrtApi *api, OrtKernelContext *ctx, LcTreeAttention *a) {
-    void *data[7];
-    int64_t d[7][MAX_RANK];
+/* The attention ops' seven inputs: five float tensors of the given ranks, then past_len
+   [B] int64 and tree_mask [B, N, N] bool. */
+static OrtStatus *attention_operands(const OrtApi *api, OrtKernelContext *ctx,
+                                     const size_t ranks[5], void *data[7],
+                                     int64_t d[7][MAX_RANK]) {
     size_t rank;
-    static const size_t ranks[7] = {4, 4, 4, 4, 4, 1, 3};
     for (size_t i = 0; i < 7; ++i)
         TRY(input(api, ctx, i,
                   i < 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
                         : i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
                                  : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
-                  ranks[i], &data[i], d[i], &rank));
+                  i < 5 ? ranks[i] : i == 5 ? 1 : 3, &data[i], d[i], &rank));
+    return NULL;
+}
+
+/* Each row's valid cache slots lie within the cache's T. */
+static OrtStatus *check_past_lengths(const OrtApi *api, const char *op, const int64_t *past_len,
+                                     int64_t B, int64_t T) {
+    for (int64_t b = 0; b < B; ++b)
+        if (past_len[b] < 0 || past_len[b] > T) {
+            char message[120];
+            snprintf(message, sizeof message, "leapc %s: a past_len is outside [0, T]", op);
+            return invalid(api, message);
+        }
+    return NULL;
+}
+
+/* Reads the inputs into `a`, checking that their shapes agree. */
+static OrtStatus *attention_inputs(const OrtApi *api, OrtKernelContext *ctx, LcTreeAttention *a) {
+    void *data[7];
+    int64_t d[7][MAX_RANK];
+    static const size_t ranks[5] = {4, 4, 4, 4, 4};
+    TRY(attention_operands(api, ctx, ranks, data, d));
     *a = (LcTreeAttention){data[0], data[1], data[2], data[3], data[4], data[5], data[6], NULL,
                            d[0][0], d[0][1], d[1][1], d[0][2], d[1][2], d[0][3], d[3][3], 0.0f, 0};
     int ok = a->Hkv > 0 && a->H % a->Hkv == 0 && d[1][3] == a->D;
@@ -284,10 +305,7 @@ static OrtStatus *attention_inputs(const OrtApi *api, OrtKernelContext *ctx, LcT
                  (long long)d[0][0], (long long)d[0][1], (long long)d[0][2], (long long)d[0][3]);
         return invalid(api, message);
     }
-    for (int64_t b = 0; b < a->B; ++b)
-        if (a->past_len[b] < 0 || a->past_len[b] > a->T)
-            return invalid(api, "leapc TreeAttention: a past_len is outside [0, T]");
-    return NULL;
+    return check_past_lengths(api, "TreeAttention", a->past_len, a->B, a->T);
 }
 
 /* Shares the attention of `a` out into tasks and takes scratch memory for them, after
@@ -341,14 +359,8 @@ static OrtStatus *LC_ORT_CALL rotary_tree_attention(void *kernel, OrtKernelConte
     const OrtApi *api = k->api;
     void *data[7];
     int64_t d[7][MAX_RANK];
-    size_t rank;
-    static const size_t ranks[7] = {3, 3, 3, 4, 4, 1, 3};
-    for (size_t i = 0; i < 7; ++i)
-        TRY(input(api, ctx, i,
-                  i < 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
-                        : i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
-                                 : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
-                  ranks[i], &data[i], d[i], &rank));
+    static const size_t ranks[5] = {3, 3, 3, 4, 4};
+    TRY(attention_operands(api, ctx, ranks, data, d));
     const int64_t B = d[0][0], N = d[0][1], H = k->num_heads, Hkv = d[3][1], T = d[3][2];
     const int64_t D = d[3][3], Dv = d[4][3], R = 2 * d[1][2];
     int ok = Hkv > 0 && H % Hkv == 0 && d[0][2] == (H + Hkv) * D + Hkv * Dv && R <= D;
@@ -365,9 +377,7 @@ static OrtStatus *LC_ORT_CALL rotary_tree_attention(void *kernel, OrtKernelConte
         return invalid(api, message);
     }
     const int64_t *past_len = data[5];
-    for (int64_t b = 0; b < B; ++b)
-        if (past_len[b] < 0 || past_len[b] > T)
-            return invalid(api, "leapc RotaryTreeAttention: a past_len is outside [0, T]");
+    TRY(check_past_lengths(api, "RotaryTreeAttention", past_len, B, T));
     const int64_t shapes[3][4] = {{B, N, H * Dv}, {B, Hkv, N, D}, {B, Hkv, N, Dv}};
     float *outputs[3];
     for (size_t i = 0; i < 3; ++i) {

@@ -25,21 +25,31 @@ SCALE = 0.25
 
 
 @pytest.fixture(scope="module")
-def attention(tmp_path_factory):
-    """``run(q, k, v, past_len, tree_mask, T)``: the one-node model on the compiled library,
-    ``k``/``v`` split into the cache's T slots and the new keys."""
-    library = compile_library(tmp_path_factory.mktemp("ops") / "ops.so")
-    inputs = [helper.make_tensor_value_info(name, kind, None) for name, kind in INPUTS]
-    node = helper.make_node("TreeAttention", [name for name, _ in INPUTS], ["out"],
-                            domain=DOMAIN, scale=SCALE)
-    graph = helper.make_graph([node], "tree_attention", inputs,
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+def library(tmp_path_factory):
+    return compile_library(tmp_path_factory.mktemp("ops") / "ops.so")
+
+
+def _one_node_session(library, op: str, inputs, outputs, **attributes):
+    """An ORT session of one ``ai.leapc`` node on the compiled library; ``inputs`` are
+    ``(name, element type)`` pairs, the outputs float."""
+    node = helper.make_node(op, [name for name, _ in inputs], list(outputs), domain=DOMAIN,
+                            **attributes)
+    graph = helper.make_graph(
+        [node], op, [helper.make_tensor_value_info(name, kind, None) for name, kind in inputs],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid(DOMAIN, 1)])
     options = session_options()
     options.register_custom_ops_library(str(library))
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def attention(library):
+    """``run(q, k, v, past_len, tree_mask, T)``: the one-node model on the compiled library,
+    ``k``/``v`` split into the cache's T slots and the new keys."""
+    session = _one_node_session(library, "TreeAttention", INPUTS, ["out"], scale=SCALE)
 
     def run(q, k, v, past_len, tree_mask, past):
         feeds = dict(q=q, k_past=k[:, :, :past], k_new=k[:, :, past:], v_past=v[:, :, :past],
@@ -137,25 +147,14 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def rotary_attention(tmp_path_factory):
-    library = compile_library(tmp_path_factory.mktemp("ops") / "ops.so")
+def rotary_attention(library):
     names = ("qkv", "cos", "sin", "k_past", "v_past", "past_len", "tree_mask")
     kinds = [TensorProto.FLOAT] * 5 + [TensorProto.INT64, TensorProto.BOOL]
-    outputs = ("out", "k_new", "v_new")
 
     def run(qkv, cos, sin, k_past, v_past, past_len, tree_mask, heads):
-        node = helper.make_node("RotaryTreeAttention", list(names), list(outputs),
-                                domain=DOMAIN, scale=SCALE, num_heads=heads)
-        graph = helper.make_graph(
-            [node], "rotary_tree_attention",
-            [helper.make_tensor_value_info(n, k, None) for n, k in zip(names, kinds, strict=True)],
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                        helper.make_opsetid(DOMAIN, 1)])
-        options = session_options()
-        options.register_custom_ops_library(str(library))
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = _one_node_session(library, "RotaryTreeAttention",
+                                    list(zip(names, kinds, strict=True)),
+                                    ["out", "k_new", "v_new"], scale=SCALE, num_heads=heads)
         feeds = (qkv, cos, sin, k_past, v_past, past_len, tree_mask)
         return session.run(None, dict(zip(names, feeds, strict=True)))
 
