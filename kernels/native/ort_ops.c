@@ -31,7 +31,6 @@ void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, in
                    int64_t K, const uint8_t *w, const float *ws, int64_t N, float *y,
                    int64_t t0, int64_t t1);
 
-#define TILES_PER_TASK 8 /* 128 columns: a multiple of the kernel's 2- and 4-tile groups */
 #define MAX_RANK 8
 #define MAX_INPUTS 7
 /* a multiple of the kernel's 4-row groups: a bundled verify step of 8 tokens gives each
@@ -138,7 +137,7 @@ typedef struct {
     const int8_t *q;
     const int32_t *sums;
     const float *scales;
-    int64_t M, K, N, tiles;
+    int64_t M, K, N, tiles, tiles_per_task;
     const uint8_t *w;
     const float *ws;
     const float *residual; /* [M, N] added to y, or NULL */
@@ -147,8 +146,8 @@ typedef struct {
 
 static void matmul_task(void *user, size_t task) {
     const MatMulJob *job = (const MatMulJob *)user;
-    const int64_t t0 = (int64_t)task * TILES_PER_TASK;
-    const int64_t t1 = t0 + TILES_PER_TASK < job->tiles ? t0 + TILES_PER_TASK : job->tiles;
+    const int64_t t0 = (int64_t)task * job->tiles_per_task;
+    const int64_t t1 = t0 + job->tiles_per_task < job->tiles ? t0 + job->tiles_per_task : job->tiles;
     q8_gemm_tiles(job->q, job->sums, job->scales, job->M, job->K, job->w, job->ws, job->N,
                   job->y, t0, t1);
     if (!job->residual) return;
@@ -222,9 +221,13 @@ static OrtStatus *LC_ORT_CALL q8_matmul(void *kernel, OrtKernelContext *ctx) {
     int32_t *sums = (int32_t *)(q + M * K);
     float *scales = (float *)(sums + M * blocks);
     q8_quantize_rows(staged ? rows : (const float *)x, M, K, q, sums, scales);
-    MatMulJob job = {q, sums, scales, M, K, N, tiles, (const uint8_t *)w, (const float *)s,
-                     (const float *)residual, (float *)y};
-    const size_t tasks = (size_t)((tiles + TILES_PER_TASK - 1) / TILES_PER_TASK);
+    /* The kernel's tile group (four tiles for one row, else two) per task: ORT's pool hands
+       tasks out one at a time, so small tasks keep both threads busy to the end. With 8
+       tiles a task, a 320-column projection was 8 + 8 + 4 tiles on two threads. */
+    const int64_t per_task = M == 1 ? 4 : 2;
+    MatMulJob job = {q, sums, scales, M, K, N, tiles, per_task, (const uint8_t *)w,
+                     (const float *)s, (const float *)residual, (float *)y};
+    const size_t tasks = (size_t)((tiles + per_task - 1) / per_task);
     return lc_ort_KernelContext_ParallelFor(api, ctx, matmul_task, tasks, 0, &job);
 }
 
