@@ -25,6 +25,7 @@ import numpy as np
 from leapc.ir.tree import tree_from_parents
 from leapc.runtime.decode import prefill, tree_inputs
 from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
+from leapc.runtime.drafters.ranking import top_tokens
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, probabilities, sample_distinct
 from leapc.runtime.step import DRAFTED, StepFunction
@@ -156,7 +157,7 @@ class DraftModelDrafter:
 
     def _children(self, logits: np.ndarray, q: np.ndarray | None, width: int) -> np.ndarray:
         if q is None:  # greedy: the draft's top tokens, the first being its argmax
-            return _top_tokens(logits, width)
+            return top_tokens(logits, width)
         if self.shape.children is ChildSampling.IID:
             return self.rng.choice(len(q), size=width, p=q)
         return sample_distinct(q, width, self.rng)
@@ -187,14 +188,6 @@ class DraftModelDrafter:
             kept.append(self._last.slots[node])
         self.cache.compact(self._context_slots, kept)
         self.length.update(result)
-
-
-def _top_tokens(logits: np.ndarray, k: int) -> np.ndarray:
-    """The k highest-scoring tokens, best first (a partition, not a full sort of V)."""
-    if k == 1:
-        return np.argmax(logits)[None]
-    top = np.argpartition(-logits, k - 1)[:k]
-    return top[np.argsort(-logits[top], kind="stable")]
 
 
 def top1_probability(logits: np.ndarray) -> float:

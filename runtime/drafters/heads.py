@@ -25,6 +25,7 @@ import numpy as np
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.ir.tree import TreeBuffers, tree_from_parents, tree_from_paths
 from leapc.runtime.drafters.base import Draft, Verification
+from leapc.runtime.drafters.ranking import top_candidates
 from leapc.runtime.step import StepFunction
 
 
@@ -34,20 +35,6 @@ class DynamicTree:
 
     total: int = 16
     beam: int = 4
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def top_candidates(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the ``k`` best tokens, best first, and their log-probabilities."""
-    k = min(k, logits.shape[-1])
-    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-    order = np.argsort(-np.take_along_axis(logits, top, -1), axis=-1, kind="stable")
-    top = np.take_along_axis(top, order, -1)
-    return top, np.take_along_axis(log_softmax(logits), top, -1)
 
 
 @dataclass
@@ -60,7 +47,7 @@ class HeadsDrafter:
     dynamic: DynamicTree | None = None
     _state: np.ndarray | None = field(default=None, init=False)  # at the last accepted node:
     # hidden [H] (PROGRAM placement) or head logits [K, V] (STEP placement)
-    _medusa_logits: np.ndarray | None = field(default=None, init=False)
+    _medusa_top: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False)
     _static: tuple[TreeBuffers, np.ndarray] | None = field(default=None, init=False)
 
     def __post_init__(self):
@@ -84,7 +71,7 @@ class HeadsDrafter:
             self._state = outputs["head_logits"][:, 0, row]
         else:
             self._state = outputs["hidden"][0, row]
-        self._medusa_logits = None
+        self._medusa_top = None
 
     # ---------------------------------------------------------------- candidates
 
@@ -95,18 +82,20 @@ class HeadsDrafter:
             out = self.program(np.ascontiguousarray(hidden), parents.astype(np.int64),
                                np.asarray([depth - 1], dtype=np.int64))
             return top_candidates(out["head_logits"][0], width)
-        tokens, scores = top_candidates(self._medusa()[depth - 1 : depth], width)
+        tokens, scores = (ranked[depth - 1 : depth] for ranked in self._medusa(width))
         return (np.broadcast_to(tokens, (len(parents), width)),
                 np.broadcast_to(scores, (len(parents), width)))
 
-    def _medusa(self) -> np.ndarray:
-        """All K heads' logits at the last accepted node, computed once per draft."""
-        if self._medusa_logits is None:
+    def _medusa(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every head's ``width`` best tokens and log-probs at the last accepted node,
+        computed once per draft."""
+        if self._medusa_top is None or self._medusa_top[0].shape[-1] != width:
             if self.placement is HeadPlacement.STEP:
-                self._medusa_logits = self._state
+                logits = self._state
             else:
-                self._medusa_logits = self.program(self._state[None])["head_logits"][:, 0]
-        return self._medusa_logits
+                logits = self.program(self._state[None])["head_logits"][:, 0]
+            self._medusa_top = top_candidates(logits, width)
+        return self._medusa_top
 
     # ---------------------------------------------------------------- drafting
 

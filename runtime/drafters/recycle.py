@@ -17,6 +17,7 @@ import numpy as np
 
 from leapc.ir.tree import tree_from_parents, tree_from_paths
 from leapc.runtime.drafters.base import Draft, Verification
+from leapc.runtime.drafters.ranking import top_tokens
 
 # Depth-major template of (rank per depth) paths: wide near the root, where acceptance
 # is likeliest, narrowing with depth. 24 nodes + root.
@@ -61,7 +62,4 @@ class RecycleDrafter:
         return Draft(tokens[keep], tree_from_parents(parents))
 
     def observe(self, context: list[int], result: Verification) -> None:
-        logits = result.logits
-        top = np.argpartition(-logits, self.k - 1, axis=-1)[:, : self.k]
-        order = np.argsort(-np.take_along_axis(logits, top, axis=-1), axis=-1, kind="stable")
-        self.table[result.draft.tokens] = np.take_along_axis(top, order, axis=-1)
+        self.table[result.draft.tokens] = top_tokens(result.logits, self.k)
