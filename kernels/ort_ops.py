@@ -9,6 +9,7 @@ checks when ONNX Runtime registers it.
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import subprocess
@@ -17,7 +18,24 @@ from pathlib import Path
 from leapc.ir.errors import InputError
 
 DOMAIN = "ai.leapc"
-SOURCES = ("q8_gemm.c", "row_ops.c", "tree_attention.c", "ort_ops.c")
+
+
+class WeightFormat(str, enum.Enum):
+    """How a leapc GEMM op stores its weights; the op is ``<format>MatMul``."""
+
+    Q8 = "Q8"  # int8 per 32 inputs with float scales, int8 activations (native/q8_gemm.c)
+    BF16 = "BF16"  # bfloat16, float32 activations and arithmetic (native/bf16_gemm.c)
+
+    @property
+    def op(self) -> str:
+        return f"{self.value}MatMul"
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The op and its forms with a row prologue folded in (`onnx_fuse_matmul_neighbours`)."""
+        return self.op, f"RMSNorm{self.op}", f"SwiGLU{self.op}"
+
+SOURCES = ("q8_gemm.c", "bf16_gemm.c", "row_ops.c", "tree_attention.c", "ort_ops.c")
 # AVX-512 with VNNI (any CPU that has it: no -march=native, so an engine built on one
 # machine runs on another); no contraction of multiply-add into FMA, since the kernels'
 # results are defined operation by operation (`leapc.kernels.q8_gemm.reference`).

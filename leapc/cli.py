@@ -145,7 +145,8 @@ def build(
                    "'bundled' (the bundled model's training corpus)"),
     quantize: Quantization = typer.Option(
         Quantization.NONE, help="ort: int8 weights and activations in leapc's kernel "
-                                "(AVX512-VNNI, compiled into the engine), int8-nbits / int4 "
+                                "(AVX512-VNNI, compiled into the engine), bf16 weights with "
+                                "float32 arithmetic in leapc's kernel, int8-nbits / int4 "
                                 "in ONNX Runtime's MatMulNBits"),
     heads: int = typer.Option(0, help="add K decoding heads (policies medusa / hydra)"),
     head_kind: HeadKind = typer.Option(HeadKind.MEDUSA, help="medusa or hydra heads"),

@@ -88,11 +88,12 @@ class BuildOptions:
 
 
 def _attention(value: str | None, backend: Backend, quantization: Quantization) -> Attention:
-    """The chosen lowering; by default the backend's faster one, or on integer weights a
-    width-invariant one, without which no drafting policy reproduces `ar` there: leapc's
-    kernel where the engine carries leapc's library anyway (``int8``), else the ONNX one."""
+    """The chosen lowering; by default the backend's faster one, or on reduced-precision
+    weights a width-invariant one, without which no drafting policy reproduces `ar` there:
+    leapc's kernel where the engine carries leapc's library anyway (``int8``, ``bf16``),
+    else the ONNX one."""
     if value is None:
-        if quantization is Quantization.INT8:
+        if quantization in (Quantization.INT8, Quantization.BF16):
             return Attention.KERNEL
         return (Attention.INVARIANT if quantization is not Quantization.NONE
                 else BACKENDS[backend].default_attention)

@@ -46,6 +46,10 @@ class Quantization(str, enum.Enum):
     INT8 = "int8"
     INT8_NBITS = "int8-nbits"  # the same scheme in ONNX Runtime's MatMulNBits
     INT4 = "int4"  # the same with 4-bit weights: half the bytes a step streams
+    # MatMul weights bfloat16 (a bf16 checkpoint as stored: half the bytes of float32),
+    # activations and arithmetic float32: leapc's BF16MatMul (each row's result
+    # independent of the rows beside it)
+    BF16 = "bf16"
 
 
 class Attention(str, enum.Enum):

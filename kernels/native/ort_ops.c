@@ -5,8 +5,10 @@
    kernel's tiled layout (`leapc.kernels.q8_gemm.pack_weights`). The rows' activations are
    quantized once, then the column tiles are shared out over ORT's intra-op pool
    (KernelContext_ParallelFor); a column's arithmetic does not depend on which thread
-   computes it. RMSNormQ8MatMul and SwiGLUQ8MatMul first apply a row prologue
-   (row_ops.c); a residual, when given, is added to y as the Add node it replaces did.
+   computes it. BF16MatMul(x, w uint16 [N/16, 16 K][, residual]) is the same with
+   bfloat16 weights and float32 arithmetic (`bf16_gemm.c`). RMSNorm* and SwiGLU* first
+   apply a row prologue (row_ops.c); a residual, when given, is added to y as the Add node
+   it replaces did.
 
    TreeAttention(q, k_past, k_new, v_past, v_new, past_len, tree_mask; scale) -> out runs
    `tree_attention.c` (shapes in tree_attention.h): one task per (batch row, KV head) to
@@ -30,6 +32,8 @@ void q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, int32_t *
 void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, int64_t M,
                    int64_t K, const uint8_t *w, const float *ws, int64_t N, float *y,
                    int64_t t0, int64_t t1);
+void bf16_gemm_tiles(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
+                     float *y, int64_t t0, int64_t t1);
 
 #define MAX_RANK 8
 #define MAX_INPUTS 7
@@ -43,8 +47,10 @@ void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, in
         if (st_) return st_;     \
     } while (0)
 
-/* What an int8 GEMM op computes on its rows before quantizing them (row_ops.h). */
+/* What a GEMM op computes on its rows before multiplying them (row_ops.h). */
 typedef enum { PROLOGUE_NONE, PROLOGUE_RMS_NORM, PROLOGUE_SWIGLU } Prologue;
+/* How a GEMM op's weights are stored: int8 and scales (q8_gemm.c), or bfloat16 (bf16_gemm.c) */
+typedef enum { WEIGHTS_Q8, WEIGHTS_BF16 } Weights;
 
 /* One op of the library: ORT hands `base` back to every callback, which finds the rest. */
 typedef struct {
@@ -53,6 +59,7 @@ typedef struct {
     size_t inputs, outputs; /* outputs are float */
     size_t optional_from;   /* inputs from this index on may be left out (0: none) */
     Prologue prologue;
+    Weights weights;
     ONNXTensorElementDataType input_types[MAX_INPUTS];
 } Op;
 
@@ -131,14 +138,16 @@ static OrtStatus *input(const OrtApi *api, OrtKernelContext *ctx, size_t index,
     return st;
 }
 
-/* ---- Q8MatMul, RMSNormQ8MatMul, SwiGLUQ8MatMul ---- */
+/* ---- Q8MatMul, BF16MatMul and their RMSNorm / SwiGLU forms ---- */
 
 typedef struct {
-    const int8_t *q;
+    Weights weights;
+    const float *x; /* the rows (BF16) */
+    const int8_t *q; /* the rows quantized (Q8) */
     const int32_t *sums;
     const float *scales;
     int64_t M, K, N, tiles, tiles_per_task;
-    const uint8_t *w;
+    const void *w;
     const float *ws;
     const float *residual; /* [M, N] added to y, or NULL */
     float *y;
@@ -148,8 +157,11 @@ static void matmul_task(void *user, size_t task) {
     const MatMulJob *job = (const MatMulJob *)user;
     const int64_t t0 = (int64_t)task * job->tiles_per_task;
     const int64_t t1 = t0 + job->tiles_per_task < job->tiles ? t0 + job->tiles_per_task : job->tiles;
-    q8_gemm_tiles(job->q, job->sums, job->scales, job->M, job->K, job->w, job->ws, job->N,
-                  job->y, t0, t1);
+    if (job->weights == WEIGHTS_Q8)
+        q8_gemm_tiles(job->q, job->sums, job->scales, job->M, job->K, job->w, job->ws, job->N,
+                      job->y, t0, t1);
+    else
+        bf16_gemm_tiles(job->x, job->M, job->K, job->w, job->N, job->y, t0, t1);
     if (!job->residual) return;
     for (int64_t m = 0; m < job->M; ++m) /* y + residual, as the Add node it replaces */
         for (int64_t c = 16 * t0; c < 16 * t1; c += 16) {
@@ -171,20 +183,23 @@ static OrtStatus *optional_input(const OrtApi *api, OrtKernelContext *ctx, size_
     return input(api, ctx, index, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, data, dims, rank);
 }
 
-static OrtStatus *LC_ORT_CALL q8_matmul(void *kernel, OrtKernelContext *ctx) {
+static OrtStatus *LC_ORT_CALL matmul(void *kernel, OrtKernelContext *ctx) {
     const Kernel *k = (const Kernel *)kernel;
     const OrtApi *api = k->api;
-    const size_t wi = k->prologue == PROLOGUE_RMS_NORM ? 2 : 1; /* x [, gamma], w, s [, r] */
-    void *x, *w, *s, *y, *gamma = NULL, *residual;
-    int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK], gd[MAX_RANK], rd[MAX_RANK];
+    const Weights weights = ((const Op *)k->op)->weights;
+    const int q8 = weights == WEIGHTS_Q8;
+    const size_t wi = k->prologue == PROLOGUE_RMS_NORM ? 2 : 1; /* x [, gamma], w [, s] [, r] */
+    void *x, *w, *s = NULL, *y, *gamma = NULL, *residual;
+    int64_t xd[MAX_RANK], wd[MAX_RANK], sd[MAX_RANK] = {0}, gd[MAX_RANK], rd[MAX_RANK];
     size_t xr, wr, sr, gr, rr;
     TRY(input(api, ctx, 0, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0, &x, xd, &xr));
-    TRY(input(api, ctx, wi, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 2, &w, wd, &wr));
-    TRY(input(api, ctx, wi + 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2, &s, sd, &sr));
-    TRY(optional_input(api, ctx, wi + 2, &residual, rd, &rr));
+    TRY(input(api, ctx, wi, q8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                               : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, 2, &w, wd, &wr));
+    if (q8) TRY(input(api, ctx, wi + 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 2, &s, sd, &sr));
+    TRY(optional_input(api, ctx, wi + 1 + q8, &residual, rd, &rr));
     const int64_t width = xd[xr - 1], tiles = wd[0], N = 16 * tiles;
     const int64_t K = k->prologue == PROLOGUE_SWIGLU ? width / 2 : width;
-    int ok = K % 32 == 0 && wd[1] == 16 * K && sd[0] == tiles && sd[1] == K / 2 &&
+    int ok = wd[1] == 16 * K && (!q8 || (K % 32 == 0 && sd[0] == tiles && sd[1] == K / 2)) &&
              (k->prologue != PROLOGUE_SWIGLU || width == 2 * K);
     if (k->prologue == PROLOGUE_RMS_NORM) {
         TRY(input(api, ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 1, &gamma, gd, &gr));
@@ -209,24 +224,29 @@ static OrtStatus *LC_ORT_CALL q8_matmul(void *kernel, OrtKernelContext *ctx) {
     TRY(lc_ort_GetTensorMutableData(api, yv, &y));
 
     const int64_t blocks = K / 32, staged = k->prologue == PROLOGUE_NONE ? 0 : M * K;
-    char *scratch = scratch_memory(sizeof(float) * (size_t)staged +
-                                   (size_t)(M * K + M * blocks * (sizeof(int32_t) + sizeof(float))));
-    if (!scratch) return out_of_memory(api);
+    const size_t quantized = q8 ? (size_t)(M * K + M * blocks * (sizeof(int32_t) + sizeof(float)))
+                                : 0;
+    const size_t bytes = sizeof(float) * (size_t)staged + quantized;
+    char *scratch = bytes ? scratch_memory(bytes) : NULL;
+    if (bytes && !scratch) return out_of_memory(api);
     float *rows = (float *)scratch;
     if (k->prologue == PROLOGUE_RMS_NORM)
         lc_rms_norm_rows(x, gamma, M, K, k->epsilon, rows);
     else if (k->prologue == PROLOGUE_SWIGLU)
         lc_swiglu_rows(x, M, K, rows);
-    int8_t *q = (int8_t *)(rows + staged);
-    int32_t *sums = (int32_t *)(q + M * K);
-    float *scales = (float *)(sums + M * blocks);
-    q8_quantize_rows(staged ? rows : (const float *)x, M, K, q, sums, scales);
     /* The kernel's tile group (four tiles for one row, else two) per task: ORT's pool hands
        tasks out one at a time, so small tasks keep both threads busy to the end. With 8
        tiles a task, a 320-column projection was 8 + 8 + 4 tiles on two threads. */
     const int64_t per_task = M == 1 ? 4 : 2;
-    MatMulJob job = {q, sums, scales, M, K, N, tiles, per_task, (const uint8_t *)w,
-                     (const float *)s, (const float *)residual, (float *)y};
+    MatMulJob job = {weights, staged ? rows : (const float *)x, NULL, NULL, NULL, M, K, N,
+                     tiles, per_task, w, (const float *)s, (const float *)residual, (float *)y};
+    if (q8) {
+        int8_t *q = (int8_t *)(rows + staged);
+        int32_t *sums = (int32_t *)(q + M * K);
+        float *scales = (float *)(sums + M * blocks);
+        q8_quantize_rows(job.x, M, K, q, sums, scales);
+        job.q = q, job.sums = sums, job.scales = scales;
+    }
     const size_t tasks = (size_t)((tiles + per_task - 1) / per_task);
     return lc_ort_KernelContext_ParallelFor(api, ctx, matmul_task, tasks, 0, &job);
 }
@@ -413,7 +433,7 @@ static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi 
     OrtStatus *st = NULL;
     if (kernel->prologue == PROLOGUE_RMS_NORM)
         st = lc_ort_KernelInfoGetAttribute_float(api, info, "epsilon", &kernel->epsilon);
-    if (op->KernelComputeV2 != q8_matmul)
+    if (op->KernelComputeV2 != matmul)
         st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
     if (!st && op->KernelComputeV2 == rotary_tree_attention)
         st = lc_ort_KernelInfoGetAttribute_int64(api, info, "num_heads", &kernel->num_heads);
@@ -465,17 +485,29 @@ static Op ops[] = {
     /* x, w, s [, residual]: y = x @ W (+ residual) */
     {.name = "Q8MatMul", .inputs = 4, .outputs = 1, .optional_from = 3,
      .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F, F},
-     .base = {.KernelComputeV2 = q8_matmul}},
+     .base = {.KernelComputeV2 = matmul}},
     /* x, gamma, w, s [, residual]; epsilon: y = rms_norm(x) gamma @ W (+ residual) */
     {.name = "RMSNormQ8MatMul", .inputs = 5, .outputs = 1, .optional_from = 4,
      .prologue = PROLOGUE_RMS_NORM,
      .input_types = {F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F, F},
-     .base = {.KernelComputeV2 = q8_matmul}},
+     .base = {.KernelComputeV2 = matmul}},
     /* gate_up, w, s [, residual]: y = silu(gate) up @ W (+ residual) */
     {.name = "SwiGLUQ8MatMul", .inputs = 4, .outputs = 1, .optional_from = 3,
      .prologue = PROLOGUE_SWIGLU,
      .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, F, F},
-     .base = {.KernelComputeV2 = q8_matmul}},
+     .base = {.KernelComputeV2 = matmul}},
+    /* the same three with bfloat16 weights (uint16 bits) and no scales */
+    {.name = "BF16MatMul", .inputs = 3, .outputs = 1, .optional_from = 2,
+     .weights = WEIGHTS_BF16, .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, F},
+     .base = {.KernelComputeV2 = matmul}},
+    {.name = "RMSNormBF16MatMul", .inputs = 4, .outputs = 1, .optional_from = 3,
+     .prologue = PROLOGUE_RMS_NORM, .weights = WEIGHTS_BF16,
+     .input_types = {F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, F},
+     .base = {.KernelComputeV2 = matmul}},
+    {.name = "SwiGLUBF16MatMul", .inputs = 3, .outputs = 1, .optional_from = 2,
+     .prologue = PROLOGUE_SWIGLU, .weights = WEIGHTS_BF16,
+     .input_types = {F, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, F},
+     .base = {.KernelComputeV2 = matmul}},
     {.name = "TreeAttention", .inputs = 7, .outputs = 1,
      .input_types = {F, F, F, F, F, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
                      ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL},

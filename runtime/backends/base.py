@@ -64,6 +64,7 @@ class Compression(str, enum.Enum):
     INT8 = "int8"  # `--quantize int8`: the engine's own programs, int8 (leapc's Q8MatMul)
     INT8_NBITS = "int8-nbits"  # `--quantize int8-nbits`: the same in ORT's MatMulNBits
     INT4 = "int4"  # `--quantize int4`: the same, 4-bit
+    BF16 = "bf16"  # `--quantize bf16`: the engine's own programs, bfloat16 (leapc's BF16MatMul)
 
 
 def uncompressed(file: Path, program: CapturedProgram, compression: Compression) -> None:

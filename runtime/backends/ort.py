@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from leapc.ir.errors import InputError
-from leapc.kernels.ort_ops import compile_library, library_file
+from leapc.kernels.ort_ops import WeightFormat, compile_library, library_file
 from leapc.runtime.backends.base import (
     BackendImpl,
     Compression,
@@ -67,44 +67,46 @@ def quantize_weights(path: Path, vocab_size: int, bits: int = 8) -> None:
     integer weights, one float scale per 32 input rows of each column), in place: every
     MatMul with a constant weight, and the vocabulary projection (`_untie_vocab_projection`),
     the largest of them on small models. Embeddings and norms stay float32.
-    (`use_leapc_int8` is the same scheme in leapc's own kernel.)
+    (`use_leapc_kernels` with ``WeightFormat.Q8`` is the same scheme in leapc's own kernel.)
 
     ``accuracy_level`` 4 lets ORT quantize each activation block to int8 on the fly and
     multiply in int8 (VNNI / AMX): measured on the bundled model, 2.06 ms a step against
     2.66 ms in float32, while level 1 (dequantize the weights, multiply in float32) took
     11.7 ms. So the weights are what is stored quantized, and the arithmetic is int8 too.
     """
-    _quantize(_load_for_int_weights(path, vocab_size), path, bits, 32, exclude=())
+    _quantize(_load_for_packed_weights(path, vocab_size), path, bits, 32, exclude=())
 
 
-def use_leapc_int8(path: Path, vocab_size: int) -> None:
-    """Rewrite ``path`` with leapc's ``Q8MatMul`` (int8 weights per 32 inputs, int8
-    activations per 32 on the fly, as ``MatMulNBits`` at accuracy level 4), in place, and
+def use_leapc_kernels(path: Path, vocab_size: int, weights: WeightFormat) -> None:
+    """Rewrite ``path`` with leapc's GEMM ops in ``weights``' format (``Q8MatMul``: int8
+    weights per 32 inputs, int8 activations per 32 on the fly, as ``MatMulNBits`` at
+    accuracy level 4; ``BF16MatMul``: bfloat16 weights, float32 arithmetic), in place, and
     compile the custom-op library beside it (`leapc.kernels.ort_ops.library_file`).
 
     ``MatMulNBits`` costs ~M times its one-row time for M rows (a verify step of 8 tokens
-    cost ~2x a step of one on the bundled model); ``Q8MatMul`` reads each group of weights
-    once for four rows, and a row's result does not depend on the rows beside it
-    (docs/decisions.md, "leapc's int8 kernel")."""
+    cost ~2x a step of one on the bundled model); leapc's kernels read each group of
+    weights once for several rows, and a row's result does not depend on the rows beside
+    it (docs/decisions.md, "leapc's int8 kernel")."""
     import onnx
 
     from leapc.runtime.backends.onnx_fuse_attention import fuse_rotary_attention
-    from leapc.runtime.backends.onnx_fuse_q8_neighbours import fold_into_q8_matmuls
-    from leapc.runtime.backends.onnx_q8_matmul import use_q8_matmul
+    from leapc.runtime.backends.onnx_fuse_matmul_neighbours import fold_into_leapc_matmuls
+    from leapc.runtime.backends.onnx_leapc_matmul import use_leapc_matmuls
 
-    model = _load_for_int_weights(path, vocab_size)
-    use_q8_matmul(model)
+    model = _load_for_packed_weights(path, vocab_size)
+    use_leapc_matmuls(model, weights)
     fuse_rotary_attention(model)  # on `--attention kernel` programs (after the q/k/v fusion)
-    fold_into_q8_matmuls(model)
+    fold_into_leapc_matmuls(model)
     onnx.save_model(model, str(path))
     if not library_file(path).exists():  # an --attention kernel program has it already
         compile_library(library_file(path))
 
 
-def _load_for_int_weights(path: Path, vocab_size: int):
-    """The program at ``path`` with every weight an integer kernel may take as a constant
-    MatMul operand: sibling projections fused (exact on quantized weights; float32 programs
-    stay unfused) and the vocabulary projection untied from the embedding table."""
+def _load_for_packed_weights(path: Path, vocab_size: int):
+    """The program at ``path`` with every weight a packed-weight kernel may take as a
+    constant MatMul operand: sibling projections fused (exact in leapc's kernels, whose
+    columns do not depend on their neighbours, and in MatMulNBits; float32 programs stay
+    unfused) and the vocabulary projection untied from the embedding table."""
     import onnx
 
     from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
@@ -290,12 +292,14 @@ def _stack_layers(results: list[np.ndarray], parts: slice) -> np.ndarray:
 
 
 def compress(file: Path, program, compression: Compression) -> None:
-    """leapc's int8 ``Q8MatMul`` for every program of a ``--quantize int8`` engine;
-    weight-only `MatMulNBits`: int8 for a draft-only program and every program of an
+    """leapc's int8 ``Q8MatMul`` for every program of a ``--quantize int8`` engine, its
+    ``BF16MatMul`` for every program of a ``--quantize bf16`` one; weight-only `MatMulNBits`: int8 for a draft-only program and every program of an
     ``int8-nbits`` engine, int4 for every program of an ``int4`` one, int8 for an early-exit
     draft's vocabulary projection only."""
     if compression is Compression.INT8:
-        use_leapc_int8(file, program.dims.vocab_size)
+        use_leapc_kernels(file, program.dims.vocab_size, WeightFormat.Q8)
+    elif compression is Compression.BF16:
+        use_leapc_kernels(file, program.dims.vocab_size, WeightFormat.BF16)
     elif compression in (Compression.DRAFT, Compression.INT8_NBITS):
         quantize_weights(file, program.dims.vocab_size)
     elif compression is Compression.INT4:
@@ -310,5 +314,5 @@ BACKEND = BackendImpl(
     load=lambda path, outputs, device: OrtStep(path, device=device),
     check_device=check_device, compress=compress,
     compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8,
-                          Compression.INT8_NBITS, Compression.INT4}),
+                          Compression.INT8_NBITS, Compression.INT4, Compression.BF16}),
     attentions=frozenset(Attention))

@@ -1,6 +1,7 @@
-"""`leapc build --quantize int8`: MatMul weights stored as int8 (leapc's Q8MatMul; ORT's
-MatMulNBits for int4), attention width-invariant (leapc's kernel; the ONNX lowering for
-int4), so every policy reproduces the engine's own `ar`."""
+"""`leapc build --quantize int8|bf16|int4`: MatMul weights stored as int8 (leapc's
+Q8MatMul), bfloat16 (leapc's BF16MatMul) or int4 (ORT's MatMulNBits), attention
+width-invariant (leapc's kernel; the ONNX lowering for int4), so every policy reproduces
+the engine's own `ar`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from engines import TRAINING_FREE, tiny_source
 
 import leapc
 from leapc.ir.errors import InputError
-from leapc.runtime.backends.onnx_fuse_q8_neighbours import BASE_INPUTS
+from leapc.kernels.ort_ops import WeightFormat
 from leapc.runtime.decode import prefill, tree_inputs
 from leapc.runtime.drafters.base import Draft
 from leapc.runtime.manifest import Attention, Quantization
@@ -22,9 +23,14 @@ from leapc.runtime.policies import Policy
 PROMPT = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+# the engines that run leapc's GEMM kernels, and their weight format
+LEAPC_KERNELS = {Quantization.INT8: WeightFormat.Q8, Quantization.BF16: WeightFormat.BF16}
+
+
+@pytest.fixture(scope="module", params=["int8", "bf16", "int4"])
 def quantized_engine(tmp_path_factory, request):
-    """The tiny Llama, int8 (and int4: the same kernels on 4-bit weights), with an early
+    """The tiny Llama, int8 (bf16: leapc's kernels on bfloat16 weights; int4: ORT's on 4-bit
+    ones), with an early
     exit (its draft and remainder are quantized too), as long as width-invariant attention
     allows: steps reach past several blocks of keys of one ``Dv + 1``-column GEMM (256),
     where the cache's free slots sit between the past and a step's new keys."""
@@ -38,10 +44,9 @@ def test_every_constant_matmul_becomes_an_integer_matmul(quantized_engine):
     graph = onnx.load(str(quantized_engine.path / "full.onnx")).graph
     weights = {init.name for init in graph.initializer}
     ops = [node.op_type for node in graph.node]
-    assert quantized_engine.manifest.quantization in (Quantization.INT8, Quantization.INT4)
-    # int8: leapc's kernels (their library ships beside the program); int4: ORT's
-    kernels = set(BASE_INPUTS) if quantized_engine.manifest.quantization is Quantization.INT8 \
-        else {"MatMulNBits"}
+    leapc_format = LEAPC_KERNELS.get(quantized_engine.manifest.quantization)
+    # int8, bf16: leapc's kernels (their library ships beside the program); int4: ORT's
+    kernels = set(leapc_format.ops) if leapc_format else {"MatMulNBits"}
     # each layer's qkv, o, gate_up and down (q/k/v and gate/up are fused), and the head
     assert sum(op in kernels for op in ops) == 4 * 2 + 1
     float_weight_matmuls = [n for n in graph.node
@@ -53,31 +58,32 @@ def test_every_constant_matmul_becomes_an_integer_matmul(quantized_engine):
 
 
 @pytest.mark.slow
-def test_an_int8_layer_is_five_nodes(quantized_engine):
+def test_a_layer_on_leapc_kernels_is_five_nodes(quantized_engine):
     """Norm + q/k/v projection, the attention block, the output projection + residual,
-    norm + gate/up, SwiGLU + down projection + residual (`fold_into_q8_matmuls`,
+    norm + gate/up, SwiGLU + down projection + residual (`fold_into_leapc_matmuls`,
     `fuse_rotary_attention`); the final norm goes into the head's projection."""
-    if quantized_engine.manifest.quantization is not Quantization.INT8:
+    weights = LEAPC_KERNELS.get(quantized_engine.manifest.quantization)
+    if weights is None:
         pytest.skip("int4 runs ORT's kernels: nothing to fold into")
     ops = Counter(n.op_type for n in
                   onnx.load(str(quantized_engine.path / "full.onnx")).graph.node)
     layers = 2
-    assert {op: ops[op] for op in (*BASE_INPUTS, "RotaryTreeAttention")} == {
-        "RMSNormQ8MatMul": 2 * layers + 1, "Q8MatMul": layers, "SwiGLUQ8MatMul": layers,
-        "RotaryTreeAttention": layers}
+    plain, norm, swiglu = weights.ops
+    assert {op: ops[op] for op in (*weights.ops, "RotaryTreeAttention")} == {
+        norm: 2 * layers + 1, plain: layers, swiglu: layers, "RotaryTreeAttention": layers}
     assert not {"Add", "RMSNormalization", "Sigmoid", "Split", "Transpose"} & set(ops)
 
 
 @pytest.mark.slow
 def test_integer_engines_lower_attention_width_invariant_by_default(quantized_engine):
-    """int8 engines carry leapc's library, so attention is its kernel, reading the cache in
-    place, each layer's block from the q/k/v projection on one node
+    """int8 and bf16 engines carry leapc's library, so attention is its kernel, reading the
+    cache in place, each layer's block from the q/k/v projection on one node
     (`fuse_rotary_attention`); int4 ones (ORT's kernels) get the width-invariant ONNX
     lowering."""
     graph = onnx.load(str(quantized_engine.path / "full.onnx")).graph
     ops = [node.op_type for node in graph.node]
     assert "Attention" not in ops  # ORT's fused node: its rows move with the step's width
-    if quantized_engine.manifest.quantization is Quantization.INT8:
+    if quantized_engine.manifest.quantization in LEAPC_KERNELS:
         assert quantized_engine.manifest.attention is Attention.KERNEL
         assert ops.count("RotaryTreeAttention") == 2  # one per layer
         assert not {"TreeAttention", "RotaryEmbedding", "Transpose"} & set(ops)
@@ -90,10 +96,10 @@ def test_integer_engines_lower_attention_width_invariant_by_default(quantized_en
 
 
 @pytest.mark.slow
-def test_int8_logits_stay_close_to_float32(quantized_engine, engine_dir):
+def test_reduced_precision_logits_stay_close_to_float32(quantized_engine, engine_dir):
     full = leapc.load(engine_dir("tiny-llama", "ort"))
     ours, reference = (e.generate(PROMPT, 1) for e in (quantized_engine, full))
-    int8 = quantized_engine.manifest.quantization is Quantization.INT8
+    int8 = quantized_engine.manifest.quantization in LEAPC_KERNELS  # int8 or finer
     if int8:
         assert ours.token_ids == reference.token_ids
     inputs = tree_inputs(full.new_cache(), Draft.chain_of(PROMPT[0], PROMPT[1:]))
@@ -168,7 +174,7 @@ def test_fused_attention_is_not_width_invariant_on_int8(tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_policies_are_token_identical_to_ar(quantized_engine):
+def test_policies_are_token_identical_to_ar_on_reduced_precision(quantized_engine):
     offered = {p.value for p in quantized_engine.manifest.policies}
     assert offered == set(TRAINING_FREE) | {Policy.EARLY_EXIT.value}
     # an unrolled exit chain is lowered in float32: its rows are not the int8 step's

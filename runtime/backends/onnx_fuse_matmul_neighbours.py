@@ -1,7 +1,7 @@
-"""Fold the nodes around each ``ai.leapc::Q8MatMul`` into it, in an ONNX model, in place:
-the RMSNorm in front of a projection (``RMSNormQ8MatMul``), the SwiGLU in front of the
-down projection (``SwiGLUQ8MatMul``), and the residual ``Add`` after a projection (the
-op's optional last input).
+"""Fold the nodes around each of leapc's GEMM ops (``ai.leapc::Q8MatMul`` or
+``BF16MatMul``) into it, in an ONNX model, in place: the RMSNorm in front of a projection
+(``RMSNormQ8MatMul``), the SwiGLU in front of the down projection (``SwiGLUQ8MatMul``),
+and the residual ``Add`` after a projection (the op's optional last input).
 
 A decoder layer then is five nodes: the norm and q/k/v projection, the attention block
 (`onnx_fuse_attention`), the output projection and its residual, the norm and gate/up
@@ -16,14 +16,23 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
-from leapc.kernels.ort_ops import DOMAIN
+from leapc.kernels.ort_ops import DOMAIN, WeightFormat
 from leapc.runtime.backends.onnx_graph import GraphIndex, attribute, drop_unread
-
-# leapc's int8 GEMM ops and their inputs before the optional residual
-BASE_INPUTS = {"Q8MatMul": 3, "RMSNormQ8MatMul": 4, "SwiGLUQ8MatMul": 3}
+from leapc.runtime.backends.onnx_leapc_matmul import PACKINGS
 
 
-def fold_into_q8_matmuls(model: onnx.ModelProto) -> int:
+def _base_inputs(weights: WeightFormat) -> dict[str, int]:
+    """A format's ops and their inputs before the optional residual."""
+    packed = len(PACKINGS[weights].suffixes)  # the weights [and their scales]
+    plain, norm, swiglu = weights.ops
+    return {plain: 1 + packed, norm: 2 + packed, swiglu: 1 + packed}
+
+
+# leapc's GEMM ops and their inputs before the optional residual
+BASE_INPUTS = {op: n for weights in WeightFormat for op, n in _base_inputs(weights).items()}
+
+
+def fold_into_leapc_matmuls(model: onnx.ModelProto) -> int:
     """Rewrite ``model``; return how many nodes were folded away."""
     before = len(model.graph.node)
     _fold_prologues(model.graph)
@@ -34,17 +43,20 @@ def fold_into_q8_matmuls(model: onnx.ModelProto) -> int:
 
 def _fold_prologues(graph: onnx.GraphProto) -> None:
     g = GraphIndex(graph)
+    formats = {weights.op: weights for weights in WeightFormat}
     for node in graph.node:
-        if node.op_type != "Q8MatMul" or node.domain != DOMAIN or len(node.input) != 3:
+        weights = formats.get(node.op_type) if node.domain == DOMAIN else None
+        if weights is None or len(node.input) != BASE_INPUTS[node.op_type]:
             continue
+        _, norm_op, swiglu_op = weights.ops
         norm = _rms_norm(g, node.input[0])
         if norm is not None:
             x, gamma, epsilon = norm
-            _become(node, "RMSNormQ8MatMul", [x, gamma, *node.input[1:]], epsilon=epsilon)
+            _become(node, norm_op, [x, gamma, *node.input[1:]], epsilon=epsilon)
             continue
         gate_up = _swiglu(g, node.input[0])
         if gate_up is not None:
-            _become(node, "SwiGLUQ8MatMul", [gate_up, *node.input[1:]])
+            _become(node, swiglu_op, [gate_up, *node.input[1:]])
 
 
 def _become(node: onnx.NodeProto, op_type: str, inputs: list[str], **attributes) -> None:
