@@ -199,6 +199,7 @@ def hf_baselines(engine: Engine, cfg: BenchConfig) -> dict:
 
 # llama.cpp baselines: (key prefix in the bench JSON, GGUF variant, table label).
 LLAMACPP_VARIANTS = (("llamacpp", "f32", "llama.cpp f32"),
+                     ("llamacpp_bf16", "bf16", "llama.cpp bf16"),
                      ("llamacpp_q8", "q8_0", "llama.cpp q8_0"))
 
 

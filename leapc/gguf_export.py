@@ -2,7 +2,8 @@
 the baseline `leapc bench --vs-llamacpp` times llama.cpp on, from the weights the engine was
 built from.
 
-Two variants: ``f32`` (every tensor float32: the same numbers leapc computes with) and
+Three variants: ``f32`` (every tensor float32: the same numbers leapc computes with),
+``bf16`` (the 2-D weight matrices bfloat16, norms float32: a bf16 checkpoint as stored) and
 ``q8_0`` (the 2-D weight matrices in GGML's Q8_0 blocks, norms float32: llama.cpp's usual
 fast CPU format). Needs the ``gguf`` package (``pip install 'leapc[llamacpp]'``).
 
@@ -42,6 +43,7 @@ PRE_TOKENIZER = "gpt-2"
 
 class GGUFType(str, enum.Enum):
     F32 = "f32"
+    BF16 = "bf16"
     Q8_0 = "q8_0"
 
 
@@ -184,10 +186,14 @@ def write_gguf(source, path: Path, kind: GGUFType = GGUFType.F32,
         writer.add_rope_freq_base(_rope_theta(config))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(vocab_size)
-        quantized = kind is GGUFType.Q8_0
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized
-                             else gguf.LlamaFileType.ALL_F32)
-        if quantized:
+        # how the 2-D weights are stored (None: float32), and the file type that says so
+        matrices, file_type = {
+            GGUFType.F32: (None, gguf.LlamaFileType.ALL_F32),
+            GGUFType.BF16: (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+            GGUFType.Q8_0: (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+        }[kind]
+        writer.add_file_type(file_type)
+        if matrices is not None:
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
         vocab = gguf_vocab(source.tokenizer, vocab_size)
@@ -203,9 +209,9 @@ def write_gguf(source, path: Path, kind: GGUFType = GGUFType.F32,
         writer.add_add_bos_token(False)  # prompts arrive as the engine's ids, BOS or not
 
         for name, array in _tensors(model, heads, kv_heads):
-            if quantized and array.ndim == 2 and array.shape[1] % 32 == 0:
-                writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                                  raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            if matrices is not None and array.ndim == 2 and array.shape[1] % 32 == 0:
+                writer.add_tensor(name, gguf.quants.quantize(array, matrices),
+                                  raw_dtype=matrices)
             else:
                 writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
         writer.write_header_to_file()

@@ -80,8 +80,9 @@ def test_gguf_metadata_reads_back(tiny_ggufs):
             "llama.attention.value_length": HEAD_DIM,
             "llama.rope.dimension_count": HEAD_DIM,
             "llama.vocab_size": VOCAB,
-            "general.file_type": (gguf.LlamaFileType.MOSTLY_Q8_0 if kind is GGUFType.Q8_0
-                                  else gguf.LlamaFileType.ALL_F32),
+            "general.file_type": {GGUFType.F32: gguf.LlamaFileType.ALL_F32,
+                                  GGUFType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+                                  GGUFType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[kind],
             "tokenizer.ggml.model": "gpt2",
             "tokenizer.ggml.pre": "gpt-2",
             "tokenizer.ggml.bos_token_id": 1,
@@ -110,8 +111,10 @@ def test_gguf_tensors_have_llama_cpp_names_shapes_and_types(tiny_ggufs):
         assert {name: tuple(int(d) for d in t.shape) for name, t in tensors.items()} == expected
         for name, t in tensors.items():
             matrix = len(expected[name]) == 2
-            want = (gguf.GGMLQuantizationType.Q8_0 if kind is GGUFType.Q8_0 and matrix
-                    else gguf.GGMLQuantizationType.F32)
+            stored = {GGUFType.Q8_0: gguf.GGMLQuantizationType.Q8_0,
+                      GGUFType.BF16: gguf.GGMLQuantizationType.BF16}
+            want = stored.get(kind) if matrix and kind in stored \
+                else gguf.GGMLQuantizationType.F32
             assert t.tensor_type == want, (kind, name)
 
 
@@ -270,10 +273,11 @@ def test_llama_cpp_logits_on_the_f32_gguf_are_the_models(tiny_ggufs):
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
-def test_llama_cpp_runs_the_q8_gguf(tiny_ggufs, engine_dir):
+@pytest.mark.parametrize("kind", [GGUFType.Q8_0, GGUFType.BF16])
+def test_llama_cpp_runs_the_reduced_precision_ggufs(tiny_ggufs, engine_dir, kind):
     require_llama_cpp()
     max_seq = leapc.load(engine_dir("tiny-llama")).manifest.max_seq
-    runner = LlamaCppGreedy(tiny_ggufs[GGUFType.Q8_0], max_seq, 8, f32_cache=False, threads=1)
+    runner = LlamaCppGreedy(tiny_ggufs[kind], max_seq, 8, f32_cache=False, threads=1)
     try:
         tokens, seconds = runner.generate([5, 6], StopConfig(16, ()), max_seq)
     finally:
@@ -298,6 +302,7 @@ def test_bench_vs_llamacpp_reports_llama_cpp_rows(tmp_path, monkeypatch):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())["baselines"]
     assert data["llamacpp_tokens_per_s"] > 0 and data["llamacpp_q8_tokens_per_s"] > 0
+    assert data["llamacpp_bf16_tokens_per_s"] > 0
     assert data["llamacpp_identical_to_ar"] is True
     assert data["llamacpp_weight_repacking"] is False  # its Q8_0 repacking crashes here
     assert data["llamacpp_first_difference"] == [None, None, None]
@@ -305,7 +310,7 @@ def test_bench_vs_llamacpp_reports_llama_cpp_rows(tmp_path, monkeypatch):
     assert isinstance(data["llamacpp_q8_identical_to_ar"], bool)
     assert "llama.cpp f32" in result.stdout and "llama.cpp q8_0" in result.stdout
     assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache" / "gguf").iterdir()) == \
-        ["f32", "q8_0"]
+        ["bf16", "f32", "q8_0"]
     assert not list((tmp_path / "engine").rglob("*.gguf"))  # never into the engine
 
 
