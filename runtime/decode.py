@@ -223,6 +223,7 @@ def decode(
     start = time.perf_counter()
     root = sample(logits, sampling, rng)
     context = list(prompt)
+    verifies = isinstance(drafter, VerifiesDraft)  # a Protocol check: ~40 µs, once
     new, stats.stop_reason = _truncate([root], stop, 0, room)
     while True:
         stats.steps += 1  # the call that produced ``new`` (the last prefill call at first)
@@ -236,8 +237,7 @@ def decode(
         budget = draft_budget(cache, chunk, stop, stats.new_tokens)
         draft = drafter.propose(context, root, budget)
         _check_budget(drafter, draft, budget)
-        out = (drafter.verify(cache, draft) if isinstance(drafter, VerifiesDraft)
-               else step(*tree_inputs(cache, draft)))
+        out = drafter.verify(cache, draft) if verifies else step(*tree_inputs(cache, draft))
         logits, extra_logits = _split_logits(out["logits"][0], draft)
         path, emitted = accept(draft, logits, sampling, rng)
         cache.commit(out["present"], path)  # path indices are tree nodes: extra rows never land

@@ -293,9 +293,10 @@ def _stack_layers(results: list[np.ndarray], parts: slice) -> np.ndarray:
 
 def compress(file: Path, program, compression: Compression) -> None:
     """leapc's int8 ``Q8MatMul`` for every program of a ``--quantize int8`` engine, its
-    ``BF16MatMul`` for every program of a ``--quantize bf16`` one; weight-only `MatMulNBits`: int8 for a draft-only program and every program of an
-    ``int8-nbits`` engine, int4 for every program of an ``int4`` one, int8 for an early-exit
-    draft's vocabulary projection only."""
+    ``BF16MatMul`` for every program of a ``--quantize bf16`` one; weight-only
+    `MatMulNBits`: int8 for a draft-only program and every program of an ``int8-nbits``
+    engine, int4 for every program of an ``int4`` one, int8 for an early-exit draft's
+    vocabulary projection only."""
     if compression is Compression.INT8:
         use_leapc_kernels(file, program.dims.vocab_size, WeightFormat.Q8)
     elif compression is Compression.BF16:
