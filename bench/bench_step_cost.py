@@ -1,6 +1,7 @@
 """Step cost profile: what one call of each program costs at width N and past length T.
 
-    python bench/bench_step_cost.py [--engines ort,ort-int8,eager] [--widths 1,2,4,8,16,32]
+    python bench/bench_step_cost.py [--engines ort,ort-int8,ort-bf16,eager]
+                                    [--widths 1,2,4,8,16,32]
                                     [--pasts 0,256,896] [--repeats 40]
 
 A verify step of N nodes after T committed tokens is the unit every policy's speed is made
@@ -36,6 +37,7 @@ ENGINES = {
     "ort": {"backend": "ort"},
     "ort-int8": {"backend": "ort", "quantize": "int8"},  # leapc's kernels: int8 GEMMs, attention
     "ort-int8-nbits": {"backend": "ort", "quantize": "int8-nbits"},
+    "ort-bf16": {"backend": "ort", "quantize": "bf16"},  # leapc's kernels, bfloat16 weights
     "eager": {"backend": "eager"},
     "aoti": {"backend": "aoti"},
 }
@@ -104,7 +106,7 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(engines: str = "ort,ort-int8,eager", widths: str = "1,2,4,8,16,32",
+def main(engines: str = "ort,ort-int8,ort-bf16,eager", widths: str = "1,2,4,8,16,32",
          pasts: str = "0,256,896", repeats: int = 40) -> None:
     width_list = [int(w) for w in widths.split(",")]
     past_list = [int(p) for p in pasts.split(",")]
