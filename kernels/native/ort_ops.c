@@ -27,9 +27,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-void q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, int32_t *sums,
+void q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, int32_t *starts,
                       float *scales);
-void q8_gemm_tiles(const int8_t *q, const int32_t *sums, const float *scales, int64_t M,
+void q8_gemm_tiles(const int8_t *q, const int32_t *starts, const float *scales, int64_t M,
                    int64_t K, const uint8_t *w, const float *ws, int64_t N, float *y,
                    int64_t t0, int64_t t1);
 void bf16_gemm_tiles(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
@@ -144,7 +144,7 @@ typedef struct {
     Weights weights;
     const float *x; /* the rows (BF16) */
     const int8_t *q; /* the rows quantized (Q8) */
-    const int32_t *sums;
+    const int32_t *starts;
     const float *scales;
     int64_t M, K, N, tiles, tiles_per_task;
     const void *w;
@@ -158,7 +158,7 @@ static void matmul_task(void *user, size_t task) {
     const int64_t t0 = (int64_t)task * job->tiles_per_task;
     const int64_t t1 = t0 + job->tiles_per_task < job->tiles ? t0 + job->tiles_per_task : job->tiles;
     if (job->weights == WEIGHTS_Q8)
-        q8_gemm_tiles(job->q, job->sums, job->scales, job->M, job->K, job->w, job->ws, job->N,
+        q8_gemm_tiles(job->q, job->starts, job->scales, job->M, job->K, job->w, job->ws, job->N,
                       job->y, t0, t1);
     else
         bf16_gemm_tiles(job->x, job->M, job->K, job->w, job->N, job->y, t0, t1);
@@ -242,10 +242,10 @@ static OrtStatus *LC_ORT_CALL matmul(void *kernel, OrtKernelContext *ctx) {
                      tiles, per_task, w, (const float *)s, (const float *)residual, (float *)y};
     if (q8) {
         int8_t *q = (int8_t *)(rows + staged);
-        int32_t *sums = (int32_t *)(q + M * K);
-        float *scales = (float *)(sums + M * blocks);
-        q8_quantize_rows(job.x, M, K, q, sums, scales);
-        job.q = q, job.sums = sums, job.scales = scales;
+        int32_t *starts = (int32_t *)(q + M * K);
+        float *scales = (float *)(starts + M * blocks);
+        q8_quantize_rows(job.x, M, K, q, starts, scales);
+        job.q = q, job.starts = starts, job.scales = scales;
     }
     const size_t tasks = (size_t)((tiles + per_task - 1) / per_task);
     return lc_ort_KernelContext_ParallelFor(api, ctx, matmul_task, tasks, 0, &job);
