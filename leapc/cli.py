@@ -329,6 +329,35 @@ def _draft_options(max_draft: int | None, ngram: int, matches: int, adaptive: bo
 
 
 @app.command()
+def serve(
+    engine: Path = typer.Argument(..., help="engine directory"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    policy: str = typer.Option(AUTO_POLICY, help="the policy of requests that name none "
+                                                 "(their 'leapc' field can)"),
+    max_queue: int = typer.Option(64, help="requests queued or running; more get a 503"),
+    model_name: str = typer.Option(None, help="the model id clients name (default: the "
+                                              "engine directory's name)"),
+    device: DeviceOption = Device.CPU,
+) -> None:
+    """Serve an engine over an OpenAI-compatible HTTP API (/v1/completions)."""
+    import leapc
+
+    try:
+        import uvicorn
+
+        from leapc.runtime.serving.app import ServeConfig, create_app
+    except ModuleNotFoundError as missing:
+        raise MissingDependencyError(f"leapc serve needs {missing.name} (not installed): "
+                                     "pip install 'leapc[serve]'") from None
+    if max_queue < 1:
+        raise InputError(f"--max-queue must be at least 1 (got {max_queue})")
+    loaded = leapc.load(engine, device, policies=[policy])
+    config = ServeConfig(model_name or engine.resolve().name, policy, max_queue)
+    uvicorn.run(create_app(loaded, config), host=host, port=port, log_level="warning")
+
+
+@app.command()
 def inspect(path: Path = typer.Argument(..., help="engine directory or model")) -> None:
     """Show anatomy, step signature, KV memory, passes and policies."""
     from leapc.inspection import inspect_target

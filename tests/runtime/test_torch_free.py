@@ -132,3 +132,18 @@ def test_backend_table_resolves_without_torch(tmp_path):
     ) + CHECKS
     result = run_python(code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_server_app_builds_without_torch(engine_dir, tmp_path):
+    """`leapc serve` needs the torch-free runtime only (plus FastAPI)."""
+    pytest.importorskip("fastapi", reason="fastapi is not installed (pip install 'leapc[serve]')")
+    code = BLOCKER + textwrap.dedent(
+        """
+        import leapc
+        from leapc.runtime.serving.app import ServeConfig, create_app
+
+        create_app(leapc.load(sys.argv[1]), ServeConfig("tiny", "ar"))
+        """
+    ) + CHECKS
+    result = run_python(code, str(engine_dir("tiny-llama", "ort")), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr

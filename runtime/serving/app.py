@@ -1,0 +1,200 @@
+"""An OpenAI-compatible HTTP server for one loaded engine (FastAPI).
+
+``POST /v1/completions`` (streamed as server-sent events or not), ``POST
+/v1/chat/completions`` (only where the engine's tokenizer has a chat template: a 400
+otherwise), ``GET /v1/models``, ``GET /health``.
+
+The engine runs one generation at a time, on one worker thread: requests queue for it,
+up to ``max_queue`` waiting or running, and beyond that get a 503. A streamed request
+whose client goes away stops at its next step and frees its place. Bad requests get a
+400 with OpenAI's error object, found before any token is generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from leapc.ir.errors import InputError
+from leapc.runtime.engine import Engine, Stream
+from leapc.runtime.serving import protocol
+from leapc.runtime.serving.protocol import ChatCompletionRequest, CompletionRequest
+from leapc.runtime.serving.stops import StopText
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_name: str  # what ``/v1/models`` lists and requests must name
+    policy: str = "auto"  # the decoding policy of requests that name none
+    max_queue: int = 64  # requests waiting or running; more get a 503
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    completion_tokens: int
+    finish: str
+
+
+class _Admission:
+    """Requests waiting or running, bounded."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.lock = limit, 0, threading.Lock()
+
+    def enter(self) -> bool:
+        with self.lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.count -= 1
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           param: str | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error(message, kind, param), status_code=status)
+
+
+def _sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    engine.policy(config.policy)  # a server that cannot serve its default refuses to start
+    app = FastAPI(title="leapc", version=engine.manifest.leapc_version)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leapc-decode")
+    admission = _Admission(config.max_queue)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _error(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model",
+                                            "created": 0, "owned_by": "leapc"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if body.model != config.model_name:
+            return _error(404, f"model {body.model!r} does not exist (this server serves "
+                               f"{config.model_name!r})", "not_found_error", "model")
+        if not admission.enter():
+            return _error(503, f"the server is busy ({config.max_queue} requests queued or "
+                               "running); retry later", "service_unavailable")
+        loop = asyncio.get_running_loop()
+        try:
+            stream = await loop.run_in_executor(worker, _start, engine, body, config.policy)
+        except InputError as err:
+            admission.leave()
+            return _error(400, str(err))
+        id_ = protocol.completion_id()
+        if not body.stream:
+            try:
+                texts: list[str] = []
+                outcome = await loop.run_in_executor(worker, _finish, stream, body.stops,
+                                                     texts.append, threading.Event())
+            finally:
+                admission.leave()
+            return protocol.completion(id_, config.model_name, "".join(texts), outcome.finish,
+                                       protocol.usage(stream.stats.prompt_tokens,
+                                                      outcome.completion_tokens))
+        # started here, not when the response first iterates: a client gone before then
+        # still frees its place when the generation ends
+        run = _Run(loop, stream, body.stops)
+        run.done = loop.run_in_executor(worker, run, admission)
+        return StreamingResponse(_events(run, body, id_, config.model_name),
+                                 media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        return _error(400, "this engine's tokenizer has no chat template; use /v1/completions",
+                      param="messages")
+
+    return app
+
+
+def _start(engine: Engine, body: CompletionRequest, default_policy: str) -> Stream:
+    """The request's generation, set up (options checked, prompt encoded) but not run."""
+    return engine.stream(
+        body.prompt, body.max_tokens, policy=body.leapc.policy or default_policy,
+        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+        seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
+        draft=body.leapc.draft_options())
+
+
+def _finish(stream: Stream, stops: tuple[str, ...], emit: Callable[[str], None],
+            cancelled: threading.Event) -> _Outcome:
+    """Run ``stream`` to its end, a stop string or cancellation, emitting final text."""
+    text = StopText(stops)
+    for chunk in stream:
+        if cancelled.is_set():
+            break
+        emitted = text.push(chunk.text)
+        if emitted:
+            emit(emitted)
+        if text.stopped:
+            break
+    tail = text.flush()
+    if tail:
+        emit(tail)
+    return _Outcome(len(stream.token_ids), protocol.finish_reason(stream.stats.stop_reason,
+                                                                  text.stopped))
+
+
+class _Run:
+    """One streamed generation on the worker: final text goes to ``queue`` as it comes,
+    then None; ``cancelled`` stops it at its next step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: Stream, stops: tuple[str, ...]):
+        self.loop, self.stream, self.stops = loop, stream, stops
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.done: asyncio.Future[_Outcome] | None = None
+
+    def _put(self, item: str | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def __call__(self, admission: _Admission) -> _Outcome:
+        try:
+            return _finish(self.stream, self.stops, self._put, self.cancelled)
+        finally:
+            admission.leave()
+            self._put(None)
+
+
+async def _events(run: _Run, body: CompletionRequest, id_: str,
+                  model: str) -> AsyncIterator[str]:
+    """Server-sent events: text deltas as they become final, the finish reason, usage if
+    asked for, ``[DONE]``. A client that goes away cancels the generation."""
+    try:
+        while (text := await run.queue.get()) is not None:
+            yield _sse(protocol.completion(id_, model, text, None, None))
+        outcome = await run.done
+        yield _sse(protocol.completion(id_, model, "", outcome.finish, None))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage = protocol.usage(run.stream.stats.prompt_tokens, outcome.completion_tokens)
+            yield _sse({"id": id_, "object": "text_completion", "created": int(time.time()),
+                        "model": model, "choices": [], "usage": usage})
+        yield _sse("[DONE]")
+    finally:
+        run.cancelled.set()  # a no-op once the generation has ended

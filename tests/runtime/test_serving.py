@@ -1,0 +1,202 @@
+"""`leapc serve`: the real server on a loopback port, spoken to with OpenAI's own client.
+Greedy completions equal the engine's generation (what `leapc run` prints), streamed or
+not, under any lossless policy; bad requests get 400s with OpenAI's error object; a full
+queue gets 503s and a client that goes away frees its place. Stop strings are checked on
+text that arrives in pieces."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai package is not installed "
+                                              "(pip install 'leapc[dev]')")
+uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed "
+                                                "(pip install 'leapc[serve]')")
+import httpx  # noqa: E402
+
+import leapc  # noqa: E402
+from leapc.runtime.engine import Stream  # noqa: E402
+from leapc.runtime.serving.app import ServeConfig, create_app  # noqa: E402
+from leapc.runtime.serving.stops import StopText  # noqa: E402
+
+PROMPT = "def add(a, b):\n"
+MODEL = "pycoder"
+
+
+@contextlib.contextmanager
+def _serving(engine, **config):
+    """The app on a free loopback port, in a thread; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(engine, ServeConfig(MODEL, **{"policy": "ar", **config}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def engine(engine_dir):
+    return leapc.load(engine_dir("bundled"))
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with _serving(engine) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.slow  # the bundled engine
+def test_greedy_completion_is_the_engines_generation(client, engine):
+    expected = engine.generate(PROMPT, 24)
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert reply.choices[0].text == expected.text
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(engine.encode(PROMPT))
+    assert reply.usage.completion_tokens == 24
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 24
+
+
+@pytest.mark.slow
+def test_streamed_deltas_join_to_the_same_text(client, engine):
+    expected = engine.generate(PROMPT, 24).text
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+    assert chunks[-1].usage.completion_tokens == 24  # the usage chunk comes last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["lookup", "suffix", "draft"])
+def test_a_requests_policy_returns_ar_s_text(client, engine, policy):
+    expected = engine.generate(PROMPT, 32).text
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32,
+                                      temperature=0, extra_body={"leapc": {"policy": policy}})
+    assert reply.choices[0].text == expected
+
+
+@pytest.mark.slow
+def test_token_id_prompts_and_stop_strings(client, engine):
+    ids = engine.encode(PROMPT)
+    full = engine.generate(ids, 32).text
+    stop = full[5:8]  # somewhere inside the completion
+    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=32, temperature=0,
+                                      stop=[stop, "\x00never"])
+    assert reply.choices[0].text == full[: full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=ids, max_tokens=32,
+                                         temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+@pytest.mark.slow
+def test_models_and_health(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(str(client.base_url).replace("/v1/", "/health")).json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fields, message", [
+    ({"temperature": -1}, "temperature"),
+    ({"n": 2}, "n"),
+    ({"logprobs": 3}, "logprobs"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"extra_body": {"frequency_penalty": 0.5}}, "frequency_penalty"),
+    ({"extra_body": {"beam_width": 4}}, "beam_width"),  # unknown fields are refused too
+    ({"extra_body": {"leapc": {"policy": "nonsense"}}}, "unknown policy"),
+    ({"extra_body": {"leapc": {"policy": "medusa"}}}, "does not support policy"),
+    ({"prompt": [10**6]}, "outside the vocabulary"),
+])
+def test_bad_requests_get_400_with_openais_error_object(client, fields, message):
+    request = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **fields}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(**request)
+    body = caught.value.body
+    assert body["type"] == "invalid_request_error" and message in body["message"]
+
+
+@pytest.mark.slow
+def test_unknown_model_is_404_and_chat_without_a_template_is_400(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model=MODEL, max_tokens=4,
+                                       messages=[{"role": "user", "content": "hi"}])
+
+
+def _first_event(response: httpx.Response) -> dict:
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            return json.loads(line.removeprefix("data: "))
+    raise AssertionError("the stream ended without an event")
+
+
+class _SlowEngine:
+    """The engine, with each decode step taking at least 50 ms more: a request then
+    stays in the server long enough to be seen there."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def stream(self, *args, **kwargs) -> Stream:
+        real = self.engine.stream(*args, **kwargs)
+
+        def slowly():
+            for tokens in real._tokens:
+                time.sleep(0.05)
+                yield tokens
+
+        return Stream(slowly(), real._tokenizer, real.stats)
+
+
+@pytest.mark.slow
+def test_a_full_queue_is_503_and_a_client_gone_frees_its_place(engine):
+    with _serving(_SlowEngine(engine), max_queue=1) as url:
+        request = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
+                   "stream": True, "leapc": {"policy": "ar"}}
+        with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=60) as first:
+            assert _first_event(first)["choices"][0]["text"]  # generating now (10 s left)
+            busy = httpx.post(f"{url}/v1/completions", timeout=60,
+                              json={**request, "stream": False, "max_tokens": 2})
+            assert busy.status_code == 503
+            assert busy.json()["error"]["type"] == "service_unavailable"
+        # the first client is gone: its generation stops at its next step
+        start = time.monotonic()
+        while (reply := httpx.post(f"{url}/v1/completions", timeout=60,
+                                   json={**request, "stream": False, "max_tokens": 2})
+               ).status_code == 503 and time.monotonic() - start < 5:
+            time.sleep(0.05)
+        assert reply.status_code == 200
+
+
+@pytest.mark.parametrize("chunks, stops, expected, stopped", [
+    (["ab", "cd", "ef"], ["cde"], "ab", True),  # spans chunks
+    (["abc", "d"], ["cx"], "abcd", False),  # a held prefix that does not complete
+    (["xx", "y end", " more"], ["end", "y e"], "xx", True),  # the earliest stop wins
+    (["hello"], [], "hello", False),
+])
+def test_stop_strings_on_text_in_pieces(chunks, stops, expected, stopped):
+    text = StopText(tuple(stops))
+    out = "".join(text.push(c) for c in chunks) + text.flush()
+    assert out == expected and text.stopped is stopped
