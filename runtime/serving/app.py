@@ -2,7 +2,8 @@
 
 ``POST /v1/completions`` (streamed as server-sent events or not), ``POST
 /v1/chat/completions`` (only where the engine's tokenizer has a chat template: a 400
-otherwise), ``GET /v1/models``, ``GET /health``.
+otherwise), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus,
+`serving.metrics`).
 
 The engine runs one generation at a time, on one worker thread: requests queue for it,
 up to ``max_queue`` waiting or running, and beyond that get a 503. A streamed request
@@ -23,11 +24,13 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from leapc.ir.errors import InputError
 from leapc.runtime.engine import Engine, Stream
 from leapc.runtime.serving import protocol
+from leapc.runtime.serving.metrics import ServerMetrics
 from leapc.runtime.serving.protocol import ChatCompletionRequest, CompletionRequest
 from leapc.runtime.serving.stops import StopText
 
@@ -48,19 +51,49 @@ class _Outcome:
 class _Admission:
     """Requests waiting or running, bounded."""
 
-    def __init__(self, limit: int):
-        self.limit, self.count, self.lock = limit, 0, threading.Lock()
+    def __init__(self, limit: int, metrics: ServerMetrics):
+        self.limit, self.count, self.lock, self.metrics = limit, 0, threading.Lock(), metrics
 
-    def enter(self) -> bool:
+    def enter(self) -> _Ticket | None:
+        """A ticket for a new request, or None if the server is full."""
         with self.lock:
             if self.count >= self.limit:
-                return False
+                return None
             self.count += 1
-            return True
+        self.metrics.waiting.inc()
+        return _Ticket(self, time.monotonic())
 
     def leave(self) -> None:
         with self.lock:
             self.count -= 1
+
+
+@dataclass
+class _Ticket:
+    """One admitted request's passage: waiting, generating, gone (each counted once)."""
+
+    admission: _Admission
+    admitted_at: float
+    generating: bool = False
+
+    def start(self) -> None:
+        metrics = self.admission.metrics
+        metrics.waiting.dec()
+        metrics.running.inc()
+        metrics.queue_time.observe(time.monotonic() - self.admitted_at)
+        self.generating = True
+
+    def first_token(self) -> None:
+        self.admission.metrics.first_token.observe(time.monotonic() - self.admitted_at)
+
+    def leave(self, stream: Stream | None) -> None:
+        metrics = self.admission.metrics
+        if self.generating:
+            metrics.running.dec()
+            metrics.generation(stream.stats)
+        else:
+            metrics.waiting.dec()
+        self.admission.leave()
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error",
@@ -76,7 +109,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     engine.policy(config.policy)  # a server that cannot serve its default refuses to start
     app = FastAPI(title="leapc", version=engine.manifest.leapc_version)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leapc-decode")
-    admission = _Admission(config.max_queue)
+    metrics = ServerMetrics()
+    admission = _Admission(config.max_queue, metrics)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -88,6 +128,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def exposition() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model",
@@ -98,30 +142,28 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if body.model != config.model_name:
             return _error(404, f"model {body.model!r} does not exist (this server serves "
                                f"{config.model_name!r})", "not_found_error", "model")
-        if not admission.enter():
+        ticket = admission.enter()
+        if ticket is None:
             return _error(503, f"the server is busy ({config.max_queue} requests queued or "
                                "running); retry later", "service_unavailable")
         loop = asyncio.get_running_loop()
         try:
             stream = await loop.run_in_executor(worker, _start, engine, body, config.policy)
         except InputError as err:
-            admission.leave()
+            ticket.leave(None)
             return _error(400, str(err))
         id_ = protocol.completion_id()
         if not body.stream:
-            try:
-                texts: list[str] = []
-                outcome = await loop.run_in_executor(worker, _finish, stream, body.stops,
-                                                     texts.append, threading.Event())
-            finally:
-                admission.leave()
+            texts: list[str] = []
+            outcome = await loop.run_in_executor(worker, _finish, stream, body.stops,
+                                                 texts.append, threading.Event(), ticket)
             return protocol.completion(id_, config.model_name, "".join(texts), outcome.finish,
                                        protocol.usage(stream.stats.prompt_tokens,
                                                       outcome.completion_tokens))
         # started here, not when the response first iterates: a client gone before then
         # still frees its place when the generation ends
         run = _Run(loop, stream, body.stops)
-        run.done = loop.run_in_executor(worker, run, admission)
+        run.done = loop.run_in_executor(worker, run, ticket)
         return StreamingResponse(_events(run, body, id_, config.model_name),
                                  media_type="text/event-stream")
 
@@ -143,20 +185,27 @@ def _start(engine: Engine, body: CompletionRequest, default_policy: str) -> Stre
 
 
 def _finish(stream: Stream, stops: tuple[str, ...], emit: Callable[[str], None],
-            cancelled: threading.Event) -> _Outcome:
-    """Run ``stream`` to its end, a stop string or cancellation, emitting final text."""
+            cancelled: threading.Event, ticket: _Ticket) -> _Outcome:
+    """Run ``stream`` to its end, a stop string or cancellation, emitting final text; the
+    ticket leaves however it ends."""
+    ticket.start()
     text = StopText(stops)
-    for chunk in stream:
-        if cancelled.is_set():
-            break
-        emitted = text.push(chunk.text)
-        if emitted:
-            emit(emitted)
-        if text.stopped:
-            break
-    tail = text.flush()
-    if tail:
-        emit(tail)
+    try:
+        for chunk in stream:
+            if cancelled.is_set():
+                break
+            if chunk.token_ids and len(stream.token_ids) == len(chunk.token_ids):
+                ticket.first_token()
+            emitted = text.push(chunk.text)
+            if emitted:
+                emit(emitted)
+            if text.stopped:
+                break
+        tail = text.flush()
+        if tail:
+            emit(tail)
+    finally:
+        ticket.leave(stream)
     return _Outcome(len(stream.token_ids), protocol.finish_reason(stream.stats.stop_reason,
                                                                   text.stopped))
 
@@ -174,11 +223,10 @@ class _Run:
     def _put(self, item: str | None) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def __call__(self, admission: _Admission) -> _Outcome:
+    def __call__(self, ticket: _Ticket) -> _Outcome:
         try:
-            return _finish(self.stream, self.stops, self._put, self.cancelled)
+            return _finish(self.stream, self.stops, self._put, self.cancelled, ticket)
         finally:
-            admission.leave()
             self._put(None)
 
 

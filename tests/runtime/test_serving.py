@@ -190,6 +190,41 @@ def test_a_full_queue_is_503_and_a_client_gone_frees_its_place(engine):
         assert reply.status_code == 200
 
 
+def _samples(url: str) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.mark.slow
+def test_metrics_count_requests_tokens_and_acceptance(engine):
+    with _serving(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for policy, tokens in (("ar", 16), ("lookup", 48)):
+            client.completions.create(model=MODEL, prompt=PROMPT * 3, max_tokens=tokens,
+                                      temperature=0, extra_body={"leapc": {"policy": policy}})
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+        lookup = engine.generate(PROMPT * 3, 48, policy="lookup").stats
+        got = _samples(url)
+    endpoint = "/v1/completions"
+    assert got[("leapc_requests_total", (("endpoint", endpoint), ("status", "200")))] == 2
+    assert got[("leapc_requests_total", (("endpoint", endpoint), ("status", "400")))] == 1
+    assert got[("leapc_generation_tokens_total", (("policy", "ar"),))] == 16
+    assert got[("leapc_decode_steps_total", (("policy", "ar"),))] == 16
+    assert got[("leapc_generation_tokens_total", (("policy", "lookup"),))] == 48
+    # the mean acceptance length and the drafts are the generation's own
+    assert got[("leapc_decode_steps_total", (("policy", "lookup"),))] == lookup.steps
+    assert got[("leapc_accepted_draft_tokens_total", (("policy", "lookup"),))] == \
+        sum(lookup.accepted_depth)
+    assert got[("leapc_prompt_tokens_total", ())] == 2 * len(engine.encode(PROMPT * 3))
+    assert got[("leapc_queue_seconds_count", ())] == 2
+    assert got[("leapc_time_to_first_token_seconds_count", ())] == 2
+    assert got[("leapc_requests_running", ())] == 0 and got[("leapc_requests_waiting", ())] == 0
+
+
 @pytest.mark.parametrize("chunks, stops, expected, stopped", [
     (["ab", "cd", "ef"], ["cde"], "ab", True),  # spans chunks
     (["abc", "d"], ["cx"], "abcd", False),  # a held prefix that does not complete
