@@ -222,7 +222,8 @@ def _tokenizer_info(source: SourceModel) -> TokenizerInfo:
     # JSON); the one setting those bytes lack is recorded beside it.
     digest = hashlib.sha256(tokenizer.to_str(pretty=True).encode()).hexdigest()
     return TokenizerInfo(sha256=digest, bos_id=source.bos_id, eos_ids=source.eos_ids,
-                         encode_special_tokens=tokenizer.encode_special_tokens)
+                         encode_special_tokens=tokenizer.encode_special_tokens,
+                         chat_template=source.chat_template)
 
 
 def _manifest(full: CompiledProgram, options: BuildOptions, capture: CaptureOptions) -> Manifest:

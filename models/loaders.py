@@ -4,6 +4,7 @@ bundled default model — as a `transformers` model plus a `tokenizers.Tokenizer
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ class SourceModel:
     name: str  # "bundled" or the resolved path it was loaded from
     bos_id: int | None
     eos_ids: tuple[int, ...]
+    # The Jinja template that turns chat messages into a prompt (a Hugging Face
+    # directory's, if it has one): what `leapc serve` renders /v1/chat/completions with.
+    chat_template: str | None = None
 
     @property
     def family(self) -> str:
@@ -114,7 +118,27 @@ def load_source(spec: str | Path, tokenizer: Path | None = None) -> SourceModel:
     model.eval()
     bos, eos = _special_ids(model)
     name = str(spec) if str(spec) in _NAMED else str(path.resolve())
-    return SourceModel(model, tok, name, bos, eos)
+    return SourceModel(model, tok, name, bos, eos, _chat_template(path) if path.is_dir() else None)
+
+
+def _chat_template(directory: Path) -> str | None:
+    """The directory's chat template, where Hugging Face keeps it: ``chat_template.jinja``,
+    else ``tokenizer_config.json``'s ``chat_template`` (a string, or named templates of
+    which the ``default`` one)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{config} is not valid JSON ({_first_line(err)})") from None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def save_first_layers(source: SourceModel, layers: int, out_dir: Path) -> Path:

@@ -113,6 +113,8 @@ class TokenizerInfo(_Frozen):
     # `Tokenizer.save` does not serialize this flag, so `Engine.load` sets it from here:
     # without it the run-time encoding of such a prompt would differ from the build's.
     encode_special_tokens: bool
+    # The model's Jinja chat template (`SourceModel.chat_template`), if it has one.
+    chat_template: str | None = None
 
 
 class _TensorJson(_Frozen):

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server for one loaded engine (FastAPI).
 
-``POST /v1/completions`` (streamed as server-sent events or not), ``POST
-/v1/chat/completions`` (only where the engine's tokenizer has a chat template: a 400
-otherwise), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus,
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (the model's chat template
+renders the messages; a 400 where the engine has none), streamed as server-sent events or
+not, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus,
 `serving.metrics`).
 
 The engine runs one generation at a time, on one worker thread: requests queue for it,
@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from leapc.ir.errors import InputError
 from leapc.runtime.engine import Engine, Stream
 from leapc.runtime.serving import protocol
+from leapc.runtime.serving.chat import ChatTemplate
 from leapc.runtime.serving.metrics import ServerMetrics
 from leapc.runtime.serving.protocol import ChatCompletionRequest, CompletionRequest
 from leapc.runtime.serving.stops import StopText
@@ -137,8 +138,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model",
                                             "created": 0, "owned_by": "leapc"}]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    chat_template = ChatTemplate.of(engine.manifest, engine.tokenizer.id_to_token)
+
+    async def respond(body: CompletionRequest | ChatCompletionRequest, prompt: str | list[int],
+                      max_tokens: int, reply: protocol.CompletionReply):
+        """Admit, set up and run one request; its reply whole, or streamed."""
         if body.model != config.model_name:
             return _error(404, f"model {body.model!r} does not exist (this server serves "
                                f"{config.model_name!r})", "not_found_error", "model")
@@ -148,37 +152,54 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                                "running); retry later", "service_unavailable")
         loop = asyncio.get_running_loop()
         try:
-            stream = await loop.run_in_executor(worker, _start, engine, body, config.policy)
+            stream = await loop.run_in_executor(worker, _start, engine, body, prompt, max_tokens,
+                                                config.policy)
         except InputError as err:
             ticket.leave(None)
             return _error(400, str(err))
-        id_ = protocol.completion_id()
+        except BaseException:  # an internal error: a 500, and its place is free again
+            ticket.leave(None)
+            raise
         if not body.stream:
             texts: list[str] = []
             outcome = await loop.run_in_executor(worker, _finish, stream, body.stops,
                                                  texts.append, threading.Event(), ticket)
-            return protocol.completion(id_, config.model_name, "".join(texts), outcome.finish,
-                                       protocol.usage(stream.stats.prompt_tokens,
-                                                      outcome.completion_tokens))
+            return reply.whole("".join(texts), outcome.finish,
+                               protocol.usage(stream.stats.prompt_tokens,
+                                              outcome.completion_tokens))
         # started here, not when the response first iterates: a client gone before then
         # still frees its place when the generation ends
         run = _Run(loop, stream, body.stops)
         run.done = loop.run_in_executor(worker, run, ticket)
-        return StreamingResponse(_events(run, body, id_, config.model_name),
-                                 media_type="text/event-stream")
+        return StreamingResponse(_events(run, body, reply), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await respond(body, body.prompt, body.max_tokens,
+                             protocol.CompletionReply(config.model_name))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
-        return _error(400, "this engine's tokenizer has no chat template; use /v1/completions",
-                      param="messages")
+        if chat_template is None:
+            return _error(400, "this engine's tokenizer has no chat template; use "
+                               "/v1/completions", param="messages")
+        try:
+            prompt = chat_template.render([m.model_dump(exclude_none=True)
+                                           for m in body.messages])
+        except InputError as err:
+            return _error(400, str(err), param="messages")
+        # no limit given: up to the engine's context (decoding stops at max-seq)
+        limit = body.max_completion_tokens or body.max_tokens or engine.manifest.max_seq
+        return await respond(body, prompt, limit, protocol.ChatReply(config.model_name))
 
     return app
 
 
-def _start(engine: Engine, body: CompletionRequest, default_policy: str) -> Stream:
+def _start(engine: Engine, body: CompletionRequest | ChatCompletionRequest,
+           prompt: str | list[int], max_tokens: int, default_policy: str) -> Stream:
     """The request's generation, set up (options checked, prompt encoded) but not run."""
     return engine.stream(
-        body.prompt, body.max_tokens, policy=body.leapc.policy or default_policy,
+        prompt, max_tokens, policy=body.leapc.policy or default_policy,
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
         seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
         draft=body.leapc.draft_options())
@@ -230,19 +251,18 @@ class _Run:
             self._put(None)
 
 
-async def _events(run: _Run, body: CompletionRequest, id_: str,
-                  model: str) -> AsyncIterator[str]:
+async def _events(run: _Run, body: CompletionRequest | ChatCompletionRequest,
+                  reply: protocol.CompletionReply) -> AsyncIterator[str]:
     """Server-sent events: text deltas as they become final, the finish reason, usage if
     asked for, ``[DONE]``. A client that goes away cancels the generation."""
     try:
         while (text := await run.queue.get()) is not None:
-            yield _sse(protocol.completion(id_, model, text, None, None))
+            yield _sse(reply.delta(text))
         outcome = await run.done
-        yield _sse(protocol.completion(id_, model, "", outcome.finish, None))
+        yield _sse(reply.end(outcome.finish))
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage = protocol.usage(run.stream.stats.prompt_tokens, outcome.completion_tokens)
-            yield _sse({"id": id_, "object": "text_completion", "created": int(time.time()),
-                        "model": model, "choices": [], "usage": usage})
+            yield _sse(reply.usage(protocol.usage(run.stream.stats.prompt_tokens,
+                                                  outcome.completion_tokens)))
         yield _sse("[DONE]")
     finally:
         run.cancelled.set()  # a no-op once the generation has ended

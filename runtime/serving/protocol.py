@@ -97,6 +97,7 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: Literal[False] | None = None
 
 
@@ -106,19 +107,64 @@ def finish_reason(reason: StopReason | None, stopped_by_text: bool) -> str:
     return "stop" if stopped_by_text or reason is StopReason.EOS else "length"
 
 
-def completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
+class CompletionReply:
+    """``text_completion`` objects: the whole reply, or its streamed chunks."""
+
+    prefix = "cmpl"
+
+    def __init__(self, model: str):
+        self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
+
+    def _object(self, kind: str, choices: list[dict], usage: dict | None = None) -> dict:
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    def whole(self, text: str, finish: str, usage: dict) -> dict:
+        return self._object("text_completion", [{"index": 0, "text": text, "logprobs": None,
+                                                  "finish_reason": finish}], usage)
+
+    def delta(self, text: str) -> dict:
+        return self._object("text_completion", [{"index": 0, "text": text, "logprobs": None,
+                                                  "finish_reason": None}])
+
+    def end(self, finish: str) -> dict:
+        return self._object("text_completion", [{"index": 0, "text": "", "logprobs": None,
+                                                  "finish_reason": finish}])
+
+    def usage(self, usage: dict) -> dict:
+        return self._object("text_completion", [], usage)
 
 
-def completion(id_: str, model: str, text: str, finish: str | None, usage: dict | None) -> dict:
-    """A ``text_completion`` object, or with ``finish`` None and partial ``text`` one
-    streamed chunk of it."""
-    body = {"id": id_, "object": "text_completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-    if usage is not None:
-        body["usage"] = usage
-    return body
+class ChatReply(CompletionReply):
+    """``chat.completion`` objects; streamed, the first delta carries the role."""
+
+    prefix = "chatcmpl"
+    started = False
+
+    def whole(self, text: str, finish: str, usage: dict) -> dict:
+        message = {"role": "assistant", "content": text}
+        return self._object("chat.completion", [{"index": 0, "message": message,
+                                                  "logprobs": None, "finish_reason": finish}],
+                            usage)
+
+    def _chunk(self, delta: dict, finish: str | None) -> dict:
+        if not self.started:
+            delta, self.started = {"role": "assistant", **delta}, True
+        return self._object("chat.completion.chunk", [{"index": 0, "delta": delta,
+                                                        "logprobs": None,
+                                                        "finish_reason": finish}])
+
+    def delta(self, text: str) -> dict:
+        return self._chunk({"content": text}, None)
+
+    def end(self, finish: str) -> dict:
+        return self._chunk({}, finish)
+
+    def usage(self, usage: dict) -> dict:
+        return self._object("chat.completion.chunk", [], usage)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -173,8 +173,9 @@ class _SlowEngine:
 @pytest.mark.slow
 def test_a_full_queue_is_503_and_a_client_gone_frees_its_place(engine):
     with _serving(_SlowEngine(engine), max_queue=1) as url:
-        request = {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
-                   "stream": True, "leapc": {"policy": "ar"}}
+        # a prompt the bundled model continues past 200 tokens without an end-of-sequence
+        request = {"model": MODEL, "prompt": "import os\n", "max_tokens": 200,
+                   "temperature": 0, "stream": True, "leapc": {"policy": "ar"}}
         with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=60) as first:
             assert _first_event(first)["choices"][0]["text"]  # generating now (10 s left)
             busy = httpx.post(f"{url}/v1/completions", timeout=60,
@@ -235,3 +236,50 @@ def test_stop_strings_on_text_in_pieces(chunks, stops, expected, stopped):
     text = StopText(tuple(stops))
     out = "".join(text.push(c) for c in chunks) + text.flush()
     assert out == expected and text.stopped is stopped
+
+
+# ------------------------------------------------------------------ chat
+
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+            "{{ raise_exception('no tools here') }}{% endif %}{{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}7{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tmp_path_factory):
+    """A tiny Llama from a Hugging Face directory whose tokenizer_config.json has a chat
+    template (its tokenizer reads whitespace-separated token ids)."""
+    from engines import id_tokenizer
+    from families import tiny_checkpoint
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    directory = tiny_checkpoint("llama", tmp_path_factory.mktemp("chat") / "model")
+    tokenizer = id_tokenizer(256)
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    out = tmp_path_factory.mktemp("chat-engine")
+    return leapc.load(leapc.build(str(directory), out, "ort", max_seq=128))
+
+
+@pytest.mark.slow  # builds an engine
+def test_chat_renders_the_models_template(chat_engine):
+    assert chat_engine.manifest.tokenizer.chat_template == TEMPLATE
+    messages = [{"role": "system", "content": "5"}, {"role": "user", "content": "17 200"}]
+    expected = chat_engine.generate("5 17 200 7", 12).text  # the template's rendering
+    with _serving(chat_engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
+                                               temperature=0)
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.choices[0].message.content == expected
+        assert reply.usage.prompt_tokens == 4 and reply.usage.completion_tokens == 12
+        chunks = list(client.chat.completions.create(model=MODEL, messages=messages,
+                                                     max_completion_tokens=12, temperature=0,
+                                                     stream=True))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+        assert chunks[-1].choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="no tools here"):
+            client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+                {"role": "tool", "content": "5"}])
