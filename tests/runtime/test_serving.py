@@ -149,12 +149,12 @@ def _first_event(response: httpx.Response) -> dict:
     raise AssertionError("the stream ended without an event")
 
 
-class _SlowEngine:
-    """The engine, with each decode step taking at least 50 ms more: a request then
-    stays in the server long enough to be seen there."""
+class _HeldEngine:
+    """The engine, its generations held after their first step until ``release`` is set,
+    then 50 ms a step: a request stays in the server for as long as the test needs."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self.engine, self.release = engine, threading.Event()
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -162,27 +162,32 @@ class _SlowEngine:
     def stream(self, *args, **kwargs) -> Stream:
         real = self.engine.stream(*args, **kwargs)
 
-        def slowly():
-            for tokens in real._tokens:
-                time.sleep(0.05)
+        def held():
+            for step, tokens in enumerate(real._tokens):
+                if step:
+                    self.release.wait(30)
+                    time.sleep(0.05)
                 yield tokens
 
-        return Stream(slowly(), real._tokenizer, real.stats)
+        return Stream(held(), real._tokenizer, real.stats)
 
 
 @pytest.mark.slow
 def test_a_full_queue_is_503_and_a_client_gone_frees_its_place(engine):
-    with _serving(_SlowEngine(engine), max_queue=1) as url:
+    held = _HeldEngine(engine)
+    with _serving(held, max_queue=1) as url:
         # a prompt the bundled model continues past 200 tokens without an end-of-sequence
         request = {"model": MODEL, "prompt": "import os\n", "max_tokens": 200,
                    "temperature": 0, "stream": True, "leapc": {"policy": "ar"}}
         with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=60) as first:
-            assert _first_event(first)["choices"][0]["text"]  # generating now (10 s left)
+            assert _first_event(first)["choices"][0]["text"]  # generating, then held
             busy = httpx.post(f"{url}/v1/completions", timeout=60,
                               json={**request, "stream": False, "max_tokens": 2})
             assert busy.status_code == 503
             assert busy.json()["error"]["type"] == "service_unavailable"
-        # the first client is gone: its generation stops at its next step
+        # the first client is gone: let its generation go on, and it stops at its next
+        # step, long before its 199 steps of 50 ms
+        held.release.set()
         start = time.monotonic()
         while (reply := httpx.post(f"{url}/v1/completions", timeout=60,
                                    json={**request, "stream": False, "max_tokens": 2})
