@@ -1,0 +1,146 @@
+"""Load test of `leapc serve` on loopback: many concurrent mixed requests.
+
+    python bench/bench_serving.py [--requests 200] [--disconnect 0.1] [--quantize int8]
+
+The server runs in this process (uvicorn in a thread) on the bundled model's engine
+(built once under .cache/bench/). All requests are sent at once, each one greedy with a
+held-out prompt, a length from 16 to 128 tokens and a lossless policy; half of them stream,
+and a share of the streamed ones disconnect after their first event. Checked: no server
+error (5xx, dropped connection), every completed reply identical to the engine's own
+generation of that request alone, and no request left running or waiting afterwards
+(``/metrics``). Reported: throughput (completion tokens per second of wall time) and
+p50 / p99 latency (submission to last byte).
+
+The server runs one generation at a time (issue 17's first slice), so this measures the
+B = 1 server; batched rows come with continuous batching.
+
+Writes bench/results/serving_bundled.{json,md}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import typer
+import uvicorn
+
+import leapc
+from leapc.benchmark import save_results
+from leapc.models import corpus
+from leapc.runtime.serving.app import ServeConfig, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "pycoder"
+POLICIES = ("ar", "lookup", "suffix", "recycle")
+LENGTHS = (16, 32, 64, 128)
+
+
+def engine_dir(quantize: str) -> Path:
+    out = ROOT / ".cache" / "bench" / f"bundled-serve-{quantize}"
+    if not (out / "manifest.json").exists():
+        leapc.build("bundled", out, "ort", quantize=quantize)
+    return out
+
+
+@contextlib.contextmanager
+def serving(engine, max_queue: int):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = create_app(engine, ServeConfig(MODEL, "ar", max_queue))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+async def one(client: httpx.AsyncClient, url: str, request: dict, disconnect: bool) -> dict:
+    """Send ``request``; its status, text (None when it disconnected) and latency."""
+    start = time.perf_counter()
+    if not request["stream"]:
+        reply = await client.post(f"{url}/v1/completions", json=request)
+        text = reply.json()["choices"][0]["text"] if reply.status_code == 200 else None
+        return {"status": reply.status_code, "text": text,
+                "seconds": time.perf_counter() - start}
+    parts = []
+    async with client.stream("POST", f"{url}/v1/completions", json=request) as reply:
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            parts.extend(c["text"] for c in event["choices"])
+            if disconnect:
+                break
+        status = reply.status_code
+    return {"status": status, "text": None if disconnect else "".join(parts),
+            "seconds": time.perf_counter() - start}
+
+
+async def load(url: str, requests: list[dict], disconnects: list[bool]) -> tuple[list, float]:
+    limits = httpx.Limits(max_connections=len(requests))
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(one(client, url, r, d)
+                                         for r, d in zip(requests, disconnects, strict=True)),
+                                       return_exceptions=True)
+        return replies, time.perf_counter() - start
+
+
+def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
+         seed: int = 0) -> None:
+    engine = leapc.load(engine_dir(quantize))
+    prompts = corpus.held_out_prompts(8)
+    rng = random.Random(seed)
+    shapes = [(rng.randrange(len(prompts)), rng.choice(LENGTHS), rng.choice(POLICIES),
+               rng.random() < 0.5) for _ in range(requests)]
+    expected = {(p, n): engine.generate(prompts[p], n) for p, n, _, _ in shapes}
+    bodies = [{"model": MODEL, "prompt": prompts[p], "max_tokens": n, "temperature": 0,
+               "stream": stream, "leapc": {"policy": policy}}
+              for p, n, policy, stream in shapes]
+    cut = [stream and rng.random() < 2 * disconnect for _, _, _, stream in shapes]
+    with serving(engine, max_queue=requests) as url:
+        replies, wall = asyncio.run(load(url, bodies, cut))
+        time.sleep(1)  # a disconnected generation stops at its next step
+        gauges = httpx.get(f"{url}/metrics").text
+    failures = [r for r in replies if isinstance(r, BaseException) or r["status"] != 200]
+    done = [(shape, r) for shape, r in zip(shapes, replies, strict=True)
+            if not isinstance(r, BaseException) and r["text"] is not None]
+    wrong = sum(r["text"] != expected[(p, n)].text for (p, n, _, _), r in done)
+    tokens = sum(len(expected[(p, n)].token_ids) for (p, n, _, _), _ in done)
+    latencies = sorted(r["seconds"] for _, r in done)
+    idle = all(f"leapc_requests_{g} 0.0" in gauges for g in ("running", "waiting"))
+    result = {"requests": requests, "disconnected": sum(cut), "completed": len(done),
+              "server_errors": len(failures), "not_identical": wrong, "idle_after": idle,
+              "wall_s": wall, "tokens_per_s": tokens / wall,
+              "p50_s": statistics.median(latencies),
+              "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+              "batch": 1, "policies": POLICIES, "lengths": LENGTHS}
+    table = "\n".join([
+        "| B | requests | disconnected | server errors | not identical | idle after | "
+        "tokens/s | p50 s | p99 s |", "| --- |" + " --- |" * 8,
+        f"| 1 | {requests} | {sum(cut)} | {len(failures)} | {wrong} | {idle} | "
+        f"{result['tokens_per_s']:.0f} | {result['p50_s']:.2f} | {result['p99_s']:.2f} |"])
+    save_results(ROOT / "bench" / "results", "serving_bundled", result,
+                 f"`leapc serve` on the bundled {quantize} engine, loopback, {requests} "
+                 f"concurrent greedy requests (policies {', '.join(POLICIES)}; 16-128 tokens; "
+                 "half streamed, of which ~20% disconnect after the first event) "
+                 "(`python bench/bench_serving.py`)", table)
+
+
+if __name__ == "__main__":
+    typer.run(main)
