@@ -261,3 +261,19 @@ def test_build_refuses_truncated_weights(leapc_main, hf_dir, tmp_path, keep):
     leapc_main("build", hf_dir, "-o", tmp_path / "e",
                fragments=(str(hf_dir), "corrupt or truncated"))
     assert not (tmp_path / "e").exists()
+
+
+# ------------------------------------------------------------------ serve
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("--policy", "medusa"), ("does not support policy 'medusa'",)),
+    (("--policy", "nonsense"), ("policy", "nonsense")),
+    (("--max-queue", "0"), ("--max-queue", "0")),
+])
+def test_serve_refuses_before_listening(leapc_main, tiny, args, fragments):
+    """A server that could not serve its default policy, or queue anything, never starts
+    (an address no server can bind: were the refusal to come late, uvicorn's failure to
+    listen would fail the test rather than hang it)."""
+    pytest.importorskip("uvicorn", reason="uvicorn is not installed (pip install 'leapc[serve]')")
+    leapc_main("serve", tiny, "--host", "256.0.0.1", *args, fragments=fragments)
