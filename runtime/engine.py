@@ -195,11 +195,10 @@ class Engine:
     ) -> Stream:
         """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
         tokens per step, but the output no longer follows the model's distribution."""
-        chosen = self.policy(policy)
+        chosen, ids = self.check_request(prompt, max_new_tokens, policy, temperature, top_k,
+                                         top_p, seed, draft)
         if policy == AUTO_POLICY:
             draft = self.tuned_options(draft)
-        _check_options(max_new_tokens, temperature, top_k, top_p, seed)
-        ids = self.encode(prompt)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
         cache = self.new_cache(chosen)
@@ -210,6 +209,18 @@ class Engine:
             np.random.default_rng(seed), stats,
         )
         return Stream(tokens, self.tokenizer, stats)
+
+    def check_request(self, prompt: str | list[int], max_new_tokens: int = 64,
+                      policy: str | Policy = Policy.AR, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                      draft: DraftOptions = DraftOptions()) -> tuple[Policy, list[int]]:
+        """What `stream` refuses, refused without loading or running anything: the policy,
+        the options and the prompt (an `InputError`); the policy and the prompt's ids.
+        A server answers a bad request with this at once, not after the queue."""
+        chosen = self.policy(policy)
+        _check_options(max_new_tokens, temperature, top_k, top_p, seed)
+        draft.tree_shape()  # every policy's knobs are checked, used or not
+        return chosen, self.encode(prompt)
 
     def tuned_options(self, draft: DraftOptions) -> DraftOptions:
         """``draft`` with the tuned draft length, unless it sets one."""

@@ -146,6 +146,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if body.model != config.model_name:
             return _error(404, f"model {body.model!r} does not exist (this server serves "
                                f"{config.model_name!r})", "not_found_error", "model")
+        try:
+            engine.check_request(prompt, max_tokens, body.leapc.policy or config.policy,
+                                 body.temperature, body.top_k, body.top_p, body.seed or 0,
+                                 body.leapc.draft_options())
+        except InputError as err:  # answered now, not after the queue
+            return _error(400, str(err))
         ticket = admission.enter()
         if ticket is None:
             return _error(503, f"the server is busy ({config.max_queue} requests queued or "

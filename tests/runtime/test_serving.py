@@ -196,6 +196,21 @@ def test_a_full_queue_is_503_and_a_client_gone_frees_its_place(engine):
         assert reply.status_code == 200
 
 
+@pytest.mark.slow
+def test_a_bad_request_is_answered_at_once_not_after_the_queue(engine):
+    held = _HeldEngine(engine)
+    with _serving(held, max_queue=4) as url:
+        request = {"model": MODEL, "prompt": "import os\n", "max_tokens": 50,
+                   "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=60) as first:
+            _first_event(first)  # the worker is busy, held for up to 30 s
+            for fields in ({"leapc": {"policy": "nonsense"}}, {"prompt": [10**6]}):
+                bad = httpx.post(f"{url}/v1/completions", timeout=5,
+                                 json={**request, "stream": False, **fields})
+                assert bad.status_code == 400, bad.text
+            held.release.set()
+
+
 def _samples(url: str) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
