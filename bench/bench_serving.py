@@ -20,23 +20,20 @@ Writes bench/results/serving_bundled.{json,md}.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import typer
-import uvicorn
 
 import leapc
 from leapc.benchmark import save_results
 from leapc.models import corpus
-from leapc.runtime.serving.app import ServeConfig, create_app
+from leapc.runtime.serving.app import ServeConfig
+from leapc.runtime.serving.background import serving_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pycoder"
@@ -49,24 +46,6 @@ def engine_dir(quantize: str) -> Path:
     if not (out / "manifest.json").exists():
         leapc.build("bundled", out, "ort", quantize=quantize)
     return out
-
-
-@contextlib.contextmanager
-def serving(engine, max_queue: int):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(engine, ServeConfig(MODEL, "ar", max_queue))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 async def one(client: httpx.AsyncClient, url: str, request: dict, disconnect: bool) -> dict:
@@ -113,7 +92,7 @@ def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
                "stream": stream, "leapc": {"policy": policy}}
               for p, n, policy, stream in shapes]
     cut = [stream and rng.random() < 2 * disconnect for _, _, _, stream in shapes]
-    with serving(engine, max_queue=requests) as url:
+    with serving_in_thread(engine, ServeConfig(MODEL, "ar", requests)) as url:
         replies, wall = asyncio.run(load(url, bodies, cut))
         time.sleep(1)  # a disconnected generation stops at its next step
         gauges = httpx.get(f"{url}/metrics").text

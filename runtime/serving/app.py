@@ -147,9 +147,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             return _error(404, f"model {body.model!r} does not exist (this server serves "
                                f"{config.model_name!r})", "not_found_error", "model")
         try:
-            engine.check_request(prompt, max_tokens, body.leapc.policy or config.policy,
-                                 body.temperature, body.top_k, body.top_p, body.seed or 0,
-                                 body.leapc.draft_options())
+            _, ids = engine.check_request(prompt, max_tokens, body.leapc.policy or config.policy,
+                                          body.temperature, body.top_k, body.top_p,
+                                          body.seed or 0, body.leapc.draft_options())
         except InputError as err:  # answered now, not after the queue
             return _error(400, str(err))
         ticket = admission.enter()
@@ -158,7 +158,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                                "running); retry later", "service_unavailable")
         loop = asyncio.get_running_loop()
         try:
-            stream = await loop.run_in_executor(worker, _start, engine, body, prompt, max_tokens,
+            stream = await loop.run_in_executor(worker, _start, engine, body, ids, max_tokens,
                                                 config.policy)
         except InputError as err:
             ticket.leave(None)
@@ -202,10 +202,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
 
 def _start(engine: Engine, body: CompletionRequest | ChatCompletionRequest,
-           prompt: str | list[int], max_tokens: int, default_policy: str) -> Stream:
-    """The request's generation, set up (options checked, prompt encoded) but not run."""
+           ids: list[int], max_tokens: int, default_policy: str) -> Stream:
+    """The request's generation, set up (its drafter too) but not run; ``ids``: the prompt,
+    encoded once by `Engine.check_request`."""
     return engine.stream(
-        prompt, max_tokens, policy=body.leapc.policy or default_policy,
+        ids, max_tokens, policy=body.leapc.policy or default_policy,
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
         seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
         draft=body.leapc.draft_options())

@@ -6,9 +6,7 @@ text that arrives in pieces."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import threading
 import time
 
@@ -22,32 +20,17 @@ import httpx  # noqa: E402
 
 import leapc  # noqa: E402
 from leapc.runtime.engine import Stream  # noqa: E402
-from leapc.runtime.serving.app import ServeConfig, create_app  # noqa: E402
+from leapc.runtime.serving.app import ServeConfig  # noqa: E402
+from leapc.runtime.serving.background import serving_in_thread  # noqa: E402
 from leapc.runtime.serving.stops import StopText  # noqa: E402
 
 PROMPT = "def add(a, b):\n"
 MODEL = "pycoder"
 
 
-@contextlib.contextmanager
 def _serving(engine, **config):
     """The app on a free loopback port, in a thread; yields its base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = create_app(engine, ServeConfig(MODEL, **{"policy": "ar", **config}))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return serving_in_thread(engine, ServeConfig(MODEL, **{"policy": "ar", **config}))
 
 
 @pytest.fixture(scope="module")
