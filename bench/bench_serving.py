@@ -1,18 +1,17 @@
-"""Load test of `leapc serve` on loopback: many concurrent mixed requests.
+"""Load test of `leapc serve` on loopback: many concurrent mixed requests, at batch
+sizes 1, 4 and 8, with plain decoding and with speculation.
 
     python bench/bench_serving.py [--requests 200] [--disconnect 0.1] [--quantize int8]
 
 The server runs in this process (uvicorn in a thread) on the bundled model's engine
-(built once under .cache/bench/). All requests are sent at once, each one greedy with a
-held-out prompt, a length from 16 to 128 tokens and a lossless policy; half of them stream,
-and a share of the streamed ones disconnect after their first event. Checked: no server
-error (5xx, dropped connection), every completed reply identical to the engine's own
-generation of that request alone, and no request left running or waiting afterwards
-(``/metrics``). Reported: throughput (completion tokens per second of wall time) and
-p50 / p99 latency (submission to last byte).
-
-The server runs one generation at a time (issue 17's first slice), so this measures the
-B = 1 server; batched rows come with continuous batching.
+(built once under .cache/bench/). For each batch size and policy set a fresh server gets
+the same requests, all at once: greedy, a held-out prompt, a length from 16 to 128
+tokens, a policy from the set; half of them stream, and a share of the streamed ones
+disconnect after their first event. Checked: no server error (5xx, dropped connection),
+every completed reply identical to the engine's own generation of that request alone,
+and nothing running, waiting or holding KV rows afterwards (``/metrics``). Reported:
+throughput (completion tokens per second of wall time) and p50 / p99 latency
+(submission to last byte); the B = 1 ``ar`` row is one request at a time.
 
 Writes bench/results/serving_bundled.{json,md}.
 """
@@ -37,14 +36,16 @@ from leapc.runtime.serving.background import serving_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pycoder"
-POLICIES = ("ar", "lookup", "suffix", "recycle")
+# Each row's policy set: plain decoding, and the training-free lossless drafters.
+POLICY_SETS = {"ar": ("ar",), "speculative": ("lookup", "suffix", "recycle")}
+BATCHES = (1, 4, 8)
 LENGTHS = (16, 32, 64, 128)
 
 
 def engine_dir(quantize: str) -> Path:
-    out = ROOT / ".cache" / "bench" / f"bundled-serve-{quantize}"
+    out = ROOT / ".cache" / "bench" / f"bundled-serve-{quantize}-b{max(BATCHES)}"
     if not (out / "manifest.json").exists():
-        leapc.build("bundled", out, "ort", quantize=quantize)
+        leapc.build("bundled", out, "ort", quantize=quantize, max_batch=max(BATCHES))
     return out
 
 
@@ -80,45 +81,59 @@ async def load(url: str, requests: list[dict], disconnects: list[bool]) -> tuple
         return replies, time.perf_counter() - start
 
 
-def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
-         seed: int = 0) -> None:
-    engine = leapc.load(engine_dir(quantize))
-    prompts = corpus.held_out_prompts(8)
-    rng = random.Random(seed)
-    shapes = [(rng.randrange(len(prompts)), rng.choice(LENGTHS), rng.choice(POLICIES),
-               rng.random() < 0.5) for _ in range(requests)]
-    expected = {(p, n): engine.generate(prompts[p], n) for p, n, _, _ in shapes}
+def run_config(engine, shapes, cut, expected, prompts, policies: tuple[str, ...],
+               max_batch: int, step_nodes: int | None, rng: random.Random) -> dict:
+    """One server, one batch size and policy set; the load test's numbers."""
     bodies = [{"model": MODEL, "prompt": prompts[p], "max_tokens": n, "temperature": 0,
-               "stream": stream, "leapc": {"policy": policy}}
-              for p, n, policy, stream in shapes]
-    cut = [stream and rng.random() < 2 * disconnect for _, _, _, stream in shapes]
-    with serving_in_thread(engine, ServeConfig(MODEL, "ar", requests)) as url:
+               "stream": stream, "leapc": {"policy": rng.choice(policies)}}
+              for p, n, stream in shapes]
+    config = ServeConfig(MODEL, "ar", len(shapes), max_batch, step_nodes)
+    with serving_in_thread(engine, config) as url:
         replies, wall = asyncio.run(load(url, bodies, cut))
         time.sleep(1)  # a disconnected generation stops at its next step
         gauges = httpx.get(f"{url}/metrics").text
     failures = [r for r in replies if isinstance(r, BaseException) or r["status"] != 200]
     done = [(shape, r) for shape, r in zip(shapes, replies, strict=True)
             if not isinstance(r, BaseException) and r["text"] is not None]
-    wrong = sum(r["text"] != expected[(p, n)].text for (p, n, _, _), r in done)
-    tokens = sum(len(expected[(p, n)].token_ids) for (p, n, _, _), _ in done)
+    wrong = sum(r["text"] != expected[(p, n)].text for (p, n, _), r in done)
+    tokens = sum(len(expected[(p, n)].token_ids) for (p, n, _), _ in done)
     latencies = sorted(r["seconds"] for _, r in done)
-    idle = all(f"leapc_requests_{g} 0.0" in gauges for g in ("running", "waiting"))
-    result = {"requests": requests, "disconnected": sum(cut), "completed": len(done),
-              "server_errors": len(failures), "not_identical": wrong, "idle_after": idle,
-              "wall_s": wall, "tokens_per_s": tokens / wall,
-              "p50_s": statistics.median(latencies),
-              "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-              "batch": 1, "policies": POLICIES, "lengths": LENGTHS}
-    table = "\n".join([
-        "| B | requests | disconnected | server errors | not identical | idle after | "
-        "tokens/s | p50 s | p99 s |", "| --- |" + " --- |" * 8,
-        f"| 1 | {requests} | {sum(cut)} | {len(failures)} | {wrong} | {idle} | "
-        f"{result['tokens_per_s']:.0f} | {result['p50_s']:.2f} | {result['p99_s']:.2f} |"])
+    idle = all(f"leapc_{g} 0.0" in gauges
+               for g in ("requests_running", "requests_waiting", "batch_rows"))
+    return {"batch": max_batch, "policies": policies, "completed": len(done),
+            "server_errors": len(failures), "not_identical": wrong, "idle_after": idle,
+            "wall_s": wall, "tokens_per_s": tokens / wall,
+            "p50_s": statistics.median(latencies),
+            "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
+         step_nodes: int = None, seed: int = 0) -> None:
+    engine = leapc.load(engine_dir(quantize))
+    prompts = corpus.held_out_prompts(8)
+    rng = random.Random(seed)
+    shapes = [(rng.randrange(len(prompts)), rng.choice(LENGTHS), rng.random() < 0.5)
+              for _ in range(requests)]
+    expected = {(p, n): engine.generate(prompts[p], n) for p, n, _ in shapes}
+    cut = [stream and rng.random() < 2 * disconnect for _, _, stream in shapes]
+    rows = [run_config(engine, shapes, cut, expected, prompts, policies, batch, step_nodes,
+                       random.Random(seed))
+            for batch in BATCHES for policies in POLICY_SETS.values()]
+    one_at_a_time = rows[0]["tokens_per_s"]
+    lines = ["| B | policies | completed | server errors | not identical | idle after | "
+             "tokens/s | × B=1 ar | p50 s | p99 s |", "| --- |" + " --- |" * 9]
+    lines += [f"| {r['batch']} | {', '.join(r['policies'])} | {r['completed']} | "
+              f"{r['server_errors']} | {r['not_identical']} | {r['idle_after']} | "
+              f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / one_at_a_time:.2f} | "
+              f"{r['p50_s']:.2f} | {r['p99_s']:.2f} |" for r in rows]
+    result = {"requests": requests, "disconnected": sum(cut), "lengths": LENGTHS,
+              "step_nodes": step_nodes, "rows": rows}
     save_results(ROOT / "bench" / "results", "serving_bundled", result,
                  f"`leapc serve` on the bundled {quantize} engine, loopback, {requests} "
-                 f"concurrent greedy requests (policies {', '.join(POLICIES)}; 16-128 tokens; "
-                 "half streamed, of which ~20% disconnect after the first event) "
-                 "(`python bench/bench_serving.py`)", table)
+                 f"concurrent greedy requests per row (16-128 tokens; half streamed, "
+                 f"{sum(cut)} disconnecting after their first event; step nodes "
+                 f"{step_nodes or 'unbounded'}) (`python bench/bench_serving.py`)",
+                 "\n".join(lines))
 
 
 if __name__ == "__main__":

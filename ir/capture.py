@@ -36,7 +36,7 @@ ADAPTER_PAST, ADAPTER_PRESENT = "adapter_past", "adapter_present"
 @dataclass(frozen=True)
 class CaptureOptions:
     max_seq: int = 1024  # bound on T + N
-    max_batch: int = 4  # bound on B
+    max_batch: int = 8  # bound on B
     max_new: int = 128  # bound on N: the prefill chunk and the largest verified tree
 
 

@@ -133,6 +133,8 @@ def build(
                                              "leapc's AVX-512 op and the default on int8; "
                                              "else the faster one on the backend)"),
     max_seq: int = typer.Option(None, help="longest sequence (prompt + generation)"),
+    max_batch: int = typer.Option(8, help="most requests one step runs (leapc serve "
+                                          "--max-batch)"),
     tokenizer: Path = typer.Option(None, help="tokenizer file, if not beside the model"),
     draft_model: str = typer.Option(None, help="draft model for --policy draft "
                                                 "(HF dir, llama2.c .bin, or 'bundled-draft')"),
@@ -188,6 +190,7 @@ def build(
     # flags first: a mistake is one error line, not a progress bar and then the line
     options = BuildOptions.parse(
         backend, attention, quantize, _exit_layer(exit_layer), skip, max_seq=max_seq,
+        max_batch=max_batch,
         tokenizer=tokenizer, draft_model=draft_model, draft_chain=draft_chain, datastore=_datastore_source(datastore),
         heads=_heads_options(heads, head_kind, train_heads, tree, head_placement),
         adapter=AdapterOptions(train_adapter) if train_adapter else None,
@@ -336,6 +339,10 @@ def serve(
     policy: str = typer.Option(AUTO_POLICY, help="the policy of requests that name none "
                                                  "(their 'leapc' field can)"),
     max_queue: int = typer.Option(64, help="requests queued or running; more get a 503"),
+    max_batch: int = typer.Option(None, help="requests one step runs (continuous "
+                                             "batching; default: the engine's bound)"),
+    step_nodes: int = typer.Option(None, help="most nodes a step verifies over all its "
+                                              "rows: drafts narrow as the batch fills"),
     model_name: str = typer.Option(None, help="the model id clients name (default: the "
                                               "engine directory's name)"),
     device: DeviceOption = Device.CPU,
@@ -353,7 +360,8 @@ def serve(
     if max_queue < 1:
         raise InputError(f"--max-queue must be at least 1 (got {max_queue})")
     loaded = leapc.load(engine, device, policies=[policy])
-    config = ServeConfig(model_name or engine.resolve().name, policy, max_queue)
+    config = ServeConfig(model_name or engine.resolve().name, policy, max_queue, max_batch,
+                         step_nodes)
     uvicorn.run(create_app(loaded, config), host=host, port=port, log_level="warning")
 
 

@@ -112,7 +112,8 @@ def _load(state: BuildState, model) -> None:
         state.draft = _source(options.draft_model, None)
         if state.draft.model.config.vocab_size != state.source.model.config.vocab_size:
             raise InputError("the draft model's vocabulary size differs from the model's")
-    state.capture = _capture_options(state.source, options.max_seq, options.max_new)
+    state.capture = _capture_options(state.source, options.max_seq, options.max_new,
+                                     options.max_batch)
     if options.datastore is not None:
         state.corpus = read_texts(options.datastore)
     if options.heads is not None:
@@ -130,7 +131,8 @@ def _source(model, tokenizer: Path | None) -> SourceModel:
     return model if isinstance(model, SourceModel) else load_source(model, tokenizer)
 
 
-def _capture_options(source: SourceModel, max_seq: int | None, max_new: int) -> CaptureOptions:
+def _capture_options(source: SourceModel, max_seq: int | None, max_new: int,
+                     max_batch: int) -> CaptureOptions:
     trained = source.trained_positions
     if max_seq is not None and trained is not None and max_seq > trained:
         # Past them the model's outputs are not what it learned (learned position tables
@@ -142,7 +144,9 @@ def _capture_options(source: SourceModel, max_seq: int | None, max_new: int) -> 
         raise InputError(f"max-seq must be at least 2 (got {seq})")
     if max_new < 1:
         raise InputError(f"max-new must be at least 1 (got {max_new})")
-    return CaptureOptions(max_seq=seq, max_new=min(max_new, seq - 1))
+    if max_batch < 1:
+        raise InputError(f"max-batch must be at least 1 (got {max_batch})")
+    return CaptureOptions(max_seq=seq, max_batch=max_batch, max_new=min(max_new, seq - 1))
 
 
 # ------------------------------------------------------------------ programs

@@ -57,6 +57,7 @@ class BuildOptions:
     attention: Attention = Attention.TREE  # `parse`: the backend's default
     max_seq: int | None = None  # None: the model's trained positions, at most 1024
     max_new: int = 128  # bounds N: the prefill chunk and the widest verify step
+    max_batch: int = 8  # bounds B: the rows a scheduler runs per step (`leapc serve`)
     tokenizer: Path | None = None  # for a llama2.c model
     draft_model: str | Path | SourceModel | None = None  # policy draft
     draft_chain: bool = False  # with draft_model: its greedy chain unrolled into one program

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import enum
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,6 +190,63 @@ def draft_budget(cache: KVCache, chunk: int, stop: StopConfig, emitted: int) -> 
     return min(chunk - 1, stop.max_new_tokens - emitted - 1, cache.max_seq - cache.length - 2)
 
 
+class Progress:
+    """One generation after its prefill: draft, then conclude the verify step, emitting.
+
+    The single-request loop (`decode`) and the batch scheduler (runtime/batching.py) both
+    drive it, so a request's drafts, acceptance draws and stops are the same code however
+    it is scheduled.
+    """
+
+    def __init__(self, prompt: list[int], last_prefill: dict[str, np.ndarray],
+                 drafter: Drafter, sampling: SamplingConfig, stop: StopConfig,
+                 rng: np.random.Generator, stats: GenerationStats, max_seq: int):
+        self.drafter, self.sampling, self.stop, self.rng, self.stats = (
+            drafter, sampling, stop, rng, stats)
+        if isinstance(drafter, ReadsPrefill):
+            drafter.observe_prefill(last_prefill)
+        self.room = max_seq - len(prompt)  # new tokens the context holds
+        self.context = list(prompt)
+        self.root = sample(last_prefill["logits"][0, -1], sampling, rng)
+        # The tokens the last call emitted, and why generation ends with them, if it does.
+        self.new, stats.stop_reason = _truncate([self.root], stop, 0, self.room)
+        self.record()
+
+    @property
+    def done(self) -> bool:
+        return self.stats.stop_reason is not None
+
+    def record(self) -> None:
+        """Count the call that produced ``new`` (the last prefill call at first)."""
+        self.stats.steps += 1
+        self.stats.new_tokens += len(self.new)
+        self.stats.emitted_per_step.append(len(self.new))
+
+    def draft(self, budget: int) -> Draft:
+        draft = self.drafter.propose(self.context, self.root, budget)
+        _check_budget(self.drafter, draft, budget)
+        return draft
+
+    def conclude(self, draft: Draft, out: dict[str, np.ndarray],
+                 commit: Callable[[np.ndarray, list[int]], None]) -> list[int]:
+        """Accept from the verify step's outputs ``out`` (batch axis of size one), commit
+        the accepted rows of ``present`` through ``commit``; the tokens emitted."""
+        logits, extra_logits = _split_logits(out["logits"][0], draft)
+        path, emitted = accept(draft, logits, self.sampling, self.rng)
+        commit(out["present"], path)  # path indices are tree nodes: extra rows never land
+        stats = self.stats
+        stats.drafted_depth.append(int(draft.tree.depth.max()))
+        stats.accepted_depth.append(len(path) - 1)
+        self.context.extend(draft.tokens[path].tolist())
+        others = {k: v for k, v in out.items() if k not in ("logits", "present")}
+        self.drafter.observe(self.context,
+                             Verification(draft, logits, path, emitted, extra_logits, others))
+        self.root = emitted[-1]
+        self.new, stats.stop_reason = _truncate(emitted, self.stop, stats.new_tokens, self.room)
+        self.record()
+        return self.new
+
+
 def decode(
     step: StepFunction,
     cache: KVCache,
@@ -209,45 +266,29 @@ def decode(
     The root of every draft is the last emitted token, not yet in the cache: verifying it
     together with the drafts writes its KV row and yields the logits that check depth 1.
     """
-    if not 0 < len(prompt) < cache.max_seq:
-        raise ValueError(f"a prompt of {len(prompt)} tokens leaves nothing to generate within "
-                         f"max_seq {cache.max_seq}")
-    room = cache.max_seq - len(prompt)  # new tokens the context holds
+    check_prompt(prompt, cache.max_seq)
     start = time.perf_counter()
     out = prefill(step, cache, prompt, chunk)
-    logits = out["logits"][0, -1]
-    if isinstance(drafter, ReadsPrefill):
-        drafter.observe_prefill(out)
     stats.prompt_tokens, stats.prefill_calls = len(prompt), -(-len(prompt) // chunk)
     stats.prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    root = sample(logits, sampling, rng)
-    context = list(prompt)
+    progress = Progress(prompt, out, drafter, sampling, stop, rng, stats, cache.max_seq)
     verifies = isinstance(drafter, VerifiesDraft)  # a Protocol check: ~40 µs, once
-    new, stats.stop_reason = _truncate([root], stop, 0, room)
     while True:
-        stats.steps += 1  # the call that produced ``new`` (the last prefill call at first)
-        stats.new_tokens += len(new)
-        stats.emitted_per_step.append(len(new))
         stats.decode_s += time.perf_counter() - start
-        yield new  # consumer time is not decode time
-        if stats.stop_reason is not None:
+        yield progress.new  # consumer time is not decode time
+        if progress.done:
             return
         start = time.perf_counter()
-        budget = draft_budget(cache, chunk, stop, stats.new_tokens)
-        draft = drafter.propose(context, root, budget)
-        _check_budget(drafter, draft, budget)
+        draft = progress.draft(draft_budget(cache, chunk, stop, stats.new_tokens))
         out = drafter.verify(cache, draft) if verifies else step(*tree_inputs(cache, draft))
-        logits, extra_logits = _split_logits(out["logits"][0], draft)
-        path, emitted = accept(draft, logits, sampling, rng)
-        cache.commit(out["present"], path)  # path indices are tree nodes: extra rows never land
-        stats.drafted_depth.append(int(draft.tree.depth.max()))
-        stats.accepted_depth.append(len(path) - 1)
-        context.extend(draft.tokens[path].tolist())
-        others = {k: v for k, v in out.items() if k not in ("logits", "present")}
-        drafter.observe(context, Verification(draft, logits, path, emitted, extra_logits, others))
-        root = emitted[-1]
-        new, stats.stop_reason = _truncate(emitted, stop, stats.new_tokens, room)
+        progress.conclude(draft, out, cache.commit)
+
+
+def check_prompt(prompt: list[int], max_seq: int) -> None:
+    if not 0 < len(prompt) < max_seq:
+        raise ValueError(f"a prompt of {len(prompt)} tokens leaves nothing to generate within "
+                         f"max_seq {max_seq}")
 
 
 def _check_budget(drafter: Drafter, draft: Draft, budget: int) -> None:

@@ -24,6 +24,7 @@ from leapc.ir.errors import (
     require_utf8,
 )
 from leapc.runtime.backends.base import BACKENDS, Device
+from leapc.runtime.batching import RowSlicing, Scheduler, Sequence
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, TimedProgram, decode
 from leapc.runtime.detokenize import Detokenizer
@@ -79,6 +80,26 @@ class Stream:
     @property
     def text(self) -> str:
         return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One request, set up: what its decode loop (or a scheduler's row) runs with."""
+
+    policy: Policy
+    ids: list[int]
+    sampling: SamplingConfig
+    stats: GenerationStats
+    cache: KVCache
+    drafter: Drafter
+    stop: StopConfig
+    rng: np.random.Generator
+
+    def loop(self, engine: Engine) -> Iterator[list[int]]:
+        """The single-request decode loop over ``engine``'s ``full`` program."""
+        return decode(TimedProgram("full", engine.step, self.stats), self.cache, self.ids,
+                      engine.manifest.max_new, self.drafter, self.sampling, self.stop,
+                      self.rng, self.stats)
 
 
 def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
@@ -195,6 +216,45 @@ class Engine:
     ) -> Stream:
         """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
         tokens per step, but the output no longer follows the model's distribution."""
+        run = self._setup(prompt, max_new_tokens, policy, temperature, top_k, top_p, seed,
+                          draft, typical)
+        return Stream(run.loop(self), self.tokenizer, run.stats)
+
+    def sequence(self, prompt: str | list[int], max_new_tokens: int = 64,
+                 policy: str | Policy = Policy.AR, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, draft: DraftOptions = DraftOptions(),
+                 typical: TypicalAcceptance | None = None) -> Sequence:
+        """The same generation as `stream`, as a request for a `Scheduler` (`scheduler`):
+        a row of its batch, or a run of its own for a policy that does not batch."""
+        run = self._setup(prompt, max_new_tokens, policy, temperature, top_k, top_p, seed,
+                          draft, typical)
+        batches = POLICIES[run.policy].batches
+        return Sequence(run.ids, run.drafter, run.sampling, run.stop, run.rng, run.stats,
+                        run.cache, batches, None if batches else run.loop(self))
+
+    def scheduler(self, max_batch: int, step_nodes: int | None = None) -> Scheduler:
+        """A continuous-batching scheduler over this engine's ``full`` program, running up
+        to ``max_batch`` requests per step (at most the program's batch bound); with
+        ``step_nodes``, a decode step verifies at most that many nodes over its rows."""
+        if not 1 <= max_batch <= self.batch_bound:
+            raise InputError(f"max-batch must be in [1, {self.batch_bound}], this engine's "
+                             f"batch bound (got {max_batch}; `leapc build --max-batch` "
+                             "raises it)")
+        entry = self.manifest.programs["full"]
+        slicing = RowSlicing.of({name: entry.output_shape(name) for name in entry.output_names})
+        if step_nodes is not None and step_nodes < 1:
+            raise InputError(f"step-nodes must be at least 1 (got {step_nodes})")
+        return Scheduler(self.step, slicing, self.manifest.model.dims, self.manifest.max_seq,
+                         self.manifest.max_new, max_batch, step_nodes)
+
+    @property
+    def batch_bound(self) -> int:
+        """The most rows a step of the ``full`` program takes (`leapc build --max-batch`)."""
+        return self.manifest.programs["full"].signature["bounds"]["B"][1]
+
+    def _setup(self, prompt: str | list[int], max_new_tokens: int, policy: str | Policy,
+               temperature: float, top_k: int, top_p: float, seed: int, draft: DraftOptions,
+               typical: TypicalAcceptance | None) -> _Run:
         chosen, ids = self.check_request(prompt, max_new_tokens, policy, temperature, top_k,
                                          top_p, seed, draft)
         if policy == AUTO_POLICY:
@@ -202,13 +262,10 @@ class Engine:
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
         cache = self.new_cache(chosen)
-        tokens = decode(
-            TimedProgram("full", self.step, stats), cache, ids, self.manifest.max_new,
-            self.drafter(chosen, cache, draft, sampling, seed, stats), sampling,
-            StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
-            np.random.default_rng(seed), stats,
-        )
-        return Stream(tokens, self.tokenizer, stats)
+        return _Run(chosen, ids, sampling, stats, cache,
+                    self.drafter(chosen, cache, draft, sampling, seed, stats),
+                    StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
+                    np.random.default_rng(seed))
 
     def check_request(self, prompt: str | list[int], max_new_tokens: int = 64,
                       policy: str | Policy = Policy.AR, temperature: float = 0.0,

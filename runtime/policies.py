@@ -139,6 +139,9 @@ class PolicySpec:
     # Verifies drafts in steps wider than one token (`Manifest.inexact_verification`).
     drafts: bool = True
     extra_layers: int = 0  # KV cache layers beyond the model's (Kangaroo's adapter rows)
+    # Runs as a row of a batch (runtime/batching.py): its drafter neither drafts inside
+    # the target's cache nor verifies through programs of its own.
+    batches: bool = True
 
     def missing(self, manifest: Manifest) -> str | None:
         """Why ``manifest`` cannot offer this policy, or None if it can."""
@@ -297,11 +300,13 @@ POLICIES: Mapping[Policy, PolicySpec] = {
     Policy.HYDRA: PolicySpec(_heads(False), ("heads",), _head_program, HeadKind.HYDRA),
     Policy.HYDRA_DYNAMIC: PolicySpec(_heads(True), ("heads",), _head_program, HeadKind.HYDRA),
     Policy.EARLY_EXIT: PolicySpec(_early_exit, ("exit_layer",),
-                                  _with_unrolled("draft", "remainder")),
+                                  _with_unrolled("draft", "remainder"), batches=False),
     Policy.KANGAROO: PolicySpec(_kangaroo, ("exit_layer", "adapter"),
-                                lambda m: ("kangaroo", "remainder"), extra_layers=1),
-    Policy.LAYER_SKIP: PolicySpec(_layer_skip, ("skip", "skip_choice"), _chosen_skip_program),
-    Policy.SWIFT: PolicySpec(_swift, ("skip", "skip_choice"), _all_skips),
+                                lambda m: ("kangaroo", "remainder"), extra_layers=1,
+                                batches=False),
+    Policy.LAYER_SKIP: PolicySpec(_layer_skip, ("skip", "skip_choice"), _chosen_skip_program,
+                                  batches=False),
+    Policy.SWIFT: PolicySpec(_swift, ("skip", "skip_choice"), _all_skips, batches=False),
 }
 
 

@@ -5,21 +5,22 @@ renders the messages; a 400 where the engine has none), streamed as server-sent 
 not, ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus,
 `serving.metrics`).
 
-The engine runs one generation at a time, on one worker thread: requests queue for it,
-up to ``max_queue`` waiting or running, and beyond that get a 503. A streamed request
-whose client goes away stops at its next step and frees its place. Bad requests get a
-400 with OpenAI's error object, found before any token is generated.
+One decode thread (`serving.worker`) runs up to ``max_batch`` requests per step with
+continuous batching (runtime/batching.py): requests queue for it, up to ``max_queue``
+waiting or running, and beyond that get a 503. A streamed request whose client goes
+away is cancelled, its KV rows freed at the next step. Bad requests get a 400 with
+OpenAI's error object, found before any token is generated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -28,12 +29,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from leapc.ir.errors import InputError
-from leapc.runtime.engine import Engine, Stream
+from leapc.runtime.batching import Sequence
+from leapc.runtime.engine import Engine
 from leapc.runtime.serving import protocol
 from leapc.runtime.serving.chat import ChatTemplate
 from leapc.runtime.serving.metrics import ServerMetrics
 from leapc.runtime.serving.protocol import ChatCompletionRequest, CompletionRequest
-from leapc.runtime.serving.stops import StopText
+from leapc.runtime.serving.worker import DecodeWorker, Job, Outcome
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,8 @@ class ServeConfig:
     model_name: str  # what ``/v1/models`` lists and requests must name
     policy: str = "auto"  # the decoding policy of requests that name none
     max_queue: int = 64  # requests waiting or running; more get a 503
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    completion_tokens: int
-    finish: str
+    max_batch: int | None = None  # requests per step; None: the engine's batch bound
+    step_nodes: int | None = None  # nodes a decode step verifies over its rows (None: any)
 
 
 class _Admission:
@@ -87,14 +85,35 @@ class _Ticket:
     def first_token(self) -> None:
         self.admission.metrics.first_token.observe(time.monotonic() - self.admitted_at)
 
-    def leave(self, stream: Stream | None) -> None:
+    def leave(self, sequence: Sequence | None) -> None:
         metrics = self.admission.metrics
         if self.generating:
             metrics.running.dec()
-            metrics.generation(stream.stats)
+            metrics.generation(sequence.stats)
         else:
             metrics.waiting.dec()
         self.admission.leave()
+
+
+class _CountRequests:
+    """Counts answers by endpoint and status. Plain ASGI rather than ``@app.middleware``
+    (Starlette's BaseHTTPMiddleware), which relays every streamed event through a second
+    stream and wraps ``receive``, the channel a streaming response learns of a client's
+    disconnect from."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error",
@@ -108,16 +127,21 @@ def _sse(body: dict | str) -> str:
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     engine.policy(config.policy)  # a server that cannot serve its default refuses to start
-    app = FastAPI(title="leapc", version=engine.manifest.leapc_version)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leapc-decode")
+    max_batch = engine.batch_bound if config.max_batch is None else config.max_batch
+    engine.scheduler(max_batch, config.step_nodes)  # refuses a bad batch before serving
     metrics = ServerMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        worker = DecodeWorker(engine.scheduler(max_batch, config.step_nodes), engine, metrics)
+        app.state.worker = worker
+        yield
+        worker.close()
+
+    app = FastAPI(title="leapc", version=engine.manifest.leapc_version, lifespan=lifespan)
     admission = _Admission(config.max_queue, metrics)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -157,27 +181,28 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             return _error(503, f"the server is busy ({config.max_queue} requests queued or "
                                "running); retry later", "service_unavailable")
         loop = asyncio.get_running_loop()
-        try:
-            stream = await loop.run_in_executor(worker, _start, engine, body, ids, max_tokens,
-                                                config.policy)
-        except InputError as err:
-            ticket.leave(None)
-            return _error(400, str(err))
-        except BaseException:  # an internal error: a 500, and its place is free again
-            ticket.leave(None)
-            raise
+        texts: asyncio.Queue[str | None] = asyncio.Queue()
+        job = Job(dict(prompt=ids, max_new_tokens=max_tokens,
+                       policy=body.leapc.policy or config.policy, temperature=body.temperature,
+                       top_k=body.top_k, top_p=body.top_p,
+                       seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
+                       draft=body.leapc.draft_options()),
+                  body.stops, lambda text: loop.call_soon_threadsafe(texts.put_nowait, text),
+                  ticket.leave, ticket.start, ticket.first_token)
+        app.state.worker.submit(job)
+        outcome = asyncio.wrap_future(job.outcome)
+        outcome.add_done_callback(lambda _: texts.put_nowait(None))
         if not body.stream:
-            texts: list[str] = []
-            outcome = await loop.run_in_executor(worker, _finish, stream, body.stops,
-                                                 texts.append, threading.Event(), ticket)
-            return reply.whole("".join(texts), outcome.finish,
-                               protocol.usage(stream.stats.prompt_tokens,
-                                              outcome.completion_tokens))
-        # started here, not when the response first iterates: a client gone before then
-        # still frees its place when the generation ends
-        run = _Run(loop, stream, body.stops)
-        run.done = loop.run_in_executor(worker, run, ticket)
-        return StreamingResponse(_events(run, body, reply), media_type="text/event-stream")
+            try:
+                ended = await outcome
+            except InputError as err:
+                return _error(400, str(err))
+            finally:
+                job.cancel()  # a client gone before the end: a no-op once it has ended
+            return reply.whole("".join(_drain(texts)), ended.finish,
+                               protocol.usage(ended.prompt_tokens, ended.completion_tokens))
+        return StreamingResponse(_events(job, texts, outcome, body, reply),
+                                 media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -201,75 +226,27 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     return app
 
 
-def _start(engine: Engine, body: CompletionRequest | ChatCompletionRequest,
-           ids: list[int], max_tokens: int, default_policy: str) -> Stream:
-    """The request's generation, set up (its drafter too) but not run; ``ids``: the prompt,
-    encoded once by `Engine.check_request`."""
-    return engine.stream(
-        ids, max_tokens, policy=body.leapc.policy or default_policy,
-        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-        seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
-        draft=body.leapc.draft_options())
+def _drain(texts: asyncio.Queue[str | None]) -> list[str]:
+    """The texts queued so far (the end marker excluded)."""
+    out = []
+    while not texts.empty():
+        if (text := texts.get_nowait()) is not None:
+            out.append(text)
+    return out
 
 
-def _finish(stream: Stream, stops: tuple[str, ...], emit: Callable[[str], None],
-            cancelled: threading.Event, ticket: _Ticket) -> _Outcome:
-    """Run ``stream`` to its end, a stop string or cancellation, emitting final text; the
-    ticket leaves however it ends."""
-    ticket.start()
-    text = StopText(stops)
-    try:
-        for chunk in stream:
-            if cancelled.is_set():
-                break
-            if chunk.token_ids and len(stream.token_ids) == len(chunk.token_ids):
-                ticket.first_token()
-            emitted = text.push(chunk.text)
-            if emitted:
-                emit(emitted)
-            if text.stopped:
-                break
-        tail = text.flush()
-        if tail:
-            emit(tail)
-    finally:
-        ticket.leave(stream)
-    return _Outcome(len(stream.token_ids), protocol.finish_reason(stream.stats.stop_reason,
-                                                                  text.stopped))
-
-
-class _Run:
-    """One streamed generation on the worker: final text goes to ``queue`` as it comes,
-    then None; ``cancelled`` stops it at its next step."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, stream: Stream, stops: tuple[str, ...]):
-        self.loop, self.stream, self.stops = loop, stream, stops
-        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.done: asyncio.Future[_Outcome] | None = None
-
-    def _put(self, item: str | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def __call__(self, ticket: _Ticket) -> _Outcome:
-        try:
-            return _finish(self.stream, self.stops, self._put, self.cancelled, ticket)
-        finally:
-            self._put(None)
-
-
-async def _events(run: _Run, body: CompletionRequest | ChatCompletionRequest,
+async def _events(job: Job, texts: asyncio.Queue[str | None], outcome: asyncio.Future[Outcome],
+                  body: CompletionRequest | ChatCompletionRequest,
                   reply: protocol.CompletionReply) -> AsyncIterator[str]:
     """Server-sent events: text deltas as they become final, the finish reason, usage if
     asked for, ``[DONE]``. A client that goes away cancels the generation."""
     try:
-        while (text := await run.queue.get()) is not None:
+        while (text := await texts.get()) is not None:
             yield _sse(reply.delta(text))
-        outcome = await run.done
-        yield _sse(reply.end(outcome.finish))
+        ended = await outcome  # done: its end marker came after its last text
+        yield _sse(reply.end(ended.finish))
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield _sse(reply.usage(protocol.usage(run.stream.stats.prompt_tokens,
-                                                  outcome.completion_tokens)))
+            yield _sse(reply.usage(protocol.usage(ended.prompt_tokens, ended.completion_tokens)))
         yield _sse("[DONE]")
     finally:
-        run.cancelled.set()  # a no-op once the generation has ended
+        job.cancel()  # a no-op once the generation has ended

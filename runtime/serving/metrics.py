@@ -42,6 +42,9 @@ class ServerMetrics:
                                      "admission to the first generated token",
                                      buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("leapc_requests_running", "requests generating now", registry=r)
+        self.batch_rows = Gauge("leapc_batch_rows",
+                                "requests holding KV rows (in the batch or prefilling)",
+                                registry=r)
         self.waiting = Gauge("leapc_requests_waiting", "requests admitted, not yet generating",
                              registry=r)
 

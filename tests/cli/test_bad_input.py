@@ -237,6 +237,12 @@ def hf_dir(tmp_path) -> Path:
     return directory
 
 
+def test_build_refuses_a_batch_bound_below_one(leapc_main, hf_dir, tmp_path):
+    leapc_main("build", hf_dir, "-o", tmp_path / "e", "--max-batch", "0",
+               fragments=("max-batch", "got 0"))
+    assert not (tmp_path / "e").exists()
+
+
 def test_build_refuses_a_missing_tokenizer_file(leapc_main, hf_dir, tmp_path):
     leapc_main("build", hf_dir, "-o", tmp_path / "e", "--tokenizer", tmp_path / "none.json",
                fragments=("tokenizer", str(tmp_path / "none.json"), "does not exist"))
@@ -270,6 +276,8 @@ def test_build_refuses_truncated_weights(leapc_main, hf_dir, tmp_path, keep):
     (("--policy", "medusa"), ("does not support policy 'medusa'",)),
     (("--policy", "nonsense"), ("policy", "nonsense")),
     (("--max-queue", "0"), ("--max-queue", "0")),
+    (("--max-batch", "9"), ("max-batch must be in [1, 8]", "got 9", "--max-batch")),
+    (("--max-batch", "0"), ("max-batch must be in [1, 8]", "got 0")),
 ])
 def test_serve_refuses_before_listening(leapc_main, tiny, args, fragments):
     """A server that could not serve its default policy, or queue anything, never starts

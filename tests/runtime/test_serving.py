@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed "
 import httpx  # noqa: E402
 
 import leapc  # noqa: E402
-from leapc.runtime.engine import Stream  # noqa: E402
+from leapc.runtime.batching import Scheduler  # noqa: E402
 from leapc.runtime.serving.app import ServeConfig  # noqa: E402
 from leapc.runtime.serving.background import serving_in_thread  # noqa: E402
 from leapc.runtime.serving.stops import StopText  # noqa: E402
@@ -125,16 +126,19 @@ def test_unknown_model_is_404_and_chat_without_a_template_is_400(client):
                                        messages=[{"role": "user", "content": "hi"}])
 
 
-def _first_event(response: httpx.Response) -> dict:
-    for line in response.iter_lines():
+def _first_event(lines: Iterator[str]) -> dict:
+    """The next event of a stream's ``iter_lines()``. The caller keeps the iterator: one
+    dropped mid-stream closes the connection, and the server cancels the generation."""
+    for line in lines:
         if line.startswith("data: "):
             return json.loads(line.removeprefix("data: "))
     raise AssertionError("the stream ended without an event")
 
 
 class _HeldEngine:
-    """The engine, its generations held after their first step until ``release`` is set,
-    then 50 ms a step: a request stays in the server for as long as the test needs."""
+    """The engine, its scheduler's steps held after the first that emits tokens until
+    ``release`` is set, then 50 ms a step: a request stays in the server for as long as
+    the test needs."""
 
     def __init__(self, engine):
         self.engine, self.release = engine, threading.Event()
@@ -142,17 +146,22 @@ class _HeldEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def stream(self, *args, **kwargs) -> Stream:
-        real = self.engine.stream(*args, **kwargs)
+    def scheduler(self, max_batch: int, step_nodes: int | None = None) -> Scheduler:
+        return _HeldScheduler(self.engine.scheduler(max_batch, step_nodes), self.release)
 
-        def held():
-            for step, tokens in enumerate(real._tokens):
-                if step:
-                    self.release.wait(30)
-                    time.sleep(0.05)
-                yield tokens
 
-        return Stream(held(), real._tokenizer, real.stats)
+class _HeldScheduler(Scheduler):
+    def __init__(self, real: Scheduler, release: threading.Event):
+        self.__dict__.update(real.__dict__)
+        self.release, self.emitted = release, False
+
+    def step(self):
+        if self.emitted:
+            self.release.wait(30)
+            time.sleep(0.05)
+        out = super().step()
+        self.emitted = self.emitted or bool(out)
+        return out
 
 
 @pytest.mark.slow
@@ -163,7 +172,8 @@ def test_a_full_queue_is_503_and_a_client_gone_frees_its_place(engine):
         request = {"model": MODEL, "prompt": "import os\n", "max_tokens": 200,
                    "temperature": 0, "stream": True, "leapc": {"policy": "ar"}}
         with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=60) as first:
-            assert _first_event(first)["choices"][0]["text"]  # generating, then held
+            lines = first.iter_lines()
+            assert _first_event(lines)["choices"][0]["text"]  # generating, then held
             busy = httpx.post(f"{url}/v1/completions", timeout=60,
                               json={**request, "stream": False, "max_tokens": 2})
             assert busy.status_code == 503
@@ -186,7 +196,8 @@ def test_a_bad_request_is_answered_at_once_not_after_the_queue(engine):
         request = {"model": MODEL, "prompt": "import os\n", "max_tokens": 50,
                    "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=60) as first:
-            _first_event(first)  # the worker is busy, held for up to 30 s
+            lines = first.iter_lines()
+            _first_event(lines)  # the worker is busy, held for up to 30 s
             for fields in ({"leapc": {"policy": "nonsense"}}, {"prompt": [10**6]}):
                 bad = httpx.post(f"{url}/v1/completions", timeout=5,
                                  json={**request, "stream": False, **fields})

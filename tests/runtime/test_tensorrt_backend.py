@@ -22,12 +22,13 @@ def test_profiles_span_the_signature_bounds(engine_dir):
                                   engine.manifest.model.dims.num_kv_heads,
                                   engine.manifest.model.dims.head_dim)
     max_seq, max_new = engine.manifest.max_seq, engine.manifest.max_new  # 256, 128
-    assert profiles["tokens"] == ((1, 1), (1, 8), (4, max_new))
+    batch = engine.batch_bound  # 8
+    assert profiles["tokens"] == ((1, 1), (1, 8), (batch, max_new))
     assert profiles["past"] == ((layers, 2, 1, kv_heads, 1, head_dim),
                                 (layers, 2, 1, kv_heads, max_seq // 2, head_dim),
-                                (layers, 2, 4, kv_heads, max_seq - 1, head_dim))
+                                (layers, 2, batch, kv_heads, max_seq - 1, head_dim))
     # T + N: at least 2, never past max-seq (T and N cannot both be at their maximum)
-    assert profiles["mask"] == ((1, 1, 2), (1, 8, max_seq // 2 + 8), (4, max_new, max_seq))
+    assert profiles["mask"] == ((1, 1, 2), (1, 8, max_seq // 2 + 8), (batch, max_new, max_seq))
 
 
 def test_where_it_cannot_run_building_is_refused_in_one_line(tmp_path):

@@ -1,0 +1,148 @@
+"""The server's decode thread: one `Scheduler` (runtime/batching.py) stepping every
+admitted request, and the text each request's tokens become.
+
+Only this thread touches the engine. The event loop hands it `Job`s through a queue and
+cancels them by flag; the thread sets up each job's generation (its drafter may load a
+program), submits it to the scheduler, steps while anything is running, and turns each
+row's new tokens into final text (detokenized, stop strings held back) for the job's
+``emit``. A job whose stop string appears, or whose client left, is cancelled: its KV
+rows are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from leapc.ir.errors import InputError
+from leapc.runtime.batching import Scheduler, Sequence
+from leapc.runtime.detokenize import Detokenizer
+from leapc.runtime.engine import Engine
+from leapc.runtime.serving import protocol
+from leapc.runtime.serving.metrics import ServerMetrics
+from leapc.runtime.serving.stops import StopText
+
+
+@dataclass(frozen=True)
+class Outcome:
+    completion_tokens: int
+    prompt_tokens: int
+    finish: str
+
+
+@dataclass(eq=False)
+class Job:
+    """One admitted request: how to start its generation (`Engine.sequence` keywords),
+    where its final text goes, and its outcome (an `InputError` if it cannot start)."""
+
+    request: dict
+    stops: tuple[str, ...]
+    emit: Callable[[str], None]
+    leave: Callable[[Sequence | None], None]  # the admission ticket's, called once
+    start: Callable[[], None] = lambda: None  # when its prefill begins
+    first_token: Callable[[], None] = lambda: None
+    outcome: Future[Outcome] = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    sequence: Sequence | None = None
+    started: bool = False
+
+    def cancel(self) -> None:
+        """From any thread: stop at the next step (a no-op once it has ended)."""
+        self.cancelled.set()
+
+
+class DecodeWorker:
+    def __init__(self, scheduler: Scheduler, engine: Engine, metrics: ServerMetrics):
+        self.scheduler, self.engine, self.metrics = scheduler, engine, metrics
+        self.inbox: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: dict[Sequence, _Running] = {}
+        self.thread = threading.Thread(target=self._run, name="leapc-decode", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(job)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            for job in self._arrivals():
+                if job is None:
+                    return
+                self._start(job)
+            if not self.scheduler.idle:
+                for sequence, tokens in self.scheduler.step():
+                    self.jobs[sequence].push(tokens)
+            self._settle()
+
+    def _arrivals(self) -> list[Job | None]:
+        """New jobs: waits for one when nothing runs, else takes what has come."""
+        arrived = [] if self.jobs else [self.inbox.get()]
+        while True:
+            try:
+                arrived.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return arrived
+
+    def _start(self, job: Job) -> None:
+        try:
+            sequence = self.engine.sequence(**job.request)
+        except InputError as err:
+            job.leave(None)
+            job.outcome.set_exception(err)
+            return
+        except BaseException as err:  # an internal error: the request gets a 500
+            job.leave(None)
+            job.outcome.set_exception(err)
+            raise
+        job.sequence = sequence
+        self.jobs[sequence] = _Running(job, Detokenizer(self.engine.tokenizer), StopText(job.stops))
+        self.scheduler.submit(sequence)
+
+    def _settle(self) -> None:
+        """Start the metrics of jobs that began, cancel and end jobs that are over."""
+        for sequence, running in list(self.jobs.items()):
+            job = running.job
+            if job.cancelled.is_set() or running.text.stopped:
+                sequence.cancelled = True
+            if not job.started and (sequence.stats.prefill_calls or sequence.finished):
+                job.started = True
+                job.start()
+            if sequence.finished:
+                running.end()
+                del self.jobs[sequence]
+        self.metrics.batch_rows.set(self.scheduler.occupancy)
+
+
+@dataclass
+class _Running:
+    job: Job
+    detokenizer: Detokenizer
+    text: StopText
+    pushed: int = 0
+
+    def push(self, tokens: list[int]) -> None:
+        job = self.job
+        if tokens and not self.pushed:
+            job.first_token()
+        self.pushed += len(tokens)
+        final = self.text.push(self.detokenizer.push(tokens))
+        if final:
+            job.emit(final)
+
+    def end(self) -> None:
+        job, text = self.job, self.text
+        if not text.stopped and not job.cancelled.is_set():
+            tail = text.push(self.detokenizer.flush()) + text.flush()
+            if tail:
+                job.emit(tail)
+        stats = job.sequence.stats
+        job.leave(job.sequence)
+        job.outcome.set_result(Outcome(
+            len(job.sequence.token_ids), stats.prompt_tokens,
+            protocol.finish_reason(stats.stop_reason, text.stopped)))
