@@ -3,8 +3,9 @@ sizes 1, 4 and 8, with plain decoding and with speculation.
 
     python bench/bench_serving.py [--requests 200] [--disconnect 0.1] [--quantize int8]
 
-The server runs in this process (uvicorn in a thread) on the bundled model's engine
-(built once under .cache/bench/). For each batch size and policy set a fresh server gets
+The server is `leapc serve` in a process of its own (as deployed: the load generator's
+Python does not share its interpreter lock), on the bundled model's engine (built once
+under .cache/bench/). For each batch size and policy set a fresh server gets
 the same requests, all at once: greedy, a held-out prompt, a length from 16 to 128
 tokens, a policy from the set; half of them stream, and a share of the streamed ones
 disconnect after their first event. Checked: no server error (5xx, dropped connection),
@@ -19,10 +20,15 @@ Writes bench/results/serving_bundled.{json,md}.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,8 +37,6 @@ import typer
 import leapc
 from leapc.benchmark import save_results
 from leapc.models import corpus
-from leapc.runtime.serving.app import ServeConfig
-from leapc.runtime.serving.background import serving_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pycoder"
@@ -81,14 +85,38 @@ async def load(url: str, requests: list[dict], disconnects: list[bool]) -> tuple
         return replies, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def serving_process(engine: Path, max_queue: int, max_batch: int,
+                    step_nodes: int | None) -> Iterator[str]:
+    """``leapc serve`` on a free loopback port until the block ends; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "leapc"), "serve", str(engine), "--port", str(port),
+               "--model-name", MODEL, "--policy", "ar", "--max-queue", str(max_queue),
+               "--max-batch", str(max_batch)]
+    server = subprocess.Popen(command + (["--step-nodes", str(step_nodes)] if step_nodes else []))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
 def run_config(engine, shapes, cut, expected, prompts, policies: tuple[str, ...],
                max_batch: int, step_nodes: int | None, rng: random.Random) -> dict:
     """One server, one batch size and policy set; the load test's numbers."""
     bodies = [{"model": MODEL, "prompt": prompts[p], "max_tokens": n, "temperature": 0,
                "stream": stream, "leapc": {"policy": rng.choice(policies)}}
               for p, n, stream in shapes]
-    config = ServeConfig(MODEL, "ar", len(shapes), max_batch, step_nodes)
-    with serving_in_thread(engine, config) as url:
+    with serving_process(engine.path, len(shapes), max_batch, step_nodes) as url:
         replies, wall = asyncio.run(load(url, bodies, cut))
         time.sleep(1)  # a disconnected generation stops at its next step
         gauges = httpx.get(f"{url}/metrics").text

@@ -346,6 +346,10 @@ def serve(
     model_name: str = typer.Option(None, help="the model id clients name (default: the "
                                               "engine directory's name)"),
     device: DeviceOption = Device.CPU,
+    ray: bool = typer.Option(False, "--ray", help="serve as Ray Serve replicas on a local "
+                                                  "Ray instance (pip install 'leapc[ray]')"),
+    replicas: int = typer.Option(1, help="with --ray: server processes, each with the "
+                                         "engine loaded"),
 ) -> None:
     """Serve an engine over an OpenAI-compatible HTTP API (/v1/completions)."""
     import leapc
@@ -359,10 +363,21 @@ def serve(
                                      "pip install 'leapc[serve]'") from None
     if max_queue < 1:
         raise InputError(f"--max-queue must be at least 1 (got {max_queue})")
+    if replicas < 1:
+        raise InputError(f"--replicas must be at least 1 (got {replicas})")
     loaded = leapc.load(engine, device, policies=[policy])
     config = ServeConfig(model_name or engine.resolve().name, policy, max_queue, max_batch,
                          step_nodes)
-    uvicorn.run(create_app(loaded, config), host=host, port=port, log_level="warning")
+    app = create_app(loaded, config)  # every refusal before anything listens
+    if ray:
+        try:
+            from leapc.runtime.serving.ray_app import serve_forever
+        except ModuleNotFoundError as missing:
+            raise MissingDependencyError(f"leapc serve --ray needs {missing.name} (not "
+                                         "installed): pip install 'leapc[ray]'") from None
+        serve_forever(engine, config, replicas, host, port)
+    else:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 A `Scheduler` keeps a running batch of up to ``max_batch`` rows. Each `Scheduler.step`:
 
-1. retires the rows that finished or were cancelled (their KV rows are freed);
+1. retires the rows that were cancelled since (their KV rows are freed; rows that
+   finish are retired at the end of the step that finished them);
 2. prefills one chunk of the oldest request still prefilling, in that request's own
    one-row cache, so a long prompt holds the batch up by one chunk per step, not by the
    whole prompt; a request whose prompt is done samples its first token and joins the
@@ -219,6 +220,7 @@ class Scheduler:
             emitted += self._prefill_chunk(self.prefilling[0])
         if self.rows:
             emitted += self._decode()
+        self._retire()  # what finished frees its rows now, not at the next step
         return emitted
 
     # ------------------------------------------------------------------ phases

@@ -246,3 +246,14 @@ def test_step_nodes_below_one_is_refused(engine_dir):
     engine = leapc.load(engine_dir("tiny-llama"))
     with pytest.raises(InputError, match="step-nodes must be at least 1"):
         engine.scheduler(4, step_nodes=0)
+
+
+def test_a_finished_request_frees_its_row_in_the_step_that_finished_it(engine_dir):
+    engine = leapc.load(engine_dir("tiny-llama"))
+    scheduler = engine.scheduler(4)
+    sequence = engine.sequence([5, 6, 7], 6)
+    scheduler.submit(sequence)
+    while sequence.stats.stop_reason is None:
+        assert not scheduler.idle
+        scheduler.step()
+    assert scheduler.idle and scheduler.cache.rows == 0 and len(sequence.token_ids) == 6
