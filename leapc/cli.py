@@ -36,7 +36,7 @@ from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
 from leapc.runtime.drafters.retrieval import RetrievalConfig
 from leapc.runtime.manifest import Backend, Quantization
-from leapc.runtime.policies import AUTO_POLICY, DraftOptions, Policy
+from leapc.runtime.policies import AUTO_POLICY, POLICIES, DraftOptions, Policy
 from leapc.runtime.sampling import TypicalAcceptance
 
 
@@ -369,6 +369,10 @@ def serve(
     config = ServeConfig(model_name or engine.resolve().name, policy, max_queue, max_batch,
                          step_nodes)
     app = create_app(loaded, config)  # every refusal before anything listens
+    alone = [p.value for p in loaded.manifest.policies if not POLICIES[p].batches]
+    if alone:
+        out.print(f"policies {', '.join(alone)} do not batch (they draft in the target's "
+                  "KV cache): their requests run one at a time, between batches")
     if ray:
         try:
             from leapc.runtime.serving.ray_app import serve_forever

@@ -51,10 +51,10 @@ from leapc.runtime.step import StepFunction
 class BatchKVCache:
     """The running batch's KV: one buffer ``[L, 2, B, Hkv, C, Dh]`` and a length per row.
 
-    The buffer is passed whole as the step's ``past`` (no copy), so the batch's rows are
-    always its first B rows: admitting or retiring rows rebuilds it (one copy of the valid
-    slots), which happens per request, not per step. ``C`` grows in blocks like
-    `KVCache`'s and shrinks to ``max_seq - N`` when a step needs the room.
+    The buffer is passed whole as the step's ``past`` (no copy), so its B rows are the
+    step's rows. A request that joins takes a free row in place (`place`); only growing
+    the batch or dropping free rows rebuilds it (one copy of the valid slots). ``C`` grows
+    in blocks like `KVCache`'s and shrinks to ``max_seq - N`` when a step needs the room.
     """
 
     def __init__(self, dims: ModelDims, max_seq: int):
@@ -86,6 +86,14 @@ class BatchKVCache:
         for i, cache in enumerate(joining, start=len(keep)):
             fresh[:, :, i, :, : cache.length] = cache.buffer[: self.layers, :, 0, :, : cache.length]
         self.buffer, self.lengths = fresh, lengths
+
+    def place(self, row: int, cache: KVCache) -> None:
+        """Row ``row`` (free) takes ``cache``'s valid slots; the slots after them are
+        never visible to it (the mask), whatever they hold."""
+        if cache.length > self.capacity:
+            self._set_capacity(min(-(-cache.length // BLOCK) * BLOCK, self.max_seq))
+        self.buffer[:, :, row, :, : cache.length] = cache.buffer[: self.layers, :, 0, :, : cache.length]
+        self.lengths[row] = cache.length
 
     def inputs(self, drafts: list[Draft]) -> tuple[np.ndarray, ...]:
         """Step inputs verifying row b's ``drafts[b]``: its nodes padded to the widest
@@ -176,6 +184,10 @@ class Sequence:
         return self.cancelled or self.stats.stop_reason is not None
 
 
+# A free row's node in a decode step: any token, seeing no past (its length is 0).
+FREE_ROW = Draft.root_only(0)
+
+
 class Scheduler:
     """Admit, prefill in chunks, step the batch, retire (see the module docstring).
 
@@ -191,7 +203,8 @@ class Scheduler:
         self.cache = BatchKVCache(dims, max_seq)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
-        self.rows: list[Sequence] = []  # row b of `cache` is rows[b]
+        # Row b of `cache` is rows[b]; None: a free row (a step gives it one padding node).
+        self.rows: list[Sequence | None] = []
         self.alone: Sequence | None = None  # a non-batching sequence, running by itself
 
     def submit(self, sequence: Sequence) -> None:
@@ -200,12 +213,17 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.prefilling or self.rows or self.alone)
+        return not (self.waiting or self.prefilling or self.running or self.alone)
+
+    @property
+    def running(self) -> list[Sequence]:
+        """The sequences in the batch."""
+        return [s for s in self.rows if s is not None]
 
     @property
     def occupancy(self) -> int:
         """Requests holding KV rows: in the batch or prefilling."""
-        return len(self.rows) + len(self.prefilling) + (self.alone is not None)
+        return len(self.running) + len(self.prefilling) + (self.alone is not None)
 
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """One round; the tokens each sequence emitted in it (a cancelled or finished
@@ -218,7 +236,7 @@ class Scheduler:
         self._admit()
         if self.prefilling:
             emitted += self._prefill_chunk(self.prefilling[0])
-        if self.rows:
+        if self.running:
             emitted += self._decode()
         self._retire()  # what finished frees its rows now, not at the next step
         return emitted
@@ -226,19 +244,26 @@ class Scheduler:
     # ------------------------------------------------------------------ phases
 
     def _retire(self) -> None:
-        keep = [b for b, s in enumerate(self.rows) if not s.finished]
-        if len(keep) < len(self.rows):
+        """Free the rows of finished sequences; drop free rows when nobody is about to
+        take one (a free row still costs a padding node per step)."""
+        for b, sequence in enumerate(self.rows):
+            if sequence is not None and sequence.finished:
+                self.rows[b] = None
+                self.cache.lengths[b] = 0
+        self.prefilling = [s for s in self.prefilling if not s.cancelled]
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        if None in self.rows and not (self.prefilling or self.waiting):
+            keep = [b for b, s in enumerate(self.rows) if s is not None]
             self.cache.rebuild(keep, [])
             self.rows = [self.rows[b] for b in keep]
-        self.prefilling = [s for s in self.prefilling if not s.cancelled]
-        self.waiting = deque(s for s in self.waiting if not s.cancelled)
         if self.alone is not None and self.alone.cancelled:
             self.alone = None
 
     def _solo(self) -> Sequence | None:
         """The non-batching sequence to run now: the one running, or the next waiting
         once the batch is empty."""
-        if self.alone is None and not self.rows and not self.prefilling and self.waiting \
+        if self.alone is None and not self.running and not self.prefilling and self.waiting \
                 and not self.waiting[0].batches:
             self.alone = self.waiting.popleft()
         return self.alone
@@ -270,22 +295,34 @@ class Scheduler:
                                      sequence.stop, sequence.rng, stats, self.cache.max_seq)
         self.prefilling.remove(sequence)
         if not sequence.progress.done:
+            self._join(sequence)
+        return self._emit(sequence, sequence.progress.new)
+
+    def _join(self, sequence: Sequence) -> None:
+        """Its prompt's KV into a free row, or a new one."""
+        if None in self.rows:
+            row = self.rows.index(None)
+            self.cache.place(row, sequence.cache)
+            self.rows[row] = sequence
+        else:
             self.cache.rebuild(list(range(len(self.rows))), [sequence.cache])
             self.rows.append(sequence)
-            sequence.cache = None
-        return self._emit(sequence, sequence.progress.new)
+        sequence.cache = None
 
     def _decode(self) -> list[tuple[Sequence, list[int]]]:
         start = time.perf_counter()
         cache = self.cache
         # Every row's nodes must fit beside the longest row's past (C + N <= max_seq).
         room = cache.max_seq - max(cache.lengths) - 1
-        drafts = [s.progress.draft(self._budget(s, b, room)) for b, s in enumerate(self.rows)]
+        drafts = [FREE_ROW if s is None else s.progress.draft(self._budget(s, b, room))
+                  for b, s in enumerate(self.rows)]
         called = time.perf_counter()
         out = self.step_program(*cache.inputs(drafts))
         program_s = time.perf_counter() - called
         emitted = []
         for b, (sequence, draft) in enumerate(zip(self.rows, drafts, strict=True)):
+            if sequence is None:
+                continue
             row = self.slicing.row(out, b, draft.step_size)
             new = sequence.progress.conclude(
                 draft, row, lambda present, path, b=b: cache.commit(b, present, path))
@@ -293,7 +330,7 @@ class Scheduler:
             sequence.stats.calls["full"] += 1
             emitted += self._emit(sequence, new)
         elapsed = time.perf_counter() - start
-        for sequence in self.rows:
+        for sequence in self.running:
             sequence.stats.decode_s += elapsed
         return emitted
 

@@ -191,7 +191,7 @@ def test_a_policy_that_cannot_batch_runs_alone_between_batches(exit_engine_dir):
         scheduler.submit(sequence)
     while not scheduler.idle:
         scheduler.step()
-        running = [s for s in (*scheduler.rows, *scheduler.prefilling)]
+        running = [*scheduler.running, *scheduler.prefilling]
         assert scheduler.alone is None or not running  # nothing shares its steps
     assert [s.token_ids for s in sequences] == alone(engine, requests)
 
@@ -257,3 +257,26 @@ def test_a_finished_request_frees_its_row_in_the_step_that_finished_it(engine_di
         assert not scheduler.idle
         scheduler.step()
     assert scheduler.idle and scheduler.cache.rows == 0 and len(sequence.token_ids) == 6
+
+
+def test_a_joining_request_takes_a_finished_ones_row_in_place(engine_dir):
+    """Only growing the batch copies it; a request that joins later takes a freed row."""
+    engine = leapc.load(engine_dir("tiny-llama"))
+    scheduler = engine.scheduler(2)
+    grows, rebuild = [], scheduler.cache.rebuild
+
+    def counted(keep, joining):
+        grows.extend(joining)
+        rebuild(keep, joining)
+
+    scheduler.cache.rebuild = counted
+    requests = [dict(prompt=p, max_new_tokens=n)
+                for p, n in zip(TINY_PROMPTS[:5], (4, 40, 4, 4, 4), strict=True)]
+    sequences = [engine.sequence(**r) for r in requests]
+    for sequence in sequences:
+        scheduler.submit(sequence)
+    while not scheduler.idle:
+        scheduler.step()
+        assert len(scheduler.rows) <= 2
+    assert [s.token_ids for s in sequences] == alone(engine, requests)
+    assert len(grows) == 2  # the first two; the other three were placed in freed rows
