@@ -142,7 +142,8 @@ def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
     rng = random.Random(seed)
     shapes = [(rng.randrange(len(prompts)), rng.choice(LENGTHS), rng.random() < 0.5)
               for _ in range(requests)]
-    expected = {(p, n): engine.generate(prompts[p], n) for p, n, _ in shapes}
+    expected = {(p, n): engine.generate(prompts[p], n, token_healing=True)  # the server's default
+                for p, n, _ in shapes}
     cut = [stream and rng.random() < 2 * disconnect for _, _, stream in shapes]
     rows = [run_config(engine, shapes, cut, expected, prompts, policies, batch, step_nodes,
                        random.Random(seed))

@@ -262,6 +262,9 @@ def run(
         False, help="sampling: Medusa's typical acceptance (lossy: output distribution changes)"),
     device: DeviceOption = Device.CPU,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    token_healing: bool = typer.Option(True, help="back the prompt up by its last token and "
+                                                  "start with a token that begins with its "
+                                                  "text (a prompt may end anywhere)"),
     draft: DraftOptions = None,
 ) -> None:
     """Generate from a prompt."""
@@ -273,7 +276,8 @@ def run(
     loaded = leapc.load(engine, device, policies=[policy])
     stream = loaded.stream(request, max_new_tokens, policy=policy, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, draft=draft,
-                           typical=TypicalAcceptance() if typical else None)
+                           typical=TypicalAcceptance() if typical else None,
+                           token_healing=token_healing)
     if as_json:
         for _ in stream:
             pass

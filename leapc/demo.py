@@ -8,12 +8,15 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
+from rich.table import Table
 
+from leapc import quality
 from leapc.benchmark import CODE_PROMPTS, BenchConfig, bench_table, run_bench
 from leapc.cache import cache_dir
 from leapc.ir.head_spec import HeadKind
 
 DEMO_PROMPTS = CODE_PROMPTS[:3]
+DEMO_QUALITY_CASES = 60  # bench/bench_quality.py runs 200
 DEMO_HEADS = HeadKind.HYDRA  # the better of the shipped heads (bench/results/heads_bundled.md)
 
 
@@ -53,12 +56,27 @@ def run_demo(console: Console) -> None:
     path = bundled_engine(console)
     engine = leapc.load(path)
     for prompt in DEMO_PROMPTS:
-        generation = engine.generate(prompt, max_new_tokens=64)
+        # healed, as `leapc run` does: the prompts end in a newline (runtime/healing.py)
+        generation = engine.generate(prompt, max_new_tokens=64, token_healing=True)
         console.print(Panel(f"[dim]{prompt}[/][bold]{generation.text}[/]",
                             title=f"{generation.stats.tokens_per_s:.0f} tok/s", expand=False),
                       markup=True, highlight=False)
+    with console.status("held-out next-line completion, token healing off and on"):
+        scores = quality.next_line_scores(engine, quality.cases(DEMO_QUALITY_CASES))
+    console.print(_quality_table(scores))
     policies = tuple(p.value for p in engine.manifest.policies)
     cfg = BenchConfig(policies, CODE_PROMPTS, max_new_tokens=64, repeats=3)
     with console.status("benchmarking (leapc vs transformers generate)"):
         result = run_bench(engine, cfg, vs_hf=True)
     console.print(bench_table(result))
+
+
+def _quality_table(scores: list[quality.Score]) -> Table:
+    table = Table(title=f"Held-out stdlib lines, greedy to the newline ({scores[0].cases} "
+                        "per cut): the model is small, healing keeps it on the line")
+    for column in ("prompt cut", "token healing", "next-line exact match", "first-word match"):
+        table.add_column(column)
+    for s in scores:
+        table.add_row(s.cut, "on" if s.healing else "off", f"{s.exact:.1%}",
+                      f"{s.first_word:.1%}")
+    return table

@@ -92,6 +92,11 @@ Overall (full model): **{per_layer[-1]:.3f}** nats/token.
 ## Greedy completions
 
 {samples}
+
+## Quality on held-out code
+
+Measure it after export with `python bench/bench_quality.py` (next-line exact match with
+and without token healing, held-out loss from the engine) and record it here.
 """)
 
 

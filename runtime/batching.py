@@ -43,6 +43,7 @@ from leapc.runtime.decode import (
     tree_inputs,
 )
 from leapc.runtime.drafters.base import Draft, Drafter
+from leapc.runtime.healing import Healing
 from leapc.runtime.kv_cache import BLOCK, KVCache
 from leapc.runtime.sampling import SamplingConfig
 from leapc.runtime.step import StepFunction
@@ -172,6 +173,7 @@ class Sequence:
     rng: np.random.Generator
     stats: GenerationStats
     cache: KVCache | None  # its own while it prefills; None once its rows are the batch's
+    healing: Healing | None = None  # the prompt is already backed up (runtime/healing.py)
     batches: bool = True  # False: runs alone (its drafter needs the target cache)
     solo: Iterator[list[int]] | None = None  # a non-batching policy's own decode loop
     prefilled: int = 0
@@ -292,7 +294,8 @@ class Scheduler:
             return []
         stats.prompt_tokens = len(sequence.prompt)
         sequence.progress = Progress(sequence.prompt, out, sequence.drafter, sequence.sampling,
-                                     sequence.stop, sequence.rng, stats, self.cache.max_seq)
+                                     sequence.stop, sequence.rng, stats, self.cache.max_seq,
+                                     sequence.healing)
         self.prefilling.remove(sequence)
         if not sequence.progress.done:
             self._join(sequence)

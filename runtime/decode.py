@@ -22,6 +22,7 @@ from leapc.runtime.drafters.base import (
     Verification,
     VerifiesDraft,
 )
+from leapc.runtime.healing import Healing
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.sampling import SamplingConfig, sample
 from leapc.runtime.step import StepFunction
@@ -200,14 +201,18 @@ class Progress:
 
     def __init__(self, prompt: list[int], last_prefill: dict[str, np.ndarray],
                  drafter: Drafter, sampling: SamplingConfig, stop: StopConfig,
-                 rng: np.random.Generator, stats: GenerationStats, max_seq: int):
+                 rng: np.random.Generator, stats: GenerationStats, max_seq: int,
+                 healing: Healing | None = None):
         self.drafter, self.sampling, self.stop, self.rng, self.stats = (
             drafter, sampling, stop, rng, stats)
         if isinstance(drafter, ReadsPrefill):
             drafter.observe_prefill(last_prefill)
         self.room = max_seq - len(prompt)  # new tokens the context holds
         self.context = list(prompt)
-        self.root = sample(last_prefill["logits"][0, -1], sampling, rng)
+        logits = last_prefill["logits"][0, -1]
+        # Healing constrains this first token only, before any draft: every policy agrees.
+        self.root = sample(logits if healing is None else healing.constrain(logits), sampling,
+                           rng)
         # The tokens the last call emitted, and why generation ends with them, if it does.
         self.new, stats.stop_reason = _truncate([self.root], stop, 0, self.room)
         self.record()
@@ -257,11 +262,13 @@ def decode(
     stop: StopConfig,
     rng: np.random.Generator,
     stats: GenerationStats,
+    healing: Healing | None = None,
 ) -> Iterator[list[int]]:
     """Yield the tokens each step emits until EOS, the token budget, or prompt + output
     fill max_seq (every output token has a position below max_seq); ``stats.stop_reason``
     says which. Drafts shrink to fit what is left (`draft_budget`), so the end of the
-    context never fails a step.
+    context never fails a step. With ``healing``, ``prompt`` is already backed up
+    (runtime/healing.py) and the first token is constrained.
 
     The root of every draft is the last emitted token, not yet in the cache: verifying it
     together with the drafts writes its KV row and yields the logits that check depth 1.
@@ -272,7 +279,8 @@ def decode(
     stats.prompt_tokens, stats.prefill_calls = len(prompt), -(-len(prompt) // chunk)
     stats.prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    progress = Progress(prompt, out, drafter, sampling, stop, rng, stats, cache.max_seq)
+    progress = Progress(prompt, out, drafter, sampling, stop, rng, stats, cache.max_seq,
+                        healing)
     verifies = isinstance(drafter, VerifiesDraft)  # a Protocol check: ~40 µs, once
     while True:
         stats.decode_s += time.perf_counter() - start

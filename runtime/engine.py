@@ -27,8 +27,8 @@ from leapc.runtime.backends.base import BACKENDS, Device
 from leapc.runtime.batching import RowSlicing, Scheduler, Sequence
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, TimedProgram, decode
-from leapc.runtime.detokenize import Detokenizer
 from leapc.runtime.drafters.base import Drafter
+from leapc.runtime.healing import CompletionText, Healing, TokenTexts, heal
 from leapc.runtime.kv_cache import KVCache
 from leapc.runtime.manifest import Backend, Manifest, read_manifest
 from leapc.runtime.policies import (
@@ -64,22 +64,27 @@ class Stream:
     _tokens: Iterator[list[int]]
     _tokenizer: Tokenizer
     stats: GenerationStats
+    healing: Healing | None = None
     token_ids: list[int] = field(default_factory=list)
+    _texts: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[StreamChunk]:
         """The chunks' texts join to `text`: each is final when yielded (never part of a
         character), and what generation ends on is flushed in a last, token-less chunk."""
-        detokenizer = Detokenizer(self._tokenizer)
+        text = CompletionText(self._tokenizer, self.healing)
         for new in self._tokens:
             self.token_ids.extend(new)
-            yield StreamChunk(new, detokenizer.push(new))
-        tail = detokenizer.flush()
-        if tail:
-            yield StreamChunk([], tail)
+            self._texts.append(text.push(new))
+            yield StreamChunk(new, self._texts[-1])
+        self._texts.append(text.flush())
+        if self._texts[-1]:
+            yield StreamChunk([], self._texts[-1])
 
     @property
     def text(self) -> str:
-        return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        """The completion's text so far (whole once iterated); with healing, without the
+        prompt's backed-up text."""
+        return "".join(self._texts)
 
 
 @dataclass(frozen=True)
@@ -94,12 +99,13 @@ class _Run:
     drafter: Drafter
     stop: StopConfig
     rng: np.random.Generator
+    healing: Healing | None  # ``ids`` is then the prompt backed up by its last token
 
     def loop(self, engine: Engine) -> Iterator[list[int]]:
         """The single-request decode loop over ``engine``'s ``full`` program."""
         return decode(TimedProgram("full", engine.step, self.stats), self.cache, self.ids,
                       engine.manifest.max_new, self.drafter, self.sampling, self.stop,
-                      self.rng, self.stats)
+                      self.rng, self.stats, self.healing)
 
 
 def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
@@ -213,24 +219,29 @@ class Engine:
         seed: int = 0,
         draft: DraftOptions = DraftOptions(),
         typical: TypicalAcceptance | None = None,
+        token_healing: bool = False,
     ) -> Stream:
         """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
-        tokens per step, but the output no longer follows the model's distribution."""
+        tokens per step, but the output no longer follows the model's distribution.
+        ``token_healing`` backs a text prompt up by its last token and starts the
+        completion with a token that begins with its text (runtime/healing.py; the CLI's
+        and the server's default); a prompt of token ids is taken as it is."""
         run = self._setup(prompt, max_new_tokens, policy, temperature, top_k, top_p, seed,
-                          draft, typical)
-        return Stream(run.loop(self), self.tokenizer, run.stats)
+                          draft, typical, token_healing)
+        return Stream(run.loop(self), self.tokenizer, run.stats, run.healing)
 
     def sequence(self, prompt: str | list[int], max_new_tokens: int = 64,
                  policy: str | Policy = Policy.AR, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, draft: DraftOptions = DraftOptions(),
-                 typical: TypicalAcceptance | None = None) -> Sequence:
+                 typical: TypicalAcceptance | None = None,
+                 token_healing: bool = False) -> Sequence:
         """The same generation as `stream`, as a request for a `Scheduler` (`scheduler`):
         a row of its batch, or a run of its own for a policy that does not batch."""
         run = self._setup(prompt, max_new_tokens, policy, temperature, top_k, top_p, seed,
-                          draft, typical)
+                          draft, typical, token_healing)
         batches = POLICIES[run.policy].batches
         return Sequence(run.ids, run.drafter, run.sampling, run.stop, run.rng, run.stats,
-                        run.cache, batches, None if batches else run.loop(self))
+                        run.cache, run.healing, batches, None if batches else run.loop(self))
 
     def scheduler(self, max_batch: int, step_nodes: int | None = None) -> Scheduler:
         """A continuous-batching scheduler over this engine's ``full`` program, running up
@@ -254,9 +265,12 @@ class Engine:
 
     def _setup(self, prompt: str | list[int], max_new_tokens: int, policy: str | Policy,
                temperature: float, top_k: int, top_p: float, seed: int, draft: DraftOptions,
-               typical: TypicalAcceptance | None) -> _Run:
+               typical: TypicalAcceptance | None, token_healing: bool) -> _Run:
         chosen, ids = self.check_request(prompt, max_new_tokens, policy, temperature, top_k,
                                          top_p, seed, draft)
+        # A text prompt's end is where the user stopped typing; token ids are as meant.
+        healed = token_healing and isinstance(prompt, str)
+        ids, healing = heal(ids, self.token_texts) if healed else (ids, None)
         if policy == AUTO_POLICY:
             draft = self.tuned_options(draft)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
@@ -265,7 +279,12 @@ class Engine:
         return _Run(chosen, ids, sampling, stats, cache,
                     self.drafter(chosen, cache, draft, sampling, seed, stats),
                     StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
-                    np.random.default_rng(seed))
+                    np.random.default_rng(seed), healing)
+
+    @cached_property
+    def token_texts(self) -> TokenTexts:
+        """Every token's text, for token healing (built on first use)."""
+        return TokenTexts(self.tokenizer, self.manifest.model.dims.vocab_size)
 
     def check_request(self, prompt: str | list[int], max_new_tokens: int = 64,
                       policy: str | Policy = Policy.AR, temperature: float = 0.0,

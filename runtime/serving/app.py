@@ -171,9 +171,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             return _error(404, f"model {body.model!r} does not exist (this server serves "
                                f"{config.model_name!r})", "not_found_error", "model")
         try:
-            _, ids = engine.check_request(prompt, max_tokens, body.leapc.policy or config.policy,
-                                          body.temperature, body.top_k, body.top_p,
-                                          body.seed or 0, body.leapc.draft_options())
+            engine.check_request(prompt, max_tokens, body.leapc.policy or config.policy,
+                                 body.temperature, body.top_k, body.top_p, body.seed or 0,
+                                 body.leapc.draft_options())
         except InputError as err:  # answered now, not after the queue
             return _error(400, str(err))
         ticket = admission.enter()
@@ -182,11 +182,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                                "running); retry later", "service_unavailable")
         loop = asyncio.get_running_loop()
         texts: asyncio.Queue[str | None] = asyncio.Queue()
-        job = Job(dict(prompt=ids, max_new_tokens=max_tokens,
+        # the prompt as given: a text prompt is healed, token ids are taken as they are
+        job = Job(dict(prompt=prompt, max_new_tokens=max_tokens,
                        policy=body.leapc.policy or config.policy, temperature=body.temperature,
                        top_k=body.top_k, top_p=body.top_p,
                        seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
-                       draft=body.leapc.draft_options()),
+                       draft=body.leapc.draft_options(),
+                       token_healing=body.leapc.token_healing),
                   body.stops, lambda text: loop.call_soon_threadsafe(texts.put_nowait, text),
                   ticket.leave, ticket.start, ticket.first_token)
         app.state.worker.submit(job)

@@ -32,6 +32,7 @@ class PolicyRequest(_Strict):
     ngram: int = Field(4, ge=1)
     matches: int = Field(1, ge=1)
     adaptive: bool = False
+    token_healing: bool = True  # runtime/healing.py: a prompt may end anywhere
 
     def draft_options(self) -> DraftOptions:
         return DraftOptions(max_draft=self.max_draft, ngram=self.ngram, matches=self.matches,

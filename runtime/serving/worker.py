@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from leapc.ir.errors import InputError
 from leapc.runtime.batching import Scheduler, Sequence
-from leapc.runtime.detokenize import Detokenizer
 from leapc.runtime.engine import Engine
+from leapc.runtime.healing import CompletionText
 from leapc.runtime.serving import protocol
 from leapc.runtime.serving.metrics import ServerMetrics
 from leapc.runtime.serving.stops import StopText
@@ -101,7 +101,8 @@ class DecodeWorker:
             job.outcome.set_exception(err)
             raise
         job.sequence = sequence
-        self.jobs[sequence] = _Running(job, Detokenizer(self.engine.tokenizer), StopText(job.stops))
+        self.jobs[sequence] = _Running(job, CompletionText(self.engine.tokenizer, sequence.healing),
+                                       StopText(job.stops))
         self.scheduler.submit(sequence)
 
     def _settle(self) -> None:
@@ -122,7 +123,7 @@ class DecodeWorker:
 @dataclass
 class _Running:
     job: Job
-    detokenizer: Detokenizer
+    completion: CompletionText
     text: StopText
     pushed: int = 0
 
@@ -131,14 +132,14 @@ class _Running:
         if tokens and not self.pushed:
             job.first_token()
         self.pushed += len(tokens)
-        final = self.text.push(self.detokenizer.push(tokens))
+        final = self.text.push(self.completion.push(tokens))
         if final:
             job.emit(final)
 
     def end(self) -> None:
         job, text = self.job, self.text
         if not text.stopped and not job.cancelled.is_set():
-            tail = text.push(self.detokenizer.flush()) + text.flush()
+            tail = text.push(self.completion.flush()) + text.flush()
             if tail:
                 job.emit(tail)
         stats = job.sequence.stats

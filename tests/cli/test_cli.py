@@ -511,3 +511,18 @@ def test_run_and_bench_turn_the_drafting_flags_into_one_draft_options(in_process
         with pytest.raises(Stop):
             in_process(*command, *DRAFTING)
     assert received == [expected, expected]
+
+
+@pytest.mark.slow  # the bundled engine
+def test_run_heals_a_text_prompt_unless_told_not_to(engine_dir):
+    engine_path = engine_dir("bundled")
+    args = ("run", engine_path, "--prompt", "def add(a, b):\n", "--max-new-tokens", "12",
+            "--json")
+    healed = json.loads(cli(*args).stdout)
+    plain = json.loads(cli(*args, "--no-token-healing").stdout)
+    engine = leapc.load(engine_path)
+    assert healed["token_ids"] == engine.generate("def add(a, b):\n", 12,
+                                                  token_healing=True).token_ids
+    assert plain["token_ids"] == engine.generate("def add(a, b):\n", 12).token_ids
+    assert plain["text"].startswith("\n") and not healed["text"].startswith("\n")
+    assert healed["prompt_tokens"] < plain["prompt_tokens"]

@@ -39,4 +39,6 @@ def test_bundled_files_are_float16_and_small():
 def test_model_card_reports_per_layer_loss_and_completions():
     card = (require_bundled() / "README.md").read_text()
     assert "exit after layer" in card and "tokens seen" in card and "wall time" in card
-    assert card.count("```python") == 3
+    greedy, healed = card.split("## Greedy completions")[1].split("## Quality on held-out")
+    assert greedy.count("```python") == 3  # the export's own samples
+    assert healed.count("```python") == 3 and "next-line exact match" in healed

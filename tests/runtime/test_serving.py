@@ -47,18 +47,18 @@ def client(engine):
 
 @pytest.mark.slow  # the bundled engine
 def test_greedy_completion_is_the_engines_generation(client, engine):
-    expected = engine.generate(PROMPT, 24)
+    expected = engine.generate(PROMPT, 24, token_healing=True)  # the server's default
     reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
     assert reply.choices[0].text == expected.text
     assert reply.choices[0].finish_reason == "length"
-    assert reply.usage.prompt_tokens == len(engine.encode(PROMPT))
+    assert reply.usage.prompt_tokens == expected.stats.prompt_tokens < len(engine.encode(PROMPT))
     assert reply.usage.completion_tokens == 24
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 24
 
 
 @pytest.mark.slow
 def test_streamed_deltas_join_to_the_same_text(client, engine):
-    expected = engine.generate(PROMPT, 24).text
+    expected = engine.generate(PROMPT, 24, token_healing=True).text
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
                                             temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
@@ -71,10 +71,18 @@ def test_streamed_deltas_join_to_the_same_text(client, engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["lookup", "suffix", "draft"])
 def test_a_requests_policy_returns_ar_s_text(client, engine, policy):
-    expected = engine.generate(PROMPT, 32).text
+    expected = engine.generate(PROMPT, 32, token_healing=True).text
     reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32,
                                       temperature=0, extra_body={"leapc": {"policy": policy}})
     assert reply.choices[0].text == expected
+
+
+@pytest.mark.slow
+def test_token_healing_can_be_turned_off_per_request(client, engine):
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                                      extra_body={"leapc": {"token_healing": False}})
+    assert reply.choices[0].text == engine.generate(PROMPT, 16).text
+    assert reply.usage.prompt_tokens == len(engine.encode(PROMPT))
 
 
 @pytest.mark.slow
@@ -222,7 +230,7 @@ def test_metrics_count_requests_tokens_and_acceptance(engine):
                                       temperature=0, extra_body={"leapc": {"policy": policy}})
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
-        lookup = engine.generate(PROMPT * 3, 48, policy="lookup").stats
+        lookup = engine.generate(PROMPT * 3, 48, policy="lookup", token_healing=True).stats
         got = _samples(url)
     endpoint = "/v1/completions"
     assert got[("leapc_requests_total", (("endpoint", endpoint), ("status", "200")))] == 2
@@ -234,7 +242,7 @@ def test_metrics_count_requests_tokens_and_acceptance(engine):
     assert got[("leapc_decode_steps_total", (("policy", "lookup"),))] == lookup.steps
     assert got[("leapc_accepted_draft_tokens_total", (("policy", "lookup"),))] == \
         sum(lookup.accepted_depth)
-    assert got[("leapc_prompt_tokens_total", ())] == 2 * len(engine.encode(PROMPT * 3))
+    assert got[("leapc_prompt_tokens_total", ())] == 2 * lookup.prompt_tokens
     assert got[("leapc_queue_seconds_count", ())] == 2
     assert got[("leapc_time_to_first_token_seconds_count", ())] == 2
     assert got[("leapc_requests_running", ())] == 0 and got[("leapc_requests_waiting", ())] == 0
@@ -280,14 +288,15 @@ def chat_engine(tmp_path_factory):
 def test_chat_renders_the_models_template(chat_engine):
     assert chat_engine.manifest.tokenizer.chat_template == TEMPLATE
     messages = [{"role": "system", "content": "5"}, {"role": "user", "content": "17 200"}]
-    expected = chat_engine.generate("5 17 200 7", 12).text  # the template's rendering
+    expected = chat_engine.generate("5 17 200 7", 12, token_healing=True).text  # the rendering
     with _serving(chat_engine) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
                                                temperature=0)
         assert reply.choices[0].message.role == "assistant"
         assert reply.choices[0].message.content == expected
-        assert reply.usage.prompt_tokens == 4 and reply.usage.completion_tokens == 12
+        # four tokens, the last backed up by token healing
+        assert reply.usage.prompt_tokens == 3 and reply.usage.completion_tokens == 12
         chunks = list(client.chat.completions.create(model=MODEL, messages=messages,
                                                      max_completion_tokens=12, temperature=0,
                                                      stream=True))
