@@ -166,3 +166,20 @@ def test_a_vocabulary_of_digits_heals_after_a_digit_context():
     kept, healing = heal(tokenizer.encode("5 17 3").ids, texts)
     assert kept == [5, 17] and healing.prefix == " 3"
     assert sorted(np.flatnonzero(healing.allowed)) == [3, *range(30, 40)]
+
+
+@pytest.mark.slow  # the bundled engines with exits, skips and heads (shared with their tests)
+@pytest.mark.parametrize("fixture, args, policies", [
+    ("exit_engine_dir", ("bundled",), ("early-exit", "kangaroo")),
+    ("skip_engine_dir", ("bundled",), ("layer-skip", "swift")),
+    ("heads_engine_dir", ("bundled", "medusa"), ("medusa", "medusa-dynamic")),
+    ("heads_engine_dir", ("bundled", "hydra"), ("hydra", "hydra-dynamic")),
+])
+def test_self_drafting_and_head_policies_are_ar_with_healing_on(request, fixture, args,
+                                                                policies):
+    engine = leapc.load(request.getfixturevalue(fixture)(*args))
+    for prompt in PROMPTS[:3]:
+        expected = engine.generate(prompt, 32, token_healing=True).token_ids
+        for policy in policies:
+            got = engine.generate(prompt, 32, policy=policy, token_healing=True).token_ids
+            assert got == expected, (prompt, policy)
