@@ -40,7 +40,8 @@ from leapc.runtime.decode import (
     Progress,
     StopConfig,
     check_prompt,
-    tree_inputs,
+    draft_budget,
+    prefill,
 )
 from leapc.runtime.drafters.base import Draft, Drafter
 from leapc.runtime.healing import Healing
@@ -163,8 +164,8 @@ class RowSlicing:
 @dataclass(eq=False)
 class Sequence:
     """One request in a scheduler: its prompt, drafter and sampler stream, its own cache
-    while it prefills, then its progress as a row of the batch. ``pending``: tokens
-    emitted but not yet handed out by `Scheduler.step`."""
+    while it prefills, then its progress as a row of the batch; ``token_ids``: what it
+    has emitted so far."""
 
     prompt: list[int]
     drafter: Drafter
@@ -284,8 +285,7 @@ class Scheduler:
     def _prefill_chunk(self, sequence: Sequence) -> list[tuple[Sequence, list[int]]]:
         start = time.perf_counter()
         piece = sequence.prompt[sequence.prefilled : sequence.prefilled + self.chunk]
-        out = self.step_program(*tree_inputs(sequence.cache, Draft.chain_of(piece[0], piece[1:])))
-        sequence.cache.commit(out["present"], np.arange(len(piece)))
+        out = prefill(self.step_program, sequence.cache, piece, len(piece))  # one call
         sequence.prefilled += len(piece)
         stats = sequence.stats
         stats.prefill_calls += 1
@@ -342,9 +342,8 @@ class Scheduler:
         ``step_nodes``: every row pads to the widest, so a step costs rows x width, and on
         a machine whose step is compute-bound at a few rows, drafts must narrow as the
         batch fills (bench/results/serving_bundled.md)."""
-        emitted = sequence.stats.new_tokens
-        own = min(self.chunk - 1, sequence.stop.max_new_tokens - emitted - 1,
-                  self.cache.max_seq - self.cache.lengths[row] - 2, room - 1)
+        own = min(draft_budget(self.cache.lengths[row], self.cache.max_seq, self.chunk,
+                               sequence.stop, sequence.stats.new_tokens), room - 1)
         if self.step_nodes is not None:
             own = min(own, self.step_nodes // len(self.rows) - 1)
         return max(0, own)

@@ -178,8 +178,8 @@ def _truncate(tokens: list[int], stop: StopConfig, emitted: int,
     return tokens, None
 
 
-def draft_budget(cache: KVCache, chunk: int, stop: StopConfig, emitted: int) -> int:
-    """Nodes a drafter may add to the root this step.
+def draft_budget(length: int, max_seq: int, chunk: int, stop: StopConfig, emitted: int) -> int:
+    """Nodes a drafter may add to the root this step, after a past of ``length`` slots.
 
     A step runs at most ``chunk`` nodes (the programs' N bound). Verifying a draft commits
     the root and k accepted nodes at slots ``length .. length + k`` and emits k + 1 tokens,
@@ -188,7 +188,7 @@ def draft_budget(cache: KVCache, chunk: int, stop: StopConfig, emitted: int) -> 
     the step (``T + N <= max_seq``) and one more slot after the deepest node (an early
     exit's closing call) inside the cache.
     """
-    return min(chunk - 1, stop.max_new_tokens - emitted - 1, cache.max_seq - cache.length - 2)
+    return min(chunk - 1, stop.max_new_tokens - emitted - 1, max_seq - length - 2)
 
 
 class Progress:
@@ -288,7 +288,8 @@ def decode(
         if progress.done:
             return
         start = time.perf_counter()
-        draft = progress.draft(draft_budget(cache, chunk, stop, stats.new_tokens))
+        draft = progress.draft(draft_budget(cache.length, cache.max_seq, chunk, stop,
+                                            stats.new_tokens))
         out = drafter.verify(cache, draft) if verifies else step(*tree_inputs(cache, draft))
         progress.conclude(draft, out, cache.commit)
 

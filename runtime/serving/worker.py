@@ -17,7 +17,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from leapc.ir.errors import InputError
 from leapc.runtime.batching import Scheduler, Sequence
 from leapc.runtime.engine import Engine
 from leapc.runtime.healing import CompletionText
@@ -92,14 +91,10 @@ class DecodeWorker:
     def _start(self, job: Job) -> None:
         try:
             sequence = self.engine.sequence(**job.request)
-        except InputError as err:
+        except Exception as err:  # a 400 (InputError) or a 500 for this request alone
             job.leave(None)
             job.outcome.set_exception(err)
             return
-        except BaseException as err:  # an internal error: the request gets a 500
-            job.leave(None)
-            job.outcome.set_exception(err)
-            raise
         job.sequence = sequence
         self.jobs[sequence] = _Running(job, CompletionText(self.engine.tokenizer, sequence.healing),
                                        StopText(job.stops))

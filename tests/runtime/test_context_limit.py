@@ -164,9 +164,9 @@ def test_draft_budget_leaves_the_bonus_token_inside_max_seq():
     # length + budget + 1: max_seq - 1 at most.
     for length, expected in ((0, MAX_NEW - 1), (80, 14), (93, 1), (94, 0)):
         cache.length = length
-        assert draft_budget(cache, MAX_NEW, stop, 0) == expected
+        assert draft_budget(cache.length, cache.max_seq, MAX_NEW, stop, 0) == expected
     cache.length = 10
-    assert draft_budget(cache, MAX_NEW, StopConfig(5, ()), 3) == 1
+    assert draft_budget(cache.length, cache.max_seq, MAX_NEW, StopConfig(5, ()), 3) == 1
 
 
 @pytest.mark.slow
