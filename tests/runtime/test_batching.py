@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from engines import EXIT_LAYERS, TRAINING_FREE
+from engines import TRAINING_FREE
 from stats import chi2_critical, chi2_homogeneity
 
 import leapc
@@ -182,7 +182,6 @@ def test_head_policies_batch_with_per_row_head_outputs(heads_engine_dir, policy)
 
 def test_a_policy_that_cannot_batch_runs_alone_between_batches(exit_engine_dir):
     engine = leapc.load(exit_engine_dir("tiny-llama"))
-    assert EXIT_LAYERS["tiny-llama"] == 1
     requests = [dict(prompt=p, max_new_tokens=20, policy="early-exit" if i % 2 else "lookup")
                 for i, p in enumerate(TINY_PROMPTS[:5])]
     scheduler = engine.scheduler(4)
