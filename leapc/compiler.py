@@ -23,14 +23,14 @@ from leapc.ir.early_exit import check_exit_layer
 from leapc.ir.errors import InputError
 from leapc.ir.skip_spec import SkipSet
 from leapc.layer_skip import SKIP
-from leapc.models.loaders import BUNDLED, BUNDLED_DRAFT, SourceModel, load_source
+from leapc.models.loaders import BUNDLED, BUNDLED_DIFFUSION, BUNDLED_DRAFT, SourceModel, load_source
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
 from leapc.passes.insert_tree_attention import InsertTreeAttention
 from leapc.passes.pipeline import Pipeline, check_numerics, default_pipeline
 from leapc.passes.unroll_draft_chain import UnrollDraftChain
 from leapc.runtime.backends.base import BACKENDS, Compression, Device, lower_program
 from leapc.runtime.manifest import Attention, Manifest, TokenizerInfo
-from leapc.runtime.policies import DEFAULT_MAX_DRAFT, Policy, offered_policies
+from leapc.runtime.policies import DEFAULT_MAX_DRAFT, POLICIES, Policy, offered_policies
 from leapc.runtime.step import unrolled
 from leapc.stage import AUTO, BuildOptions, BuildState, CompiledProgram, Stage
 from leapc.tune import tune
@@ -94,7 +94,7 @@ def _input_paths(model, options: BuildOptions) -> list[Path]:
              heads.train_text if heads else None]
     flat = [p for item in named for p in (item if isinstance(item, (list, tuple)) else [item])]
     return [Path(p) for p in flat
-            if isinstance(p, (str, Path)) and p not in (BUNDLED, BUNDLED_DRAFT, AUTO)]
+            if isinstance(p, (str, Path)) and p not in (BUNDLED, BUNDLED_DRAFT, BUNDLED_DIFFUSION, AUTO)]
 
 
 # ------------------------------------------------------------------ load (before any output)
@@ -116,6 +116,8 @@ def _load(state: BuildState, model) -> None:
                                      options.max_batch)
     if options.datastore is not None:
         state.corpus = read_texts(options.datastore)
+    if state.source.block_diffusion is not None:
+        _check_diffusion_options(options)
     if options.heads is not None:
         check_heads(options)
     layers = state.source.model.config.get_text_config().num_hidden_layers
@@ -125,6 +127,19 @@ def _load(state: BuildState, model) -> None:
         raise InputError("--train-adapter needs --exit-layer (the adapter reads that exit)")
     if isinstance(options.skip, str) and options.skip != AUTO:
         state.options = replace(options, skip=SkipSet.parse(options.skip, layers))
+
+
+def _check_diffusion_options(options: BuildOptions) -> None:
+    """A block-diffusion model unmasks blocks (runtime/diffusion.py): what only next-token
+    drafting reads is refused, by name."""
+    given = [flag for flag, value in (
+        ("--draft-model", options.draft_model), ("--datastore", options.datastore),
+        ("--heads", options.heads), ("--exit-layer", options.exit_layer),
+        ("--skip", options.skip), ("--tune", options.tune_prompts)) if value is not None]
+    if given:
+        unmasking = ", ".join(p.value for p in Policy if POLICIES[p].unmasking is not None)
+        raise InputError(f"{', '.join(given)}: for autoregressive models (this is a "
+                         f"block-diffusion model; its policies are {unmasking})")
 
 
 def _source(model, tokenizer: Path | None) -> SourceModel:
@@ -244,7 +259,8 @@ def _manifest(full: CompiledProgram, options: BuildOptions, capture: CaptureOpti
         passes=full.result.ran,
         anatomy=tuple(recover_anatomy(full.result.program.program, dims.num_layers,
                                       dims.hidden_size).describe()),
-        policies=(Policy.AR,),  # the engine's full list: `_with_policies`, once complete
+        # the reference policy; the engine's full list: `_with_policies`, once complete
+        policies=(Policy.MDM if full.info.diffusion else Policy.AR,),
         max_seq=capture.max_seq,
         max_new=capture.max_new,
     )

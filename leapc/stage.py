@@ -142,6 +142,7 @@ class CompiledProgram:
             source=self.source.name, family=self.source.family, dims=dims,
             weights_sha256=weights_sha256(self.source.model),
             max_positions=self.source.trained_positions,
+            diffusion=self.source.block_diffusion,
         )
 
 

@@ -27,6 +27,13 @@ CARD_PROMPTS = (
 def write_bundled_model(model: LlamaForCausalLM, work: Path, out: Path, title: str,
                         purpose: str) -> None:
     """float16 safetensors, tokenizer files, generation config, then the model card."""
+    save_directory(model, work, out)
+    write_model_card(out, work, title, purpose)
+
+
+def save_directory(model: LlamaForCausalLM, work: Path, out: Path) -> None:
+    """``model`` as float16 safetensors with ``work``'s tokenizer and a greedy generation
+    config: a standard Hugging Face directory."""
     out.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(model).to(torch.float16)
     half.generation_config = GenerationConfig(
@@ -39,7 +46,6 @@ def write_bundled_model(model: LlamaForCausalLM, work: Path, out: Path, title: s
         bos_token=corpus.BOS, eos_token=corpus.EOS, pad_token=corpus.PAD,
         model_max_length=model.config.max_position_embeddings,
     ).save_pretrained(out)
-    write_model_card(out, work, title, purpose)
 
 
 def greedy_completions(model_dir: Path, max_new_tokens: int = 48) -> list[tuple[str, str]]:
@@ -114,3 +120,55 @@ def _python_version() -> str:
     import platform
 
     return platform.python_version()
+
+
+def write_diffusion_model(model: LlamaForCausalLM, work: Path, out: Path) -> None:
+    """The block-diffusion model (models/train_diffusion.py) as a Hugging Face directory,
+    then its card with samples decoded by leapc's own ``mdm`` policy."""
+    save_directory(model, work, out)
+    state = json.loads((work / "train_state.json").read_text())
+    losses = json.loads((work / "eval.json").read_text())
+    cfg = state["config"]
+    samples = "\n\n".join(f"```python\n{p}{c}\n```" for p, c in _diffusion_samples(out))
+    (out / "README.md").write_text(f"""# pycoder-15m-diffusion — leapc's bundled block-diffusion model
+
+pycoder-15m (leapc's bundled code model) adapted into a block-diffusion language model on
+a 2-core CPU by `python -m leapc.models.train_diffusion`, so that leapc's diffusion
+policies (`mdm`, `freedave`, `confidence`, `prophet`, `credit`) have a real model that
+needs no download.
+
+- **Decoding contract** (config key `leapc_block_diffusion`): blocks of
+  {cfg['block_size']} tokens; the mask id is `<|pad|>` (0), which never occurs in the corpus;
+  logits shifted as in Dream: the row at position i predicts the token at i + 1.
+- **Attention**: the committed text is causal (a KV cache); the block being decoded sees
+  it and itself in both directions (block diffusion, as BD3-LM / SDAR / Fast-dLLM v2).
+- **Training**: from pycoder-15m's weights, context {cfg['context']}, batch
+  {cfg['batch_size']}, {state['step']} steps ({state['tokens'] / 1e6:.1f}M clean tokens, each
+  with a noisy copy), AdamW (lr {cfg['lr']} cosine to {cfg['min_lr']}), bf16 autocast; per
+  block a mask rate t ~ U({cfg['min_mask_rate']}, 1); loss: masked-token cross-entropy plus
+  {cfg['ar_weight']} × the clean prefix's next-token loss; **wall time
+  {state['seconds'] / 60:.0f} min**.
+- **Corpus and tokenizer**: pycoder-15m's (the Python standard library, 5% of files held
+  out by path; its byte-level BPE, vocabulary {model.config.vocab_size}).
+
+## Held-out loss (nats/token)
+
+| masked tokens (blocks with t ~ U({cfg['min_mask_rate']}, 1)) | next token (the clean prefix) |
+| --- | --- |
+| {losses['masked_token_loss']:.3f} | {losses['next_token_loss']:.3f} |
+
+## Samples (`mdm`, greedy, 48 tokens)
+
+{samples}
+""")
+
+
+def _diffusion_samples(model_dir: Path, max_new_tokens: int = 48) -> list[tuple[str, str]]:
+    import tempfile
+
+    import leapc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = leapc.load(leapc.build(model_dir, Path(tmp) / "engine", backend="eager",
+                                        max_seq=256))
+        return [(p, engine.generate(p, max_new_tokens, policy="mdm").text) for p in CARD_PROMPTS]

@@ -16,11 +16,17 @@ from transformers.utils import logging as hf_logging
 
 from leapc.ir.errors import InputError, UnsupportedModelError
 
+# A block-diffusion checkpoint's config names its decoding contract under this key
+# (``block_size``, ``mask_token_id``, ``logits_shift``; models/train_diffusion.py).
+DIFFUSION_KEY = "leapc_block_diffusion"
 BUNDLED = "bundled"
 BUNDLED_DIR = Path(__file__).parent / "pycoder-15m"
 BUNDLED_DRAFT = "bundled-draft"
 BUNDLED_DRAFT_DIR = Path(__file__).parent / "pycoder-draft-2m"
-_NAMED = {BUNDLED: BUNDLED_DIR, BUNDLED_DRAFT: BUNDLED_DRAFT_DIR}
+BUNDLED_DIFFUSION = "bundled-diffusion"  # the bundled model adapted to block diffusion
+BUNDLED_DIFFUSION_DIR = Path(__file__).parent / "pycoder-15m-diffusion"
+_NAMED = {BUNDLED: BUNDLED_DIR, BUNDLED_DRAFT: BUNDLED_DRAFT_DIR,
+          BUNDLED_DIFFUSION: BUNDLED_DIFFUSION_DIR}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,11 @@ class SourceModel:
     @property
     def family(self) -> str:
         return self.model.config.get_text_config().model_type
+
+    @property
+    def block_diffusion(self) -> dict | None:
+        """The block-diffusion contract its config records (`DIFFUSION_KEY`), if any."""
+        return getattr(self.model.config, DIFFUSION_KEY, None)
 
     @property
     def trained_positions(self) -> int | None:

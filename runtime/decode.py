@@ -273,11 +273,7 @@ def decode(
     The root of every draft is the last emitted token, not yet in the cache: verifying it
     together with the drafts writes its KV row and yields the logits that check depth 1.
     """
-    check_prompt(prompt, cache.max_seq)
-    start = time.perf_counter()
-    out = prefill(step, cache, prompt, chunk)
-    stats.prompt_tokens, stats.prefill_calls = len(prompt), -(-len(prompt) // chunk)
-    stats.prefill_s = time.perf_counter() - start
+    out = timed_prefill(step, cache, prompt, chunk, stats)
     start = time.perf_counter()
     progress = Progress(prompt, out, drafter, sampling, stop, rng, stats, cache.max_seq,
                         healing)
@@ -292,6 +288,17 @@ def decode(
                                             stats.new_tokens))
         out = drafter.verify(cache, draft) if verifies else step(*tree_inputs(cache, draft))
         progress.conclude(draft, out, cache.commit)
+
+
+def timed_prefill(step: StepFunction, cache: KVCache, prompt: list[int], chunk: int,
+                  stats: GenerationStats) -> dict[str, np.ndarray]:
+    """`prefill` of a checked prompt, counted and timed into ``stats``."""
+    check_prompt(prompt, cache.max_seq)
+    start = time.perf_counter()
+    out = prefill(step, cache, prompt, chunk)
+    stats.prompt_tokens, stats.prefill_calls = len(prompt), -(-len(prompt) // chunk)
+    stats.prefill_s = time.perf_counter() - start
+    return out
 
 
 def check_prompt(prompt: list[int], max_seq: int) -> None:

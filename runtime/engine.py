@@ -27,6 +27,7 @@ from leapc.runtime.backends.base import BACKENDS, Device
 from leapc.runtime.batching import RowSlicing, Scheduler, Sequence
 from leapc.runtime.datastore import Datastore
 from leapc.runtime.decode import GenerationStats, StopConfig, TimedProgram, decode
+from leapc.runtime.diffusion import Chooser, DiffusionOptions, UnmaskingRule, decode_blocks
 from leapc.runtime.drafters.base import Drafter
 from leapc.runtime.healing import CompletionText, Healing, TokenTexts, heal
 from leapc.runtime.kv_cache import KVCache
@@ -100,12 +101,16 @@ class _Run:
     stop: StopConfig
     rng: np.random.Generator
     healing: Healing | None  # ``ids`` is then the prompt backed up by its last token
+    unmasking: UnmaskingRule | None = None  # a block-diffusion policy's (no drafter then)
 
     def loop(self, engine: Engine) -> Iterator[list[int]]:
         """The single-request decode loop over ``engine``'s ``full`` program."""
-        return decode(TimedProgram("full", engine.step, self.stats), self.cache, self.ids,
-                      engine.manifest.max_new, self.drafter, self.sampling, self.stop,
-                      self.rng, self.stats, self.healing)
+        step, m = TimedProgram("full", engine.step, self.stats), engine.manifest
+        if self.unmasking is not None:
+            return decode_blocks(step, self.cache, self.ids, m.max_new, m.model.diffusion.contract,
+                                 self.unmasking, self.stop, self.stats)
+        return decode(step, self.cache, self.ids, m.max_new, self.drafter, self.sampling,
+                      self.stop, self.rng, self.stats, self.healing)
 
 
 def load_program(backend: Backend, path: Path, outputs: tuple[str, ...],
@@ -198,10 +203,11 @@ class Engine:
 
     def policy(self, policy: str | Policy) -> Policy:
         """``policy`` as a `Policy`, refused unless this engine supports it; ``auto`` is the
-        tuned choice (`ar` on an engine built without ``--tune``)."""
+        tuned choice, or on an engine built without ``--tune`` its reference policy (`ar`,
+        or `mdm` for a block-diffusion model)."""
         if policy == AUTO_POLICY:
             tuning = self.manifest.tuning
-            return tuning.chosen.policy if tuning is not None else Policy.AR
+            return tuning.chosen.policy if tuning is not None else self.manifest.policies[0]
         chosen = parse_choice(Policy, policy, "policy")
         if chosen not in self.manifest.policies:
             supported = ", ".join(p.value for p in self.manifest.policies)
@@ -220,25 +226,27 @@ class Engine:
         draft: DraftOptions = DraftOptions(),
         typical: TypicalAcceptance | None = None,
         token_healing: bool = False,
+        diffusion: DiffusionOptions = DiffusionOptions(),
     ) -> Stream:
         """``typical`` opts into Medusa's typical acceptance (rule 6) when sampling: more
         tokens per step, but the output no longer follows the model's distribution.
         ``token_healing`` backs a text prompt up by its last token and starts the
         completion with a token that begins with its text (runtime/healing.py; the CLI's
-        and the server's default); a prompt of token ids is taken as it is."""
+        and the server's default) under autoregressive policies; a prompt of token ids is
+        taken as it is. ``diffusion``: the block-diffusion policies' knobs."""
         run = self._setup(prompt, max_new_tokens, policy, temperature, top_k, top_p, seed,
-                          draft, typical, token_healing)
+                          draft, typical, token_healing, diffusion)
         return Stream(run.loop(self), self.tokenizer, run.stats, run.healing)
 
     def sequence(self, prompt: str | list[int], max_new_tokens: int = 64,
                  policy: str | Policy = Policy.AR, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, draft: DraftOptions = DraftOptions(),
-                 typical: TypicalAcceptance | None = None,
-                 token_healing: bool = False) -> Sequence:
+                 typical: TypicalAcceptance | None = None, token_healing: bool = False,
+                 diffusion: DiffusionOptions = DiffusionOptions()) -> Sequence:
         """The same generation as `stream`, as a request for a `Scheduler` (`scheduler`):
         a row of its batch, or a run of its own for a policy that does not batch."""
         run = self._setup(prompt, max_new_tokens, policy, temperature, top_k, top_p, seed,
-                          draft, typical, token_healing)
+                          draft, typical, token_healing, diffusion)
         batches = POLICIES[run.policy].batches
         return Sequence(run.ids, run.drafter, run.sampling, run.stop, run.rng, run.stats,
                         run.cache, run.healing, batches, None if batches else run.loop(self))
@@ -265,21 +273,29 @@ class Engine:
 
     def _setup(self, prompt: str | list[int], max_new_tokens: int, policy: str | Policy,
                temperature: float, top_k: int, top_p: float, seed: int, draft: DraftOptions,
-               typical: TypicalAcceptance | None, token_healing: bool) -> _Run:
+               typical: TypicalAcceptance | None, token_healing: bool,
+               diffusion: DiffusionOptions) -> _Run:
         chosen, ids = self.check_request(prompt, max_new_tokens, policy, temperature, top_k,
-                                         top_p, seed, draft)
-        # A text prompt's end is where the user stopped typing; token ids are as meant.
-        healed = token_healing and isinstance(prompt, str)
+                                         top_p, seed, draft, diffusion)
+        unmasking = POLICIES[chosen].unmasking
+        if unmasking is not None and typical is not None:
+            raise InputError(f"{chosen.value} is a block-diffusion policy: typical acceptance "
+                             "is for autoregressive policies")
+        # A text prompt's end is where the user stopped typing; token ids are as meant. A
+        # block-diffusion policy unmasks whole blocks: healing is the next token's.
+        healed = token_healing and isinstance(prompt, str) and unmasking is None
         ids, healing = heal(ids, self.token_texts) if healed else (ids, None)
         if policy == AUTO_POLICY:
             draft = self.tuned_options(draft)
         sampling = SamplingConfig(temperature, top_k, top_p, typical)
         stats = GenerationStats(policy=chosen.value)
         cache = self.new_cache(chosen)
+        rule = None if unmasking is None else unmasking(
+            Chooser(self.manifest.model.diffusion.contract, sampling, seed), diffusion)
         return _Run(chosen, ids, sampling, stats, cache,
                     self.drafter(chosen, cache, draft, sampling, seed, stats),
                     StopConfig(max_new_tokens, self.manifest.tokenizer.eos_ids),
-                    np.random.default_rng(seed), healing)
+                    np.random.default_rng(seed), healing, rule)
 
     @cached_property
     def token_texts(self) -> TokenTexts:
@@ -289,13 +305,15 @@ class Engine:
     def check_request(self, prompt: str | list[int], max_new_tokens: int = 64,
                       policy: str | Policy = Policy.AR, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                      draft: DraftOptions = DraftOptions()) -> tuple[Policy, list[int]]:
+                      draft: DraftOptions = DraftOptions(),
+                      diffusion: DiffusionOptions = DiffusionOptions()) -> tuple[Policy, list[int]]:
         """What `stream` refuses, refused without loading or running anything: the policy,
         the options and the prompt (an `InputError`); the policy and the prompt's ids.
         A server answers a bad request with this at once, not after the queue."""
         chosen = self.policy(policy)
         _check_options(max_new_tokens, temperature, top_k, top_p, seed)
         draft.tree_shape()  # every policy's knobs are checked, used or not
+        diffusion.check()
         return chosen, self.encode(prompt)
 
     def tuned_options(self, draft: DraftOptions) -> DraftOptions:

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -26,6 +27,7 @@ from leapc.ir.dims import ModelDims
 from leapc.ir.errors import EngineError
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.datastore import SUFFIXES_FILE, TOKENS_FILE
+from leapc.runtime.diffusion import BlockDiffusion
 from leapc.runtime.policies import POLICIES, Policy
 
 SCHEMA_VERSION = 2  # 2: ModelInfo.dims; no addons, max_batch
@@ -85,6 +87,19 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class BlockDiffusionInfo(_Frozen):
+    """A block-diffusion model's decoding contract (DESIGN §7c, runtime/diffusion.py),
+    from its config's `leapc.models.loaders.DIFFUSION_KEY`."""
+
+    block_size: int = Field(ge=1)
+    mask_token_id: int = Field(ge=0)
+    logits_shift: Literal[0, 1]  # 1: the row at position i predicts position i + 1
+
+    @property
+    def contract(self) -> BlockDiffusion:
+        return BlockDiffusion(self.block_size, self.mask_token_id, self.logits_shift)
+
+
 class ModelInfo(_Frozen):
     source: str  # what was built: "bundled", or the model's path (for `bench --vs-hf`)
     family: str
@@ -93,6 +108,7 @@ class ModelInfo(_Frozen):
     # Positions the model was trained for (its config's max_position_embeddings; None if the
     # config names none): past them a model's outputs are not what it learned.
     max_positions: int | None
+    diffusion: BlockDiffusionInfo | None = None  # a block-diffusion model: how it unmasks
 
     @field_validator("dims")
     @classmethod
@@ -406,6 +422,10 @@ def _check_token_ids(m: Manifest) -> None:
     for token in bos + m.tokenizer.eos_ids:
         if not 0 <= token < vocab:
             raise ValueError(f"tokenizer token id {token} is outside the vocabulary [0, {vocab})")
+    diffusion = m.model.diffusion
+    if diffusion is not None and diffusion.mask_token_id >= vocab:
+        raise ValueError(f"mask token id {diffusion.mask_token_id} is outside the vocabulary "
+                         f"[0, {vocab})")
     if m.draft_model is not None and m.draft_model.dims.vocab_size != vocab:
         raise ValueError(f"draft_model's vocab_size {m.draft_model.dims.vocab_size} differs from "
                          f"the model's {vocab}")

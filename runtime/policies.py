@@ -25,6 +25,7 @@ import numpy as np
 from leapc.ir.dims import ModelDims
 from leapc.ir.errors import InputError
 from leapc.ir.head_spec import HeadKind, HeadPlacement
+from leapc.runtime.diffusion import Credit, FreeDave, Prophet, Reference, Threshold, UnmaskingRule
 from leapc.runtime.drafters.base import ChildSampling, Drafter, NoDrafter
 from leapc.runtime.drafters.cache_chain import LayerSkipDrafter
 from leapc.runtime.drafters.draft_model import DraftModelDrafter, TreeShape, UnrolledChain
@@ -61,6 +62,12 @@ class Policy(str, enum.Enum):
     KANGAROO = "kangaroo"  # exit + trained adapter, stop below a top-1 confidence (--train-adapter)
     LAYER_SKIP = "layer-skip"  # the model with some sublayers bypassed drafts (build --skip)
     SWIFT = "swift"  # layer skip choosing among the engine's skip sets while generating
+    # Block-diffusion models (runtime/diffusion.py): how a block's masked positions unmask.
+    MDM = "mdm"  # the reference: one position per call, the most confident
+    FREEDAVE = "freedave"  # the reference's decisions drafted and verified (lossless)
+    CONFIDENCE = "confidence"  # every position above a probability threshold (lossy)
+    PROPHET = "prophet"  # the whole rest once every top-1 leads its top-2 (lossy)
+    CREDIT = "credit"  # positions whose top-1 probability accumulates enough (lossy)
 
 
 # `--policy auto`: the engine's tuned choice (`leapc build --tune`), or `ar` if untuned.
@@ -142,9 +149,15 @@ class PolicySpec:
     # Runs as a row of a batch (runtime/batching.py): its drafter neither drafts inside
     # the target's cache nor verifies through programs of its own.
     batches: bool = True
+    # A block-diffusion policy: its unmasking rule (it has no drafter); None: autoregressive.
+    unmasking: type[UnmaskingRule] | None = None
 
     def missing(self, manifest: Manifest) -> str | None:
         """Why ``manifest`` cannot offer this policy, or None if it can."""
+        diffusion = manifest.model.diffusion is not None
+        if diffusion != (self.unmasking is not None):
+            return ("needs a block-diffusion model" if not diffusion else
+                    "needs an autoregressive model (the engine's is a block-diffusion model)")
         if self.drafts and manifest.inexact_verification:
             return manifest.inexact_verification
         for section in self.sections:
@@ -307,6 +320,11 @@ POLICIES: Mapping[Policy, PolicySpec] = {
     Policy.LAYER_SKIP: PolicySpec(_layer_skip, ("skip", "skip_choice"), _chosen_skip_program,
                                   batches=False),
     Policy.SWIFT: PolicySpec(_swift, ("skip", "skip_choice"), _all_skips, batches=False),
+    **{policy: PolicySpec(lambda c: NoDrafter(), batches=False, unmasking=rule,
+                          drafts=policy is Policy.FREEDAVE)
+       for policy, rule in ((Policy.MDM, Reference), (Policy.FREEDAVE, FreeDave),
+                            (Policy.CONFIDENCE, Threshold), (Policy.PROPHET, Prophet),
+                            (Policy.CREDIT, Credit))},
 }
 
 

@@ -22,6 +22,7 @@ from leapc.runtime.manifest import (
     read_manifest,
     sha256_file,
 )
+from leapc.runtime.policies import POLICIES
 
 
 @pytest.fixture
@@ -296,7 +297,9 @@ SECTIONS = {
     "skip": "a1",
     "skip_choice": {"source": "given", "depth": 3, "candidates": ["m0", "a1"]},
 }
-EVERY_POLICY = [p.value for p in Policy if p not in (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC)]
+# every autoregressive policy but Medusa's (the complete engine's heads are Hydra's)
+EVERY_POLICY = [p.value for p in Policy if POLICIES[p].unmasking is None
+                and p not in (Policy.MEDUSA, Policy.MEDUSA_DYNAMIC)]
 
 
 @pytest.fixture
@@ -392,6 +395,15 @@ BREAKS = {
     "swift-no-choice": (_both(_set("skip_choice", value=None), _without_policies("layer-skip")),
                         "policy 'swift' needs skip_choice"),
     "swift-no-candidate-program": (_drop("programs", "skip_1"), "needs program 'skip_1'"),
+    "diffusion-policy-on-autoregressive": (_set("policies", value=EVERY_POLICY + ["mdm"]),
+                                           "policy 'mdm' needs a block-diffusion model"),
+    "autoregressive-policy-on-diffusion": (
+        _set("model", "diffusion", value={"block_size": 4, "mask_token_id": 0,
+                                          "logits_shift": 1}),
+        "policy 'ar' needs an autoregressive model"),
+    "mask-id-past-vocab": (_both(_set("model", "diffusion", value={
+        "block_size": 4, "mask_token_id": 256, "logits_shift": 1}), _set("policies", value=["mdm"])),
+        "mask token id 256 is outside the vocabulary [0, 256)"),
     "int8-drafting": (_set("quantization", value="int8"),
                       "policy 'lookup' needs float weights or --attention kernel|invariant to "
                       "draft"),
