@@ -31,6 +31,7 @@ from leapc.ir.errors import InputError, LeapcUserError, MissingDependencyError, 
 from leapc.ir.head_spec import HeadKind, HeadPlacement
 from leapc.runtime.backends.base import Device
 from leapc.runtime.decode import GenerationStats, StopReason
+from leapc.runtime.diffusion import DiffusionOptions
 from leapc.runtime.drafters.base import ChildSampling
 from leapc.runtime.drafters.heads import DynamicTree
 from leapc.runtime.drafters.lookahead import LookaheadConfig
@@ -253,7 +254,8 @@ def run(
     max_new_tokens: int = typer.Option(64),
     policy: str = typer.Option(AUTO_POLICY, help="a policy the engine offers, or 'auto': the "
                                                  "one `build --tune` measured fastest (ar "
-                                                 "if untuned)"),
+                                                 "if untuned; mdm on a block-diffusion "
+                                                 "engine)"),
     temperature: float = typer.Option(0.0),
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
@@ -264,7 +266,16 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     token_healing: bool = typer.Option(True, help="back the prompt up by its last token and "
                                                   "start with a token that begins with its "
-                                                  "text (a prompt may end anywhere)"),
+                                                  "text (a prompt may end anywhere; "
+                                                  "autoregressive policies)"),
+    unmask_depth: int = typer.Option(DiffusionOptions.depth, help="freedave: reference "
+                                     "decisions drafted and verified per call"),
+    unmask_threshold: float = typer.Option(DiffusionOptions.threshold, help="confidence: "
+                                           "decide every position at least this probable"),
+    unmask_margin: float = typer.Option(DiffusionOptions.margin, help="prophet: decide the "
+                                        "whole block once every top-1 leads its top-2 by this"),
+    unmask_credit: float = typer.Option(DiffusionOptions.credit, help="credit: decide "
+                                        "positions whose accumulated probability reaches this"),
     draft: DraftOptions = None,
 ) -> None:
     """Generate from a prompt."""
@@ -277,7 +288,10 @@ def run(
     stream = loaded.stream(request, max_new_tokens, policy=policy, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed, draft=draft,
                            typical=TypicalAcceptance() if typical else None,
-                           token_healing=token_healing)
+                           token_healing=token_healing,
+                           diffusion=DiffusionOptions(depth=unmask_depth,
+                                                      threshold=unmask_threshold,
+                                                      margin=unmask_margin, credit=unmask_credit))
     if as_json:
         for _ in stream:
             pass

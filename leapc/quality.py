@@ -106,18 +106,26 @@ def next_line_scores(engine: Engine, chosen: list[Case]) -> list[Score]:
 
 def held_out_loss(engine: Engine, windows: list[list[int]]) -> float:
     """Mean next-token cross-entropy (nats) over the windows, from the engine's logits."""
-    losses = []
-    for ids in windows:
-        cache = engine.new_cache()
-        logits = []
-        for start in range(0, len(ids), engine.manifest.max_new):
-            piece = ids[start : start + engine.manifest.max_new]
-            logits.append(prefill(engine.step, cache, piece, len(piece))["logits"][0])
-        z = np.concatenate(logits)[:-1].astype(np.float64)
-        log_p = z - z.max(-1, keepdims=True)
-        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
-        losses.extend(-log_p[np.arange(len(ids) - 1), ids[1:]])
-    return float(np.mean(losses))
+    return float(np.mean(np.concatenate([-token_log_probs(engine, ids) for ids in windows])))
+
+
+def completion_loss(engine: Engine, prompt: list[int], completion: list[int]) -> float:
+    """Mean cross-entropy (nats/token) of ``completion`` after ``prompt`` under ``engine``'s
+    model: how plausible another model's (or policy's) output is to this one."""
+    return float(np.mean(-token_log_probs(engine, prompt + completion)[len(prompt) - 1:]))
+
+
+def token_log_probs(engine: Engine, ids: list[int]) -> np.ndarray:
+    """``log p(ids[i + 1] | ids[: i + 1])`` for every i, from the engine's logits."""
+    cache = engine.new_cache()
+    logits = []
+    for start in range(0, len(ids), engine.manifest.max_new):
+        piece = ids[start : start + engine.manifest.max_new]
+        logits.append(prefill(engine.step, cache, piece, len(piece))["logits"][0])
+    z = np.concatenate(logits)[:-1].astype(np.float64)
+    log_p = z - z.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    return log_p[np.arange(len(ids) - 1), ids[1:]]
 
 
 def markdown(scores: list[Score]) -> str:

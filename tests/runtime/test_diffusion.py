@@ -155,3 +155,25 @@ def test_block_logits_are_shifted(engine):
     # one block of BLOCK tokens, then the first decision is at `position`
     tokens = engine.generate(prompt, BLOCK, policy="mdm").token_ids
     assert tokens[position] == expected
+
+
+def test_cli_runs_the_engine_policy_and_knobs(engine, capsys):
+    """`leapc run` on a block-diffusion engine: `auto` is mdm, knobs reach the rules."""
+    import json
+
+    from leapc.cli import main
+
+    def run(*args: str) -> dict:
+        capsys.readouterr()
+        main(["run", str(engine.path), "--prompt-ids", "5,17,42", "--max-new-tokens", "12",
+              "--json", *args])
+        return json.loads(capsys.readouterr().out)
+
+    ref = engine.generate(PROMPTS[0], 12, policy="mdm")
+    auto = run()
+    assert auto["policy"] == "mdm" and auto["token_ids"] == ref.token_ids
+    assert run("--policy", "freedave", "--unmask-depth", "3")["token_ids"] == ref.token_ids
+    strict = run("--policy", "confidence", "--unmask-threshold", "1.0")
+    assert strict["token_ids"] == ref.token_ids and strict["steps"] == ref.stats.steps
+    loose = run("--policy", "confidence", "--unmask-threshold", "0.3")
+    assert loose["steps"] < ref.stats.steps
