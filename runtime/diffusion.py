@@ -102,44 +102,60 @@ class Block:
 
 @dataclass(frozen=True)
 class Choices:
-    """Per block position, from one state's logits: the token a decision there would take
-    and its probability (its confidence), and the top-1 lead over the top-2."""
+    """Per block position: the token a decision there would take, and its probability
+    (the position's confidence)."""
 
     tokens: np.ndarray
     confidence: np.ndarray
-    lead: np.ndarray
 
 
-class Chooser:
-    """Turns a state's block logits into `Choices`, with the noise of one decision."""
+class Scores:
+    """One state's block logits as distributions (computed once, whatever decisions are
+    then taken from them), and the decisions."""
 
-    def __init__(self, contract: BlockDiffusion, sampling: SamplingConfig, seed: int):
-        self.contract, self.sampling, self.seed = contract, sampling, seed
-
-    def __call__(self, logits: np.ndarray, block: Block, decision: int) -> Choices:
-        logits = logits.astype(np.float64)
-        logits[:, self.contract.mask_id] = -np.inf  # a decision never picks the mask
-        p = _softmax(logits) if self.sampling.greedy else probabilities(logits, self.sampling)
-        if self.sampling.greedy:
-            tokens = np.argmax(logits, axis=-1)
+    def __init__(self, logits: np.ndarray, chooser: Chooser):
+        self.chooser = chooser
+        z = logits.astype(np.float32 if chooser.sampling.greedy else np.float64)
+        z[:, chooser.contract.mask_id] = -np.inf  # a decision never picks the mask
+        if chooser.sampling.greedy:
+            self.p = np.exp(z - z.max(axis=-1, keepdims=True))
+            self.p /= self.p.sum(axis=-1, keepdims=True)
+            self.greedy = Choices(np.argmax(z, axis=-1), self.p.max(axis=-1))
         else:
-            noise = np.random.default_rng([self.seed, block.index, decision]).gumbel(size=p.shape)
-            with np.errstate(divide="ignore"):
-                tokens = np.argmax(np.log(p) + noise, axis=-1)
-        top2 = np.sort(p, axis=-1)[:, -2:]
-        return Choices(tokens, np.take_along_axis(p, tokens[:, None], axis=-1)[:, 0],
-                       top2[:, 1] - top2[:, 0])
+            self.p = probabilities(z, chooser.sampling)
 
-    def reference(self, logits: np.ndarray, block: Block) -> tuple[int, int]:
-        """``mdm``'s decision from ``block``'s state: (position, token)."""
-        choices = self(logits, block, block.decisions)
+    def choices(self, block: Block, decision: int) -> Choices:
+        """Each position's token and confidence, with the noise of ``decision`` (keyed by
+        the seed and ``block``'s index, so any policy in the same state draws the same)."""
+        if self.chooser.sampling.greedy:
+            return self.greedy
+        rng = np.random.default_rng([self.chooser.seed, block.index, decision])
+        with np.errstate(divide="ignore"):
+            tokens = np.argmax(np.log(self.p) + rng.gumbel(size=self.p.shape), axis=-1)
+        return Choices(tokens, np.take_along_axis(self.p, tokens[:, None], axis=-1)[:, 0])
+
+    def reference(self, block: Block) -> tuple[int, int]:
+        """``mdm``'s decision from ``block``'s state with these logits: (position, token)."""
+        choices = self.choices(block, block.decisions)
         position = _most_confident(choices.confidence, block.masked)
         return position, int(choices.tokens[position])
 
+    def lead(self) -> np.ndarray:
+        """Each position's top-1 probability minus its top-2."""
+        top2 = np.partition(self.p, -2, axis=-1)[:, -2:]
+        return top2[:, 1] - top2[:, 0]
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
+
+@dataclass(frozen=True)
+class Chooser:
+    """How decisions are taken: greedy or sampled, with the generation's seed."""
+
+    contract: BlockDiffusion
+    sampling: SamplingConfig
+    seed: int
+
+    def __call__(self, logits: np.ndarray) -> Scores:
+        return Scores(logits, self)
 
 
 def _most_confident(confidence: np.ndarray, masked: np.ndarray) -> int:
@@ -225,15 +241,15 @@ class UnmaskingRule:
 
 class Reference(UnmaskingRule):
     def decide(self, block, logits, call):
-        position, token = self.chooser.reference(logits, block)
+        position, token = self.chooser(logits).reference(block)
         return Decided(block.decided(position, token), None)
 
 
 class FreeDave(UnmaskingRule):
     def decide(self, block, logits, call):
-        drafts = [block]
+        drafts, stale = [block], self.chooser(logits)
         for _ in range(min(self.options.depth, int(block.masked.sum()), max(call.room, 1))):
-            position, token = self.chooser.reference(logits, drafts[-1])
+            position, token = stale.reference(drafts[-1])
             drafts.append(drafts[-1].decided(position, token))
         # The first draft is the reference's own decision; a complete block needs no logits.
         evaluate = [d for d in drafts[1:] if not d.done]
@@ -242,7 +258,7 @@ class FreeDave(UnmaskingRule):
         found = call(None, evaluate)
         state, state_logits = drafts[1], found[0]
         for j in range(1, len(drafts) - 1):
-            if self.chooser.reference(found[j - 1], drafts[j]) != _last_decision(drafts[j],
+            if self.chooser(found[j - 1]).reference(drafts[j]) != _last_decision(drafts[j],
                                                                                  drafts[j + 1]):
                 break
             state = drafts[j + 1]
@@ -258,7 +274,7 @@ def _last_decision(before: Block, after: Block) -> tuple[int, int]:
 
 class Threshold(UnmaskingRule):
     def decide(self, block, logits, call):
-        choices = self.chooser(logits, block, block.decisions)
+        choices = self.chooser(logits).choices(block, block.decisions)
         masked = block.masked
         chosen = masked & (choices.confidence >= self.options.threshold)
         chosen[_most_confident(choices.confidence, masked)] = True
@@ -267,9 +283,9 @@ class Threshold(UnmaskingRule):
 
 class Prophet(UnmaskingRule):
     def decide(self, block, logits, call):
-        choices = self.chooser(logits, block, block.decisions)
-        masked = block.masked
-        if (choices.lead[masked] >= self.options.margin).all():
+        scores = self.chooser(logits)
+        choices, masked = scores.choices(block, block.decisions), block.masked
+        if (scores.lead()[masked] >= self.options.margin).all():
             return Decided(block.decided(np.flatnonzero(masked), choices.tokens[masked]), None)
         position = _most_confident(choices.confidence, masked)
         return Decided(block.decided(position, choices.tokens[position]), None)
@@ -281,7 +297,7 @@ class Credit(UnmaskingRule):
         self.credit: np.ndarray | None = None
 
     def decide(self, block, logits, call):
-        choices = self.chooser(logits, block, block.decisions)
+        choices = self.chooser(logits).choices(block, block.decisions)
         if self.top is None:
             self.top, self.credit = choices.tokens, np.zeros(len(choices.tokens))
         same = choices.tokens == self.top
