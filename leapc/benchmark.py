@@ -19,6 +19,7 @@ from rich.table import Table
 
 from leapc.ir.errors import InputError, MissingDependencyError, require_utf8
 from leapc.runtime.decode import GenerationStats, StopConfig
+from leapc.runtime.diffusion import DiffusionOptions
 from leapc.runtime.engine import Engine, Generation
 from leapc.runtime.policies import DraftOptions
 
@@ -445,3 +446,78 @@ def save_results(directory: Path, name: str, data, caption: str, table: str) -> 
     (directory / f"{name}.md").write_text(f"{caption}\n\n{table}\n")
     print(table)
 
+
+
+# ------------------------------------------------------------------ block diffusion
+
+
+@dataclass(frozen=True)
+class DiffusionRun:
+    """One benchmarked block-diffusion configuration: a policy and its knobs, labelled."""
+
+    label: str
+    policy: str
+    options: DiffusionOptions = DiffusionOptions()
+
+
+def run_diffusion_bench(engine: Engine, runs: tuple[DiffusionRun, ...], prompts: tuple[str, ...],
+                        max_new_tokens: int, repeats: int, scorer: Engine | None = None) -> dict:
+    """Block-diffusion policies against ``mdm`` (the reference, run first), passes
+    interleaved: tokens/s (median), forward passes per token, identity with ``mdm`` and,
+    for lossy rules, agreement with it; with ``scorer`` (an autoregressive engine on the
+    same tokenizer), the cross-entropy of each output under that model."""
+    runs = (DiffusionRun("mdm", "mdm"), *(r for r in runs if r.label != "mdm"))
+    for prompt in prompts:
+        engine.encode(prompt)
+    generate = {r.label: (lambda p, r=r: engine.generate(p, max_new_tokens, policy=r.policy,
+                                                          diffusion=r.options)) for r in runs}
+    for run in runs:  # warm-up
+        generate[run.label](prompts[0])
+    speeds, last = {r.label: [] for r in runs}, {}
+    for _ in range(repeats):
+        for run in runs:
+            last[run.label] = [generate[run.label](p) for p in prompts]
+            seconds = sum(g.stats.prefill_s + g.stats.decode_s for g in last[run.label])
+            speeds[run.label].append(sum(len(g.token_ids) for g in last[run.label]) / seconds)
+    reference = [g.token_ids for g in last["mdm"]]
+    rows = [_diffusion_row(run, last[run.label], speeds[run.label], reference, engine, prompts,
+                           scorer) for run in runs]
+    for row in rows:
+        row["speedup_vs_mdm"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return {"model": engine.manifest.model.source, "backend": engine.manifest.backend.value,
+            "quantization": engine.manifest.quantization.value, "prompts": len(prompts),
+            "max_new_tokens": max_new_tokens, "repeats": repeats, "results": rows}
+
+
+def _diffusion_row(run: DiffusionRun, gens: list[Generation], speeds: list[float],
+                   reference: list[list[int]], engine: Engine, prompts: tuple[str, ...],
+                   scorer: Engine | None) -> dict:
+    ids = [g.token_ids for g in gens]
+    agree = [np.mean(np.asarray(a[: len(b)]) == np.asarray(b[: len(a)])) if a and b else 0.0
+             for a, b in zip(ids, reference, strict=True)]
+    row = {"policy": run.label, "tokens_per_s": statistics.median(speeds),
+           "passes_per_token": sum(sum(g.stats.calls.values()) for g in gens)
+           / max(1, sum(map(len, ids))),
+           "identical_to_mdm": ids == reference, "agreement_with_mdm": float(np.mean(agree))}
+    if scorer is not None:
+        from leapc.quality import completion_loss
+
+        row["ar_model_loss"] = float(np.mean([completion_loss(scorer, engine.encode(p), i)
+                                              for p, i in zip(prompts, ids, strict=True) if i]))
+    return row
+
+
+def diffusion_table(result: dict) -> Table:
+    table = Table(title=f"{result['model']} · {result['backend']} {result['quantization']} · "
+                        f"{result['prompts']} prompts × {result['max_new_tokens']} tokens "
+                        f"(median of {result['repeats']})")
+    scored = "ar_model_loss" in result["results"][0]
+    for column in ("policy", "tokens/s", "× mdm", "passes/token", "identical to mdm",
+                   "agreement with mdm", *(("AR-model loss",) if scored else ())):
+        table.add_column(column, justify="right")
+    for r in result["results"]:
+        table.add_row(r["policy"], f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_mdm']:.2f}×",
+                      f"{r['passes_per_token']:.2f}", "yes" if r["identical_to_mdm"] else "no",
+                      f"{r['agreement_with_mdm']:.1%}",
+                      *((f"{r['ar_model_loss']:.3f}",) if scored else ()))
+    return table

@@ -441,18 +441,43 @@ def bench(
         from leapc.plots import pyplot
 
         pyplot()
-    cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
-                      draft)
-    with out.status("benchmarking"):
-        result = run_bench(leapc.load(engine, device, cfg.policies), cfg, vs_hf,
-                           vs_llamacpp=vs_llamacpp)
-    out.print(bench_table(result))
+    loaded = leapc.load(engine, device)  # each policy's programs load at its warm-up run
+    if loaded.manifest.model.diffusion is not None:
+        result = _bench_diffusion(loaded, policies, load_prompts(prompts), max_new_tokens,
+                                  repeats, vs_hf or vs_llamacpp or plot is not None)
+    else:
+        cfg = BenchConfig(_policies(policies), load_prompts(prompts), max_new_tokens, repeats,
+                          draft)
+        with out.status("benchmarking"):
+            result = run_bench(loaded, cfg, vs_hf, vs_llamacpp=vs_llamacpp)
+        out.print(bench_table(result))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
     if plot:
         from leapc.plots import plot_speedups
 
         plot_speedups(result, plot)
+
+
+def _bench_diffusion(engine, policies: str, prompts: tuple[str, ...], max_new_tokens: int,
+                     repeats: int, baselines: bool) -> dict:
+    """`leapc bench` on a block-diffusion engine: its policies (all of them unless named)
+    against mdm, at their default knobs."""
+    from leapc.benchmark import DiffusionRun, diffusion_table, run_diffusion_bench
+
+    if baselines:
+        raise InputError("--vs-hf, --vs-llamacpp and --plot are for autoregressive engines "
+                         "(this is a block-diffusion engine)")
+    # the default (`ar,auto`) means every policy the engine offers
+    offered = [p.value for p in engine.manifest.policies]
+    named = offered if policies == f"ar,{AUTO_POLICY}" else list(_policies(policies))
+    for name in named:
+        engine.policy(name)  # one line if the engine does not offer it
+    runs = tuple(DiffusionRun(n, engine.policy(n).value) for n in named)
+    with out.status("benchmarking"):
+        result = run_diffusion_bench(engine, runs, prompts, max_new_tokens, repeats)
+    out.print(diffusion_table(result))
+    return result
 
 
 def _check_output_file(path: Path | None, option: str) -> None:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from engines import STORIES_REFERENCE, id_tokenizer
@@ -505,7 +506,9 @@ def test_run_and_bench_turn_the_drafting_flags_into_one_draft_options(in_process
         received.append(cfg.draft)
         raise Stop
 
-    monkeypatch.setattr(leapc, "load", lambda *a, **k: type("E", (), {"stream": stream})())
+    autoregressive = SimpleNamespace(model=SimpleNamespace(diffusion=None))
+    monkeypatch.setattr(leapc, "load", lambda *a, **k: type(
+        "E", (), {"stream": stream, "manifest": autoregressive})())
     monkeypatch.setattr(benchmark, "run_bench", bench)
     for command in (("run", tmp_path, "--prompt-ids", "1"), ("bench", tmp_path)):
         with pytest.raises(Stop):

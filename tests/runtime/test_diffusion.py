@@ -188,3 +188,26 @@ def test_cli_runs_the_engine_policy_and_knobs(engine, capsys):
     assert strict["token_ids"] == ref.token_ids and strict["steps"] == ref.stats.steps
     loose = run("--policy", "confidence", "--unmask-threshold", "0.3")
     assert loose["steps"] < ref.stats.steps
+
+
+def test_cli_bench_measures_every_policy_against_mdm(engine, tmp_path, capsys):
+    import json
+
+    from leapc.cli import main
+
+    out = tmp_path / "bench.json"
+    main(["bench", str(engine.path), "--prompts", str(_prompt_file(tmp_path)), "--repeats", "1",
+          "--max-new-tokens", "24", "--json", str(out)])
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == list(DIFFUSION_POLICIES)
+    assert rows["mdm"]["speedup_vs_mdm"] == 1.0 and rows["freedave"]["identical_to_mdm"]
+    assert rows["freedave"]["passes_per_token"] < rows["mdm"]["passes_per_token"]
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", str(engine.path), "--policies", "ar", "--repeats", "1"])
+    assert stop.value.code == 2 and "does not support policy 'ar'" in capsys.readouterr().err
+
+
+def _prompt_file(directory):
+    path = directory / "prompts.jsonl"
+    path.write_text('"5 17 42"\n"9 3 3 3 101"\n')
+    return path
