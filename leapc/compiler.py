@@ -43,7 +43,8 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
              heads: InsertDecodingHeads | None = None) -> Pipeline:
     """The cleanups every engine gets, the heads if any, then the attention lowering."""
     added = (heads,) if heads is not None else ()
-    lowering = (InsertTreeAttention(),) if attention.compact_mask else ()
+    lowering = ((InsertTreeAttention(dense_windows=not attention.width_invariant),)
+                if attention.compact_mask else ())
     return Pipeline((*default_pipeline().passes, *added, *lowering), dump_dir)
 
 
