@@ -370,13 +370,16 @@ def check_capture(program: ExportedProgram, reference: _Reference, dims: ModelDi
             "something the step contract does not carry")
 
 
-def _use_sdpa(model: PreTrainedModel) -> None:
+def _use_exportable_kernels(model: PreTrainedModel) -> None:
+    """SDPA attention, and mixture-of-experts layers as gathers and batched matmuls (the
+    default grouped matmul is a transformers custom op ONNX cannot translate)."""
     try:
         model.set_attn_implementation("sdpa")
     except (ValueError, ImportError):
         # Some classes opt out of SDPA for a feature only some configs use (soft-capping);
         # transformers' SDPA refuses those features, and `check_capture` compares the rest.
         model.config._attn_implementation = "sdpa"
+    model.set_experts_implementation("batched_mm")  # a no-op without experts
 
 
 def capture(model: PreTrainedModel, options: CaptureOptions = CaptureOptions()) -> CapturedProgram:
@@ -387,9 +390,9 @@ def capture(model: PreTrainedModel, options: CaptureOptions = CaptureOptions()) 
     layout = MaskLayout.of(model, options)
     reference = _reference(model, layout, options)
     dims = _dims(model, reference.cache)
-    previous = model.config._attn_implementation
+    previous = model.config._attn_implementation, model.config._experts_implementation
     try:
-        _use_sdpa(model)
+        _use_exportable_kernels(model)
         program = export_step(StepModule(model, layout), dims, options)
     except UnsupportedModelError:
         raise
@@ -402,6 +405,6 @@ def capture(model: PreTrainedModel, options: CaptureOptions = CaptureOptions()) 
             f"({type(err).__name__}: {reason})"
         ) from err
     finally:
-        model.config._attn_implementation = previous
+        model.config._attn_implementation, model.config._experts_implementation = previous
     check_capture(program, reference, dims, options, name)
     return CapturedProgram(program, step_signature(dims, options), dims)
