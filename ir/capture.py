@@ -2,29 +2,36 @@
 
 The model runs its own transformers code: a thin wrapper fills a `DynamicCache` from the
 ``past`` input, hands the model an additive 4-D mask built from the boolean ``mask`` input
-(transformers uses a 4-D mask as given), and returns the logits plus the keys/values the
-new tokens appended to the cache. `torch.export` then traces that wrapper with symbolic
-B, N, T.
+(transformers uses a 4-D mask as given; sliding-window layers get it narrowed to their
+window), and returns the logits plus the keys/values the new tokens appended to the cache.
+`torch.export` then traces that wrapper with symbolic B, N, T.
+
+Any causal LM is captured by what it does, not by its family's name: what the step
+contract cannot carry is refused by feature (`check_supported`, the cache layers its own
+forward makes), and the captured program is compared with the model's own forward before
+it is handed out (`check_capture`), so a model that captures but computes something else
+is refused instead of becoming a wrong engine.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from torch._dynamo.exc import UserError
 from torch.export import Dim, ExportedProgram
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import (
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    get_layer_types_and_kwargs,
+)
 
 from leapc.ir import signature as sig
 from leapc.ir.dims import ModelDims
 from leapc.ir.errors import UnsupportedModelError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
 STEP_INPUTS = ("tokens", "positions", "past", "mask")
 STEP_OUTPUTS = ("logits", "present")
 # A remainder program (passes/slice_remainder.py) takes the residual stream instead of tokens.
@@ -72,23 +79,67 @@ class _PastLayer(DynamicLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
 
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer type names
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """The mask each decoder layer's attention gets, in transformers' layer-type terms.
+
+    ``window``: how many positions a sliding-window layer sees, its own included (None: no
+    such layer, or a window no call can exceed). ``per_type``: the model reads a dict of
+    masks keyed by layer type (its layers mix full and windowed attention); otherwise every
+    layer reads one mask.
+    """
+
+    window: int | None = None
+    per_type: bool = False
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, options: CaptureOptions) -> MaskLayout:
+        """The layout of ``model``'s layers (transformers' own reading of its config, the one
+        its `DynamicCache` uses); other layer types are refused by name."""
+        cfg = model.config.get_text_config(decoder=True)
+        types, kwargs = get_layer_types_and_kwargs(cfg)
+        other = sorted(set(types) - {FULL, SLIDING})
+        if other:
+            raise UnsupportedModelError(f"{cfg.model_type}: {', '.join(other)} layers are not "
+                                        "supported (only full and sliding-window attention)")
+        windows = {kw["sliding_window"] for t, kw in zip(types, kwargs, strict=True) if t == SLIDING}
+        if len(windows) > 1:
+            raise UnsupportedModelError(f"{cfg.model_type}: sliding windows of different sizes "
+                                        f"({sorted(windows)}) are not supported")
+        # A window no shorter than max-seq never hides a key: those layers are full.
+        window = next((w for w in windows if w < options.max_seq), None)
+        return cls(window, per_type=window is not None and FULL in types)
+
+
+def _within_window(positions: torch.Tensor, past_slots: int, window: int) -> torch.Tensor:
+    """``[B, N, T + N]``: key within ``window`` positions of the query (its own included).
+
+    Past slot ``j`` holds position ``j`` (the runtime's caches keep each row's tokens in
+    order from slot 0); the new tokens' keys are at their own ``positions``.
+    """
+    past = torch.arange(past_slots, device=positions.device).expand(positions.shape[0], -1)
+    keys = torch.cat([past, positions], dim=1)
+    return (positions[:, :, None] - keys[:, None, :]) < window
+
+
 class StepModule(torch.nn.Module):
     """``(tokens, positions, past, mask) -> (logits, present)`` over the model's own code."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, layout: MaskLayout = MaskLayout()):
         super().__init__()
         self.model = model
+        self.layout = layout
 
     def forward(self, tokens, positions, past, mask):
         cache = DynamicCache()
         cache.layers.extend(_PastLayer(past[i, 0], past[i, 1]) for i in range(past.shape[0]))
-        dtype = past.dtype
-        # transformers hands a 4-D mask to attention as given (additive for every backend).
-        additive = torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
         out = self.model(
             input_ids=tokens,
             position_ids=positions,
-            attention_mask=additive,
+            attention_mask=self._attention_mask(positions, past, mask),
             past_key_values=cache,
             use_cache=True,
         )
@@ -101,33 +152,43 @@ class StepModule(torch.nn.Module):
         present = torch.stack([torch.stack(lyr.new_rows) for lyr in cache.layers])
         return out.logits, present
 
+    def _attention_mask(self, positions, past, mask):
+        """The additive 4-D mask(s) the model's attention takes as given."""
+        dtype = past.dtype
 
-def check_supported(model: PreTrainedModel, options: CaptureOptions) -> None:
-    """Refuse models the step program would get wrong, naming every reason at once."""
+        def additive(allowed):
+            return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+        if self.layout.window is None:
+            return additive(mask)
+        windowed = additive(mask & _within_window(positions, past.shape[4], self.layout.window))
+        return {FULL: additive(mask), SLIDING: windowed} if self.layout.per_type else windowed
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Refuse, by feature, what the config says the step program would get wrong."""
     cfg = model.config.get_text_config()
-    family = cfg.model_type
     reasons = []
     if getattr(cfg, "attn_logit_softcapping", None):
         reasons.append("attention logit soft-capping is not supported")
-    layer_types = getattr(cfg, "layer_types", None) or ()
-    window = getattr(cfg, "sliding_window", None)
-    uses_window = any(t != "full_attention" for t in layer_types) or (
-        not layer_types and window is not None and getattr(cfg, "use_sliding_window", True)
-    )
-    # The dense mask input carries no window: the model would attend past it silently.
-    if uses_window and (window is None or window < options.max_seq):
-        reasons.append(f"sliding-window attention (window {window}) shorter than max-seq "
-                       f"{options.max_seq} is not supported")
+    if _uses_alibi(model):
+        # Its bias is built from a 2-D padding mask; the step's 4-D mask cannot carry it.
+        reasons.append("ALiBi position biases are not supported")
     rope = getattr(cfg, "rope_parameters", None) or {}
     rope_sets = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # per layer type
     if any(r.get("rope_type") == "dynamic" for r in rope_sets):
         # Its frequencies are recomputed on a data-dependent branch (max position so far).
         reasons.append("dynamic RoPE scaling is not supported")
-    if family not in SUPPORTED_FAMILIES:
-        reasons.append(f"model family {family!r} is not supported "
-                       f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
     if reasons:
-        raise UnsupportedModelError(f"{family}: " + "; ".join(reasons))
+        raise UnsupportedModelError(f"{cfg.model_type}: " + "; ".join(reasons))
+
+
+def _uses_alibi(model: PreTrainedModel) -> bool:
+    """The config asks for ALiBi, or a module's class builds ALiBi biases."""
+    cfg = model.config.get_text_config()
+    flags = (getattr(cfg, "alibi", False), getattr(getattr(cfg, "attn_config", None), "alibi", False))
+    return any(flags) or any("alibi" in attr for module in model.modules()
+                             for attr in vars(type(module)))
 
 
 def step_signature(dims: ModelDims, options: CaptureOptions) -> sig.StepSignature:
@@ -220,26 +281,130 @@ def _fix_mask_range(program: ExportedProgram, options: CaptureOptions) -> None:
         ranges[expr] = ValueRanges(derived.lower, min(derived.upper, options.max_seq))
 
 
-def capture(model: PreTrainedModel, options: CaptureOptions = CaptureOptions()) -> CapturedProgram:
-    """Export ``model`` as the step program with symbolic B, N, T."""
-    check_supported(model, options)
-    model.eval()
-    previous = model.config._attn_implementation
+# The capture check's sample: a prompt past every window it can reach (windows up to
+# CHECK_MAX_TOKENS - 4 are crossed), fed to the program in chunks as the runtime does.
+CHECK_TOKENS, CHECK_MAX_TOKENS, CHECK_CHUNK = 24, 256, 8
+# How far the program's logits may sit from the model's, relative to their magnitude.
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+CHECK_TOLERANCE_REDUCED = 3e-2  # float16, bfloat16
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The model's own forward on the check's sample (its own attention implementation and
+    masks, transformers' `DynamicCache` made from its config)."""
+
+    tokens: torch.Tensor  # [1, S]
+    logits: torch.Tensor  # [1, S, V]
+    cache: DynamicCache
+
+
+def _reference(model: PreTrainedModel, layout: MaskLayout, options: CaptureOptions) -> _Reference:
+    name = model.config.get_text_config().model_type
+    length = min(max(CHECK_TOKENS, (layout.window or 0) + 4), CHECK_MAX_TOKENS,
+                 options.max_seq - 1)
+    vocab = model.config.get_text_config().vocab_size
+    tokens = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits
+    except Exception as err:  # noqa: BLE001 - the model's own code, refusing the cache or call
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UnsupportedModelError(f"{name}: its forward does not run with a DynamicCache "
+                                    f"({type(err).__name__}: {reason})") from err
+    return _Reference(tokens, logits, cache)
+
+
+def _dims(model: PreTrainedModel, cache: DynamicCache) -> ModelDims:
+    """The KV shapes the model's own forward wrote (not what its config names them)."""
+    name = model.config.get_text_config().model_type
+    kinds = sorted({type(lyr).__name__ for lyr in cache.layers
+                    if type(lyr) not in (DynamicLayer, DynamicSlidingWindowLayer)})
+    if kinds:
+        raise UnsupportedModelError(f"{name}: cache layers of type {', '.join(kinds)} (state "
+                                    "other than keys and values) are not supported")
+    if any(lyr.keys.shape[-1] != lyr.values.shape[-1] for lyr in cache.layers):
+        raise UnsupportedModelError(f"{name}: keys and values of different head sizes "
+                                    "(e.g. multi-head latent attention) are not supported")
+    shapes = {(lyr.keys.shape[1], lyr.keys.shape[3]) for lyr in cache.layers}
+    if len(shapes) != 1:
+        raise UnsupportedModelError(f"{name}: layers with different KV head counts or sizes "
+                                    f"({sorted(shapes)}) are not supported")
+    (kv_heads, head_dim), = shapes
+    return replace(ModelDims.of(model), num_layers=len(cache.layers), num_kv_heads=kv_heads,
+                   head_dim=head_dim)
+
+
+def check_capture(program: ExportedProgram, reference: _Reference, dims: ModelDims,
+                  options: CaptureOptions, name: str) -> None:
+    """Refuse a program whose logits are not the model's own on the reference sample.
+
+    The program runs the sample as the runtime would (chunks, the cache committed from
+    slot 0, a dummy invalid slot before the first chunk), so whatever the step contract
+    does not carry (a bias the 4-D mask replaced, a cache the model manages itself, an
+    attention kwarg SDPA ignores) shows as a difference here instead of in an engine.
+    """
+    step = program.module()
+    dtype = getattr(torch, dims.dtype)
+    past = torch.zeros(dims.num_layers, 2, 1, dims.num_kv_heads, 1, dims.head_dim, dtype=dtype)
+    chunk = min(CHECK_CHUNK, options.max_new)
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, reference.tokens.shape[1], chunk):
+            tokens = reference.tokens[:, start:start + chunk]
+            new = tokens.shape[1]
+            slots = past.shape[4]
+            mask = torch.cat([(torch.arange(slots) < start).expand(new, slots),
+                              torch.ones(new, new, dtype=torch.bool).tril()], dim=1)
+            logits, present = step(tokens, torch.arange(start, start + new)[None], past, mask[None])
+            past = present if start == 0 else torch.cat([past, present], dim=4)
+            pieces.append(logits)
+    got, want = torch.cat(pieces, dim=1), reference.logits
+    tolerance = CHECK_TOLERANCE.get(want.dtype, CHECK_TOLERANCE_REDUCED)
+    error = (got.double() - want.double()).abs().max().item()
+    if not error <= tolerance * (1 + want.abs().max().item()):  # NaN fails too
+        raise UnsupportedModelError(
+            f"{name}: the captured step program does not compute the model's own logits (max "
+            f"difference {error:.3g} over {want.shape[1]} tokens): its forward depends on "
+            "something the step contract does not carry")
+
+
+def _use_exportable_kernels(model: PreTrainedModel) -> None:
+    """SDPA attention, and mixture-of-experts layers as gathers and batched matmuls (the
+    default grouped matmul is a transformers custom op ONNX cannot translate)."""
     try:
         model.set_attn_implementation("sdpa")
-    except (ValueError, ImportError) as err:
-        raise UnsupportedModelError(f"{model.config.model_type}: no SDPA attention ({err})") from err
-    dims = ModelDims.of(model)
+    except (ValueError, ImportError):
+        # Some classes opt out of SDPA for a feature only some configs use (soft-capping);
+        # transformers' SDPA refuses those features, and `check_capture` compares the rest.
+        model.config._attn_implementation = "sdpa"
+    model.set_experts_implementation("batched_mm")  # a no-op without experts
+
+
+def capture(model: PreTrainedModel, options: CaptureOptions = CaptureOptions()) -> CapturedProgram:
+    """Export ``model`` as the step program with symbolic B, N, T, checked against its forward."""
+    check_supported(model)
+    model.eval()
+    name = model.config.get_text_config().model_type
+    layout = MaskLayout.of(model, options)
+    reference = _reference(model, layout, options)
+    dims = _dims(model, reference.cache)
+    previous = model.config._attn_implementation, model.config._experts_implementation
     try:
-        program = export_step(StepModule(model), dims, options)
-    except (GuardOnDataDependentSymNode, UserError) as err:
-        # The model's code branches on values or pins a dim the contract keeps symbolic.
+        _use_exportable_kernels(model)
+        program = export_step(StepModule(model, layout), dims, options)
+    except UnsupportedModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the model's own code, traced under the contract
+        # It branches on values, pins a dim the contract keeps symbolic, or cannot take a
+        # 4-D mask (it builds something else, an ALiBi bias, from a 2-D one).
         reason = str(err).strip().splitlines()[0]
         raise UnsupportedModelError(
-            f"{model.config.model_type}: torch.export cannot capture it as a step program "
+            f"{name}: torch.export cannot capture it as a step program "
             f"({type(err).__name__}: {reason})"
         ) from err
     finally:
-        if previous and previous != "sdpa":
-            model.set_attn_implementation(previous)
+        model.config._attn_implementation, model.config._experts_implementation = previous
+    check_capture(program, reference, dims, options, name)
     return CapturedProgram(program, step_signature(dims, options), dims)

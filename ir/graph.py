@@ -8,6 +8,7 @@ others, and the pass contract itself, import that pass.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
 
 import torch
@@ -118,3 +119,45 @@ def prune(gm: GraphModule) -> None:
         if name not in used:
             owner, _, attr = name.rpartition(".")
             delattr(gm.get_submodule(owner), attr)
+
+
+# An additive mask value this negative gives weight exactly 0 after the softmax in every
+# float dtype (exp underflows), so the dense mask hides a key exactly as -inf does.
+HIDDEN = float(torch.finfo(torch.float16).min)
+_MASK_CASTS = (aten.to.dtype, aten._to_copy.default, aten.alias.default)
+_ANDS = (aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default)
+
+
+class MaskForm(enum.Enum):
+    """How an attention op's mask derives from the step's ``mask`` input."""
+
+    STEP = "the step mask"  # ``where(mask, 0, finfo.min)[:, None]``, casts aside
+    NARROWED = "the step mask and another condition"  # ``where(mask & window, ...)``
+
+
+def step_mask_form(node: Node, mask: Node) -> MaskForm | None:
+    """Whether ``node`` is the step mask as SDPA takes it (boolean or additive), narrowed
+    (a sliding window, `ir.capture`), or neither (None).
+
+    The capture builds ``where(mask, 0, finfo.min)[:, None]``; only that form is known to
+    hide exactly the keys the compact tree mask hides.
+    """
+    unsqueezed, form = False, MaskForm.STEP
+    while node is not mask:
+        if node.target in _MASK_CASTS:
+            node = node.args[0]
+        elif node.target == aten.unsqueeze.default and node.args[1] == 1 and not unsqueezed:
+            node, unsqueezed = node.args[0], True
+        elif node.target == aten.where.Scalar and node.args[1] == 0 and node.args[2] <= HIDDEN:
+            node = node.args[0]
+        elif node.target in _ANDS and mask in node.args and form is MaskForm.STEP:
+            node, form = mask, MaskForm.NARROWED
+        else:
+            return None
+    return form if unsqueezed else None
+
+
+def sdpa_mask_form(sdpa: Node, mask: Node) -> MaskForm | None:
+    """`step_mask_form` of an SDPA node's ``attn_mask`` argument (None without one)."""
+    attn_mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
+    return step_mask_form(attn_mask, mask) if isinstance(attn_mask, Node) else None

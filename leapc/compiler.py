@@ -18,7 +18,7 @@ from leapc.early_exit import ADAPTER, EXIT
 from leapc.engine_output import check_output, staged_output
 from leapc.heads import HEADS, HEADS_PROGRAM, check_heads
 from leapc.ir.anatomy import recover_anatomy
-from leapc.ir.capture import CaptureOptions, StepModule, capture
+from leapc.ir.capture import CaptureOptions, MaskLayout, StepModule, capture
 from leapc.ir.early_exit import check_exit_layer
 from leapc.ir.errors import InputError
 from leapc.ir.skip_spec import SkipSet
@@ -43,7 +43,8 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
              heads: InsertDecodingHeads | None = None) -> Pipeline:
     """The cleanups every engine gets, the heads if any, then the attention lowering."""
     added = (heads,) if heads is not None else ()
-    lowering = (InsertTreeAttention(),) if attention.compact_mask else ()
+    lowering = ((InsertTreeAttention(dense_windows=not attention.width_invariant),)
+                if attention.compact_mask else ())
     return Pipeline((*default_pipeline().passes, *added, *lowering), dump_dir)
 
 
@@ -177,7 +178,8 @@ def _compile(state: BuildState, source: SourceModel, name: str, attention: Atten
     result = pipeline(attention, dump, heads)(captured,
                                               on_pass=lambda p: on_stage(f"{name}: pass {p}"))
     on_stage(f"numeric check {name}")
-    check_numerics(StepModule(source.model), result.program)
+    layout = MaskLayout.of(source.model, state.capture)  # the windows the capture gave it
+    check_numerics(StepModule(source.model, layout), result.program)
     on_stage(f"lower {name} ({options.backend.value})")
     entry = lower_program(options.lowering, result.program, state.out, name, Compression.NONE)
     return CompiledProgram(source, result, entry)

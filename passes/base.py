@@ -17,7 +17,7 @@ import torch
 from leapc.ir.anatomy import anatomy_of, is_attention
 from leapc.ir.capture import STEP_INPUTS, STEP_OUTPUTS, CapturedProgram
 from leapc.ir.errors import UnsupportedModelError
-from leapc.ir.graph import constant_placeholders, is_noop
+from leapc.ir.graph import MaskForm, constant_placeholders, is_noop, sdpa_mask_form
 
 
 class PassError(Exception):
@@ -37,7 +37,8 @@ class Invariant(enum.Enum):
     HAS_ANATOMY = "embedding, layers, final norm and LM head are recoverable"
     NO_NOOP_OPS = "no identity casts, aliases or empty concatenations"
     CONSTANTS_FOLDED = "no op computes from constants alone"
-    TREE_ATTENTION = "every attention op is leapc.tree_attention (no dense SDPA)"
+    TREE_ATTENTION = ("every attention op under the step mask is leapc.tree_attention "
+                      "(sliding-window layers keep dense SDPA)")
 
 
 class Pass(Protocol):
@@ -109,10 +110,12 @@ def _constants_folded(p: CapturedProgram) -> str | None:
 
 
 def _tree_attention(p: CapturedProgram) -> str | None:
-    ops = [n.target for n in p.program.graph.nodes if is_attention(n)]
-    dense = ops.count(torch.ops.aten.scaled_dot_product_attention.default)
+    ops = [n for n in p.program.graph.nodes if is_attention(n)]
+    mask = next(n for n in p.program.graph.nodes if n.op == "placeholder" and n.name == "mask")
+    dense = [n for n in ops if n.target == torch.ops.aten.scaled_dot_product_attention.default
+             and sdpa_mask_form(n, mask) is not MaskForm.NARROWED]
     if dense or not ops:
-        return f"{dense} of {len(ops)} attention ops are dense SDPA"
+        return f"{len(dense)} of {len(ops)} attention ops are dense SDPA under the step mask"
     return None
 
 

@@ -21,6 +21,7 @@ from torch.fx import GraphModule, Node
 from leapc.ir.anatomy import module_path
 from leapc.ir.capture import CapturedProgram
 from leapc.ir.errors import UnsupportedModelError
+from leapc.ir.graph import MaskForm, sdpa_mask_form, step_mask_form
 from leapc.ir.rewrite import rewrite
 from leapc.kernels.tree_attention import past_lengths, tree_part
 from leapc.passes.base import Invariant, PassError, PassResult
@@ -28,32 +29,6 @@ from leapc.passes.base import Invariant, PassError, PassResult
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 TREE_ATTENTION = torch.ops.leapc.tree_attention.default
-_CASTS = (aten.to.dtype, aten._to_copy.default, aten.alias.default)
-# An additive mask value this negative gives weight exactly 0 after the softmax in every
-# float dtype (exp underflows), so the dense mask hides a key exactly as -inf does.
-_HIDDEN = float(torch.finfo(torch.float16).min)
-
-
-def _is_step_mask(node: Node, mask: Node) -> bool:
-    """``node`` is the step mask as SDPA takes it: ``mask[:, None]``, boolean or additive.
-
-    The capture builds ``where(mask, 0, finfo.min)[:, None]`` (casts aside); only that
-    form is known to hide exactly the keys the compact mask hides.
-    """
-    unsqueezed = False
-    while node is not mask:
-        if node.target in _CASTS:
-            node = node.args[0]
-        elif node.target == aten.unsqueeze.default and node.args[1] == 1 and not unsqueezed:
-            node, unsqueezed = node.args[0], True
-        elif (node.target == aten.where.Scalar and node.args[0] is mask
-              and node.args[1] == 0 and node.args[2] <= _HIDDEN):
-            node = mask
-        else:
-            return False
-    return unsqueezed
-
-
 def _unrepeated(node: Node) -> Node:
     """The ``[B, Hkv, S, D]`` tensor behind transformers' ``repeat_kv``, else ``node`` itself.
 
@@ -76,7 +51,7 @@ def _tree_attention_args(gm: GraphModule, sdpa: Node, mask: Node) -> tuple[Node,
     layer = module_path(sdpa) or sdpa.name
     if args["dropout_p"] or args["is_causal"]:
         raise UnsupportedModelError(f"tree attention: {layer} uses dropout or is_causal attention")
-    if args["attn_mask"] is None or not _is_step_mask(args["attn_mask"], mask):
+    if args["attn_mask"] is None or step_mask_form(args["attn_mask"], mask) is not MaskForm.STEP:
         raise UnsupportedModelError(
             f"tree attention: {layer}'s attention mask is not the step mask input")
     query = args["query"]
@@ -84,11 +59,19 @@ def _tree_attention_args(gm: GraphModule, sdpa: Node, mask: Node) -> tuple[Node,
     return query, _unrepeated(args["key"]), _unrepeated(args["value"]), scale
 
 
-def _insert(gm: GraphModule) -> bool:
+def _insert(gm: GraphModule, dense_windows: bool) -> bool:
     calls = [n for n in gm.graph.nodes if n.target == SDPA]
     if not calls:
         raise PassError("insert_tree_attention: no scaled_dot_product_attention op to rewrite")
     mask = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "mask")
+    windowed = [n for n in calls if sdpa_mask_form(n, mask) is MaskForm.NARROWED]
+    if windowed and not dense_windows:
+        raise UnsupportedModelError(
+            f"sliding-window attention ({module_path(windowed[0]) or windowed[0].name}) "
+            "is not supported with width-invariant attention (build with --attention tree)")
+    calls = [n for n in calls if n not in windowed]
+    if not calls:
+        return False  # every layer is windowed: the program stays as captured
     with gm.graph.inserting_after(mask):
         tree_mask = gm.graph.call_function(tree_part, (mask,))
         past_len = gm.graph.call_function(past_lengths, (mask,))
@@ -104,6 +87,8 @@ def _insert(gm: GraphModule) -> bool:
 
 @dataclass(frozen=True)
 class InsertTreeAttention:
+    # Keep sliding-window layers dense (exact); False refuses them (a width-invariant lowering).
+    dense_windows: bool = True
     name: ClassVar[str] = "insert_tree_attention"
     requires: ClassVar[frozenset[Invariant]] = frozenset(
         {Invariant.STEP_CONTRACT, Invariant.HAS_ANATOMY}
@@ -113,4 +98,4 @@ class InsertTreeAttention:
     )
 
     def __call__(self, program: CapturedProgram) -> PassResult:
-        return PassResult(*rewrite(program, _insert))
+        return PassResult(*rewrite(program, lambda gm: _insert(gm, self.dense_windows)))

@@ -7,6 +7,7 @@ a program still computes tensors in (a pass that drops a sublayer drops its modu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 
@@ -80,11 +81,27 @@ def hf_exit_reference(model, prefix: torch.Tensor, new: torch.Tensor, exit_layer
         cache = model(input_ids=prefix, use_cache=True).past_key_values
         past = torch.stack([torch.stack([layer.keys, layer.values]) for layer in cache.layers])
         out = model(input_ids=torch.cat([prefix, new], dim=1), output_hidden_states=True)
-        decoder = model.get_decoder()
-        norm = decoder.norm if hasattr(decoder, "norm") else decoder.ln_f
         hidden = out.hidden_states[exit_layer][:, prefix.shape[1]:]
-        exit_logits = model.get_output_embeddings()(norm(hidden))
-        return past, exit_logits, hidden, out.logits[:, prefix.shape[1]:]
+        with _bypassed_from(model, exit_layer):  # whatever follows the layers, logit scales too
+            exit_logits = model(input_ids=torch.cat([prefix, new], dim=1)).logits
+        return past, exit_logits[:, prefix.shape[1]:], hidden, out.logits[:, prefix.shape[1]:]
+
+
+@contextlib.contextmanager
+def _bypassed_from(model, first: int):
+    """``model`` with decoder layers ``first`` on passing their input hidden state through."""
+    def identity(_module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    decoder = model.get_decoder()
+    layers = decoder.layers if hasattr(decoder, "layers") else decoder.h
+    handles = [layer.register_forward_hook(identity, with_kwargs=True) for layer in layers[first:]]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def decode_inputs(vocab: int, prefix: int = 6, new: int = 4, batch: int = 2):

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from engines import STORIES_REFERENCE, id_tokenizer
+from families import UNSUPPORTED
 
 import leapc
 
@@ -308,8 +309,20 @@ def test_build_unsupported_model(tmp_path):
     model = tiny_checkpoint("bloom", tmp_path / "bloom")
     id_tokenizer(256).save(str(model / "tokenizer.json"))  # so the failure is the model
     out = tmp_path / "engine"
-    line = user_error(cli("build", model, "-o", out), "bloom", "family")
+    line = user_error(cli("build", model, "-o", out), "bloom", "ALiBi")
     assert "tokenizer" not in line
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("family", sorted(set(UNSUPPORTED) - {"bloom"}))
+def test_build_refuses_unsupported_features(in_process, tmp_path, family):
+    """Every refused test family is one line naming its feature, exit 2 (bloom: above)."""
+    from families import tiny_checkpoint
+
+    model = tiny_checkpoint(family, tmp_path / family)
+    id_tokenizer(256).save(str(model / "tokenizer.json"))
+    out = tmp_path / "engine"
+    user_error(in_process("build", model, "-o", out, "--max-seq", "64"), UNSUPPORTED[family])
     assert not (out / "manifest.json").exists()
 
 

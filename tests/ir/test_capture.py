@@ -8,7 +8,7 @@ from families import UNSUPPORTED, captured, tiny_checkpoint, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from leapc.ir import signature as sig
-from leapc.ir.capture import CaptureOptions, StepModule, capture, check_supported
+from leapc.ir.capture import CaptureOptions, MaskLayout, StepModule, capture
 from leapc.ir.errors import UnsupportedModelError
 
 
@@ -214,24 +214,55 @@ def test_unsupported_models_are_refused(name):
     with pytest.raises(UnsupportedModelError, match=UNSUPPORTED[name]) as err:
         capture(model, CaptureOptions(max_seq=64))
     assert str(err.value).startswith(model.config.model_type)
+    assert model.config.model_type not in str(err.value).split(": ", 1)[1]  # by feature
 
 
-def test_window_at_least_max_seq_is_accepted():
-    """A sliding window no shorter than max_seq never trims anything: capture is exact."""
-    model = tiny_model("mistral_window")  # window 16
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        check_supported(model, CaptureOptions(max_seq=17, max_new=4))
-    cap = capture(model, CaptureOptions(max_seq=16, max_new=4))
-    module = cap.program.module()
+def test_window_layout_follows_max_seq():
+    """A window no shorter than max-seq never hides a key: those layers get the step mask."""
+    model = tiny_model("mistral_window")  # window 16, every layer
+    assert MaskLayout.of(model, CaptureOptions(max_seq=17, max_new=4)) == MaskLayout(16)
+    assert MaskLayout.of(model, CaptureOptions(max_seq=16, max_new=4)) == MaskLayout(None)
+    mixed = tiny_model("gemma3_text")  # a windowed layer, then a full one
+    assert MaskLayout.of(mixed, CaptureOptions(max_seq=64)) == MaskLayout(16, per_type=True)
+
+
+@pytest.mark.parametrize("name", ["mistral_window", "gemma3_text"])
+def test_windowed_program_matches_hf_past_the_window(name):
+    """Each step's keys reach back at most 16 positions in windowed layers: a prompt of 20
+    (fed 8 + 8 + 4) then a decode step at position 20 equal the model's own forward."""
+    model = tiny_model(name)
+    module = captured(name).program.module()
+    dims = captured(name).dims
+    prompt = _prompts(1, 21, seed=2)
     with torch.no_grad():
-        _check_prefill_then_chunk(model, module, cap.dims)
+        want = model(input_ids=prompt).logits
+    past = _garbage_past(dims, 1, 1)
+    got = []
+    for start, stop in ((0, 8), (8, 16), (16, 20), (20, 21)):
+        slots = past.shape[4]
+        with torch.no_grad():
+            logits, present = module(prompt[:, start:stop], _positions(1, start, stop - start),
+                                     past, _chain_mask(1, stop - start, start, slots))
+        past = present if start == 0 else torch.cat([past, present], dim=4)
+        got.append(logits)
+    torch.testing.assert_close(torch.cat(got, dim=1), want)
+
+
+def test_a_capture_that_computes_otherwise_is_refused(monkeypatch):
+    """The capture check compares the program with the model's own forward: a step module
+    that hands the model a different mask (the window dropped) is refused, not returned."""
+    import leapc.ir.capture as capture_module
+
+    monkeypatch.setattr(capture_module.MaskLayout, "of", lambda model, options: MaskLayout())
+    with pytest.raises(UnsupportedModelError, match="does not compute the model's own logits"):
+        capture(tiny_model("mistral_window"), CaptureOptions(max_seq=64, max_new=16))
 
 
 def test_untraceable_model_is_refused(monkeypatch):
     """Past the config checks, an export failure still surfaces as UnsupportedModelError."""
     import leapc.ir.capture as capture_module
 
-    monkeypatch.setattr(capture_module, "check_supported", lambda model, options: None)
+    monkeypatch.setattr(capture_module, "check_supported", lambda model: None)
     with pytest.raises(UnsupportedModelError, match="torch.export cannot capture"):
         capture(tiny_model("llama_dynamic_rope"), CaptureOptions(max_seq=64))
 

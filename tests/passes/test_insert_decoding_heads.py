@@ -8,7 +8,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from families import captured, family_params, tiny_model
+from families import FAMILIES, PASS_FAMILIES, captured, family_params, tiny_model
 
 from leapc.ir.capture import StepModule, example_inputs
 from leapc.ir.errors import InputError
@@ -54,7 +54,7 @@ def final_hidden(family: str, inputs) -> torch.Tensor:
     return captured_hidden["h"]
 
 
-@pytest.mark.parametrize("family", family_params())
+@pytest.mark.parametrize("family", family_params((*FAMILIES, *PASS_FAMILIES)))
 def test_zero_initialised_heads_reproduce_the_lm_head(family):
     _, program = with_heads(family, HeadPlacement.STEP, zero=True)
     inputs = example_inputs(program.dims)
@@ -64,7 +64,7 @@ def test_zero_initialised_heads_reproduce_the_lm_head(family):
         torch.testing.assert_close(head_logits[k], logits, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", family_params())
+@pytest.mark.parametrize("family", family_params((*FAMILIES, *PASS_FAMILIES)))
 def test_step_heads_equal_the_heads_on_the_source_models_hidden_state(family):
     heads, program = with_heads(family, HeadPlacement.STEP)
     inputs = example_inputs(program.dims)

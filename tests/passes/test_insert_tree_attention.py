@@ -62,10 +62,8 @@ def test_every_sdpa_becomes_tree_attention_on_the_unrepeated_cache(family):
     assert violation(Invariant.TREE_ATTENTION, after) is None
 
 
-@pytest.mark.parametrize("family", family_params())
-def test_tree_program_equals_the_dense_program_on_random_trees(family):
-    dense = captured(family).program.module()
-    tree = tree_program(family).program.module()
+def _assert_equal_on_random_trees(family: str, program) -> None:
+    dense, tree = captured(family).program.module(), program.program.module()
     # (B, N, T): one-token decode over one slot, a batch of trees, T + N = max_seq
     for seed, shape in enumerate([(1, 1, 1), (2, 6, 9), (3, 16, 48)]):
         inputs = tree_step_inputs(captured(family).dims, *shape, seed=seed)
@@ -73,6 +71,28 @@ def test_tree_program_equals_the_dense_program_on_random_trees(family):
             want, got = dense(*inputs), tree(*inputs)
         for name, expected, actual in zip(("logits", "present"), want, got, strict=True):
             torch.testing.assert_close(actual, expected, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_tree_program_equals_the_dense_program_on_random_trees(family):
+    _assert_equal_on_random_trees(family, tree_program(family))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "windowed"), [("gemma3_text", 1), ("mistral_window", 2)])
+def test_sliding_window_layers_keep_dense_attention(family, windowed):
+    """The compact mask cannot narrow a layer to its window: those layers keep SDPA under
+    the windowed mask (exact, past the window at T = 48); the others become tree attention.
+    A width-invariant lowering cannot keep that promise with dense layers: refused."""
+    result = InsertTreeAttention()(captured(family))
+    layers = captured(family).dims.num_layers
+    assert call_counts(result.program)[SDPA] == windowed
+    assert call_counts(result.program)[TREE_ATTENTION] == layers - windowed
+    assert bool(result.modified) == (windowed < layers)
+    assert violation(Invariant.TREE_ATTENTION, result.program) is None
+    _assert_equal_on_random_trees(family, result.program)
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention .*width-invariant"):
+        InsertTreeAttention(dense_windows=False)(captured(family))
 
 
 def test_the_pass_needs_something_to_rewrite():

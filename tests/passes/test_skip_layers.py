@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 import torch
-from families import captured, family_params, tiny_model
+from families import FAMILIES, PASS_FAMILIES, captured, family_params, tiny_model
 from programs import ATTENTION, MLP, call_counts, decode_inputs, llama_parts, parts, run
 
 from leapc.ir.errors import InputError
@@ -60,7 +60,7 @@ def _reference(model, skip: SkipSet, prefix, new):
 
 
 @pytest.mark.parametrize("text", SETS)
-@pytest.mark.parametrize("family", family_params())
+@pytest.mark.parametrize("family", family_params((*FAMILIES, *PASS_FAMILIES)))
 def test_skipped_sublayers_equal_the_model_with_those_branches_zeroed(family, text):
     model, full = tiny_model(family), captured(family)
     skip = SkipSet.parse(text, full.dims.num_layers)

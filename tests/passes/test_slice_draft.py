@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from families import family_params, tiny_model
+from families import FAMILIES, PASS_FAMILIES, family_params, tiny_model
 from programs import (
     ATTENTION,
     DEEP_LAYERS,
@@ -65,7 +65,7 @@ def test_the_draft_signature_is_the_step_contract_over_e_layers_plus_hidden():
         assert violation(invariant, result.program) is None
 
 
-@pytest.mark.parametrize("key", ["deep", *family_params()])
+@pytest.mark.parametrize("key", ["deep", *family_params((*FAMILIES, *PASS_FAMILIES))])
 def test_the_draft_is_the_models_first_layers_then_its_head(key):
     """Logits: HF's residual stream after E layers through its final norm and head;
     hidden: that residual stream; present: the full program's rows of the first E layers."""
