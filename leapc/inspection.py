@@ -168,6 +168,14 @@ def _anatomy_table(rows) -> Table:
     return table
 
 
+def _decoding_line(m) -> str:
+    d = m.model.diffusion
+    if d is None:
+        return "autoregressive"
+    return (f"block diffusion: blocks of {d.block_size}, mask id {d.mask_token_id}, logits "
+            f"{'shifted by one' if d.logits_shift else 'not shifted'}")
+
+
 def inspect_engine(path: Path) -> list[Table]:
     """The engine's tables, after the same whole-engine validation as `leapc.load` (every
     file hashed): a broken engine is an `EngineError`, never a report."""
@@ -177,6 +185,7 @@ def inspect_engine(path: Path) -> list[Table]:
     for key, value in (
         ("model", f"{m.model.source} ({m.model.family}, {m.model.dims.num_layers} layers, "
                   f"vocab {m.model.dims.vocab_size}, {m.model.dims.dtype})"),
+        ("decoding", _decoding_line(m)),
         ("backend", m.backend.value),
         ("passes", " → ".join(m.passes) or "none"),
         ("policies", ", ".join(p.value for p in m.policies)),

@@ -211,3 +211,12 @@ def _prompt_file(directory):
     path = directory / "prompts.jsonl"
     path.write_text('"5 17 42"\n"9 3 3 3 101"\n')
     return path
+
+
+def test_inspect_names_the_decoding_contract(engine):
+    from leapc.inspection import inspect_engine
+
+    summary = inspect_engine(engine.path)[0]
+    rows = dict(zip(summary.columns[0]._cells, summary.columns[1]._cells, strict=True))
+    assert rows["decoding"] == "block diffusion: blocks of 4, mask id 0, logits shifted by one"
+    assert rows["policies"] == ", ".join(DIFFUSION_POLICIES)
