@@ -270,6 +270,8 @@ def run(
                                                   "autoregressive policies)"),
     unmask_depth: int = typer.Option(DiffusionOptions.depth, help="freedave: reference "
                                      "decisions drafted and verified per call"),
+    unmask_gate: float = typer.Option(DiffusionOptions.gate, help="freedave: draft past the "
+                                      "first decision only while at least this probable"),
     unmask_threshold: float = typer.Option(DiffusionOptions.threshold, help="confidence: "
                                            "decide every position at least this probable"),
     unmask_margin: float = typer.Option(DiffusionOptions.margin, help="prophet: decide the "
@@ -289,7 +291,7 @@ def run(
                            top_k=top_k, top_p=top_p, seed=seed, draft=draft,
                            typical=TypicalAcceptance() if typical else None,
                            token_healing=token_healing,
-                           diffusion=DiffusionOptions(depth=unmask_depth,
+                           diffusion=DiffusionOptions(depth=unmask_depth, gate=unmask_gate,
                                                       threshold=unmask_threshold,
                                                       margin=unmask_margin, credit=unmask_credit))
     if as_json:

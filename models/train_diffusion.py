@@ -55,7 +55,7 @@ class DiffusionConfig:
     block_size: int = 8
     context: int = 256
     batch_size: int = 8
-    steps: int = 260
+    steps: int = 480
     lr: float = 4e-4
     min_lr: float = 4e-5
     warmup: int = 40

@@ -20,10 +20,12 @@ same token, which is what makes ``freedave`` reproduce ``mdm`` exactly.
 Policies (`UnmaskingRule`):
 * ``mdm``: the reference, one position per call.
 * ``freedave`` (FreeDave, Wu & Zhang 2025; lossless): from one state's logits, draft the
-  next ``depth`` reference decisions as if the logits did not change, evaluate every
-  drafted state in one call (a forest of candidates sharing the prefix), and keep the
-  longest run of drafts the reference would have made from the true logits. The first
-  draft is always the reference's own decision, so a call never makes fewer than one.
+  next ``depth`` reference decisions as if the logits did not change (past the first, only
+  while the drafted token is at least ``gate`` probable: each draft costs a candidate's
+  rows), evaluate every drafted state in one call (a forest of candidates sharing the
+  prefix), and keep the longest run of drafts the reference would have made from the true
+  logits. The first draft is always the reference's own decision, so a call never makes
+  fewer than one.
 * ``confidence`` (Fast-dLLM's threshold; lossy): every masked position whose chosen token
   has probability >= a threshold, at least the most confident one.
 * ``prophet`` (early commit; lossy): the reference's one decision, but once every masked
@@ -60,15 +62,17 @@ class BlockDiffusion:
 @dataclass(frozen=True)
 class DiffusionOptions:
     depth: int = 4  # freedave: reference decisions drafted per call
+    gate: float = 0.0  # freedave: drafts past the first only while at least this probable
     threshold: float = 0.9  # confidence: decide positions at least this probable
     margin: float = 0.5  # prophet: commit the rest once every top-1 leads its top-2 by this
     credit: float = 2.0  # credit: decide positions whose accumulated probability reaches this
     decay: float = 0.8  # credit: weight of the previous calls' credit
 
     def check(self) -> None:
-        if self.depth < 1 or not 0.0 < self.threshold <= 1.0 or not 0.0 <= self.margin <= 1.0:
-            raise InputError("diffusion options: depth >= 1, threshold in (0, 1], margin in "
-                             f"[0, 1] (got {self})")
+        if self.depth < 1 or not 0.0 < self.threshold <= 1.0 or not 0.0 <= self.margin <= 1.0 \
+                or not 0.0 <= self.gate <= 1.0:
+            raise InputError("diffusion options: depth >= 1, threshold in (0, 1], margin and "
+                             f"gate in [0, 1] (got {self})")
         if self.credit <= 0.0 or not 0.0 <= self.decay < 1.0:
             raise InputError(f"diffusion options: credit > 0, decay in [0, 1) (got {self})")
 
@@ -136,9 +140,13 @@ class Scores:
 
     def reference(self, block: Block) -> tuple[int, int]:
         """``mdm``'s decision from ``block``'s state with these logits: (position, token)."""
+        return self.decision(block)[:2]
+
+    def decision(self, block: Block) -> tuple[int, int, float]:
+        """`reference`, with the decided token's probability."""
         choices = self.choices(block, block.decisions)
         position = _most_confident(choices.confidence, block.masked)
-        return position, int(choices.tokens[position])
+        return position, int(choices.tokens[position]), float(choices.confidence[position])
 
     def lead(self) -> np.ndarray:
         """Each position's top-1 probability minus its top-2."""
@@ -249,7 +257,9 @@ class FreeDave(UnmaskingRule):
     def decide(self, block, logits, call):
         drafts, stale = [block], self.chooser(logits)
         for _ in range(min(self.options.depth, int(block.masked.sum()), max(call.room, 1))):
-            position, token = stale.reference(drafts[-1])
+            position, token, confidence = stale.decision(drafts[-1])
+            if len(drafts) > 1 and confidence < self.options.gate:
+                break  # an unlikely draft costs a candidate's rows and is rarely kept
             drafts.append(drafts[-1].decided(position, token))
         # The first draft is the reference's own decision; a complete block needs no logits.
         evaluate = [d for d in drafts[1:] if not d.done]

@@ -61,16 +61,22 @@ def test_engine_offers_the_block_diffusion_policies_only(engine):
     assert engine.policy("auto") is Policy.MDM
 
 
+@pytest.mark.parametrize("gate", [0.0, 0.3])
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_freedave_is_mdm_with_fewer_calls(engine, prompt):
+def test_freedave_is_mdm_with_fewer_calls(engine, prompt, gate):
     ref = engine.generate(prompt, 40, policy="mdm")
-    fast = engine.generate(prompt, 40, policy="freedave", diffusion=DiffusionOptions(depth=4))
+    fast = engine.generate(prompt, 40, policy="freedave",
+                           diffusion=DiffusionOptions(depth=4, gate=gate))
     assert fast.token_ids == ref.token_ids
     assert len(ref.token_ids) == 40 and MASK not in ref.token_ids
     # mdm: one call per decision but a block's last (its state needs no logits), plus the
     # prompt's prefill: BLOCK - 1 + 1 calls per block
     assert ref.stats.calls["full"] == 1 + 40 // BLOCK * BLOCK
     assert fast.stats.calls["full"] < ref.stats.calls["full"]
+    drafted = engine.generate(prompt, 40, policy="freedave",
+                              diffusion=DiffusionOptions(depth=4, gate=1.0))
+    # a gate nothing passes drafts only the reference's own decision: mdm's calls exactly
+    assert drafted.stats.calls["full"] == ref.stats.calls["full"]
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -121,6 +127,8 @@ def test_eos_cuts_the_block(engine):
 def test_bad_options_are_refused(engine):
     with pytest.raises(InputError, match="depth >= 1"):
         engine.generate(PROMPTS[0], 8, policy="freedave", diffusion=DiffusionOptions(depth=0))
+    with pytest.raises(InputError, match="gate in"):
+        engine.generate(PROMPTS[0], 8, policy="freedave", diffusion=DiffusionOptions(gate=2.0))
     with pytest.raises(InputError, match="block-diffusion policy: typical acceptance"):
         engine.generate(PROMPTS[0], 8, policy="mdm", temperature=1.0,
                         typical=TypicalAcceptance())
@@ -183,7 +191,8 @@ def test_cli_runs_the_engine_policy_and_knobs(engine, capsys):
     ref = engine.generate(PROMPTS[0], 12, policy="mdm")
     auto = run()
     assert auto["policy"] == "mdm" and auto["token_ids"] == ref.token_ids
-    assert run("--policy", "freedave", "--unmask-depth", "3")["token_ids"] == ref.token_ids
+    assert run("--policy", "freedave", "--unmask-depth", "3", "--unmask-gate", "0.2")[
+        "token_ids"] == ref.token_ids
     strict = run("--policy", "confidence", "--unmask-threshold", "1.0")
     assert strict["token_ids"] == ref.token_ids and strict["steps"] == ref.stats.steps
     loose = run("--policy", "confidence", "--unmask-threshold", "0.3")

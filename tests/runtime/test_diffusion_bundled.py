@@ -8,6 +8,7 @@ import pytest
 
 import leapc
 from leapc.models.loaders import BUNDLED_DIFFUSION, BUNDLED_DIFFUSION_DIR
+from leapc.runtime.diffusion import DiffusionOptions
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +39,10 @@ def test_freedave_reproduces_seeded_sampling(engine):
 
 
 def test_lossy_rules_take_fewer_passes(engine):
+    """At knobs this small model reaches (its top-1 is rarely above 0.7)."""
     ref = engine.generate(PROMPTS[1], 48, policy="mdm")
+    loose = DiffusionOptions(threshold=0.3, margin=0.1, credit=0.8)
     for policy in ("confidence", "prophet", "credit"):
-        run = engine.generate(PROMPTS[1], 48, policy=policy)
+        run = engine.generate(PROMPTS[1], 48, policy=policy, diffusion=loose)
         assert run.stats.calls["full"] < ref.stats.calls["full"], policy
         assert len(run.token_ids) == 48
