@@ -14,9 +14,10 @@ PIP := .venv/bin/pip
 
 setup: .venv/.installed
 
-# The full suite (CI). Markers and the rule that sets them: tests/conftest.py.
+# The full suite (CI), with the slowest twenty listed. Markers and the rule that sets
+# them: tests/conftest.py.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
 
 # Daily work: no engines of the bundled model or stories260K, no training, sweeps,
 # AOTInductor compiles or venv installs. The slowest ten are listed, to see drift.
