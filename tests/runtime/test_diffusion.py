@@ -229,3 +229,25 @@ def test_inspect_names_the_decoding_contract(engine):
     rows = dict(zip(summary.columns[0]._cells, summary.columns[1]._cells, strict=True))
     assert rows["decoding"] == "block diffusion: blocks of 4, mask id 0, logits shifted by one"
     assert rows["policies"] == ", ".join(DIFFUSION_POLICIES)
+
+
+def test_sampled_decisions_follow_the_filtered_distribution():
+    """A sampled decision's token at a position is a draw from that position's softmax(z/T)
+    under top-k (Gumbel-max with the decision's own noise key): chi-square over 3000 keys."""
+    from stats import chi2_critical, chi2_goodness_of_fit
+
+    from leapc.runtime.diffusion import Block, BlockDiffusion, Chooser
+    from leapc.runtime.sampling import SamplingConfig, probabilities
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 12)).astype(np.float32) * 2
+    sampling = SamplingConfig(temperature=0.7, top_k=6)
+    scores = Chooser(BlockDiffusion(2, MASK, 1), sampling, seed=5)(logits)
+    block = Block(0, np.full(2, MASK), MASK)
+    draws = [int(scores.choices(block, decision).tokens[1]) for decision in range(3000)]
+    z = logits[1].astype(np.float64)
+    z[MASK] = -np.inf  # never the mask
+    p = probabilities(z, sampling)
+    stat, df = chi2_goodness_of_fit(draws, {t: float(q) for t, q in enumerate(p) if q > 0})
+    assert stat < chi2_critical(df)
+    assert set(draws) <= set(np.flatnonzero(p))
