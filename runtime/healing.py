@@ -17,6 +17,7 @@ backed-up text, which the prompt already has (`CompletionText`).
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -54,10 +55,22 @@ class TokenTexts:
             return alone
         return [self.after(anchor, [token]) for token in range(self.vocab_size)]
 
+    @cached_property
+    def by_text(self) -> tuple[list[str], np.ndarray]:
+        """The texts sorted, and the token of each: the texts beginning with a prefix are
+        one contiguous run of them (cutting sorted strings to a length keeps them sorted)."""
+        order = np.array(sorted(range(self.vocab_size), key=self.texts.__getitem__), np.int64)
+        return [self.texts[i] for i in order], order
+
     def starting_with(self, prefix: str) -> np.ndarray:
-        """``[V]`` bool: the tokens whose text begins with ``prefix``."""
-        return np.fromiter((text.startswith(prefix) for text in self.texts), bool,
-                           self.vocab_size)
+        """``[V]`` bool: the tokens whose text begins with ``prefix`` (two bisections; a
+        scan of the vocabulary per request cost the server's decode thread ~4%)."""
+        texts, order = self.by_text
+        head = lambda text: text[: len(prefix)]  # noqa: E731
+        run = slice(bisect_left(texts, prefix, key=head), bisect_right(texts, prefix, key=head))
+        allowed = np.zeros(self.vocab_size, bool)
+        allowed[order[run]] = True
+        return allowed
 
 
 @dataclass(frozen=True, eq=False)

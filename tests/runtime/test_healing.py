@@ -40,6 +40,15 @@ def test_a_prompt_ending_in_a_newline_is_backed_up_to_before_it(texts):
     assert len(allowed) == sum(t.startswith("\n") for t in texts.texts)
 
 
+def test_starting_with_is_a_scan_of_the_vocabulary(texts):
+    """The sorted-run lookup against the definition, for every token's text as a prefix
+    (and its first letter, and one no token begins with)."""
+    prefixes = {t for t in texts.texts if t} | {t[:1] for t in texts.texts if t} | {"\x00zz"}
+    for prefix in sorted(prefixes)[::7] + ["\n", " s", "\x00zz"]:
+        scan = np.array([t.startswith(prefix) for t in texts.texts])
+        np.testing.assert_array_equal(texts.starting_with(prefix), scan, err_msg=repr(prefix))
+
+
 def test_a_word_cut_in_pieces_is_backed_up_to_its_start(texts):
     ids = texts.tokenizer.encode("import sy").ids  # ... "import", " s", "y"
     kept, healing = heal(ids, texts)
