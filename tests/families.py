@@ -116,9 +116,12 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     return _more_config(family)
 
 
+FULL = "full_attention"
+
+
 def _two_types() -> dict:
     """A windowed layer then a full one (windows of SMALL_WINDOW)."""
-    return dict(sliding_window=SMALL_WINDOW, layer_types=["sliding_attention", "full_attention"])
+    return dict(sliding_window=SMALL_WINDOW, layer_types=["sliding_attention", FULL])
 
 
 def _more_config(family: str) -> transformers.PretrainedConfig:  # noqa: C901, PLR0911 - a table
@@ -135,14 +138,16 @@ def _more_config(family: str) -> transformers.PretrainedConfig:  # noqa: C901, P
         return t.Gemma2Config(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
                               attn_logit_softcapping=None, final_logit_softcapping=5.0,
                               **_two_types())
-    if family == "gemma2":
+    if family in ("gemma2", "gemma2_full"):
         # A cap the tiny model's scores reach (Gemma 2's own is 50), and an untied head: tied
         # to the scaled embedding, the tiny model repeats one token whatever its attention
         # does, and greedy output could not tell a dropped cap (with this one it does from
-        # the second token).
+        # the second token). "gemma2_full" has full layers only, for the width-invariant
+        # lowerings (they refuse sliding windows).
+        layers = _two_types() if family == "gemma2" else dict(layer_types=[FULL] * LAYERS)
         return t.Gemma2Config(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
                               attn_logit_softcapping=ATTN_SOFTCAP, final_logit_softcapping=5.0,
-                              tie_word_embeddings=False, **_two_types())
+                              tie_word_embeddings=False, **layers)
     if family == "gemma3_text":
         return t.Gemma3TextConfig(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
                                   **_two_types())
