@@ -33,8 +33,8 @@ MORE_FAMILIES = {
     "cohere2": "parallel blocks, sliding-window and full layers mixed",
     "gemma2": "attention and final logit soft-capping, sliding-window and full layers, "
               "post-norms, untied head (eager attention in transformers)",
-    "gemma2_final_softcap": "final logit soft-capping only (SDPA), sliding-window and full "
-                            "layers, post-norms",
+    "gemma2_final_softcap": "final logit soft-capping only, sliding-window and full layers, "
+                            "post-norms (eager attention in transformers)",
     "gemma3_text": "sliding-window and full layers with their own RoPE, q/k norms, post-norms",
     "olmo2": "post-norms, q/k norms over all heads",
     "starcoder2": "non-gated MLP, LayerNorm and biases everywhere",
