@@ -21,7 +21,8 @@ from leapc.ir.errors import UnsupportedModelError
 from leapc.ir.graph import descendants
 
 # By qualified name: leapc's own op is declared in leapc.kernels, which ir does not import.
-ATTENTION_OPS = ("aten::scaled_dot_product_attention", "leapc::tree_attention")
+ATTENTION_OPS = ("aten::scaled_dot_product_attention", "leapc::capped_attention",
+                 "leapc::tree_attention")
 _VIEW_OPS = (torch.ops.aten.alias.default, torch.ops.aten.slice.Tensor,
              torch.ops.aten.view.default, torch.ops.aten.reshape.default,
              torch.ops.aten.select.int)
@@ -68,7 +69,8 @@ class Anatomy:
 
 
 def is_attention(node: Node) -> bool:
-    """An attention op: dense SDPA (as captured) or tree attention (after that pass)."""
+    """An attention op: dense SDPA or soft-capped attention (as captured), or tree
+    attention (after that pass)."""
     return isinstance(node.target, torch._ops.OpOverload) and node.target.name() in ATTENTION_OPS
 
 

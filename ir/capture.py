@@ -21,14 +21,16 @@ from dataclasses import dataclass, replace
 import torch
 from torch.export import Dim, ExportedProgram
 from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.cache_utils import (
     DynamicLayer,
     DynamicSlidingWindowLayer,
     get_layer_types_and_kwargs,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from leapc.ir import signature as sig
+from leapc.ir.capped_attention import capped_attention
 from leapc.ir.dims import ModelDims
 from leapc.ir.errors import UnsupportedModelError
 
@@ -169,8 +171,6 @@ def check_supported(model: PreTrainedModel) -> None:
     """Refuse, by feature, what the config says the step program would get wrong."""
     cfg = model.config.get_text_config()
     reasons = []
-    if getattr(cfg, "attn_logit_softcapping", None):
-        reasons.append("attention logit soft-capping is not supported")
     if _uses_alibi(model):
         # Its bias is built from a 2-D padding mask; the step's 4-D mask cannot carry it.
         reasons.append("ALiBi position biases are not supported")
@@ -370,15 +370,35 @@ def check_capture(program: ExportedProgram, reference: _Reference, dims: ModelDi
             "something the step contract does not carry")
 
 
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+               **kwargs):
+    """leapc's attention function (transformers' interface): its SDPA function, or
+    `leapc.capped_attention` where the layer soft-caps its logits (SDPA has no cap)."""
+    if not softcap:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    if dropout or attention_mask is None:
+        raise UnsupportedModelError("soft-capped attention with dropout or without the step "
+                                    "mask is not supported")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = capped_attention(query, key, value, attention_mask, scale, float(softcap))
+    return out.transpose(1, 2).contiguous(), None
+
+
+LEAPC_ATTENTION = "leapc_sdpa"  # the config's attention implementation: `_attention`
+AttentionInterface.register(LEAPC_ATTENTION, _attention)
+
+
 def _use_exportable_kernels(model: PreTrainedModel) -> None:
     """SDPA attention, and mixture-of-experts layers as gathers and batched matmuls (the
     default grouped matmul is a transformers custom op ONNX cannot translate)."""
     try:
         model.set_attn_implementation("sdpa")
     except (ValueError, ImportError):
-        # Some classes opt out of SDPA for a feature only some configs use (soft-capping);
-        # transformers' SDPA refuses those features, and `check_capture` compares the rest.
-        model.config._attn_implementation = "sdpa"
+        # Some classes opt out of SDPA for a feature only some configs use (soft-capping):
+        # leapc's attention function is SDPA where a layer does not soft-cap and
+        # `leapc.capped_attention` where it does; `check_capture` compares the result.
+        model.config._attn_implementation = LEAPC_ATTENTION
     model.set_experts_implementation("batched_mm")  # a no-op without experts
 
 

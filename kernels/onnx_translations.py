@@ -18,7 +18,7 @@ from leapc.runtime.manifest import Attention
 
 def _tree_attention_schema():
     """The signature of ``ai.leapc::TreeAttention`` (kernels/native/ort_ops.c), which
-    onnxscript needs to build the node: inputs in order, one float attribute."""
+    onnxscript needs to build the node: inputs in order, the scale and an optional soft cap."""
     from onnx.defs import OpSchema
 
     floats = ("q", "k_past", "k_new", "v_past", "v_new")
@@ -28,7 +28,9 @@ def _tree_attention_schema():
     return OpSchema(
         "TreeAttention", DOMAIN, 1, inputs=inputs,
         outputs=[OpSchema.FormalParameter("out", "tensor(float)")],
-        attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scores' factor")])
+        attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scores' factor"),
+                    OpSchema.Attribute("softcap", OpSchema.AttrType.FLOAT,
+                                       "scores' soft cap (0 or absent: none)", required=False)])
 
 
 _leapc_ops = Opset(DOMAIN, 1)  # leapc's ONNX Runtime ops (`leapc.kernels.ort_ops`)
@@ -67,7 +69,7 @@ def _without_spare_row(rows):
                     op.Constant(value_ints=[2]))
 
 
-def _width_invariant_attention(q, k, v, hidden, ones, scale: float):
+def _width_invariant_attention(q, k, v, hidden, ones, scale: float, softcap: float):
     """Attention whose every output row is bit-identical however many rows share the step
     and wherever masked keys sit among the visible ones. ``hidden`` is ``[B, 1, G * N,
     T + N]`` float, 0 where a key is visible and -inf where not (query row ``g * N + n`` is
@@ -89,7 +91,8 @@ def _width_invariant_attention(q, k, v, hidden, ones, scale: float):
     row keeps one-token steps off the matrix-vector kernel (`_with_spare_row`).
 
     Every reshape is by constants (``0`` copies a dimension, ``-1`` infers it): per-layer
-    shape arithmetic cost more than the attention itself at short pasts.
+    shape arithmetic cost more than the attention itself at short pasts. The soft cap
+    (if any) is per element, so it keeps every property above.
     """
     heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[3]
     grouped_q = op.Reshape(op.Mul(q, op.Constant(value_float=scale)),
@@ -100,6 +103,9 @@ def _width_invariant_attention(q, k, v, hidden, ones, scale: float):
     scores = op.MatMul(grouped_q, op.Transpose(k, perm=[0, 1, 3, 2]))
     if spare:
         scores = _without_spare_row(scores)
+    if softcap:
+        scores = op.Mul(op.Tanh(op.Div(scores, op.Constant(value_float=softcap))),
+                        op.Constant(value_float=softcap))
     scores = op.Add(scores, hidden)  # [B, Hkv, G * N, T + N]
     weights = op.Exp(op.Sub(scores, op.ReduceMax(scores, op.Constant(value_ints=[-1]),
                                                  keepdims=1)))
@@ -166,12 +172,18 @@ def _cache_and_new(keys, new):
             op.Slice(keys, past, total, two))
 
 
-def _kernel_attention(q, k, v, past_len, tree_mask, scale: float):
+def _kernel_attention(q, k, v, past_len, tree_mask, scale: float, softcap: float):
     """leapc's ``TreeAttention`` kernel (kernels/native/tree_attention.c): width-invariant
     by construction at any length, reading the cache where it is."""
     new = op.Shape(tree_mask, start=1, end=2)
     return _tree_attention_op(q, *_cache_and_new(k, new), *_cache_and_new(v, new),
-                                  past_len, tree_mask, scale=scale)
+                              past_len, tree_mask, scale=scale, **_cap(softcap))
+
+
+def _cap(softcap: float) -> dict:
+    """The ``softcap`` attribute where there is a cap (0: none): nodes of programs without
+    one stay as they were."""
+    return {"softcap": softcap} if softcap else {}
 
 
 def translations(attention: Attention = Attention.TREE) -> dict:
@@ -187,23 +199,32 @@ def translations(attention: Attention = Attention.TREE) -> dict:
     """
     masks, shared = {}, {}
 
-    def tree_attention(q, k, v, past_len, tree_mask, scale: float):
+    def tree_attention(q, k, v, past_len, tree_mask, scale: float, softcap: float = 0.0):
         """Query head h reads KV head h // G (GQA without repeating the cache); the
         boolean mask (True: attend) hides exactly the keys the reference sets to -inf;
-        every row sees its own diagonal, so none is empty."""
+        every row sees its own diagonal, so none is empty. ``Attention`` soft-caps before
+        the mask, as the reference does (ONNX's ``softcap``, 0: none)."""
         if attention is Attention.KERNEL:
-            return _kernel_attention(q, k, v, past_len, tree_mask, scale)
+            return _kernel_attention(q, k, v, past_len, tree_mask, scale, softcap)
         total = k.shape[2]
         known = isinstance(total, int) or total.value is not None
         key = (past_len, tree_mask, total if known else k)
         if key not in masks:
             masks[key] = _visible_keys(past_len, tree_mask, op.Shape(k, start=2, end=3))
         if attention is not Attention.INVARIANT:
-            out, _, _, _ = op.Attention(q, k, v, masks[key], scale=scale)  # native GQA
+            out, _, _, _ = op.Attention(q, k, v, masks[key], scale=scale, **_cap(softcap))
             return out
         if key not in shared:  # shared by the layers, like the mask
             shared[key] = (_hidden_keys(masks[key], q.shape[1] // k.shape[1], q),
                            _ones_columns(v))
-        return _width_invariant_attention(q, k, v, *shared[key], scale)
+        return _width_invariant_attention(q, k, v, *shared[key], scale, softcap)
 
-    return {torch.ops.leapc.tree_attention.default: tree_attention}
+    return {torch.ops.leapc.tree_attention.default: tree_attention,
+            torch.ops.leapc.capped_attention.default: capped_attention}
+
+
+def capped_attention(query, key, value, attn_mask, scale: float, softcap: float):
+    """`leapc.capped_attention` as one ``Attention`` node: native GQA, the additive mask
+    added after the cap (ONNX's order, and the op's)."""
+    out, _, _, _ = op.Attention(query, key, value, attn_mask, scale=scale, **_cap(softcap))
+    return out

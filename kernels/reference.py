@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from leapc.ir.capped_attention import soft_cap
+
 
 def visible_keys(past_len: torch.Tensor, tree_mask: torch.Tensor, past: int) -> torch.Tensor:
     """``[B, N, T + N]`` bool: which keys each new token sees, from the compact form.
@@ -29,12 +31,15 @@ def tree_attention(
     past_len: torch.Tensor,
     tree_mask: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of N tree nodes over T cache slots plus the nodes themselves.
 
     Shapes: ``q [B, H, N, D]``, ``k [B, Hkv, T + N, D]``, ``v [B, Hkv, T + N, Dv]`` (cache
     slots first, then the N new tokens), ``past_len [B]`` int64, ``tree_mask [B, N, N]``
-    bool with a True diagonal (a node sees itself). Returns ``[B, H, N, Dv]``.
+    bool with a True diagonal (a node sees itself). Returns ``[B, H, N, Dv]``. A nonzero
+    ``softcap`` soft-caps the scaled scores before the mask, ``cap * tanh(s / cap)``
+    (Gemma 2's attention logit soft-capping; `leapc.ir.capped_attention`).
 
     Grouped-query attention: query head ``h`` reads KV head ``h // G`` with
     ``G = H / Hkv`` (what ``repeat_kv`` and ``enable_gqa`` compute). Viewing the queries as
@@ -50,7 +55,7 @@ def tree_attention(
     kv_heads, total = k.shape[1], k.shape[2]
     group = heads // kv_heads
     grouped_q = q.reshape(batch, kv_heads, group * new, head_dim)
-    scores = (grouped_q @ k.transpose(-1, -2)) * scale  # [B, Hkv, G * N, T + N]
+    scores = soft_cap((grouped_q @ k.transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G*N, T+N]
     visible = visible_keys(past_len, tree_mask, total - new)  # [B, N, T + N]
     scores = scores.view(batch, kv_heads, group, new, total)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))

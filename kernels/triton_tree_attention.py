@@ -17,7 +17,9 @@ v_j`` over the blocks seen so far. A new block with maximum ``m_b`` raises the m
 ``alpha = exp(m - m')`` before the block's own terms ``exp(s_j - m')`` are added. After
 the last block ``acc / l`` is the exact softmax average: every term ends up relative to
 the same final maximum. Exponentials are base 2 (``exp(x) = 2^(x log2 e)``, folded into
-the score scale): the hardware's native ``exp2``.
+the score scale): the hardware's native ``exp2``. A soft cap (Gemma 2) bounds each score
+first, ``s -> cap * tanh(s / cap)``: then ``1 / cap`` goes into the scale and
+``cap * log2 e`` multiplies the tanh.
 
 Layout of the work. One program serves one KV head of one batch row and a block of
 ``BLOCK_M`` query rows drawn from the G query heads sharing that KV head: row r is node
@@ -50,14 +52,22 @@ MIN_BLOCK = 16
 
 
 @triton.jit
-def _attend_block(acc, row_max, row_sum, q, k_block, v_block, visible, scale_log2,
-                  DOT_PRECISION: tl.constexpr):
+def _tanh(x):
+    """1 - 2 / (e^2x + 1): e^2x overflowing to inf gives 1, underflowing to 0 gives -1."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _attend_block(acc, row_max, row_sum, q, k_block, v_block, visible, score_scale, cap_log2,
+                  SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold one block of keys into the running softmax of each query row.
 
     ``q [M, D]``, ``k_block [D, T]`` (transposed), ``v_block [T, Dv]``, ``visible [M, T]``.
     Returns the updated ``acc [M, Dv]``, ``row_max [M]`` and ``row_sum [M]`` (base 2).
     """
-    scores = tl.dot(q, k_block, input_precision=DOT_PRECISION) * scale_log2
+    scores = tl.dot(q, k_block, input_precision=DOT_PRECISION) * score_scale
+    if SOFTCAP:
+        scores = cap_log2 * _tanh(scores)
     scores = tl.where(visible, scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
     # A row that has seen no visible key yet has max -inf; subtracting 0 instead keeps its
@@ -79,9 +89,9 @@ def _tree_attention_kernel(
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_mb, stride_mn, stride_mi,
     stride_ob, stride_oh, stride_on, stride_od,
-    scale_log2, new, past, group, head_dim, value_dim,
+    score_scale, cap_log2, new, past, group, head_dim, value_dim,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # int64: batch * stride_kb passes 2^31 once one layer's keys do (4 GiB in half).
     row_block = tl.program_id(0)
@@ -116,7 +126,8 @@ def _tree_attention_kernel(
                           mask=key_valid[:, None] & value_dim_valid[None, :], other=0.0)
         visible = row_valid[:, None] & key_valid[None, :]
         acc, row_max, row_sum = _attend_block(acc, row_max, row_sum, q, k_block, v_block,
-                                              visible, scale_log2, DOT_PRECISION)
+                                              visible, score_scale, cap_log2, SOFTCAP,
+                                              DOT_PRECISION)
 
     # The tree: node i (key past + i) is visible to node n iff tree_mask[b, n, i].
     for start in range(0, new, BLOCK_T):
@@ -131,7 +142,8 @@ def _tree_attention_kernel(
                            + tree_nodes[None, :] * stride_mi,
                            mask=row_valid[:, None] & in_tree[None, :], other=0)
         acc, row_max, row_sum = _attend_block(acc, row_max, row_sum, q, k_block, v_block,
-                                              ancestor != 0, scale_log2, DOT_PRECISION)
+                                              ancestor != 0, score_scale, cap_log2, SOFTCAP,
+                                              DOT_PRECISION)
 
     # Every real row saw its own node (the diagonal), so its sum is > 0; padding rows saw
     # nothing and are not stored, but dividing them by 1 keeps NaN out of the arithmetic.
@@ -155,9 +167,17 @@ def _dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+def _score_factors(scale: float, softcap: float) -> tuple[float, float]:
+    """``(score_scale, cap_log2)``: base-2 scores are ``dot * score_scale`` without a cap,
+    ``cap_log2 * tanh(dot * score_scale)`` with one."""
+    if softcap:
+        return scale / softcap, softcap * math.log2(math.e)
+    return scale * math.log2(math.e), 0.0
+
+
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: torch.Tensor,
-                   tree_mask: torch.Tensor, scale: float, *, block_m: int = 64,
-                   block_t: int = 64) -> torch.Tensor:
+                   tree_mask: torch.Tensor, scale: float, softcap: float = 0.0, *,
+                   block_m: int = 64, block_t: int = 64) -> torch.Tensor:
     """Launch the kernel: same arguments and result as the reference.
 
     ``block_m`` caps the query rows per program, ``block_t`` is the keys per block (powers
@@ -174,8 +194,9 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: 
     _tree_attention_kernel[grid](
         q, k, v, past_len, mask, out,
         *q.stride(), *k.stride(), *v.stride(), *mask.stride(), *out.stride(),
-        scale * math.log2(math.e), new, total - new, group, head_dim, value_dim,
+        *_score_factors(scale, softcap), new, total - new, group, head_dim, value_dim,
         BLOCK_M=rows_block, BLOCK_T=block_t, BLOCK_D=_block(head_dim),
-        BLOCK_DV=_block(value_dim), DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_DV=_block(value_dim), SOFTCAP=bool(softcap),
+        DOT_PRECISION=_dot_precision(q.dtype),
     )
     return out

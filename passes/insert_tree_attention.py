@@ -28,6 +28,7 @@ from leapc.passes.base import Invariant, PassError, PassResult
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+CAPPED = torch.ops.leapc.capped_attention.default
 TREE_ATTENTION = torch.ops.leapc.tree_attention.default
 def _unrepeated(node: Node) -> Node:
     """The ``[B, Hkv, S, D]`` tensor behind transformers' ``repeat_kv``, else ``node`` itself.
@@ -45,24 +46,26 @@ def _unrepeated(node: Node) -> Node:
     return unsqueeze.args[0]
 
 
-def _tree_attention_args(gm: GraphModule, sdpa: Node, mask: Node) -> tuple[Node, Node, Node, float]:
-    """Queries, un-repeated keys and values, and the scale of one SDPA call."""
+def _tree_attention_args(gm: GraphModule, sdpa: Node, mask: Node) -> tuple:
+    """Queries, un-repeated keys and values, the scale and the soft cap (0: none) of one
+    SDPA or `leapc.capped_attention` call."""
     args = sdpa.normalized_arguments(gm, normalize_to_only_use_kwargs=True).kwargs
     layer = module_path(sdpa) or sdpa.name
-    if args["dropout_p"] or args["is_causal"]:
+    if args.get("dropout_p") or args.get("is_causal"):
         raise UnsupportedModelError(f"tree attention: {layer} uses dropout or is_causal attention")
     if args["attn_mask"] is None or step_mask_form(args["attn_mask"], mask) is not MaskForm.STEP:
         raise UnsupportedModelError(
             f"tree attention: {layer}'s attention mask is not the step mask input")
     query = args["query"]
     scale = args["scale"] or 1 / math.sqrt(query.meta["val"].shape[-1])
-    return query, _unrepeated(args["key"]), _unrepeated(args["value"]), scale
+    return (query, _unrepeated(args["key"]), _unrepeated(args["value"]), scale,
+            args.get("softcap", 0.0))
 
 
 def _insert(gm: GraphModule, dense_windows: bool) -> bool:
-    calls = [n for n in gm.graph.nodes if n.target == SDPA]
+    calls = [n for n in gm.graph.nodes if n.target in (SDPA, CAPPED)]
     if not calls:
-        raise PassError("insert_tree_attention: no scaled_dot_product_attention op to rewrite")
+        raise PassError("insert_tree_attention: no attention op to rewrite")
     mask = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "mask")
     windowed = [n for n in calls if sdpa_mask_form(n, mask) is MaskForm.NARROWED]
     if windowed and not dense_windows:
@@ -76,9 +79,13 @@ def _insert(gm: GraphModule, dense_windows: bool) -> bool:
         tree_mask = gm.graph.call_function(tree_part, (mask,))
         past_len = gm.graph.call_function(past_lengths, (mask,))
     for sdpa in calls:
-        q, k, v, scale = _tree_attention_args(gm, sdpa, mask)
+        q, k, v, scale, softcap = _tree_attention_args(gm, sdpa, mask)
+        # The cap is an argument only where there is one: other programs keep the op's
+        # six-argument form.
+        capped = (softcap,) if softcap else ()
         with gm.graph.inserting_before(sdpa):
-            tree = gm.graph.call_function(TREE_ATTENTION, (q, k, v, past_len, tree_mask, scale))
+            tree = gm.graph.call_function(TREE_ATTENTION,
+                                          (q, k, v, past_len, tree_mask, scale, *capped))
         tree.meta = dict(sdpa.meta)  # nn_module_stack: the op stays inside its layer
         sdpa.replace_all_uses_with(tree)
         gm.graph.erase_node(sdpa)

@@ -31,7 +31,9 @@ MORE_FAMILIES = {
     "mistral_window": "sliding-window attention in every layer (window 16)",
     "cohere": "parallel attention and MLP, LayerNorm without bias, logit scale, tied head",
     "cohere2": "parallel blocks, sliding-window and full layers mixed",
-    "gemma2_final_softcap": "final logit soft-capping, sliding-window and full layers, "
+    "gemma2": "attention and final logit soft-capping, sliding-window and full layers, "
+              "post-norms, untied head (eager attention in transformers)",
+    "gemma2_final_softcap": "final logit soft-capping only, sliding-window and full layers, "
                             "post-norms (eager attention in transformers)",
     "gemma3_text": "sliding-window and full layers with their own RoPE, q/k norms, post-norms",
     "olmo2": "post-norms, q/k norms over all heads",
@@ -55,7 +57,6 @@ PASS_FAMILIES = ("gemma3_text", "mistral_window", "mixtral", "olmo2", "stablelm"
 
 # Configs leapc must refuse, each with the feature its refusal message must name.
 UNSUPPORTED = {
-    "gemma2": "soft-capping",  # attention logit soft-capping
     "bloom": "ALiBi",  # a bias built from a 2-D padding mask
     "mpt": "ALiBi",
     "llama_dynamic_rope": "dynamic RoPE",  # frequencies recomputed on a data-dependent branch
@@ -66,6 +67,7 @@ UNSUPPORTED = {
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN = 256, 64, 2, 4, 2, 16, 128
 MAX_POSITIONS = 1024
 SMALL_WINDOW = 16
+ATTN_SOFTCAP = 1.0
 
 _COMMON = dict(
     vocab_size=VOCAB,
@@ -114,9 +116,12 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     return _more_config(family)
 
 
+FULL = "full_attention"
+
+
 def _two_types() -> dict:
     """A windowed layer then a full one (windows of SMALL_WINDOW)."""
-    return dict(sliding_window=SMALL_WINDOW, layer_types=["sliding_attention", "full_attention"])
+    return dict(sliding_window=SMALL_WINDOW, layer_types=["sliding_attention", FULL])
 
 
 def _more_config(family: str) -> transformers.PretrainedConfig:  # noqa: C901, PLR0911 - a table
@@ -133,6 +138,16 @@ def _more_config(family: str) -> transformers.PretrainedConfig:  # noqa: C901, P
         return t.Gemma2Config(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
                               attn_logit_softcapping=None, final_logit_softcapping=5.0,
                               **_two_types())
+    if family in ("gemma2", "gemma2_full"):
+        # A cap the tiny model's scores reach (Gemma 2's own is 50), and an untied head: tied
+        # to the scaled embedding, the tiny model repeats one token whatever its attention
+        # does, and greedy output could not tell a dropped cap (with this one it does from
+        # the second token). "gemma2_full" has full layers only, for the width-invariant
+        # lowerings (they refuse sliding windows).
+        layers = _two_types() if family == "gemma2" else dict(layer_types=[FULL] * LAYERS)
+        return t.Gemma2Config(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
+                              attn_logit_softcapping=ATTN_SOFTCAP, final_logit_softcapping=5.0,
+                              tie_word_embeddings=False, **layers)
     if family == "gemma3_text":
         return t.Gemma3TextConfig(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
                                   **_two_types())
@@ -171,8 +186,6 @@ def _more_config(family: str) -> transformers.PretrainedConfig:  # noqa: C901, P
                            bos_token_id=1, eos_token_id=2)
     if family == "mixtral":
         return t.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2)
-    if family == "gemma2":
-        return t.Gemma2Config(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM)
     if family == "mpt":
         return t.MptConfig(vocab_size=VOCAB, d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS,
                            expansion_ratio=2, max_seq_len=MAX_POSITIONS)

@@ -69,6 +69,7 @@ typedef struct {
     Prologue prologue;
     float epsilon;     /* RMSNormQ8MatMul's attribute */
     float scale;       /* the attention ops' */
+    float softcap;     /* the attention ops' optional one (0: none) */
     int64_t num_heads; /* RotaryTreeAttention's */
 } Kernel;
 
@@ -361,6 +362,7 @@ static OrtStatus *LC_ORT_CALL tree_attention(void *kernel, OrtKernelContext *ctx
     LcTreeAttention a;
     TRY(attention_inputs(api, ctx, &a));
     a.scale = k->scale;
+    a.softcap = k->softcap;
     const int64_t od[4] = {a.B, a.H, a.N, a.Dv};
     OrtValue *ov;
     void *out;
@@ -412,7 +414,7 @@ static OrtStatus *LC_ORT_CALL rotary_tree_attention(void *kernel, OrtKernelConte
     }
     if (B * N == 0) return NULL;
     LcTreeAttention a = {NULL, data[3], outputs[1], data[4], outputs[2], past_len, data[6],
-                         outputs[0], B, H, Hkv, N, T, D, Dv, k->scale, 1};
+                         outputs[0], B, H, Hkv, N, T, D, Dv, k->scale, 1, k->softcap};
     AttentionJob job;
     TRY(plan_attention(api, &a, B * H * N * D, &job));
     lc_rotary_split(data[0], data[1], data[2], B, N, H, Hkv, D, Dv, R, job.extra, outputs[1],
@@ -422,6 +424,19 @@ static OrtStatus *LC_ORT_CALL rotary_tree_attention(void *kernel, OrtKernelConte
 }
 
 /* ---- Registration ---- */
+
+/* An attribute a node may leave out: ORT reports a missing one as ORT_FAIL, and then
+   `value` keeps its 0. */
+static OrtStatus *optional_float(const OrtApi *api, const OrtKernelInfo *info, const char *name,
+                                 float *value) {
+    OrtStatus *st = lc_ort_KernelInfoGetAttribute_float(api, info, name, value);
+    if (st && lc_ort_GetErrorCode(api, st) == ORT_FAIL) {
+        lc_ort_ReleaseStatus(api, st);
+        *value = 0.0f;
+        return NULL;
+    }
+    return st;
+}
 
 static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi *api,
                                             const OrtKernelInfo *info, void **out) {
@@ -435,6 +450,8 @@ static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi 
         st = lc_ort_KernelInfoGetAttribute_float(api, info, "epsilon", &kernel->epsilon);
     if (op->KernelComputeV2 != matmul)
         st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
+    if (!st && op->KernelComputeV2 != matmul)
+        st = optional_float(api, info, "softcap", &kernel->softcap);
     if (!st && op->KernelComputeV2 == rotary_tree_attention)
         st = lc_ort_KernelInfoGetAttribute_int64(api, info, "num_heads", &kernel->num_heads);
     if (!st && op->KernelComputeV2 == rotary_tree_attention && kernel->num_heads < 1)

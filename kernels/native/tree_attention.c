@@ -11,7 +11,8 @@
    sequence order (valid cache slots, then its visible new tokens): that list is the same
    in both steps, while T (the cache's free slots), N and where the keys sit are not.
      - score s_j = (((0 + q_0 k_j0) + q_1 k_j1) + ...) * scale: one fused multiply-add per
-       input, in input order, the same code for cache and new keys;
+       input, in input order, the same code for cache and new keys; soft-capped (if
+       softcap) element by element, cap * tanh(s_j / cap);
      - m = max_j s_j (exact in any order); e_j = exp(s_j - m), element by element;
      - the denominator sums e_j in 16 lanes by the key's position in the visible list,
        then reduces the lanes in one fixed tree;
@@ -125,18 +126,33 @@ static Sums zero_sums(void) {
     return (Sums){z, z, z, z, z, z, z, z};
 }
 
+/* cap * tanh(x / cap), with tanh(y) = 1 - 2 / (e^(2y) + 1): e^(2y) overflowing to inf
+   gives 1 and underflowing to 0 gives -1, so no input needs a branch. */
+static inline __m512 soft_cap(__m512 x, float cap) {
+    const __m512 e = lc_exp(_mm512_mul_ps(x, _mm512_set1_ps(2.0f / cap)));
+    const __m512 t = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                                   _mm512_div_ps(_mm512_set1_ps(2.0f),
+                                                 _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+    return _mm512_mul_ps(t, _mm512_set1_ps(cap));
+}
+
+static inline __m512 scaled(__m512 dot, __m512 vscale, float cap) {
+    const __m512 s = _mm512_mul_ps(dot, vscale);
+    return cap != 0.0f ? soft_cap(s, cap) : s;
+}
+
 /* s[r][j] for four query rows and the first `blocks` (even) * 16 keys of kt, 32 keys at a
    time (a key's lane and a row's neighbours do not change its arithmetic). */
 static void scores(const float *const q[GROUP], const float *kt, int64_t D, int64_t stride,
-                   int64_t blocks, float scale, float *const s[GROUP]) {
+                   int64_t blocks, float scale, float cap, float *const s[GROUP]) {
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t blk = 0; blk < blocks; blk += 2) {
         const Sums t = accumulate(zero_sums(), q, D, kt + blk * LANES, stride, 0xFFFF, 0xFFFF);
         const __m512 rows[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21},
                                        {t.s30, t.s31}};
         for (int r = 0; r < GROUP; ++r) {
-            _mm512_storeu_ps(s[r] + blk * LANES, _mm512_mul_ps(rows[r][0], vscale));
-            _mm512_storeu_ps(s[r] + blk * LANES + LANES, _mm512_mul_ps(rows[r][1], vscale));
+            _mm512_storeu_ps(s[r] + blk * LANES, scaled(rows[r][0], vscale, cap));
+            _mm512_storeu_ps(s[r] + blk * LANES + LANES, scaled(rows[r][1], vscale, cap));
         }
     }
 }
@@ -221,7 +237,7 @@ void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *k
             const int64_t at = a->tokens_major ? (b * a->N + node[r]) * a->H + h : row;
             g.out[r] = r0 + r < end ? a->out + at * a->Dv : NULL;
         }
-        scores(q, kt, a->D, stride, blocks, a->scale, g.e);
+        scores(q, kt, a->D, stride, blocks, a->scale, a->softcap, g.e);
         for (int r = 0; r < GROUP; ++r) {
             const uint8_t *sees = a->tree_mask + (b * a->N + node[r]) * a->N;
             float *s = g.e[r];

@@ -16,6 +16,7 @@ typedef struct {
     int64_t B, H, Hkv, N, T, D, Dv;
     float scale;
     int tokens_major;
+    float softcap; /* 0: none; else scores are softcap * tanh(s / softcap) (Gemma 2) */
 } LcTreeAttention;
 
 /* The projections of a decoder's attention block as attention reads them: from

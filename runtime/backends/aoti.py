@@ -29,22 +29,27 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
 
 
 def _without_custom_ops(program):
-    """The program with ``leapc.tree_attention`` decomposed into aten ops before compiling.
+    """The program with leapc's attention ops decomposed into aten ops before compiling.
 
     AOTInductor would otherwise compile each call into a proxy-executor call back into the
     Python kernel: the package would need leapc's op declarations to load and would take
-    the GIL once per layer. Other ops are kept as they are (the table names only this one).
+    the GIL once per layer. Other ops are kept as they are (the table names only these).
+    Soft-capped attention decomposes into its definition's matmuls, ``tanh`` and softmax
+    (SDPA has no cap).
     """
     import torch
 
-    import leapc.kernels.tree_attention  # noqa: F401  (declares the op to decompose)
+    import leapc.kernels.tree_attention  # noqa: F401  (declares the ops to decompose)
+    from leapc.ir.capped_attention import capped_sdpa
 
-    return program.run_decompositions({torch.ops.leapc.tree_attention.default: fused_sdpa})
+    return program.run_decompositions({torch.ops.leapc.tree_attention.default: fused_sdpa,
+                                       torch.ops.leapc.capped_attention.default: capped_sdpa})
 
 
-def fused_sdpa(q, k, v, past_len, tree_mask, scale: float):
+def fused_sdpa(q, k, v, past_len, tree_mask, scale: float, softcap: float = 0.0):
     """``leapc.tree_attention`` as one SDPA call: the boolean mask is the reference's
-    `visible_keys`, and ``enable_gqa`` reads KV head h // G as the reference does.
+    `visible_keys`, and ``enable_gqa`` reads KV head h // G as the reference does; with a
+    soft cap, the reference itself (SDPA has no cap).
 
     Inductor keeps SDPA as torch's fused CPU attention kernel; the reference's matmuls and
     masked softmax, decomposed instead, made a verify step of 32 nodes over a 990-token
@@ -52,8 +57,10 @@ def fused_sdpa(q, k, v, past_len, tree_mask, scale: float):
     """
     from torch.nn.functional import scaled_dot_product_attention
 
-    from leapc.kernels.reference import visible_keys
+    from leapc.kernels.reference import tree_attention, visible_keys
 
+    if softcap:
+        return tree_attention(q, k, v, past_len, tree_mask, scale, softcap)
     visible = visible_keys(past_len, tree_mask, k.shape[2] - q.shape[2])[:, None]
     return scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
 

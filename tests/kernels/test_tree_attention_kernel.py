@@ -22,6 +22,7 @@ INPUTS = (("q", TensorProto.FLOAT), ("k_past", TensorProto.FLOAT), ("k_new", Ten
           ("v_past", TensorProto.FLOAT), ("v_new", TensorProto.FLOAT),
           ("past_len", TensorProto.INT64), ("tree_mask", TensorProto.BOOL))
 SCALE = 0.25
+SOFTCAP = 1.5  # scores of these random inputs reach well past it
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +48,18 @@ def _one_node_session(library, op: str, inputs, outputs, **attributes):
 
 @pytest.fixture(scope="module")
 def attention(library):
-    """``run(q, k, v, past_len, tree_mask, T)``: the one-node model on the compiled library,
-    ``k``/``v`` split into the cache's T slots and the new keys."""
-    session = _one_node_session(library, "TreeAttention", INPUTS, ["out"], scale=SCALE)
+    """``run(q, k, v, past_len, tree_mask, T, softcap=0)``: the one-node model on the
+    compiled library, ``k``/``v`` split into the cache's T slots and the new keys; without
+    a cap the node has no ``softcap`` attribute (how engines without one write it)."""
+    sessions = {cap: _one_node_session(library, "TreeAttention", INPUTS, ["out"], scale=SCALE,
+                                       **({"softcap": cap} if cap else {}))
+                for cap in (0.0, SOFTCAP)}
 
-    def run(q, k, v, past_len, tree_mask, past):
+    def run(q, k, v, past_len, tree_mask, past, softcap=0.0):
         feeds = dict(q=q, k_past=k[:, :, :past], k_new=k[:, :, past:], v_past=v[:, :, :past],
                      v_new=v[:, :, past:], past_len=past_len, tree_mask=tree_mask)
-        return session.run(None, {name: np.ascontiguousarray(x) for name, x in feeds.items()})[0]
+        return sessions[softcap].run(
+            None, {name: np.ascontiguousarray(x) for name, x in feeds.items()})[0]
 
     return run
 
@@ -76,7 +81,8 @@ def _random_tree(rng, batch: int, new: int) -> np.ndarray:
     (1, 4, 2, 16, 100, 40, 24),  # head dims not multiples of 16, Dv != D
     (3, 6, 3, 3, 0, 64, 64),  # an empty cache: prefill's first chunk
 ])
-def test_equals_the_reference(attention, batch, heads, kv_heads, new, past, dim, dim_v):
+@pytest.mark.parametrize("softcap", (0.0, SOFTCAP))
+def test_equals_the_reference(attention, batch, heads, kv_heads, new, past, dim, dim_v, softcap):
     rng = np.random.default_rng(new * past + dim)
     q = rng.standard_normal((batch, heads, new, dim), dtype=np.float32)
     k = rng.standard_normal((batch, kv_heads, past + new, dim), dtype=np.float32)
@@ -84,13 +90,22 @@ def test_equals_the_reference(attention, batch, heads, kv_heads, new, past, dim,
     past_len = rng.integers(0, past + 1, batch)
     tree_mask = _random_tree(rng, batch, new)
     expected = reference.tree_attention(*map(torch.from_numpy, (q, k, v, past_len, tree_mask)),
-                                        SCALE).numpy()
-    np.testing.assert_allclose(attention(q, k, v, past_len, tree_mask, past), expected,
+                                        SCALE, softcap).numpy()
+    np.testing.assert_allclose(attention(q, k, v, past_len, tree_mask, past, softcap), expected,
                                rtol=1e-5, atol=2e-6)
 
 
+def test_the_soft_cap_changes_the_result(attention):
+    """The cap is read from the node: the inputs above are ones it changes."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 4, 3, 32), dtype=np.float32) for _ in range(3))
+    inputs = q, k, v, np.array([0]), np.tril(np.ones((1, 3, 3), bool)), 0
+    assert np.abs(attention(*inputs, SOFTCAP) - attention(*inputs)).max() > 0.1
+
+
+@pytest.mark.parametrize("softcap", (0.0, SOFTCAP))
 @pytest.mark.parametrize("context", (1, 17, 255, 1500))
-def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, context):
+def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, context, softcap):
     """The property exact speculation on int8 weights needs. Token x with its ``context``
     ancestors is computed (a) as `ar` does: ancestors in the cache, x the one new token;
     (b) as verification does: the last 3 ancestors new in the step, beside drafted
@@ -102,7 +117,7 @@ def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, c
     values = rng.standard_normal((1, kv_heads, context + 1, dim), dtype=np.float32)
     query = rng.standard_normal((1, heads, 1, dim), dtype=np.float32)
     alone = attention(query, keys, values, np.array([context]), np.ones((1, 1, 1), bool),
-                      context)
+                      context, softcap)
     drafted = min(3, context)
     valid, free = context - drafted, 40
     # step nodes: the drafted ancestors (a chain), two siblings nobody sees, then x
@@ -119,7 +134,7 @@ def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, c
     mask[drafted, drafted] = mask[drafted + 1, drafted + 1] = True
     q = rng.standard_normal((1, heads, new, dim), dtype=np.float32)
     q[:, :, -1] = query[:, :, 0]
-    wide = attention(q, step_k, step_v, np.array([valid]), mask[None], valid + free)
+    wide = attention(q, step_k, step_v, np.array([valid]), mask[None], valid + free, softcap)
     np.testing.assert_array_equal(wide[:, :, -1:], alone)
 
 

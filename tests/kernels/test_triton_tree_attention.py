@@ -81,6 +81,18 @@ def test_value_dim_differs_from_head_dim(triton_device):
     assert_matches_reference(inputs, triton_device, block_t=16)
 
 
+@pytest.mark.parametrize("group", [1, 4])
+def test_soft_capped_scores_match_reference(triton_device, group):
+    """Gemma 2's attention logit soft-capping, over cache and tree blocks; queries scaled
+    so that most scores pass the cap."""
+    q, k, v, past_len, tree_mask = attention_inputs((2, 2 * group, 2, 6, 20, 24))
+    inputs = [t.to(triton_device) for t in (3 * q, k, v, past_len, tree_mask)]
+    got = tree_attention(*inputs, SCALE, 1.5, block_t=16)
+    want = reference.tree_attention(*(t.cpu() for t in inputs), SCALE, 1.5)
+    assert (want - reference.tree_attention(*(t.cpu() for t in inputs), SCALE)).abs().max() > 0.1
+    torch.testing.assert_close(got.cpu(), want)
+
+
 def test_strided_inputs_match_reference(triton_device):
     """Queries as the model makes them, ``[B, N, H, D]`` transposed: strides, not copies."""
     q, k, v, past_len, tree_mask = attention_inputs((2, 4, 2, 5, 9, 24))

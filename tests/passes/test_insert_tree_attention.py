@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from engines import tiny_source
-from families import captured, family_params
+from families import ATTN_SOFTCAP, captured, family_params
 from trees import tree_step_inputs
 
 import leapc
@@ -22,7 +22,7 @@ from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.errors import InputError, UnsupportedModelError
 from leapc.ir.rewrite import rewrite
 from leapc.passes.base import Invariant, PassError, violation
-from leapc.passes.insert_tree_attention import SDPA, TREE_ATTENTION, InsertTreeAttention
+from leapc.passes.insert_tree_attention import CAPPED, SDPA, TREE_ATTENTION, InsertTreeAttention
 from leapc.runtime.backends import eager
 from leapc.runtime.manifest import Attention
 
@@ -95,8 +95,23 @@ def test_sliding_window_layers_keep_dense_attention(family, windowed):
         InsertTreeAttention(dense_windows=False)(captured(family))
 
 
+@pytest.mark.slow
+def test_soft_capped_layers_carry_their_cap_to_tree_attention():
+    """Gemma 2 soft-caps its attention logits: its full layer becomes tree attention with
+    the cap as the op's seventh argument, its windowed layer keeps the capped dense op, and
+    the program equals the captured one on random trees (past the window at T = 48)."""
+    before = captured("gemma2")
+    result = InsertTreeAttention()(before)
+    assert call_counts(before)[CAPPED] == 2
+    assert call_counts(result.program)[CAPPED] == 1
+    tree = [n for n in result.program.program.graph.nodes if n.target == TREE_ATTENTION]
+    assert [n.args[6:] for n in tree] == [(ATTN_SOFTCAP,)]
+    assert violation(Invariant.TREE_ATTENTION, result.program) is None
+    _assert_equal_on_random_trees("gemma2", result.program)
+
+
 def test_the_pass_needs_something_to_rewrite():
-    with pytest.raises(PassError, match="no scaled_dot_product_attention"):
+    with pytest.raises(PassError, match="no attention op"):
         InsertTreeAttention()(tree_program("llama"))
 
 

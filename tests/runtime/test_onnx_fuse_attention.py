@@ -21,10 +21,10 @@ HEADS, KV_HEADS, DIM = 4, 2, 16
 F = TensorProto.FLOAT
 
 
-def _block(read_keys_first: bool = False):
-    """Before: split -> per q/k/v Reshape + Transpose -> RoPE on q and k -> TreeAttention ->
-    Reshape + Transpose + Reshape; the keys are also stacked by an ``Unsqueeze`` (after the
-    attention, or before it)."""
+def _block(read_keys_first: bool = False, softcap: float = 0.0):
+    """Before: split -> per q/k/v Reshape + Transpose -> RoPE on q and k -> TreeAttention
+    (soft-capped if ``softcap``) -> Reshape + Transpose + Reshape; the keys are also stacked
+    by an ``Unsqueeze`` (after the attention, or before it)."""
     sizes = [HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM]
     heads_shape = numpy_helper.from_array(np.array([0, 0, -1, DIM], np.int64), "heads_shape")
     flat = numpy_helper.from_array(np.array([0, 0, HEADS * DIM], np.int64), "flat")
@@ -41,7 +41,8 @@ def _block(read_keys_first: bool = False):
     stack = helper.make_node("Unsqueeze", ["k_new", "axis0"], ["stacked"])
     attention = [helper.make_node("TreeAttention", ["q3", "k_past", "k_new", "v_past", "v_new",
                                                     "past_len", "tree_mask"], ["a0"],
-                                  domain=DOMAIN, scale=0.25),
+                                  domain=DOMAIN, scale=0.25,
+                                  **({"softcap": softcap} if softcap else {})),
                  helper.make_node("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]),
                  helper.make_node("Reshape", ["a1", "flat"], ["out"])]
     nodes += [stack, *attention] if read_keys_first else [*attention, stack]
@@ -68,10 +69,11 @@ def _run(model, library, feeds):
     return session.run(None, feeds)
 
 
-def test_a_block_becomes_one_node_computing_the_same_outputs(tmp_path):
-    before = _block()
+@pytest.mark.parametrize("softcap", (0.0, 2.0))
+def test_a_block_becomes_one_node_computing_the_same_outputs(tmp_path, softcap):
+    before = _block(softcap=softcap)
     expected_ops = ["Cos", "Sin", "RotaryTreeAttention", "Unsqueeze"]
-    after = _block()
+    after = _block(softcap=softcap)
     assert fuse_rotary_attention(after) == 1
     assert [n.op_type for n in after.graph.node] == expected_ops
     fused = after.graph.node[2]
@@ -79,7 +81,7 @@ def test_a_block_becomes_one_node_computing_the_same_outputs(tmp_path):
                                  "tree_mask"]
     assert list(fused.output) == ["out", "k_new", "v_new"]
     assert {a.name: helper.get_attribute_value(a) for a in fused.attribute} == \
-        {"scale": 0.25, "num_heads": HEADS}
+        {"scale": 0.25, "num_heads": HEADS, **({"softcap": softcap} if softcap else {})}
     assert {i.name for i in after.graph.initializer} == {"axis0"}  # the shapes went unread
 
     rng = np.random.default_rng(0)
