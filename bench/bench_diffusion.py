@@ -37,10 +37,14 @@ RUNS = (
     DiffusionRun("confidence 0.9", "confidence", DiffusionOptions(threshold=0.9)),
     DiffusionRun("confidence 0.5", "confidence", DiffusionOptions(threshold=0.5)),
     DiffusionRun("confidence 0.3", "confidence", DiffusionOptions(threshold=0.3)),
+    # Below the model's usual confidence: several positions a pass, and the text degrades.
+    DiffusionRun("confidence 0.1", "confidence", DiffusionOptions(threshold=0.1)),
+    DiffusionRun("confidence 0.02", "confidence", DiffusionOptions(threshold=0.02)),
     DiffusionRun("prophet margin 0.5", "prophet", DiffusionOptions(margin=0.5)),
     DiffusionRun("prophet margin 0.1", "prophet", DiffusionOptions(margin=0.1)),
     DiffusionRun("credit 2.0", "credit", DiffusionOptions(credit=2.0)),
     DiffusionRun("credit 0.8", "credit", DiffusionOptions(credit=0.8)),
+    DiffusionRun("credit 0.5", "credit", DiffusionOptions(credit=0.5)),
 )
 
 

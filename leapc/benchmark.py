@@ -462,8 +462,8 @@ class DiffusionRun:
 
 def run_diffusion_bench(engine: Engine, runs: tuple[DiffusionRun, ...], prompts: tuple[str, ...],
                         max_new_tokens: int, repeats: int, scorer: Engine | None = None) -> dict:
-    """Block-diffusion policies against ``mdm`` (the reference, run first), passes
-    interleaved: tokens/s (median), forward passes per token, identity with ``mdm`` and,
+    """Block-diffusion policies against ``mdm`` (the reference, run first), interleaved
+    prompt by prompt: tokens/s (median), forward passes per token, identity with ``mdm`` and,
     for lossy rules, agreement with it; with ``scorer`` (an autoregressive engine on the
     same tokenizer), the cross-entropy of each output under that model."""
     runs = (DiffusionRun("mdm", "mdm"), *(r for r in runs if r.label != "mdm"))
@@ -473,12 +473,18 @@ def run_diffusion_bench(engine: Engine, runs: tuple[DiffusionRun, ...], prompts:
                                                           diffusion=r.options)) for r in runs}
     for run in runs:  # warm-up
         generate[run.label](prompts[0])
+    # Interleaved per prompt, not per pass over the prompts: this shared machine's speed
+    # drifts over seconds, and a pass of one policy takes several.
     speeds, last = {r.label: [] for r in runs}, {}
     for _ in range(repeats):
-        for run in runs:
-            last[run.label] = [generate[run.label](p) for p in prompts]
-            seconds = sum(g.stats.prefill_s + g.stats.decode_s for g in last[run.label])
-            speeds[run.label].append(sum(len(g.token_ids) for g in last[run.label]) / seconds)
+        gens = {r.label: [] for r in runs}
+        for prompt in prompts:
+            for run in runs:
+                gens[run.label].append(generate[run.label](prompt))
+        for label, done in gens.items():
+            seconds = sum(g.stats.prefill_s + g.stats.decode_s for g in done)
+            speeds[label].append(sum(len(g.token_ids) for g in done) / seconds)
+        last = gens
     reference = [g.token_ids for g in last["mdm"]]
     rows = [_diffusion_row(run, last[run.label], speeds[run.label], reference, engine, prompts,
                            scorer) for run in runs]
