@@ -148,10 +148,15 @@ class Scores:
         position = _most_confident(choices.confidence, block.masked)
         return position, int(choices.tokens[position]), float(choices.confidence[position])
 
-    def lead(self) -> np.ndarray:
-        """Each position's top-1 probability minus its top-2."""
-        top2 = np.partition(self.p, -2, axis=-1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
+    def leads_by(self, rows: np.ndarray, margin: float) -> bool:
+        """Whether every one of ``rows`` has its top-1 probability ahead of its top-2 by at
+        least ``margin``. The top-1 alone bounds the lead, so the partition (a pass over the
+        vocabulary, costly next to a step) runs only for rows that clear that bound."""
+        p = self.p[rows]
+        if (p.max(axis=-1) < margin).any():
+            return False
+        top2 = np.partition(p, -2, axis=-1)[:, -2:]
+        return bool((top2[:, 1] - top2[:, 0] >= margin).all())
 
 
 @dataclass(frozen=True)
@@ -295,7 +300,7 @@ class Prophet(UnmaskingRule):
     def decide(self, block, logits, call):
         scores = self.chooser(logits)
         choices, masked = scores.choices(block, block.decisions), block.masked
-        if (scores.lead()[masked] >= self.options.margin).all():
+        if scores.leads_by(masked, self.options.margin):
             return Decided(block.decided(np.flatnonzero(masked), choices.tokens[masked]), None)
         position = _most_confident(choices.confidence, masked)
         return Decided(block.decided(position, choices.tokens[position]), None)

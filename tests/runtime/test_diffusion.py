@@ -251,3 +251,19 @@ def test_sampled_decisions_follow_the_filtered_distribution():
     stat, df = chi2_goodness_of_fit(draws, {t: float(q) for t, q in enumerate(p) if q > 0})
     assert stat < chi2_critical(df)
     assert set(draws) <= set(np.flatnonzero(p))
+
+
+def test_prophet_lead_is_top1_minus_top2_of_every_row_asked():
+    """`Scores.leads_by` (its top-1 shortcut included) against the definition, at margins
+    around every row's own lead."""
+    from leapc.runtime.diffusion import BlockDiffusion, Chooser
+    from leapc.runtime.sampling import SamplingConfig
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(6, 40)).astype(np.float32) * 3
+    scores = Chooser(BlockDiffusion(6, MASK, 1), SamplingConfig(), seed=0)(logits)
+    top = np.sort(scores.p, axis=-1)
+    lead = top[:, -1] - top[:, -2]
+    rows = np.array([True, False, True, True, False, True])
+    for margin in (*lead, *(lead + 1e-4), 0.0, 1.0):
+        assert scores.leads_by(rows, margin) == bool((lead[rows] >= margin).all()), margin
