@@ -196,14 +196,23 @@ static void weighted_values(const LcTreeAttention *a, int64_t bh, int64_t P, con
         const Sums t = accumulate(zero_sums(), (const float *const *)g->e, P, past + c, a->Dv,
                                   lo, hi);
         __m512 acc[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21}, {t.s30, t.s31}};
-        for (int r = 0; r < GROUP; ++r) {
-            if (!g->out[r]) continue;
-            for (int64_t j = P; j < g->count[r]; ++j) {
+        /* The rows' own new keys, the rows taken in turn at each step of their lists: one
+           row alone is two dependent chains of multiply-adds (latency-bound; in a prompt's
+           prefill every key is new), four rows are eight. Each row still sums in its own
+           list's order. */
+        int64_t longest = P;
+        for (int r = 0; r < GROUP; ++r)
+            if (g->out[r] && g->count[r] > longest) longest = g->count[r];
+        for (int64_t j = P; j < longest; ++j)
+            for (int r = 0; r < GROUP; ++r) {
+                if (!g->out[r] || j >= g->count[r]) continue;
                 const float *v = mine + g->fresh[r][j - P] * a->Dv + c;
                 const __m512 e = _mm512_set1_ps(g->e[r][j]);
                 acc[r][0] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(lo, v), acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(hi, v + LANES), acc[r][1]);
             }
+        for (int r = 0; r < GROUP; ++r) {
+            if (!g->out[r]) continue;
             const __m512 total = _mm512_set1_ps(g->total[r]);
             _mm512_mask_storeu_ps(g->out[r] + c, lo, _mm512_div_ps(acc[r][0], total));
             _mm512_mask_storeu_ps(g->out[r] + c + LANES, hi, _mm512_div_ps(acc[r][1], total));
