@@ -146,9 +146,28 @@ def test_an_attention_mask_other_than_the_step_mask_is_refused():
         InsertTreeAttention()(softened)
 
 
+@pytest.mark.slow
+def test_a_narrowing_other_than_the_captures_window_is_refused():
+    """Tree attention knows one narrowing, ``positions - key_positions < W``: with ``<=``
+    the mask is still narrowed, but not by that window, and carrying W would be wrong."""
+    def widen(gm):
+        window = next(n for n in gm.graph.nodes if n.target == aten.lt.Scalar)
+        window.target = aten.le.Scalar
+        return True
+
+    widened, _ = rewrite(captured("mistral_window"), widen)
+    with pytest.raises(UnsupportedModelError, match="other than a sliding window"):
+        InsertTreeAttention(Windows.TREE)(widened)
+
+
 def test_build_option_selects_the_pipeline():
     assert [p.name for p in pipeline(Attention.TREE).passes][-1] == "insert_tree_attention"
     assert "insert_tree_attention" not in [p.name for p in pipeline(Attention.DENSE).passes]
+    # windows go into tree attention where every layer must be width-invariant
+    assert {a: pipeline(a).passes[-1].windows for a in (Attention.TREE, Attention.INVARIANT,
+                                                         Attention.KERNEL)} == \
+        {Attention.TREE: Windows.DENSE, Attention.INVARIANT: Windows.TREE,
+         Attention.KERNEL: Windows.TREE}
     with pytest.raises(InputError, match="unknown attention lowering 'sparse'"):
         leapc.build("bundled", "unused", attention="sparse")
 

@@ -55,17 +55,21 @@ def _windows(engine) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["invariant", "kernel"])
-def test_sliding_windows_in_the_width_invariant_lowerings(tmp_path, attention):
+@pytest.mark.parametrize(("family", "attention", "windows"), [
+    ("mistral_window", "invariant", None),
+    ("mistral_window", "kernel", [SMALL_WINDOW] * 2),
+    ("gemma2", "kernel", [SMALL_WINDOW, None]),  # a window and a soft cap in one node
+])
+def test_sliding_windows_in_the_width_invariant_lowerings(tmp_path, family, attention, windows):
     """Windowed layers are tree attention with their window there (once refused): greedy
-    output past the window (16) equals generate(); on the kernel, every layer's node
-    carries the window."""
+    output past the window (16) equals generate(); on the kernel, each windowed layer's
+    node carries the window."""
     _needs_kernel_cpu(attention)
-    engine = leapc.load(leapc.build(tiny_source("mistral_window"), tmp_path / "engine", "ort",
+    engine = leapc.load(leapc.build(tiny_source(family), tmp_path / "engine", "ort",
                                     max_seq=256, attention=attention))
-    if attention == "kernel":
-        assert _windows(engine) == [SMALL_WINDOW] * 2
-    expected = hf_greedy("tiny-mistral_window", PROMPT, 24)
+    if windows:
+        assert _windows(engine) == windows
+    expected = hf_greedy(f"tiny-{family}", PROMPT, 24)
     assert engine.generate(PROMPT, max_new_tokens=24).token_ids == expected
 
 
