@@ -161,3 +161,38 @@ def sdpa_mask_form(sdpa: Node, mask: Node) -> MaskForm | None:
     """`step_mask_form` of an SDPA node's ``attn_mask`` argument (None without one)."""
     attn_mask = sdpa.kwargs.get("attn_mask", sdpa.args[3] if len(sdpa.args) > 3 else None)
     return step_mask_form(attn_mask, mask) if isinstance(attn_mask, Node) else None
+
+
+def _is_placeholder(node, name: str) -> bool:
+    return isinstance(node, Node) and node.op == "placeholder" and node.name == name
+
+
+def sliding_window(attn_mask: Node, mask: Node) -> int | None:
+    """The window W of a `MaskForm.NARROWED` mask whose other condition is `ir.capture`'s
+    sliding window, ``positions[:, :, None] - cat([arange(T), positions])[:, None] < W``
+    (`_within_window`); None if it is anything else.
+    """
+    node = attn_mask
+    while node.target not in _ANDS:  # the casts, unsqueeze and where step_mask_form read
+        node = node.args[0]
+    (term,) = [a for a in node.args if a is not mask]
+    if term.target != aten.lt.Scalar or not isinstance(term.args[1], int):
+        return None
+    sub = term.args[0]
+    if sub.target != aten.sub.Tensor:
+        return None
+    query, keys = sub.args
+    if query.target != aten.unsqueeze.default or query.args[1] != 2 \
+            or not _is_placeholder(query.args[0], "positions"):
+        return None
+    if keys.target != aten.unsqueeze.default or keys.args[1] != 1:
+        return None
+    cat = keys.args[0]
+    if cat.target != aten.cat.default or cat.args[1] != 1 or len(cat.args[0]) != 2:
+        return None
+    past, new = cat.args[0]
+    slots = past.args[0] if past.target == aten.expand.default else past
+    if not _is_placeholder(new, "positions") or slots.target != aten.arange.default \
+            or len(slots.args) != 1:
+        return None
+    return term.args[1]

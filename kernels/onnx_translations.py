@@ -18,7 +18,7 @@ from leapc.runtime.manifest import Attention
 
 def _tree_attention_schema():
     """The signature of ``ai.leapc::TreeAttention`` (kernels/native/ort_ops.c), which
-    onnxscript needs to build the node: inputs in order, the scale and an optional soft cap."""
+    onnxscript needs to build the node: inputs in order, the scale, optional cap and window."""
     from onnx.defs import OpSchema
 
     floats = ("q", "k_past", "k_new", "v_past", "v_new")
@@ -30,7 +30,10 @@ def _tree_attention_schema():
         outputs=[OpSchema.FormalParameter("out", "tensor(float)")],
         attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "scores' factor"),
                     OpSchema.Attribute("softcap", OpSchema.AttrType.FLOAT,
-                                       "scores' soft cap (0 or absent: none)", required=False)])
+                                       "scores' soft cap (0 or absent: none)", required=False),
+                    OpSchema.Attribute("window", OpSchema.AttrType.INT,
+                                       "keys each row sees, the last of its visible ones "
+                                       "(0 or absent: all)", required=False)])
 
 
 _leapc_ops = Opset(DOMAIN, 1)  # leapc's ONNX Runtime ops (`leapc.kernels.ort_ops`)
@@ -52,6 +55,15 @@ def _visible_keys(past_len, tree_mask, total):
     valid_past = op.Expand(valid_past, op.Concat(batch, op.Constant(value_ints=[1]), new, past,
                                                  axis=0))
     return op.Concat(valid_past, op.Unsqueeze(tree_mask, [1]), axis=-1)
+
+
+def _within_window(visible, window: int):
+    """``visible`` narrowed to each row's last ``window`` visible keys, as
+    `leapc.kernels.reference.within_window`: a key is kept while fewer than ``window``
+    visible keys follow it, itself included."""
+    seen = op.CumSum(op.Cast(visible, to=7), op.Constant(value_int=-1))  # int64, inclusive
+    count = op.ReduceMax(seen, op.Constant(value_ints=[-1]), keepdims=1)
+    return op.And(visible, op.Less(op.Sub(count, seen), op.Constant(value_int=window)))
 
 
 def _with_spare_row(rows):
@@ -172,12 +184,14 @@ def _cache_and_new(keys, new):
             op.Slice(keys, past, total, two))
 
 
-def _kernel_attention(q, k, v, past_len, tree_mask, scale: float, softcap: float):
+def _kernel_attention(q, k, v, past_len, tree_mask, scale: float, softcap: float,
+                      window: int):
     """leapc's ``TreeAttention`` kernel (kernels/native/tree_attention.c): width-invariant
     by construction at any length, reading the cache where it is."""
     new = op.Shape(tree_mask, start=1, end=2)
     return _tree_attention_op(q, *_cache_and_new(k, new), *_cache_and_new(v, new),
-                              past_len, tree_mask, scale=scale, **_cap(softcap))
+                              past_len, tree_mask, scale=scale, **_cap(softcap),
+                              **({"window": window} if window else {}))
 
 
 def _cap(softcap: float) -> dict:
@@ -199,18 +213,21 @@ def translations(attention: Attention = Attention.TREE) -> dict:
     """
     masks, shared = {}, {}
 
-    def tree_attention(q, k, v, past_len, tree_mask, scale: float, softcap: float = 0.0):
+    def tree_attention(q, k, v, past_len, tree_mask, scale: float, softcap: float = 0.0,
+                       window: int = 0):
         """Query head h reads KV head h // G (GQA without repeating the cache); the
-        boolean mask (True: attend) hides exactly the keys the reference sets to -inf;
-        every row sees its own diagonal, so none is empty. ``Attention`` soft-caps before
-        the mask, as the reference does (ONNX's ``softcap``, 0: none)."""
+        boolean mask (True: attend) hides exactly the keys the reference sets to -inf,
+        those outside a sliding window included; every row sees its own diagonal, so none
+        is empty. ``Attention`` soft-caps before the mask, as the reference does (ONNX's
+        ``softcap``, 0: none)."""
         if attention is Attention.KERNEL:
-            return _kernel_attention(q, k, v, past_len, tree_mask, scale, softcap)
+            return _kernel_attention(q, k, v, past_len, tree_mask, scale, softcap, window)
         total = k.shape[2]
         known = isinstance(total, int) or total.value is not None
-        key = (past_len, tree_mask, total if known else k)
+        key = (past_len, tree_mask, total if known else k, window)
         if key not in masks:
-            masks[key] = _visible_keys(past_len, tree_mask, op.Shape(k, start=2, end=3))
+            visible = _visible_keys(past_len, tree_mask, op.Shape(k, start=2, end=3))
+            masks[key] = _within_window(visible, window) if window else visible
         if attention is not Attention.INVARIANT:
             out, _, _, _ = op.Attention(q, k, v, masks[key], scale=scale, **_cap(softcap))
             return out

@@ -24,6 +24,19 @@ def visible_keys(past_len: torch.Tensor, tree_mask: torch.Tensor, past: int) -> 
     return torch.cat([valid_past[:, None, :].expand(batch, new, past), tree_mask], dim=-1)
 
 
+def within_window(visible: torch.Tensor, window: int) -> torch.Tensor:
+    """``visible`` (`visible_keys`) narrowed to the last ``window`` keys each row sees.
+
+    A row's visible keys in order (valid cache slots, then its ancestors and itself) sit at
+    positions 0, 1, ...: cache slot j holds position j, and the tree's node at depth d
+    position ``past_len + d``. So "within ``window`` positions of the query, its own
+    included" (`leapc.ir.capture`'s sliding window) is "among the row's last ``window``
+    visible keys", a rule that reads nothing but the row's own visible list.
+    """
+    rank = visible.cumsum(dim=-1) - 1  # the key's place in its row's visible list
+    return visible & (rank >= visible.sum(dim=-1, keepdim=True) - window)
+
+
 def tree_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -32,6 +45,7 @@ def tree_attention(
     tree_mask: torch.Tensor,
     scale: float,
     softcap: float = 0.0,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention of N tree nodes over T cache slots plus the nodes themselves.
 
@@ -39,7 +53,8 @@ def tree_attention(
     slots first, then the N new tokens), ``past_len [B]`` int64, ``tree_mask [B, N, N]``
     bool with a True diagonal (a node sees itself). Returns ``[B, H, N, Dv]``. A nonzero
     ``softcap`` soft-caps the scaled scores before the mask, ``cap * tanh(s / cap)``
-    (Gemma 2's attention logit soft-capping; `leapc.ir.capped_attention`).
+    (Gemma 2's attention logit soft-capping; `leapc.ir.capped_attention`). A nonzero
+    ``window`` lets each node see only its last ``window`` visible keys (`within_window`).
 
     Grouped-query attention: query head ``h`` reads KV head ``h // G`` with
     ``G = H / Hkv`` (what ``repeat_kv`` and ``enable_gqa`` compute). Viewing the queries as
@@ -57,6 +72,8 @@ def tree_attention(
     grouped_q = q.reshape(batch, kv_heads, group * new, head_dim)
     scores = soft_cap((grouped_q @ k.transpose(-1, -2)) * scale, softcap)  # [B, Hkv, G*N, T+N]
     visible = visible_keys(past_len, tree_mask, total - new)  # [B, N, T + N]
+    if window:
+        visible = within_window(visible, window)
     scores = scores.view(batch, kv_heads, group, new, total)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     weights = scores.softmax(dim=-1).view(batch, kv_heads, group * new, total)

@@ -43,18 +43,18 @@ tree_attention = torch.library.custom_op("leapc::tree_attention", mutates_args=(
 
 
 @tree_attention.register_fake
-def _(q, k, v, past_len, tree_mask, scale, softcap=0.0):
+def _(q, k, v, past_len, tree_mask, scale, softcap=0.0, window=0):
     check_shapes(q, k, v, past_len, tree_mask)
     batch, heads, new, _ = q.shape
     return q.new_empty(batch, heads, new, v.shape[-1])
 
 
-def triton_kernel(q, k, v, past_len, tree_mask, scale, softcap=0.0):
+def triton_kernel(q, k, v, past_len, tree_mask, scale, softcap=0.0, window=0):
     """The CUDA implementation. The kernel module is imported at the first launch, not with
     the declaration (see `leapc.kernels.triton_installed`)."""
     from leapc.kernels.triton_tree_attention import tree_attention as launch
 
-    return launch(q, k, v, past_len, tree_mask, scale, softcap)
+    return launch(q, k, v, past_len, tree_mask, scale, softcap, window)
 
 
 if triton_installed():

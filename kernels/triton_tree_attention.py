@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from leapc.ir.errors import UnsupportedModelError
 from leapc.kernels.tree_attention import check_shapes
 
 # tl.dot needs every block dimension >= 16.
@@ -176,14 +177,19 @@ def _score_factors(scale: float, softcap: float) -> tuple[float, float]:
 
 
 def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: torch.Tensor,
-                   tree_mask: torch.Tensor, scale: float, softcap: float = 0.0, *,
-                   block_m: int = 64, block_t: int = 64) -> torch.Tensor:
+                   tree_mask: torch.Tensor, scale: float, softcap: float = 0.0,
+                   window: int = 0, *, block_m: int = 64, block_t: int = 64) -> torch.Tensor:
     """Launch the kernel: same arguments and result as the reference.
 
     ``block_m`` caps the query rows per program, ``block_t`` is the keys per block (powers
     of two >= 16); the defaults suit a GPU, tests lower ``block_t`` to cover many blocks.
     """
     check_shapes(q, k, v, past_len, tree_mask)
+    if window:
+        # A row's window is its last `window` visible keys, a rank this kernel's key blocks
+        # do not count; only the width-invariant lowerings (ORT) emit windowed tree attention.
+        raise UnsupportedModelError("sliding-window tree attention has no Triton kernel "
+                                    "(build with --attention tree or dense)")
     batch, heads, new, head_dim = q.shape
     kv_heads, total, value_dim = k.shape[1], k.shape[2], v.shape[3]
     group = heads // kv_heads

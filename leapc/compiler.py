@@ -25,7 +25,7 @@ from leapc.ir.skip_spec import SkipSet
 from leapc.layer_skip import SKIP
 from leapc.models.loaders import BUNDLED, BUNDLED_DIFFUSION, BUNDLED_DRAFT, SourceModel, load_source
 from leapc.passes.insert_decoding_heads import InsertDecodingHeads
-from leapc.passes.insert_tree_attention import InsertTreeAttention
+from leapc.passes.insert_tree_attention import InsertTreeAttention, Windows
 from leapc.passes.pipeline import Pipeline, check_numerics, default_pipeline
 from leapc.passes.unroll_draft_chain import UnrollDraftChain
 from leapc.runtime.backends.base import BACKENDS, Compression, Device, lower_program
@@ -43,8 +43,10 @@ def pipeline(attention: Attention, dump_dir: Path | None = None,
              heads: InsertDecodingHeads | None = None) -> Pipeline:
     """The cleanups every engine gets, the heads if any, then the attention lowering."""
     added = (heads,) if heads is not None else ()
-    lowering = ((InsertTreeAttention(dense_windows=not attention.width_invariant),)
-                if attention.compact_mask else ())
+    # Width-invariant lowerings need every layer in tree attention, windowed ones included;
+    # the others keep a window's dense SDPA (the AOTInductor/Triton path has no window).
+    windows = Windows.TREE if attention.width_invariant else Windows.DENSE
+    lowering = (InsertTreeAttention(windows),) if attention.compact_mask else ()
     return Pipeline((*default_pipeline().passes, *added, *lowering), dump_dir)
 
 

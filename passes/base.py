@@ -38,7 +38,7 @@ class Invariant(enum.Enum):
     NO_NOOP_OPS = "no identity casts, aliases or empty concatenations"
     CONSTANTS_FOLDED = "no op computes from constants alone"
     TREE_ATTENTION = ("every attention op under the step mask is leapc.tree_attention "
-                      "(sliding-window layers keep dense attention)")
+                      "(sliding-window layers may keep dense attention)")
 
 
 class Pass(Protocol):

@@ -142,8 +142,8 @@ def _more_config(family: str) -> transformers.PretrainedConfig:  # noqa: C901, P
         # A cap the tiny model's scores reach (Gemma 2's own is 50), and an untied head: tied
         # to the scaled embedding, the tiny model repeats one token whatever its attention
         # does, and greedy output could not tell a dropped cap (with this one it does from
-        # the second token). "gemma2_full" has full layers only, for the width-invariant
-        # lowerings (they refuse sliding windows).
+        # the second token). "gemma2_full" has full layers only: the width-invariant
+        # lowerings' cap without a window beside it.
         layers = _two_types() if family == "gemma2" else dict(layer_types=[FULL] * LAYERS)
         return t.Gemma2Config(**_COMMON, head_dim=HEAD_DIM, query_pre_attn_scalar=HEAD_DIM,
                               attn_logit_softcapping=ATTN_SOFTCAP, final_logit_softcapping=5.0,

@@ -70,6 +70,7 @@ typedef struct {
     float epsilon;     /* RMSNormQ8MatMul's attribute */
     float scale;       /* the attention ops' */
     float softcap;     /* the attention ops' optional one (0: none) */
+    int64_t window;    /* the attention ops' optional sliding window (0: none) */
     int64_t num_heads; /* RotaryTreeAttention's */
 } Kernel;
 
@@ -363,6 +364,7 @@ static OrtStatus *LC_ORT_CALL tree_attention(void *kernel, OrtKernelContext *ctx
     TRY(attention_inputs(api, ctx, &a));
     a.scale = k->scale;
     a.softcap = k->softcap;
+    a.window = k->window;
     const int64_t od[4] = {a.B, a.H, a.N, a.Dv};
     OrtValue *ov;
     void *out;
@@ -414,7 +416,8 @@ static OrtStatus *LC_ORT_CALL rotary_tree_attention(void *kernel, OrtKernelConte
     }
     if (B * N == 0) return NULL;
     LcTreeAttention a = {NULL, data[3], outputs[1], data[4], outputs[2], past_len, data[6],
-                         outputs[0], B, H, Hkv, N, T, D, Dv, k->scale, 1, k->softcap};
+                         outputs[0], B, H, Hkv, N, T, D, Dv, k->scale, 1, k->softcap,
+                         k->window};
     AttentionJob job;
     TRY(plan_attention(api, &a, B * H * N * D, &job));
     lc_rotary_split(data[0], data[1], data[2], B, N, H, Hkv, D, Dv, R, job.extra, outputs[1],
@@ -425,14 +428,11 @@ static OrtStatus *LC_ORT_CALL rotary_tree_attention(void *kernel, OrtKernelConte
 
 /* ---- Registration ---- */
 
-/* An attribute a node may leave out: ORT reports a missing one as ORT_FAIL, and then
-   `value` keeps its 0. */
-static OrtStatus *optional_float(const OrtApi *api, const OrtKernelInfo *info, const char *name,
-                                 float *value) {
-    OrtStatus *st = lc_ort_KernelInfoGetAttribute_float(api, info, name, value);
+/* An attribute a node may leave out: ORT reports a missing one as ORT_FAIL, which is no
+   error here (the caller's value is 0: the kernel is calloc'ed). */
+static OrtStatus *unless_absent(const OrtApi *api, OrtStatus *st) {
     if (st && lc_ort_GetErrorCode(api, st) == ORT_FAIL) {
         lc_ort_ReleaseStatus(api, st);
-        *value = 0.0f;
         return NULL;
     }
     return st;
@@ -451,7 +451,13 @@ static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi 
     if (op->KernelComputeV2 != matmul)
         st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
     if (!st && op->KernelComputeV2 != matmul)
-        st = optional_float(api, info, "softcap", &kernel->softcap);
+        st = unless_absent(api, lc_ort_KernelInfoGetAttribute_float(api, info, "softcap",
+                                                                    &kernel->softcap));
+    if (!st && op->KernelComputeV2 != matmul)
+        st = unless_absent(api, lc_ort_KernelInfoGetAttribute_int64(api, info, "window",
+                                                                    &kernel->window));
+    if (!st && kernel->window < 0)
+        st = invalid(api, "leapc tree attention: window must not be negative");
     if (!st && op->KernelComputeV2 == rotary_tree_attention)
         st = lc_ort_KernelInfoGetAttribute_int64(api, info, "num_heads", &kernel->num_heads);
     if (!st && op->KernelComputeV2 == rotary_tree_attention && kernel->num_heads < 1)

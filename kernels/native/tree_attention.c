@@ -17,6 +17,10 @@
      - the denominator sums e_j in 16 lanes by the key's position in the visible list,
        then reduces the lanes in one fixed tree;
      - out = (sum_j e_j v_j, in visible-list order) / denominator.
+   A sliding window keeps the last `window` entries of the list (cache slot i holds position
+   i and a node's ancestors follow at P, P + 1, ..., so the list index is the position):
+   the entries before them get e_j = 0 and are left out of the max, and every kept entry
+   keeps its lane and its place in the sums, so the window changes nothing above.
    Nothing depends on how many rows share the step or on the masked keys, so the property
    holds at any cache length (the ONNX lowering held it only up to 1024 keys).
 
@@ -141,12 +145,12 @@ static inline __m512 scaled(__m512 dot, __m512 vscale, float cap) {
     return cap != 0.0f ? soft_cap(s, cap) : s;
 }
 
-/* s[r][j] for four query rows and the first `blocks` (even) * 16 keys of kt, 32 keys at a
-   time (a key's lane and a row's neighbours do not change its arithmetic). */
+/* s[r][j] for four query rows and keys [16 from, 16 blocks) of kt (both even), 32 keys at
+   a time (a key's lane and a row's neighbours do not change its arithmetic). */
 static void scores(const float *const q[GROUP], const float *kt, int64_t D, int64_t stride,
-                   int64_t blocks, float scale, float cap, float *const s[GROUP]) {
+                   int64_t from, int64_t blocks, float scale, float cap, float *const s[GROUP]) {
     const __m512 vscale = _mm512_set1_ps(scale);
-    for (int64_t blk = 0; blk < blocks; blk += 2) {
+    for (int64_t blk = from; blk < blocks; blk += 2) {
         const Sums t = accumulate(zero_sums(), q, D, kt + blk * LANES, stride, 0xFFFF, 0xFFFF);
         const __m512 rows[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21},
                                        {t.s30, t.s31}};
@@ -162,15 +166,22 @@ static __mmask16 tail_mask(int64_t count) {
     return count >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
 }
 
-/* Turn the visible scores s[0, count) into e_j = exp(s_j - max) in place; return their sum. */
-static float softmax_numerators(float *s, int64_t count) {
+/* The lanes of keys [j, j + 16) inside [start, count). */
+static __mmask16 live_mask(int64_t j, int64_t start, int64_t count) {
+    return (__mmask16)(tail_mask(count - j) & ~tail_mask(start - j));
+}
+
+/* Turn the visible scores s[start, count) into e_j = exp(s_j - max) in place; return their
+   sum, whose lanes are the keys' list positions mod 16 wherever the list starts. */
+static float softmax_numerators(float *s, int64_t start, int64_t count) {
+    const int64_t first = start / LANES * LANES;
     __m512 vmax = _mm512_set1_ps(-__builtin_inff());
-    for (int64_t j = 0; j < count; j += LANES)
-        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, tail_mask(count - j), s + j));
+    for (int64_t j = first; j < count; j += LANES)
+        vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, live_mask(j, start, count), s + j));
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < count; j += LANES) {
-        const __mmask16 live = tail_mask(count - j);
+    for (int64_t j = first; j < count; j += LANES) {
+        const __mmask16 live = live_mask(j, start, count);
         const __m512 e = lc_exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), m));
         _mm512_mask_storeu_ps(s + j, live, e);
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
@@ -180,8 +191,11 @@ static float softmax_numerators(float *s, int64_t count) {
 
 /* One group's rows: out = (sum over the visible list of e_j v_j) / total. The P cache
    slots every row sees come first, accumulated for the four rows together (eight chains);
-   then each row's own visible new tokens, listed in `fresh`. */
+   then each row's own visible new tokens, listed in `fresh`. Entries before `from` have
+   weight 0 in every row (outside their windows) and are skipped: adding 0 * v_j to a sum
+   changes no bit of it. */
 typedef struct {
+    int64_t from;
     float *e[GROUP];
     int64_t *fresh[GROUP];
     int64_t count[GROUP];
@@ -191,10 +205,12 @@ typedef struct {
 
 static void weighted_values(const LcTreeAttention *a, int64_t bh, int64_t P, const Group *g) {
     const float *past = a->v_past + bh * a->T * a->Dv, *mine = a->v_new + bh * a->N * a->Dv;
+    const float *e[GROUP];
+    for (int r = 0; r < GROUP; ++r) e[r] = g->e[r] + g->from;
     for (int64_t c = 0; c < a->Dv; c += 2 * LANES) {
         const __mmask16 lo = tail_mask(a->Dv - c), hi = tail_mask(a->Dv - c - LANES);
-        const Sums t = accumulate(zero_sums(), (const float *const *)g->e, P, past + c, a->Dv,
-                                  lo, hi);
+        const Sums t = accumulate(zero_sums(), e, P - g->from, past + g->from * a->Dv + c,
+                                  a->Dv, lo, hi);
         __m512 acc[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21}, {t.s30, t.s31}};
         /* The rows' own new keys, the rows taken in turn at each step of their lists: one
            row alone is two dependent chains of multiply-adds (latency-bound; in a prompt's
@@ -203,7 +219,7 @@ static void weighted_values(const LcTreeAttention *a, int64_t bh, int64_t P, con
         int64_t longest = P;
         for (int r = 0; r < GROUP; ++r)
             if (g->out[r] && g->count[r] > longest) longest = g->count[r];
-        for (int64_t j = P; j < longest; ++j)
+        for (int64_t j = P > g->from ? P : g->from; j < longest; ++j)
             for (int r = 0; r < GROUP; ++r) {
                 if (!g->out[r] || j >= g->count[r]) continue;
                 const float *v = mine + g->fresh[r][j - P] * a->Dv + c;
@@ -246,18 +262,24 @@ void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *k
             const int64_t at = a->tokens_major ? (b * a->N + node[r]) * a->H + h : row;
             g.out[r] = r0 + r < end ? a->out + at * a->Dv : NULL;
         }
-        scores(q, kt, a->D, stride, blocks, a->scale, a->softcap, g.e);
+        int64_t start[GROUP];
+        g.from = P + a->N;
         for (int r = 0; r < GROUP; ++r) {
             const uint8_t *sees = a->tree_mask + (b * a->N + node[r]) * a->N;
-            float *s = g.e[r];
-            int64_t count = P; /* compact the visible new keys behind the cache's, in order */
+            int64_t count = P; /* the visible new keys, in order, behind the cache's */
             for (int64_t m = 0; m < a->N; ++m)
-                if (sees[m]) {
-                    g.fresh[r][count - P] = m;
-                    s[count++] = s[P + m];
-                }
+                if (sees[m]) g.fresh[r][count++ - P] = m;
             g.count[r] = count;
-            g.total[r] = softmax_numerators(s, count);
+            start[r] = a->window && count > a->window ? count - a->window : 0;
+            if (start[r] < g.from) g.from = start[r];
+        }
+        g.from = g.from / (2 * LANES) * (2 * LANES); /* scores run 32 keys at a time */
+        scores(q, kt, a->D, stride, g.from / LANES, blocks, a->scale, a->softcap, g.e);
+        for (int r = 0; r < GROUP; ++r) {
+            float *s = g.e[r];
+            for (int64_t j = P; j < g.count[r]; ++j) s[j] = s[P + g.fresh[r][j - P]];
+            g.total[r] = softmax_numerators(s, start[r], g.count[r]);
+            for (int64_t j = g.from; j < start[r]; ++j) s[j] = 0.0f; /* outside the window */
         }
         weighted_values(a, bh, P, &g);
     }

@@ -17,6 +17,8 @@ typedef struct {
     float scale;
     int tokens_major;
     float softcap; /* 0: none; else scores are softcap * tanh(s / softcap) (Gemma 2) */
+    int64_t window; /* 0: none; else a row sees only the last `window` keys of its visible
+                       list (a sliding window: list index = sequence position) */
 } LcTreeAttention;
 
 /* The projections of a decoder's attention block as attention reads them: from

@@ -46,9 +46,10 @@ def _without_custom_ops(program):
                                        torch.ops.leapc.capped_attention.default: capped_sdpa})
 
 
-def fused_sdpa(q, k, v, past_len, tree_mask, scale: float, softcap: float = 0.0):
+def fused_sdpa(q, k, v, past_len, tree_mask, scale: float, softcap: float = 0.0,
+               window: int = 0):
     """``leapc.tree_attention`` as one SDPA call: the boolean mask is the reference's
-    `visible_keys`, and ``enable_gqa`` reads KV head h // G as the reference does; with a
+    `visible_keys` (`within_window` of it with a window), and ``enable_gqa`` reads KV head h // G as the reference does; with a
     soft cap, the reference itself (SDPA has no cap).
 
     Inductor keeps SDPA as torch's fused CPU attention kernel; the reference's matmuls and
@@ -57,11 +58,12 @@ def fused_sdpa(q, k, v, past_len, tree_mask, scale: float, softcap: float = 0.0)
     """
     from torch.nn.functional import scaled_dot_product_attention
 
-    from leapc.kernels.reference import tree_attention, visible_keys
+    from leapc.kernels.reference import tree_attention, visible_keys, within_window
 
     if softcap:
-        return tree_attention(q, k, v, past_len, tree_mask, scale, softcap)
-    visible = visible_keys(past_len, tree_mask, k.shape[2] - q.shape[2])[:, None]
+        return tree_attention(q, k, v, past_len, tree_mask, scale, softcap, window)
+    visible = visible_keys(past_len, tree_mask, k.shape[2] - q.shape[2])
+    visible = (within_window(visible, window) if window else visible)[:, None]
     return scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
 
 

@@ -143,9 +143,11 @@ def fuse_rotary_attention(model: onnx.ModelProto) -> int:
 
 def _fused_node(block: _Block) -> onnx.NodeProto:
     q, k_past, k_new, v_past, v_new, past_len, tree_mask = block.attention.input
-    capped = {"softcap": cap} if (cap := attribute(block.attention, "softcap")) else {}
+    # The optional attributes, where present (absent: none), as the kernel node had them.
+    optional = {name: value for name in ("softcap", "window")
+                if (value := attribute(block.attention, name))}
     return helper.make_node(
         "RotaryTreeAttention",
         [block.qkv, block.cos, block.sin, k_past, v_past, past_len, tree_mask],
         [block.out, k_new, v_new], name=f"{block.attention.name}/rotary", domain=DOMAIN,
-        scale=attribute(block.attention, "scale"), num_heads=block.heads, **capped)
+        scale=attribute(block.attention, "scale"), num_heads=block.heads, **optional)

@@ -48,17 +48,20 @@ def _one_node_session(library, op: str, inputs, outputs, **attributes):
 
 @pytest.fixture(scope="module")
 def attention(library):
-    """``run(q, k, v, past_len, tree_mask, T, softcap=0)``: the one-node model on the
-    compiled library, ``k``/``v`` split into the cache's T slots and the new keys; without
-    a cap the node has no ``softcap`` attribute (how engines without one write it)."""
-    sessions = {cap: _one_node_session(library, "TreeAttention", INPUTS, ["out"], scale=SCALE,
-                                       **({"softcap": cap} if cap else {}))
-                for cap in (0.0, SOFTCAP)}
+    """``run(q, k, v, past_len, tree_mask, T, softcap=0, window=0)``: the one-node model on
+    the compiled library, ``k``/``v`` split into the cache's T slots and the new keys;
+    without a cap or a window the node has no such attribute (how engines without one
+    write it)."""
+    sessions = {}
 
-    def run(q, k, v, past_len, tree_mask, past, softcap=0.0):
+    def run(q, k, v, past_len, tree_mask, past, softcap=0.0, window=0):
+        if (softcap, window) not in sessions:
+            optional = {name: x for name, x in (("softcap", softcap), ("window", window)) if x}
+            sessions[softcap, window] = _one_node_session(library, "TreeAttention", INPUTS,
+                                                          ["out"], scale=SCALE, **optional)
         feeds = dict(q=q, k_past=k[:, :, :past], k_new=k[:, :, past:], v_past=v[:, :, :past],
                      v_new=v[:, :, past:], past_len=past_len, tree_mask=tree_mask)
-        return sessions[softcap].run(
+        return sessions[softcap, window].run(
             None, {name: np.ascontiguousarray(x) for name, x in feeds.items()})[0]
 
     return run
@@ -95,6 +98,28 @@ def test_equals_the_reference(attention, batch, heads, kv_heads, new, past, dim,
                                rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("window", (1, 3, 20, 70))
+@pytest.mark.parametrize("chain", (False, True))
+def test_equals_the_reference_in_a_sliding_window(attention, window, chain):
+    """Windows shorter than the past (37), than the tree (a chain of 16 new tokens) and
+    longer than both; batch rows of different past lengths; capped when the tree is."""
+    rng = np.random.default_rng(window)
+    batch, heads, kv_heads, new, past, dim = 3, 6, 2, 16, 37, 24
+    q = rng.standard_normal((batch, heads, new, dim), dtype=np.float32)
+    k = rng.standard_normal((batch, kv_heads, past + new, dim), dtype=np.float32)
+    v = rng.standard_normal((batch, kv_heads, past + new, dim), dtype=np.float32)
+    past_len = np.array([past, 5, 0])
+    tree_mask = (np.broadcast_to(np.tril(np.ones((new, new), bool)), (batch, new, new)).copy()
+                 if chain else _random_tree(rng, batch, new))
+    softcap = 0.0 if chain else SOFTCAP
+    expected = reference.tree_attention(*map(torch.from_numpy, (q, k, v, past_len, tree_mask)),
+                                        SCALE, softcap, window).numpy()
+    got = attention(q, k, v, past_len, tree_mask, past, softcap, window)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6)
+    if window < past:  # the window hides keys here: it must be read from the node
+        assert np.abs(got - attention(q, k, v, past_len, tree_mask, past, softcap)).max() > 1e-3
+
+
 def test_the_soft_cap_changes_the_result(attention):
     """The cap is read from the node: the inputs above are ones it changes."""
     rng = np.random.default_rng(0)
@@ -103,21 +128,24 @@ def test_the_soft_cap_changes_the_result(attention):
     assert np.abs(attention(*inputs, SOFTCAP) - attention(*inputs)).max() > 0.1
 
 
-@pytest.mark.parametrize("softcap", (0.0, SOFTCAP))
+@pytest.mark.parametrize(("softcap", "window"), [(0.0, 0), (SOFTCAP, 0), (0.0, 2), (0.0, 40),
+                                                 (SOFTCAP, 100)])
 @pytest.mark.parametrize("context", (1, 17, 255, 1500))
-def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, context, softcap):
+def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, context, softcap,
+                                                                     window):
     """The property exact speculation on int8 weights needs. Token x with its ``context``
     ancestors is computed (a) as `ar` does: ancestors in the cache, x the one new token;
     (b) as verification does: the last 3 ancestors new in the step, beside drafted
     siblings x does not see, and the cache longer than its valid prefix, its free slots
-    NaN (read, they would poison the row). Its rows must be equal bit for bit."""
+    NaN (read, they would poison the row). Its rows must be equal bit for bit, in a
+    sliding window too (2: shorter than the drafted chain; 40 and 100: within the cache)."""
     rng = np.random.default_rng(context)
     heads, kv_heads, dim = 10, 2, 32
     keys = rng.standard_normal((1, kv_heads, context + 1, dim), dtype=np.float32)
     values = rng.standard_normal((1, kv_heads, context + 1, dim), dtype=np.float32)
     query = rng.standard_normal((1, heads, 1, dim), dtype=np.float32)
     alone = attention(query, keys, values, np.array([context]), np.ones((1, 1, 1), bool),
-                      context, softcap)
+                      context, softcap, window)
     drafted = min(3, context)
     valid, free = context - drafted, 40
     # step nodes: the drafted ancestors (a chain), two siblings nobody sees, then x
@@ -134,7 +162,8 @@ def test_a_tokens_row_is_bit_identical_however_the_step_is_laid_out(attention, c
     mask[drafted, drafted] = mask[drafted + 1, drafted + 1] = True
     q = rng.standard_normal((1, heads, new, dim), dtype=np.float32)
     q[:, :, -1] = query[:, :, 0]
-    wide = attention(q, step_k, step_v, np.array([valid]), mask[None], valid + free, softcap)
+    wide = attention(q, step_k, step_v, np.array([valid]), mask[None], valid + free, softcap,
+                     window)
     np.testing.assert_array_equal(wide[:, :, -1:], alone)
 
 

@@ -26,14 +26,17 @@ INVARIANT = [Attention.INVARIANT, pytest.param(Attention.KERNEL, marks=pytest.ma
     "avx512_vnni" not in open("/proc/cpuinfo").read(), reason="leapc's ops need AVX512-VNNI"))]
 
 
-def export_attention(tmp_path, heads: int, kv_heads: int, attention: Attention):
+def export_attention(tmp_path, heads: int, kv_heads: int, attention: Attention,
+                     module: torch.nn.Module = CompactMaskAttention()):
+    """``module(q, k, v, mask)`` exported with ``attention``'s translation: an ORT session
+    and the model."""
     q, k, v, past_len, tree_mask = attention_inputs(2, heads, kv_heads, 3, 5, 32)
     b, n = Dim("B", min=1, max=8), Dim("N", min=1, max=32)
     kv = {0: b, 2: Dim.AUTO}
     program = torch.export.export(
-        CompactMaskAttention(), (q, k, v, dense_mask(past_len, tree_mask, 5)),
+        module, (q, k, v, dense_mask(past_len, tree_mask, 5)),
         dynamic_shapes={"q": {0: b, 2: n}, "k": kv, "v": kv, "mask": {0: b, 1: n, 2: Dim.AUTO}})
-    path = tmp_path / f"attention-{heads}-{kv_heads}-{attention.value}.onnx"
+    path = tmp_path / f"{type(module).__name__}-{heads}-{kv_heads}-{attention.value}.onnx"
     torch.onnx.export(program, dynamo=True, opset_version=OPSET, verbose=False,
                       custom_translation_table=translations(attention)).save(str(path))
     options = session_options()

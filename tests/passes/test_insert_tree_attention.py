@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from engines import tiny_source
-from families import ATTN_SOFTCAP, captured, family_params
+from families import ATTN_SOFTCAP, SMALL_WINDOW, captured, family_params
 from trees import tree_step_inputs
 
 import leapc
@@ -22,7 +22,13 @@ from leapc.ir.anatomy import recover_anatomy
 from leapc.ir.errors import InputError, UnsupportedModelError
 from leapc.ir.rewrite import rewrite
 from leapc.passes.base import Invariant, PassError, violation
-from leapc.passes.insert_tree_attention import CAPPED, SDPA, TREE_ATTENTION, InsertTreeAttention
+from leapc.passes.insert_tree_attention import (
+    CAPPED,
+    SDPA,
+    TREE_ATTENTION,
+    InsertTreeAttention,
+    Windows,
+)
 from leapc.runtime.backends import eager
 from leapc.runtime.manifest import Attention
 
@@ -81,18 +87,31 @@ def test_tree_program_equals_the_dense_program_on_random_trees(family):
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "windowed"), [("gemma3_text", 1), ("mistral_window", 2)])
 def test_sliding_window_layers_keep_dense_attention(family, windowed):
-    """The compact mask cannot narrow a layer to its window: those layers keep SDPA under
-    the windowed mask (exact, past the window at T = 48); the others become tree attention.
-    A width-invariant lowering cannot keep that promise with dense layers: refused."""
-    result = InsertTreeAttention()(captured(family))
+    """Windows.DENSE: those layers keep SDPA under the windowed mask (exact, past the window
+    at T = 48); the others become tree attention."""
+    result = InsertTreeAttention(Windows.DENSE)(captured(family))
     layers = captured(family).dims.num_layers
     assert call_counts(result.program)[SDPA] == windowed
     assert call_counts(result.program)[TREE_ATTENTION] == layers - windowed
     assert bool(result.modified) == (windowed < layers)
     assert violation(Invariant.TREE_ATTENTION, result.program) is None
     _assert_equal_on_random_trees(family, result.program)
-    with pytest.raises(UnsupportedModelError, match="sliding-window attention .*width-invariant"):
-        InsertTreeAttention(dense_windows=False)(captured(family))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "windowed"), [("gemma3_text", 1), ("mistral_window", 2)])
+def test_sliding_window_layers_become_tree_attention_with_their_window(family, windowed):
+    """Windows.TREE (the width-invariant lowerings): every layer is tree attention, a
+    windowed one with the captured window (16) as the op's eighth argument, and the
+    program equals the captured one on random trees past the window (T = 48)."""
+    result = InsertTreeAttention(Windows.TREE)(captured(family))
+    layers = captured(family).dims.num_layers
+    assert call_counts(result.program)[SDPA] == 0
+    tree = [n for n in result.program.program.graph.nodes if n.target == TREE_ATTENTION]
+    assert Counter(n.args[6:] for n in tree) == Counter({(0.0, SMALL_WINDOW): windowed,
+                                                         (): layers - windowed})
+    assert violation(Invariant.TREE_ATTENTION, result.program) is None
+    _assert_equal_on_random_trees(family, result.program)
 
 
 @pytest.mark.slow
@@ -127,9 +146,28 @@ def test_an_attention_mask_other_than_the_step_mask_is_refused():
         InsertTreeAttention()(softened)
 
 
+@pytest.mark.slow
+def test_a_narrowing_other_than_the_captures_window_is_refused():
+    """Tree attention knows one narrowing, ``positions - key_positions < W``: with ``<=``
+    the mask is still narrowed, but not by that window, and carrying W would be wrong."""
+    def widen(gm):
+        window = next(n for n in gm.graph.nodes if n.target == aten.lt.Scalar)
+        window.target = aten.le.Scalar
+        return True
+
+    widened, _ = rewrite(captured("mistral_window"), widen)
+    with pytest.raises(UnsupportedModelError, match="other than a sliding window"):
+        InsertTreeAttention(Windows.TREE)(widened)
+
+
 def test_build_option_selects_the_pipeline():
     assert [p.name for p in pipeline(Attention.TREE).passes][-1] == "insert_tree_attention"
     assert "insert_tree_attention" not in [p.name for p in pipeline(Attention.DENSE).passes]
+    # windows go into tree attention where every layer must be width-invariant
+    assert {a: pipeline(a).passes[-1].windows for a in (Attention.TREE, Attention.INVARIANT,
+                                                         Attention.KERNEL)} == \
+        {Attention.TREE: Windows.DENSE, Attention.INVARIANT: Windows.TREE,
+         Attention.KERNEL: Windows.TREE}
     with pytest.raises(InputError, match="unknown attention lowering 'sparse'"):
         leapc.build("bundled", "unused", attention="sparse")
 

@@ -21,9 +21,9 @@ HEADS, KV_HEADS, DIM = 4, 2, 16
 F = TensorProto.FLOAT
 
 
-def _block(read_keys_first: bool = False, softcap: float = 0.0):
+def _block(read_keys_first: bool = False, optional: dict | None = None):
     """Before: split -> per q/k/v Reshape + Transpose -> RoPE on q and k -> TreeAttention
-    (soft-capped if ``softcap``) -> Reshape + Transpose + Reshape; the keys are also stacked
+    (with the ``optional`` attributes: a soft cap, a window) -> Reshape + Transpose + Reshape; the keys are also stacked
     by an ``Unsqueeze`` (after the attention, or before it)."""
     sizes = [HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM]
     heads_shape = numpy_helper.from_array(np.array([0, 0, -1, DIM], np.int64), "heads_shape")
@@ -42,7 +42,7 @@ def _block(read_keys_first: bool = False, softcap: float = 0.0):
     attention = [helper.make_node("TreeAttention", ["q3", "k_past", "k_new", "v_past", "v_new",
                                                     "past_len", "tree_mask"], ["a0"],
                                   domain=DOMAIN, scale=0.25,
-                                  **({"softcap": softcap} if softcap else {})),
+                                  **(optional or {})),
                  helper.make_node("Transpose", ["a0"], ["a1"], perm=[0, 2, 1, 3]),
                  helper.make_node("Reshape", ["a1", "flat"], ["out"])]
     nodes += [stack, *attention] if read_keys_first else [*attention, stack]
@@ -69,11 +69,14 @@ def _run(model, library, feeds):
     return session.run(None, feeds)
 
 
-@pytest.mark.parametrize("softcap", (0.0, 2.0))
-def test_a_block_becomes_one_node_computing_the_same_outputs(tmp_path, softcap):
-    before = _block(softcap=softcap)
+@pytest.mark.parametrize("optional", ({}, {"softcap": 2.0}, {"window": 4},
+                                      {"softcap": 2.0, "window": 7}))
+def test_a_block_becomes_one_node_computing_the_same_outputs(tmp_path, optional):
+    """The kernel node's optional attributes pass to the fused node (absent stays absent;
+    a window of 4 and 7 hides keys of these 11-slot caches and 5-token chains)."""
+    before = _block(optional=optional)
     expected_ops = ["Cos", "Sin", "RotaryTreeAttention", "Unsqueeze"]
-    after = _block(softcap=softcap)
+    after = _block(optional=optional)
     assert fuse_rotary_attention(after) == 1
     assert [n.op_type for n in after.graph.node] == expected_ops
     fused = after.graph.node[2]
@@ -81,7 +84,7 @@ def test_a_block_becomes_one_node_computing_the_same_outputs(tmp_path, softcap):
                                  "tree_mask"]
     assert list(fused.output) == ["out", "k_new", "v_new"]
     assert {a.name: helper.get_attribute_value(a) for a in fused.attribute} == \
-        {"scale": 0.25, "num_heads": HEADS, **({"softcap": softcap} if softcap else {})}
+        {"scale": 0.25, "num_heads": HEADS, **optional}
     assert {i.name for i in after.graph.initializer} == {"axis0"}  # the shapes went unread
 
     rng = np.random.default_rng(0)
