@@ -190,14 +190,14 @@ def _kernel_attention(q, k, v, past_len, tree_mask, scale: float, softcap: float
     by construction at any length, reading the cache where it is."""
     new = op.Shape(tree_mask, start=1, end=2)
     return _tree_attention_op(q, *_cache_and_new(k, new), *_cache_and_new(v, new),
-                              past_len, tree_mask, scale=scale, **_cap(softcap),
-                              **({"window": window} if window else {}))
+                              past_len, tree_mask, scale=scale,
+                              **_set(softcap=softcap, window=window))
 
 
-def _cap(softcap: float) -> dict:
-    """The ``softcap`` attribute where there is a cap (0: none): nodes of programs without
-    one stay as they were."""
-    return {"softcap": softcap} if softcap else {}
+def _set(**optional) -> dict:
+    """The optional attributes that are set (0: none): nodes of programs without a cap or
+    a window stay as they were."""
+    return {name: value for name, value in optional.items() if value}
 
 
 def translations(attention: Attention = Attention.TREE) -> dict:
@@ -229,7 +229,7 @@ def translations(attention: Attention = Attention.TREE) -> dict:
             visible = _visible_keys(past_len, tree_mask, op.Shape(k, start=2, end=3))
             masks[key] = _within_window(visible, window) if window else visible
         if attention is not Attention.INVARIANT:
-            out, _, _, _ = op.Attention(q, k, v, masks[key], scale=scale, **_cap(softcap))
+            out, _, _, _ = op.Attention(q, k, v, masks[key], scale=scale, **_set(softcap=softcap))
             return out
         if key not in shared:  # shared by the layers, like the mask
             shared[key] = (_hidden_keys(masks[key], q.shape[1] // k.shape[1], q),
@@ -243,5 +243,5 @@ def translations(attention: Attention = Attention.TREE) -> dict:
 def capped_attention(query, key, value, attn_mask, scale: float, softcap: float):
     """`leapc.capped_attention` as one ``Attention`` node: native GQA, the additive mask
     added after the cap (ONNX's order, and the op's)."""
-    out, _, _, _ = op.Attention(query, key, value, attn_mask, scale=scale, **_cap(softcap))
+    out, _, _, _ = op.Attention(query, key, value, attn_mask, scale=scale, **_set(softcap=softcap))
     return out

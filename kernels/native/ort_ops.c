@@ -438,6 +438,18 @@ static OrtStatus *unless_absent(const OrtApi *api, OrtStatus *st) {
     return st;
 }
 
+/* The attention ops' scale, and their optional soft cap and window (0 when absent). */
+static OrtStatus *attention_attributes(const OrtApi *api, const OrtKernelInfo *info,
+                                       Kernel *kernel) {
+    TRY(lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale));
+    TRY(unless_absent(api, lc_ort_KernelInfoGetAttribute_float(api, info, "softcap",
+                                                               &kernel->softcap)));
+    TRY(unless_absent(api, lc_ort_KernelInfoGetAttribute_int64(api, info, "window",
+                                                               &kernel->window)));
+    return kernel->window < 0 ? invalid(api, "leapc tree attention: window must not be negative")
+                              : NULL;
+}
+
 static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi *api,
                                             const OrtKernelInfo *info, void **out) {
     Kernel *kernel = calloc(1, sizeof *kernel);
@@ -448,16 +460,7 @@ static OrtStatus *LC_ORT_CALL create_kernel(const OrtCustomOp *op, const OrtApi 
     OrtStatus *st = NULL;
     if (kernel->prologue == PROLOGUE_RMS_NORM)
         st = lc_ort_KernelInfoGetAttribute_float(api, info, "epsilon", &kernel->epsilon);
-    if (op->KernelComputeV2 != matmul)
-        st = lc_ort_KernelInfoGetAttribute_float(api, info, "scale", &kernel->scale);
-    if (!st && op->KernelComputeV2 != matmul)
-        st = unless_absent(api, lc_ort_KernelInfoGetAttribute_float(api, info, "softcap",
-                                                                    &kernel->softcap));
-    if (!st && op->KernelComputeV2 != matmul)
-        st = unless_absent(api, lc_ort_KernelInfoGetAttribute_int64(api, info, "window",
-                                                                    &kernel->window));
-    if (!st && kernel->window < 0)
-        st = invalid(api, "leapc tree attention: window must not be negative");
+    if (!st && op->KernelComputeV2 != matmul) st = attention_attributes(api, info, kernel);
     if (!st && op->KernelComputeV2 == rotary_tree_attention)
         st = lc_ort_KernelInfoGetAttribute_int64(api, info, "num_heads", &kernel->num_heads);
     if (!st && op->KernelComputeV2 == rotary_tree_attention && kernel->num_heads < 1)
