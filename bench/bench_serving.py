@@ -2,6 +2,7 @@
 sizes 1, 4 and 8, with plain decoding and with speculation.
 
     python bench/bench_serving.py [--requests 200] [--disconnect 0.1] [--quantize int8]
+                                  [--step-nodes 16] [--prefix-cache-mb 256]
 
 The server is `leapc serve` in a process of its own (as deployed: the load generator's
 Python does not share its interpreter lock), on the bundled model's engine (built once
@@ -12,7 +13,9 @@ disconnect after their first event. Checked: no server error (5xx, dropped conne
 every completed reply identical to the engine's own generation of that request alone,
 and nothing running, waiting or holding KV rows afterwards (``/metrics``). Reported:
 throughput (completion tokens per second of wall time) and p50 / p99 latency
-(submission to last byte); the B = 1 ``ar`` row is one request at a time.
+(submission to last byte); the B = 1 ``ar`` row is one request at a time. Every
+configuration runs without a prefix cache and with one: the requests draw from a few
+prompts, so with it most of them prefill only their prompt's last tokens.
 
 Writes bench/results/serving_bundled.{json,md}.
 """
@@ -86,15 +89,15 @@ async def load(url: str, requests: list[dict], disconnects: list[bool]) -> tuple
 
 
 @contextlib.contextmanager
-def serving_process(engine: Path, max_queue: int, max_batch: int,
-                    step_nodes: int | None) -> Iterator[str]:
+def serving_process(engine: Path, max_queue: int, max_batch: int, step_nodes: int | None,
+                    prefix_cache_mb: int) -> Iterator[str]:
     """``leapc serve`` on a free loopback port until the block ends; yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [str(Path(sys.executable).parent / "leapc"), "serve", str(engine), "--port", str(port),
                "--model-name", MODEL, "--policy", "ar", "--max-queue", str(max_queue),
-               "--max-batch", str(max_batch)]
+               "--max-batch", str(max_batch), "--prefix-cache-mb", str(prefix_cache_mb)]
     server = subprocess.Popen(command + (["--step-nodes", str(step_nodes)] if step_nodes else []))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -111,12 +114,14 @@ def serving_process(engine: Path, max_queue: int, max_batch: int,
 
 
 def run_config(engine, shapes, cut, expected, prompts, policies: tuple[str, ...],
-               max_batch: int, step_nodes: int | None, rng: random.Random) -> dict:
+               max_batch: int, step_nodes: int | None, prefix_cache_mb: int,
+               rng: random.Random) -> dict:
     """One server, one batch size and policy set; the load test's numbers."""
     bodies = [{"model": MODEL, "prompt": prompts[p], "max_tokens": n, "temperature": 0,
                "stream": stream, "leapc": {"policy": rng.choice(policies)}}
               for p, n, stream in shapes]
-    with serving_process(engine.path, len(shapes), max_batch, step_nodes) as url:
+    with serving_process(engine.path, len(shapes), max_batch, step_nodes,
+                         prefix_cache_mb) as url:
         replies, wall = asyncio.run(load(url, bodies, cut))
         time.sleep(1)  # a disconnected generation stops at its next step
         gauges = httpx.get(f"{url}/metrics").text
@@ -128,7 +133,8 @@ def run_config(engine, shapes, cut, expected, prompts, policies: tuple[str, ...]
     latencies = sorted(r["seconds"] for _, r in done)
     idle = all(f"leapc_{g} 0.0" in gauges
                for g in ("requests_running", "requests_waiting", "batch_rows"))
-    return {"batch": max_batch, "policies": policies, "completed": len(done),
+    return {"batch": max_batch, "policies": policies, "prefix_cache_mb": prefix_cache_mb,
+            "completed": len(done),
             "server_errors": len(failures), "not_identical": wrong, "idle_after": idle,
             "wall_s": wall, "tokens_per_s": tokens / wall,
             "p50_s": statistics.median(latencies),
@@ -136,7 +142,7 @@ def run_config(engine, shapes, cut, expected, prompts, policies: tuple[str, ...]
 
 
 def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
-         step_nodes: int = None, seed: int = 0) -> None:
+         step_nodes: int = None, prefix_cache_mb: int = 256, seed: int = 0) -> None:
     engine = leapc.load(engine_dir(quantize))
     prompts = corpus.held_out_prompts(8)
     rng = random.Random(seed)
@@ -146,12 +152,13 @@ def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
                 for p, n, _ in shapes}
     cut = [stream and rng.random() < 2 * disconnect for _, _, stream in shapes]
     rows = [run_config(engine, shapes, cut, expected, prompts, policies, batch, step_nodes,
-                       random.Random(seed))
-            for batch in BATCHES for policies in POLICY_SETS.values()]
-    one_at_a_time = rows[0]["tokens_per_s"]
-    lines = ["| B | policies | completed | server errors | not identical | idle after | "
-             "tokens/s | × B=1 ar | p50 s | p99 s |", "| --- |" + " --- |" * 9]
-    lines += [f"| {r['batch']} | {', '.join(r['policies'])} | {r['completed']} | "
+                       cache_mb, random.Random(seed))
+            for cache_mb in (0, prefix_cache_mb) for batch in BATCHES
+            for policies in POLICY_SETS.values()]
+    one_at_a_time = rows[0]["tokens_per_s"]  # B = 1 ar, no prefix cache
+    lines = ["| prefix cache MB | B | policies | completed | server errors | not identical | "
+             "idle after | tokens/s | × B=1 ar | p50 s | p99 s |", "| --- |" + " --- |" * 10]
+    lines += [f"| {r['prefix_cache_mb']} | {r['batch']} | {', '.join(r['policies'])} | {r['completed']} | "
               f"{r['server_errors']} | {r['not_identical']} | {r['idle_after']} | "
               f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / one_at_a_time:.2f} | "
               f"{r['p50_s']:.2f} | {r['p99_s']:.2f} |" for r in rows]
@@ -159,9 +166,10 @@ def main(requests: int = 200, disconnect: float = 0.1, quantize: str = "int8",
               "step_nodes": step_nodes, "rows": rows}
     save_results(ROOT / "bench" / "results", "serving_bundled", result,
                  f"`leapc serve` on the bundled {quantize} engine, loopback, {requests} "
-                 f"concurrent greedy requests per row (16-128 tokens; half streamed, "
-                 f"{sum(cut)} disconnecting after their first event; step nodes "
-                 f"{step_nodes or 'unbounded'}) (`python bench/bench_serving.py`)",
+                 f"concurrent greedy requests per row ({len(prompts)} held-out prompts, "
+                 f"16-128 tokens; half streamed, {sum(cut)} disconnecting after their "
+                 f"first event; step nodes {step_nodes or 'unbounded'}; without and with "
+                 f"a prefix cache) (`python bench/bench_serving.py`)",
                  "\n".join(lines))
 
 

@@ -365,6 +365,9 @@ def serve(
                                               "rows: drafts narrow as the batch fills"),
     model_name: str = typer.Option(None, help="the model id clients name (default: the "
                                               "engine directory's name)"),
+    prefix_cache_mb: int = typer.Option(None, help="MB of prompt KV kept for requests that "
+                                                   "share a prefix; 0: off (default: 256 "
+                                                   "where the engine verifies exactly)"),
     device: DeviceOption = Device.CPU,
     ray: bool = typer.Option(False, "--ray", help="serve as Ray Serve replicas on a local "
                                                   "Ray instance (pip install 'leapc[ray]')"),
@@ -377,7 +380,7 @@ def serve(
     try:
         import uvicorn
 
-        from leapc.runtime.serving.app import ServeConfig, create_app
+        from leapc.runtime.serving.app import DEFAULT_PREFIX_CACHE_MB, ServeConfig, create_app
     except ModuleNotFoundError as missing:
         raise MissingDependencyError(f"leapc serve needs {missing.name} (not installed): "
                                      "pip install 'leapc[serve]'") from None
@@ -385,9 +388,17 @@ def serve(
         raise InputError(f"--max-queue must be at least 1 (got {max_queue})")
     if replicas < 1:
         raise InputError(f"--replicas must be at least 1 (got {replicas})")
+    if prefix_cache_mb is not None and prefix_cache_mb < 0:
+        raise InputError(f"--prefix-cache-mb must be at least 0 (got {prefix_cache_mb})")
     loaded = leapc.load(engine, device, policies=[policy])
+    if prefix_cache_mb is None:
+        inexact = loaded.manifest.inexact_verification
+        prefix_cache_mb = 0 if inexact else DEFAULT_PREFIX_CACHE_MB
+        if inexact:
+            out.print(f"prefix cache off: it reuses KV rows across step widths, and this "
+                      f"engine {inexact}")
     config = ServeConfig(model_name or engine.resolve().name, policy, max_queue, max_batch,
-                         step_nodes)
+                         step_nodes, prefix_cache_mb)
     app = create_app(loaded, config)  # every refusal before anything listens
     alone = [p.value for p in loaded.manifest.policies if not POLICIES[p].batches]
     if alone:

@@ -7,7 +7,9 @@ A `Scheduler` keeps a running batch of up to ``max_batch`` rows. Each `Scheduler
 2. prefills one chunk of the oldest request still prefilling, in that request's own
    one-row cache, so a long prompt holds the batch up by one chunk per step, not by the
    whole prompt; a request whose prompt is done samples its first token and joins the
-   batch (its KV copied into a row of `BatchKVCache`);
+   batch (its KV copied into a row of `BatchKVCache`). With a `PrefixCache`, a request
+   starts from the KV of the longest run of whole blocks an earlier prompt shared with
+   it, and its finished prompt's blocks are kept for later ones;
 3. decodes: every row drafts with its own drafter, the drafts are padded to the widest
    and verified in one call of the step program (``B`` rows, per-row positions, masks and
    past lengths), and each row accepts and commits its own path in its own slots.
@@ -46,6 +48,7 @@ from leapc.runtime.decode import (
 from leapc.runtime.drafters.base import Draft, Drafter
 from leapc.runtime.healing import Healing
 from leapc.runtime.kv_cache import BLOCK, KVCache
+from leapc.runtime.prefix_cache import PrefixCache
 from leapc.runtime.sampling import SamplingConfig
 from leapc.runtime.step import StepFunction
 
@@ -198,11 +201,13 @@ class Scheduler:
     """
 
     def __init__(self, step: StepFunction, slicing: RowSlicing, dims: ModelDims, max_seq: int,
-                 chunk: int, max_batch: int, step_nodes: int | None = None):
+                 chunk: int, max_batch: int, step_nodes: int | None = None,
+                 prefixes: PrefixCache | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 (got {max_batch})")
         self.step_program, self.slicing, self.chunk = step, slicing, chunk
         self.max_batch, self.step_nodes = max_batch, step_nodes
+        self.prefixes = prefixes  # prompt KV shared across requests (runtime/prefix_cache.py)
         self.cache = BatchKVCache(dims, max_seq)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
@@ -280,7 +285,11 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self.waiting and self.waiting[0].batches and self.occupancy < self.max_batch:
-            self.prefilling.append(self.waiting.popleft())
+            sequence = self.waiting.popleft()
+            if self.prefixes is not None:
+                sequence.prefilled = self.prefixes.reuse(sequence.prompt, sequence.cache)
+                sequence.stats.cached_prompt_tokens = sequence.prefilled
+            self.prefilling.append(sequence)
 
     def _prefill_chunk(self, sequence: Sequence) -> list[tuple[Sequence, list[int]]]:
         start = time.perf_counter()
@@ -293,6 +302,8 @@ class Scheduler:
         if sequence.prefilled < len(sequence.prompt):
             return []
         stats.prompt_tokens = len(sequence.prompt)
+        if self.prefixes is not None:
+            self.prefixes.store(sequence.prompt, sequence.cache)
         sequence.progress = Progress(sequence.prompt, out, sequence.drafter, sequence.sampling,
                                      sequence.stop, sequence.rng, stats, self.cache.max_seq,
                                      sequence.healing)

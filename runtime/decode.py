@@ -43,6 +43,7 @@ class GenerationStats:
     new_tokens: int = 0
     steps: int = 0  # target forward calls that emitted tokens (the last prefill call is one)
     prefill_calls: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from a prefix cache
     prefill_s: float = 0.0
     decode_s: float = 0.0
     emitted_per_step: list[int] = field(default_factory=list)  # tokens each call emitted

@@ -41,6 +41,7 @@ from leapc.runtime.policies import (
     new_cache,
     required_programs,
 )
+from leapc.runtime.prefix_cache import PrefixCache
 from leapc.runtime.sampling import SamplingConfig, TypicalAcceptance
 from leapc.runtime.step import StepFunction
 
@@ -251,10 +252,13 @@ class Engine:
         return Sequence(run.ids, run.drafter, run.sampling, run.stop, run.rng, run.stats,
                         run.cache, run.healing, batches, None if batches else run.loop(self))
 
-    def scheduler(self, max_batch: int, step_nodes: int | None = None) -> Scheduler:
+    def scheduler(self, max_batch: int, step_nodes: int | None = None,
+                  prefix_cache_bytes: int = 0) -> Scheduler:
         """A continuous-batching scheduler over this engine's ``full`` program, running up
         to ``max_batch`` requests per step (at most the program's batch bound); with
-        ``step_nodes``, a decode step verifies at most that many nodes over its rows."""
+        ``step_nodes``, a decode step verifies at most that many nodes over its rows; with
+        ``prefix_cache_bytes``, requests reuse earlier prompts' KV (runtime/prefix_cache.py),
+        which only engines that verify exactly allow."""
         if not 1 <= max_batch <= self.batch_bound:
             raise InputError(f"max-batch must be in [1, {self.batch_bound}], this engine's "
                              f"batch bound (got {max_batch}; `leapc build --max-batch` "
@@ -263,8 +267,12 @@ class Engine:
         slicing = RowSlicing.of({name: entry.output_shape(name) for name in entry.output_names})
         if step_nodes is not None and step_nodes < 1:
             raise InputError(f"step-nodes must be at least 1 (got {step_nodes})")
+        if prefix_cache_bytes and self.manifest.inexact_verification:
+            raise InputError("a prefix cache reuses KV rows computed in steps of other "
+                             f"widths, so this engine {self.manifest.inexact_verification}")
+        prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         return Scheduler(self.step, slicing, self.manifest.model.dims, self.manifest.max_seq,
-                         self.manifest.max_new, max_batch, step_nodes)
+                         self.manifest.max_new, max_batch, step_nodes, prefixes)
 
     @property
     def batch_bound(self) -> int:

@@ -53,3 +53,19 @@ def tiny_source(family: str) -> SourceModel:
     model = tiny_model(family)
     model.generation_config.eos_token_id = None
     return SourceModel(model, id_tokenizer(model.config.vocab_size), f"tiny-{family}", 1, ())
+
+
+def record_steps(scheduler) -> tuple[list[tuple[int, int]], list[int]]:
+    """Wrap a `Scheduler`'s step program; the lists it fills as steps run: (rows, width)
+    of each decode call, and the width of each prefill call (a row's own cache)."""
+    decodes, prefills, program = [], [], scheduler.step_program
+
+    def recorded(tokens, positions, past, mask):
+        if past is scheduler.cache.buffer:
+            decodes.append(tokens.shape)
+        else:
+            prefills.append(tokens.shape[1])
+        return program(tokens, positions, past, mask)
+
+    scheduler.step_program = recorded
+    return decodes, prefills

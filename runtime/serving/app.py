@@ -37,6 +37,9 @@ from leapc.runtime.serving.metrics import ServerMetrics
 from leapc.runtime.serving.protocol import ChatCompletionRequest, CompletionRequest
 from leapc.runtime.serving.worker import DecodeWorker, Job, Outcome
 
+# Prompt KV a server keeps by default: ~40k tokens of the bundled model (6 KB a token)
+DEFAULT_PREFIX_CACHE_MB = 256
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -45,6 +48,7 @@ class ServeConfig:
     max_queue: int = 64  # requests waiting or running; more get a 503
     max_batch: int | None = None  # requests per step; None: the engine's batch bound
     step_nodes: int | None = None  # nodes a decode step verifies over its rows (None: any)
+    prefix_cache_mb: int = 0  # prompt KV kept for later requests (runtime/prefix_cache.py)
 
 
 class _Admission:
@@ -128,12 +132,14 @@ def _sse(body: dict | str) -> str:
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     engine.policy(config.policy)  # a server that cannot serve its default refuses to start
     max_batch = engine.batch_bound if config.max_batch is None else config.max_batch
-    engine.scheduler(max_batch, config.step_nodes)  # refuses a bad batch before serving
+    prefix_bytes = config.prefix_cache_mb << 20
+    engine.scheduler(max_batch, config.step_nodes, prefix_bytes)  # refusals before serving
     metrics = ServerMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        worker = DecodeWorker(engine.scheduler(max_batch, config.step_nodes), engine, metrics)
+        worker = DecodeWorker(engine.scheduler(max_batch, config.step_nodes, prefix_bytes),
+                              engine, metrics)
         app.state.worker = worker
         yield
         worker.close()
@@ -201,8 +207,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 return _error(400, str(err))
             finally:
                 job.cancel()  # a client gone before the end: a no-op once it has ended
-            return reply.whole("".join(_drain(texts)), ended.finish,
-                               protocol.usage(ended.prompt_tokens, ended.completion_tokens))
+            return reply.whole("".join(_drain(texts)), ended.finish, ended.usage())
         return StreamingResponse(_events(job, texts, outcome, body, reply),
                                  media_type="text/event-stream")
 
@@ -248,7 +253,7 @@ async def _events(job: Job, texts: asyncio.Queue[str | None], outcome: asyncio.F
         ended = await outcome  # done: its end marker came after its last text
         yield _sse(reply.end(ended.finish))
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield _sse(reply.usage(protocol.usage(ended.prompt_tokens, ended.completion_tokens)))
+            yield _sse(reply.usage(ended.usage()))
         yield _sse("[DONE]")
     finally:
         job.cancel()  # a no-op once the generation has ended

@@ -1,7 +1,8 @@
 """The server's Prometheus metrics (``GET /metrics``), in one registry per app.
 
 The quantities vLLM exposes, under leapc's names: requests by endpoint and status, prompt
-and generated tokens, queue time and time to first token, and per policy the decode
+and generated tokens, prompt tokens the prefix cache supplied (its hit rate is
+``prefix_cache_hits_total / prompt_tokens_total``), queue time and time to first token, and per policy the decode
 steps, drafted and accepted tokens. A policy's mean acceptance length (tokens per target
 step, bonus token included) is ``generation_tokens_total / decode_steps_total``; its draft
 acceptance rate is ``accepted_draft_tokens_total / draft_tokens_total``.
@@ -25,6 +26,9 @@ class ServerMetrics:
                                 ("endpoint", "status"), registry=r)
         self.prompt_tokens = Counter("leapc_prompt_tokens", "prompt tokens prefilled",
                                      registry=r)
+        self.prefix_cache_hits = Counter("leapc_prefix_cache_hits",
+                                         "prompt tokens whose KV the prefix cache supplied",
+                                         registry=r)
         self.generation_tokens = Counter("leapc_generation_tokens", "tokens generated",
                                          ("policy",), registry=r)
         self.decode_steps = Counter("leapc_decode_steps", "target steps that emitted tokens",
@@ -51,6 +55,7 @@ class ServerMetrics:
     def generation(self, stats: GenerationStats) -> None:
         """A finished (or cancelled) generation's counts."""
         self.prompt_tokens.inc(stats.prompt_tokens)
+        self.prefix_cache_hits.inc(stats.cached_prompt_tokens)
         self.generation_tokens.labels(stats.policy).inc(stats.new_tokens)
         self.decode_steps.labels(stats.policy).inc(stats.steps)
         self.draft_tokens.labels(stats.policy).inc(sum(stats.drafted_depth))

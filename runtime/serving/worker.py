@@ -30,6 +30,10 @@ class Outcome:
     completion_tokens: int
     prompt_tokens: int
     finish: str
+    cached_tokens: int = 0  # prompt tokens a prefix cache supplied
+
+    def usage(self) -> dict:
+        return protocol.usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 @dataclass(eq=False)
@@ -141,4 +145,4 @@ class _Running:
         job.leave(job.sequence)
         job.outcome.set_result(Outcome(
             len(job.sequence.token_ids), stats.prompt_tokens,
-            protocol.finish_reason(stats.stop_reason, text.stopped)))
+            protocol.finish_reason(stats.stop_reason, text.stopped), stats.cached_prompt_tokens))

@@ -279,6 +279,7 @@ def test_build_refuses_truncated_weights(leapc_main, hf_dir, tmp_path, keep):
     (("--max-batch", "9"), ("max-batch must be in [1, 8]", "got 9", "--max-batch")),
     (("--max-batch", "0"), ("max-batch must be in [1, 8]", "got 0")),
     (("--ray", "--replicas", "0"), ("--replicas", "0")),
+    (("--prefix-cache-mb", "-1"), ("--prefix-cache-mb", "at least 0", "got -1")),
 ])
 def test_serve_refuses_before_listening(leapc_main, tiny, args, fragments):
     """A server that could not serve its default policy, or queue anything, never starts

@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from engines import TRAINING_FREE
+from engines import TRAINING_FREE, record_steps
 from stats import chi2_critical, chi2_homogeneity
 
 import leapc
@@ -222,14 +222,7 @@ def test_step_nodes_bound_every_decode_step_and_keep_rows_exact(engine_dir):
     engine = leapc.load(engine_dir("tiny-llama"))
     requests = [dict(prompt=p, max_new_tokens=40, policy="suffix") for p in TINY_PROMPTS]
     scheduler = engine.scheduler(4, step_nodes=10)
-    widths, program = [], scheduler.step_program
-
-    def recorded(tokens, positions, past, mask):
-        if past is scheduler.cache.buffer:  # a decode step (prefill runs a row's own cache)
-            widths.append(tokens.shape)
-        return program(tokens, positions, past, mask)
-
-    scheduler.step_program = recorded
+    widths, _ = record_steps(scheduler)
     sequences = [engine.sequence(**r) for r in requests]
     for sequence in sequences:
         scheduler.submit(sequence)

@@ -248,6 +248,23 @@ def test_metrics_count_requests_tokens_and_acceptance(engine):
     assert got[("leapc_requests_running", ())] == 0 and got[("leapc_requests_waiting", ())] == 0
 
 
+@pytest.mark.slow
+def test_a_repeated_prompt_reuses_its_prefix_and_says_so_in_usage(engine):
+    prompt = PROMPT * 8  # several whole blocks of 16 tokens
+    expected = engine.generate(prompt, 24, token_healing=True)
+    with _serving(engine, prefix_cache_mb=16) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        replies = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                             temperature=0) for _ in range(2)]
+        got = _samples(url)
+    assert [r.choices[0].text for r in replies] == [expected.text] * 2
+    cached = [r.usage.prompt_tokens_details.cached_tokens for r in replies]
+    prompt_tokens = expected.stats.prompt_tokens
+    assert cached == [0, (prompt_tokens - 1) // 16 * 16] and cached[1] >= 32
+    assert got[("leapc_prefix_cache_hits_total", ())] == cached[1]
+    assert got[("leapc_prompt_tokens_total", ())] == 2 * prompt_tokens
+
+
 @pytest.mark.parametrize("chunks, stops, expected, stopped", [
     (["ab", "cd", "ef"], ["cde"], "ab", True),  # spans chunks
     (["abc", "d"], ["cx"], "abcd", False),  # a held prefix that does not complete
