@@ -71,6 +71,12 @@ void q8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, int32_t *
     }
 }
 
+/* d += dot products of w's unsigned bytes with the four signed bytes at *a, broadcast
+   (`_mm512_dpbusd_epi32(d, w, _mm512_set1_epi32(*a))`) as the instruction's own {1to16}
+   memory operand: GCC emitted a separate vpbroadcastd per product. */
+#define Q8_DPBUSD_BCAST(d, w, a) \
+    __asm__("vpdpbusd %[m]%{1to16%}, %[wv], %[dv]" : [dv] "+v"(d) : [wv] "v"(w), [m] "m"(*(a)));
+
 /* R rows x C column tiles of the output, all K: R * C accumulators stay in registers.
    Rows laid out one by one (the rows after the last group of eight). */
 static inline __attribute__((always_inline)) void
@@ -165,7 +171,7 @@ static void q8_group(const int8_t *q, const int32_t *starts, const float *scales
         Q8_ROWS8(Q8_START)
         for (int j = 0; j < Q8_BLOCK / 4; ++j) {
             const __m512i wv = _mm512_loadu_si512(wb + 64 * j);
-#define Q8_DOT(r) dot##r = _mm512_dpbusd_epi32(dot##r, wv, _mm512_set1_epi32(a[8 * j + r]));
+#define Q8_DOT(r) Q8_DPBUSD_BCAST(dot##r, wv, a + 8 * j + r)
             Q8_ROWS8(Q8_DOT)
         }
         const __m512 s = _mm512_loadu_ps(ws + b * Q8_TILE);
