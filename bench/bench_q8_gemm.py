@@ -12,8 +12,8 @@ threads (the caller included), which spin between GEMMs. The weights are random,
 shapes of models/pycoder-15m (per layer the fused qkv, o, gate/up and down projections,
 then the head), each in its own buffer; a 96 MB buffer is rewritten before every pass, so
 the weights stream from DRAM as they do from one engine step to the next on this shared
-host (`--hot` skips that). With ``--against REV`` the kernel of git revision REV (or of a
-directory of C sources) is built the same way and timed alternately with the working
+host (`--hot` skips that). With ``--against REV[,REV...]`` the kernel of each git revision
+(or directory of C sources) is built the same way and timed alternately with the working
 tree's, round by round.
 
 Writes bench/results/q8_gemm.{json,md}: per (rows, threads, kernel) the median over
@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,25 @@ EVICT_BYTES = 96 << 20
 class Gemm(ctypes.Structure):
     _fields_ = [("K", ctypes.c_int64), ("N", ctypes.c_int64), ("w", ctypes.c_void_p),
                 ("ws", ctypes.c_void_p)]
+
+
+def cpu_busy(seconds: float = 0.3) -> float:
+    """The share of the machine's CPU time spent busy over the next ``seconds``."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_idle(limit: float = 0.15, patience: float = 600) -> None:
+    """Wait (up to ``patience`` s) until the machine is idle: another process on the two
+    cores makes a two-thread pass wait for a descheduled thread, milliseconds at a time."""
+    end = time.monotonic() + patience
+    while cpu_busy() > limit and time.monotonic() < end:
+        time.sleep(2)
 
 
 def model_shapes(config: Path = ROOT / "models" / "pycoder-15m" / "config.json"
@@ -74,6 +94,7 @@ def sources_at(rev: str, into: Path) -> Path:
     """kernels/native as of git revision ``rev``."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "kernels/native"],
                              check=True, capture_output=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into / "kernels" / "native"
 
@@ -95,14 +116,20 @@ def main(rows: str = "1,8,16,24,32", threads: str = "1,2", rounds: int = 7, reps
     work = Path(tempfile.mkdtemp(prefix="q8bench-"))
     try:
         kernels = {"current": build(ROOT / "kernels" / "native", work / "current.so")}
-        if against:
-            native = Path(against) if Path(against).is_dir() else sources_at(against, work)
-            kernels[against] = build(native, work / "against.so")
+        for i, other in enumerate(o for o in against.split(",") if o):
+            native = Path(other) if Path(other).is_dir() else sources_at(other, work / str(i))
+            kernels[other] = build(native, work / f"against{i}.so")
         samples: dict[tuple[int, int, str], list[float]] = {}
-        for _ in range(rounds):
+        names = list(kernels)
+        for round_ in range(rounds):
             for m in row_list:
                 for t in thread_list:
-                    for name, lib in kernels.items():
+                    wait_for_idle()
+                    # each round starts with another kernel: the first after a wait ran
+                    # slower (clocks, caches), and a fixed order biased the comparison
+                    shift = round_ % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        lib = kernels[name]
                         times = np.zeros(reps)
                         if lib.q8_bench(gemms, len(shapes), m, x.ctypes.data, t, reps,
                                         times.ctypes.data, evict.ctypes.data, evict.size):
@@ -116,21 +143,21 @@ def main(rows: str = "1,8,16,24,32", threads: str = "1,2", rounds: int = 7, reps
         ms = statistics.median(values)
         results.append({"rows": m, "threads": t, "kernel": name, "ms": ms,
                         "gmac_per_s": m * macs / ms * 1e-6, "rounds": values})
+    others = list(kernels)[1:]
     lines = ["| rows | threads | " + " | ".join(f"{n} ms (GMAC/s)" for n in kernels)
-             + (f" | current / {against} |" if against else " |"),
-             "| --- | --- |" + " --- |" * (len(kernels) + bool(against))]
+             + "".join(f" | current / {o}" for o in others) + " |",
+             "| --- | --- |" + " --- |" * (len(kernels) + len(others))]
     by = {(r["rows"], r["threads"], r["kernel"]): r for r in results}
     for m in row_list:
         for t in thread_list:
             cells = [f"{by[m, t, n]['ms']:.3f} ({by[m, t, n]['gmac_per_s']:.0f})" for n in kernels]
-            if against:
-                cells.append(f"{by[m, t, 'current']['ms'] / by[m, t, against]['ms']:.3f}")
+            cells += [f"{by[m, t, 'current']['ms'] / by[m, t, o]['ms']:.3f}" for o in others]
             lines.append(f"| {m} | {t} | " + " | ".join(cells) + " |")
     state = "hot (no eviction)" if hot else f"weights evicted ({EVICT_BYTES >> 20} MB rewritten)"
     caption = (f"int8 GEMMs of models/pycoder-15m ({len(shapes)} GEMMs, {macs / 1e6:.1f} M MACs "
                f"a row) back to back, {state} before each pass; median over {rounds} rounds "
                f"of each round's median of {reps} passes"
-               + (f", alternating with `{against}`'s kernel" if against else "")
+               + "".join(f", alternating with `{o}`'s kernel" for o in others)
                + " (`python bench/bench_q8_gemm.py`)")
     save_results(ROOT / "bench" / "results", out, results, caption, "\n".join(lines))
 

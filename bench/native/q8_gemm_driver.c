@@ -7,6 +7,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <immintrin.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,6 +44,13 @@ typedef struct {
 static Job job;
 static atomic_int generation, stopping;
 
+/* Spins a while, then yields: with another process on the cores, a pure spin left a
+   pass waiting for a descheduled thread. */
+static void pause_or_yield(int *spins) {
+    if (++*spins < 4096) _mm_pause();
+    else sched_yield();
+}
+
 static void run_tasks(void) {
     for (;;) {
         const int64_t t0 = atomic_fetch_add(&job.next, 1) * job.per_task;
@@ -57,9 +65,10 @@ static void *worker(void *arg) {
     (void)arg;
     int seen = 0;
     for (;;) {
+        int spins = 0;
         while (atomic_load(&generation) == seen) {
             if (atomic_load(&stopping)) return NULL;
-            _mm_pause();
+            pause_or_yield(&spins);
         }
         ++seen;
         run_tasks();
@@ -109,7 +118,8 @@ q8_bench(const Gemm *gemms, int count, int64_t M, const float *x, int threads, i
             atomic_store(&job.done, 0);
             atomic_store(&generation, ++gen);
             run_tasks();
-            while (atomic_load(&job.done) < threads - 1) _mm_pause();
+            int spins = 0;
+            while (atomic_load(&job.done) < threads - 1) pause_or_yield(&spins);
         }
         times[rep] = now_ms() - start;
     }

@@ -191,13 +191,24 @@ static void q8_few_rows(const int8_t *q, const int32_t *starts, const float *sca
         }
 }
 
+/* Fetch block b of another tile (its 512 bytes of weights and 64 of scales) into L1
+   (the next tile: `q8_gemm_tiles`). */
+#define Q8_PREFETCH_BLOCK(pw, ps, b)                                                      \
+    {                                                                                     \
+        for (int i_ = 0; i_ < 8; ++i_)                                                    \
+            _mm_prefetch((const char *)(pw) + (b) * Q8_BLOCK * Q8_TILE + 64 * i_, _MM_HINT_T0); \
+        _mm_prefetch((const char *)((ps) + (b) * Q8_TILE), _MM_HINT_T0);                  \
+    }
+
 /* One tile of eight interleaved rows (a group of `q8_quantize_rows`), all K: eight
    accumulators, one weight load per four inputs for all eight rows, one pointer to the
    rows' activations. Named variables, not arrays: with eight rows' pointers and sums in
-   arrays, GCC spilled them to the stack inside the loop. */
+   arrays, GCC spilled them to the stack inside the loop. pw, ps: a tile whose weights and
+   scales to prefetch meanwhile, block by block, or NULL. */
 #define Q8_ROWS8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 static void q8_group(const int8_t *q, const int32_t *starts, const float *scales, int64_t K,
-                     const uint8_t *w, const float *ws, float *y, int64_t N) {
+                     const uint8_t *w, const float *ws, float *y, int64_t N,
+                     const uint8_t *pw, const float *ps) {
     const int64_t blocks = K / Q8_BLOCK;
 #define Q8_ZERO(r) __m512 acc##r = _mm512_setzero_ps();
     Q8_ROWS8(Q8_ZERO)
@@ -207,6 +218,7 @@ static void q8_group(const int8_t *q, const int32_t *starts, const float *scales
         const uint8_t *wb = w + b * Q8_BLOCK * Q8_TILE;
 #define Q8_START(r) __m512i dot##r = _mm512_set1_epi32(start[r]);
         Q8_ROWS8(Q8_START)
+        if (pw) Q8_PREFETCH_BLOCK(pw, ps, b)
         for (int j = 0; j < Q8_BLOCK / 4; ++j) {
             const __m512i wv = _mm512_loadu_si512(wb + 64 * j);
 #define Q8_DOT(r) Q8_DPBUSD_BCAST(dot##r, wv, a + 8 * j + r)
@@ -229,16 +241,25 @@ static void q8_group(const int8_t *q, const int32_t *starts, const float *scales
    (on this shared machine, L3 did not keep a step's 16 MB from one step to the next), and
    passing over a tile pair once per four rows left the second pass's compute outside
    the load time. All the step's GEMMs at M = 8, one thread: 1.35 -> 1.05 ms (DRAM);
-   interleaving the group's rows took 0.89 -> 0.81 ms (hot). */
+   interleaving the group's rows took 0.89 -> 0.81 ms (hot).
+   The first group's pass over tile t also prefetches tile t + 1 (the next one of the
+   matrix, whichever task it falls in), spread over its blocks: at M = 16..32 the later
+   groups' passes run from L1, and without it DRAM sat idle during them. Two threads,
+   weights evicted (bench/bench_q8_gemm.py), against the kernel without it: M = 8 1.23 ->
+   1.09 ms, M = 16 1.63 -> 1.45, M = 32 2.49 -> 2.33. Tried and dropped: two groups (16
+   rows) per weight load, accumulators kept in y between blocks: slower at M = 16 (1.6 ->
+   2.2 ms cold; no gain hot). */
 void q8_gemm_tiles(const int8_t *q, const int32_t *starts, const float *scales, int64_t M,
                    int64_t K, const uint8_t *w, const float *ws, int64_t N, float *y,
                    int64_t t0, int64_t t1) {
     const int64_t blocks = K / Q8_BLOCK, tile_w = K * Q8_TILE, tile_s = blocks * Q8_TILE;
-    const int64_t M8 = M / 8 * 8;
+    const int64_t M8 = M / 8 * 8, tiles = N / Q8_TILE;
     for (int64_t t = t0; t < t1; ++t)
         for (int64_t m = 0; m < M8; m += 8)
             q8_group(q + m * K, starts + m * blocks, scales + m * blocks, K, w + t * tile_w,
-                     ws + t * tile_s, y + m * N + t * Q8_TILE, N);
+                     ws + t * tile_s, y + m * N + t * Q8_TILE, N,
+                     m == 0 && t + 1 < tiles ? w + (t + 1) * tile_w : NULL,
+                     ws + (t + 1) * tile_s);
     if (M > M8)
         q8_few_rows(q + M8 * K, starts + M8 * blocks, scales + M8 * blocks, M - M8, K, w, ws,
                     N, y + M8 * N, t0, t1);
