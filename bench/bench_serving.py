@@ -113,6 +113,22 @@ def serving_process(engine: Path, max_queue: int, max_batch: int, step_nodes: in
         server.wait(timeout=60)
 
 
+def settles(url: str, within_s: float = 10.0) -> bool:
+    """Whether nothing runs, waits or holds KV rows within ``within_s``: a client that
+    disconnected is done at once, while the server stops its generation at the next
+    step after it notices (and at B = 1 the server may be generating it when the load
+    ends)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        gauges = httpx.get(f"{url}/metrics").text
+        if all(f"leapc_{g} 0.0" in gauges
+               for g in ("requests_running", "requests_waiting", "batch_rows")):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 def run_config(engine, shapes, cut, expected, prompts, policies: tuple[str, ...],
                max_batch: int, step_nodes: int | None, prefix_cache_mb: int,
                rng: random.Random) -> dict:
@@ -123,16 +139,13 @@ def run_config(engine, shapes, cut, expected, prompts, policies: tuple[str, ...]
     with serving_process(engine.path, len(shapes), max_batch, step_nodes,
                          prefix_cache_mb) as url:
         replies, wall = asyncio.run(load(url, bodies, cut))
-        time.sleep(1)  # a disconnected generation stops at its next step
-        gauges = httpx.get(f"{url}/metrics").text
+        idle = settles(url)
     failures = [r for r in replies if isinstance(r, BaseException) or r["status"] != 200]
     done = [(shape, r) for shape, r in zip(shapes, replies, strict=True)
             if not isinstance(r, BaseException) and r["text"] is not None]
     wrong = sum(r["text"] != expected[(p, n)].text for (p, n, _), r in done)
     tokens = sum(len(expected[(p, n)].token_ids) for (p, n, _), _ in done)
     latencies = sorted(r["seconds"] for _, r in done)
-    idle = all(f"leapc_{g} 0.0" in gauges
-               for g in ("requests_running", "requests_waiting", "batch_rows"))
     return {"batch": max_batch, "policies": policies, "prefix_cache_mb": prefix_cache_mb,
             "completed": len(done),
             "server_errors": len(failures), "not_identical": wrong, "idle_after": idle,

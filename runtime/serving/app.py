@@ -139,7 +139,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         worker = DecodeWorker(engine.scheduler(max_batch, config.step_nodes, prefix_bytes),
-                              engine, metrics)
+                              engine, metrics, asyncio.get_running_loop())
         app.state.worker = worker
         yield
         worker.close()
@@ -186,7 +186,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if ticket is None:
             return _error(503, f"the server is busy ({config.max_queue} requests queued or "
                                "running); retry later", "service_unavailable")
-        loop = asyncio.get_running_loop()
         texts: asyncio.Queue[str | None] = asyncio.Queue()
         # the prompt as given: a text prompt is healed, token ids are taken as they are
         job = Job(dict(prompt=prompt, max_new_tokens=max_tokens,
@@ -195,7 +194,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                        seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
                        draft=body.leapc.draft_options(),
                        token_healing=body.leapc.token_healing),
-                  body.stops, lambda text: loop.call_soon_threadsafe(texts.put_nowait, text),
+                  body.stops, texts.put_nowait,
                   ticket.leave, ticket.start, ticket.first_token)
         app.state.worker.submit(job)
         outcome = asyncio.wrap_future(job.outcome)
@@ -242,13 +241,27 @@ def _drain(texts: asyncio.Queue[str | None]) -> list[str]:
     return out
 
 
+async def _deltas(texts: asyncio.Queue[str | None]) -> AsyncIterator[str]:
+    """The texts until the end marker, those that queued up while the last event was
+    being sent joined into one (a client that reads slower than the batch decodes gets
+    fewer, longer events rather than a growing backlog)."""
+    while (text := await texts.get()) is not None:
+        parts = [text]
+        while not texts.empty():
+            if (more := texts.get_nowait()) is None:
+                yield "".join(parts)
+                return
+            parts.append(more)
+        yield "".join(parts)
+
+
 async def _events(job: Job, texts: asyncio.Queue[str | None], outcome: asyncio.Future[Outcome],
                   body: CompletionRequest | ChatCompletionRequest,
                   reply: protocol.CompletionReply) -> AsyncIterator[str]:
     """Server-sent events: text deltas as they become final, the finish reason, usage if
     asked for, ``[DONE]``. A client that goes away cancels the generation."""
     try:
-        while (text := await texts.get()) is not None:
+        async for text in _deltas(texts):
             yield _sse(reply.delta(text))
         ended = await outcome  # done: its end marker came after its last text
         yield _sse(reply.end(ended.finish))

@@ -7,10 +7,16 @@ program), submits it to the scheduler, steps while anything is running, and turn
 row's new tokens into final text (detokenized, stop strings held back) for the job's
 ``emit``. A job whose stop string appears, or whose client left, is cancelled: its KV
 rows are freed at the next step.
+
+What a step produced for all its rows (texts, then outcomes) reaches the event loop as
+one callback, in that order: a call per row and token woke the loop through its
+self-pipe each time, which was 8% of the decode thread's samples at B = 8.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -43,7 +49,7 @@ class Job:
 
     request: dict
     stops: tuple[str, ...]
-    emit: Callable[[str], None]
+    emit: Callable[[str], None]  # called on the event loop's thread
     leave: Callable[[Sequence | None], None]  # the admission ticket's, called once
     start: Callable[[], None] = lambda: None  # when its prefill begins
     first_token: Callable[[], None] = lambda: None
@@ -58,15 +64,20 @@ class Job:
 
 
 class DecodeWorker:
-    def __init__(self, scheduler: Scheduler, engine: Engine, metrics: ServerMetrics):
-        self.scheduler, self.engine, self.metrics = scheduler, engine, metrics
+    def __init__(self, scheduler: Scheduler, engine: Engine, metrics: ServerMetrics,
+                 loop: asyncio.AbstractEventLoop):
+        self.scheduler, self.engine, self.metrics, self.loop = scheduler, engine, metrics, loop
         self.inbox: queue.Queue[Job | None] = queue.Queue()
         self.jobs: dict[Sequence, _Running] = {}
+        self.outbox: list[Callable[[], None]] = []  # for the event loop, in order
         self.thread = threading.Thread(target=self._run, name="leapc-decode", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         self.inbox.put(job)
+
+    def _post(self, call: Callable[[], None]) -> None:
+        self.outbox.append(call)
 
     def close(self) -> None:
         self.inbox.put(None)
@@ -82,6 +93,9 @@ class DecodeWorker:
                 for sequence, tokens in self.scheduler.step():
                     self.jobs[sequence].push(tokens)
             self._settle()
+            if self.outbox:
+                self.loop.call_soon_threadsafe(_deliver, self.outbox)
+                self.outbox = []
 
     def _arrivals(self) -> list[Job | None]:
         """New jobs: waits for one when nothing runs, else takes what has come."""
@@ -101,7 +115,7 @@ class DecodeWorker:
             return
         job.sequence = sequence
         self.jobs[sequence] = _Running(job, CompletionText(self.engine.tokenizer, sequence.healing),
-                                       StopText(job.stops))
+                                       StopText(job.stops), self._post)
         self.scheduler.submit(sequence)
 
     def _settle(self) -> None:
@@ -119,11 +133,17 @@ class DecodeWorker:
         self.metrics.batch_rows.set(self.scheduler.occupancy)
 
 
+def _deliver(calls: list[Callable[[], None]]) -> None:
+    for call in calls:
+        call()
+
+
 @dataclass
 class _Running:
     job: Job
     completion: CompletionText
     text: StopText
+    post: Callable[[Callable[[], None]], None]  # to the event loop, after this step
     pushed: int = 0
 
     def push(self, tokens: list[int]) -> None:
@@ -133,16 +153,16 @@ class _Running:
         self.pushed += len(tokens)
         final = self.text.push(self.completion.push(tokens))
         if final:
-            job.emit(final)
+            self.post(functools.partial(job.emit, final))
 
     def end(self) -> None:
         job, text = self.job, self.text
         if not text.stopped and not job.cancelled.is_set():
             tail = text.push(self.completion.flush()) + text.flush()
             if tail:
-                job.emit(tail)
+                self.post(functools.partial(job.emit, tail))
         stats = job.sequence.stats
         job.leave(job.sequence)
-        job.outcome.set_result(Outcome(
+        self.post(functools.partial(job.outcome.set_result, Outcome(
             len(job.sequence.token_ids), stats.prompt_tokens,
-            protocol.finish_reason(stats.stop_reason, text.stopped), stats.cached_prompt_tokens))
+            protocol.finish_reason(stats.stop_reason, text.stopped), stats.cached_prompt_tokens)))

@@ -154,8 +154,10 @@ class _HeldEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def scheduler(self, max_batch: int, step_nodes: int | None = None) -> Scheduler:
-        return _HeldScheduler(self.engine.scheduler(max_batch, step_nodes), self.release)
+    def scheduler(self, max_batch: int, step_nodes: int | None = None,
+                  prefix_cache_bytes: int = 0) -> Scheduler:
+        return _HeldScheduler(self.engine.scheduler(max_batch, step_nodes, prefix_cache_bytes),
+                              self.release)
 
 
 class _HeldScheduler(Scheduler):
