@@ -48,7 +48,9 @@ class ServeConfig:
     max_queue: int = 64  # requests waiting or running; more get a 503
     max_batch: int | None = None  # requests per step; None: the engine's batch bound
     step_nodes: int | None = None  # nodes a decode step verifies over its rows (None: any)
-    prefix_cache_mb: int = 0  # prompt KV kept for later requests (runtime/prefix_cache.py)
+    # prompt KV kept for later requests (runtime/prefix_cache.py); 0: off (`leapc serve`
+    # asks for DEFAULT_PREFIX_CACHE_MB where the engine verifies exactly)
+    prefix_cache_mb: int = 0
 
 
 class _Admission:
