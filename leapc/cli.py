@@ -392,11 +392,10 @@ def serve(
         raise InputError(f"--prefix-cache-mb must be at least 0 (got {prefix_cache_mb})")
     loaded = leapc.load(engine, device, policies=[policy])
     if prefix_cache_mb is None:
-        inexact = loaded.manifest.inexact_verification
-        prefix_cache_mb = 0 if inexact else DEFAULT_PREFIX_CACHE_MB
-        if inexact:
-            out.print(f"prefix cache off: it reuses KV rows across step widths, and this "
-                      f"engine {inexact}")
+        refusal = loaded.prefix_cache_refusal
+        prefix_cache_mb = 0 if refusal else DEFAULT_PREFIX_CACHE_MB
+        if refusal:
+            out.print(f"prefix cache off: {refusal}")
     config = ServeConfig(model_name or engine.resolve().name, policy, max_queue, max_batch,
                          step_nodes, prefix_cache_mb)
     app = create_app(loaded, config)  # every refusal before anything listens

@@ -267,12 +267,19 @@ class Engine:
         slicing = RowSlicing.of({name: entry.output_shape(name) for name in entry.output_names})
         if step_nodes is not None and step_nodes < 1:
             raise InputError(f"step-nodes must be at least 1 (got {step_nodes})")
-        if prefix_cache_bytes and self.manifest.inexact_verification:
-            raise InputError("a prefix cache reuses KV rows computed in steps of other "
-                             f"widths, so this engine {self.manifest.inexact_verification}")
+        if prefix_cache_bytes and self.prefix_cache_refusal:
+            raise InputError(self.prefix_cache_refusal)
         prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         return Scheduler(self.step, slicing, self.manifest.model.dims, self.manifest.max_seq,
                          self.manifest.max_new, max_batch, step_nodes, prefixes)
+
+    @property
+    def prefix_cache_refusal(self) -> str | None:
+        """Why this engine cannot reuse prompt KV across requests, or None: reused rows
+        were computed in steps of other widths, which is exact only where verification is."""
+        inexact = self.manifest.inexact_verification
+        return inexact and ("a prefix cache reuses KV rows computed in steps of other "
+                            f"widths, so this engine {inexact}")
 
     @property
     def batch_bound(self) -> int:

@@ -69,3 +69,11 @@ def record_steps(scheduler) -> tuple[list[tuple[int, int]], list[int]]:
 
     scheduler.step_program = recorded
     return decodes, prefills
+
+
+def run_all(scheduler, sequences) -> None:
+    """Submit ``sequences`` to a `Scheduler` at once and step it until it is idle."""
+    for sequence in sequences:
+        scheduler.submit(sequence)
+    while not scheduler.idle:
+        scheduler.step()

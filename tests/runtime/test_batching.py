@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 import pytest
-from engines import TRAINING_FREE, record_steps
+from engines import TRAINING_FREE, record_steps, run_all
 from stats import chi2_critical, chi2_homogeneity
 
 import leapc
@@ -209,10 +209,7 @@ def test_lookup_sampling_at_batch_four_matches_plain_sampling(engine_dir):
         scheduler = engine.scheduler(4)
         sequences = [engine.sequence(PROMPT, 3, policy="lookup", temperature=1.5, seed=s)
                      for s in range(seed0, seed0 + 4)]
-        for sequence in sequences:
-            scheduler.submit(sequence)
-        while not scheduler.idle:
-            scheduler.step()
+        run_all(scheduler, sequences)
         batched += [tuple(s.token_ids[1:3]) for s in sequences]
     stat, df = chi2_homogeneity(plain, batched)
     assert df >= 3 and stat < chi2_critical(df), (stat, df)
@@ -224,10 +221,7 @@ def test_step_nodes_bound_every_decode_step_and_keep_rows_exact(engine_dir):
     scheduler = engine.scheduler(4, step_nodes=10)
     widths, _ = record_steps(scheduler)
     sequences = [engine.sequence(**r) for r in requests]
-    for sequence in sequences:
-        scheduler.submit(sequence)
-    while not scheduler.idle:
-        scheduler.step()
+    run_all(scheduler, sequences)
     assert [s.token_ids for s in sequences] == alone(engine, requests)
     assert max(rows * width for rows, width in widths) <= 10
     assert max(width for rows, width in widths if rows == 4) <= 2

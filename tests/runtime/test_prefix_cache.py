@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engines import record_steps
+from engines import record_steps, run_all
 
 import leapc
 from leapc.ir.errors import InputError
@@ -98,10 +98,7 @@ def test_requests_that_reuse_a_prefix_emit_what_they_emit_alone(engine_dir):
     scheduler = engine.scheduler(3, prefix_cache_bytes=1 << 20)
     _, prefilled = record_steps(scheduler)
     sequences = [engine.sequence(**r) for r in requests]
-    for sequence in sequences:
-        scheduler.submit(sequence)
-    while not scheduler.idle:
-        scheduler.step()
+    run_all(scheduler, sequences)
     assert [s.token_ids for s in sequences] == expected
     cached = [s.stats.cached_prompt_tokens for s in sequences]
     # the first three start together, with nothing stored; the rest find the shared head
