@@ -114,7 +114,8 @@ def _foreign_entries(path: Path) -> set[str] | None:
 
 def _engine_entries(manifest: dict) -> set[str]:
     """Top-level names a build writes for ``manifest``: the manifest, the tokenizer, each
-    program file (and an ONNX external-data file beside it), the add-on directories."""
+    program file (an ONNX external-data file beside it, and the files it lists as its data,
+    such as an int8 program's compiled kernels), the add-on directories."""
     def field(*keys: str):
         value = manifest
         for key in keys:
@@ -126,6 +127,8 @@ def _engine_entries(manifest: dict) -> set[str]:
     names = {MANIFEST_FILE, field("tokenizer", "file") or "tokenizer.json"}
     names |= {f for f in files if isinstance(f, str)} | {f"{f}.data" for f in files
                                                           if isinstance(f, str)}
+    names |= {name for entry in programs.values() if isinstance(entry, dict)
+              and isinstance(entry.get("data_files"), dict) for name in entry["data_files"]}
     names |= {field(addon, "directory") for addon in ("datastore", "heads", "adapter")}
     return {name for name in names if isinstance(name, str)}
 

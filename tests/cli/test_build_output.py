@@ -22,7 +22,7 @@ from families import tiny_checkpoint
 from test_cli import LEAPC, cli, user_error
 
 import leapc
-from leapc.engine_output import staged_output
+from leapc.engine_output import check_output, staged_output
 from leapc.ir.errors import InputError
 
 # Every case but the lock's starts `leapc build` processes (~5 s each: torch's import).
@@ -287,3 +287,20 @@ def test_without_renameat2_the_old_engine_is_renamed_aside_then_removed(tmp_path
             (staging / "tokenizer.json").write_text(content)
     assert (target / "tokenizer.json").read_text() == "new"
     assert leftovers(tmp_path) == []
+
+
+def test_an_engine_with_program_data_files_is_replaced_with_force(tmp_path):
+    """An int8 program's compiled kernels (``data_files``) are the engine's own: ``--force``
+    replaces the engine, and a user's file beside them is still refused."""
+    target = tmp_path / "engine"
+    target.mkdir()
+    manifest = {"schema_version": 2, "tokenizer": {"file": "tokenizer.json"},
+                "programs": {"full": {"file": "full.onnx",
+                                      "data_files": {"full.ops.so": "0" * 64}}}}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("tokenizer.json", "full.onnx", "full.ops.so"):
+        (target / name).write_bytes(b"engine")
+    assert check_output(target, True, ()) == target
+    (target / "notes.md").write_text("mine")
+    with pytest.raises(InputError, match="notes.md"):
+        check_output(target, True, ())
