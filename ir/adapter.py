@@ -16,6 +16,7 @@ mask (slots, then the new tokens).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -50,14 +51,42 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) of ``x [B, H, N, D]`` at ``positions [B, N]``."""
+def rotary_angles(positions: torch.Tensor, head_dim: int,
+                  theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos``, ``sin`` ``[B, 1, N, D]`` of rotary embedding at ``positions [B, N]``: each
+    frequency twice, as Hugging Face Llama builds them (the form the ONNX exporter fuses
+    into ``RotaryEmbedding``)."""
+    half = head_dim // 2
+    inv_freq = theta ** -(torch.arange(half, dtype=torch.float32, device=positions.device)
+                          / half)
+    freqs = positions[:, :, None].float() * inv_freq  # [B, N, D/2]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of ``x [B, H, N, D]``: the pair (i, i + D/2)
+    turns by the angle of frequency i."""
     half = x.shape[-1] // 2
-    inv_freq = theta ** -(torch.arange(half, dtype=torch.float32, device=x.device) / half)
-    angles = positions[:, None, :, None].float() * inv_freq  # [B, 1, N, D/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    first, second = x[..., :half], x[..., half:]
-    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + turned * sin.to(x.dtype)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dense_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """``q [B, H, N, D]`` over ``keys``/``values [B, Hkv, T + N, D]`` under the step mask
+    ``[B, N, T + N]``, grouped-query (query head h reads KV head h // (H / Hkv)): what
+    training differentiates, and right under any mask, not only the runtime's
+    prefix-valid ones."""
+    group = q.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+    scores = q @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5  # [B, H, N, T + N]
+    scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
+    return F.softmax(scores, dim=-1) @ values
 
 
 class KangarooAdapter(nn.Module):
@@ -78,22 +107,20 @@ class KangarooAdapter(nn.Module):
         return x.view(b, n, count, self.config.head_dim).transpose(1, 2)  # [B, H, N, D]
 
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, past: torch.Tensor,
-                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor, attend: Attend = dense_attention
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden [B, N, H]``, ``past [1, 2, B, Hkv, T, Dh]``, ``mask [B, N, T + N]`` ->
-        (adapted ``[B, N, H]``, present ``[1, 2, B, Hkv, N, Dh]``)."""
+        (adapted ``[B, N, H]``, present ``[1, 2, B, Hkv, N, Dh]``). ``attend`` computes the
+        attention: `dense_attention`, or in a lowered program the step's own kernel."""
         c = self.config
         x = self.norm_in(hidden)
-        q = rotate(self._heads(self.q_proj(x), c.num_heads), positions, c.rope_theta)
-        k = rotate(self._heads(self.k_proj(x), c.num_kv_heads), positions, c.rope_theta)
+        cos, sin = rotary_angles(positions, c.head_dim, c.rope_theta)
+        q = rotate(self._heads(self.q_proj(x), c.num_heads), cos, sin)
+        k = rotate(self._heads(self.k_proj(x), c.num_kv_heads), cos, sin)
         v = self._heads(self.v_proj(x), c.num_kv_heads)
         keys = torch.cat([past[0, 0], k], dim=2)
         values = torch.cat([past[0, 1], v], dim=2)
-        group = c.num_heads // c.num_kv_heads  # grouped-query: each KV head serves a group
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
-        scores = q @ keys.transpose(-1, -2) / c.head_dim ** 0.5  # [B, H, N, T + N]
-        scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
-        attended = F.softmax(scores, dim=-1) @ values  # [B, H, N, D]
+        attended = attend(q, keys, values, mask)  # [B, H, N, D]
         b, _, n, _ = attended.shape
         out = hidden + self.o_proj(attended.transpose(1, 2).reshape(b, n, -1))
         return self.norm_out(out), torch.stack([k, v])[None]

@@ -6,7 +6,10 @@
 trained adapter's output (`ir/adapter.py`), ``adapter_present`` the adapter's KV rows.
 
 The adapter is a module, not graph nodes, so the layers, the adapter and the head are
-composed as modules and the composition is exported anew.
+composed as modules and the composition is exported anew. Its attention is the program's
+kind: where the layers' attention is already `leapc.tree_attention`
+(`insert_tree_attention`), the adapter's is too, so a lowering fuses it as it fuses theirs
+(on ONNX Runtime, into one ``RotaryTreeAttention`` node instead of some sixty plain ops).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch.fx import GraphModule
 
-from leapc.ir.adapter import KangarooAdapter
+from leapc.ir.adapter import Attend, KangarooAdapter, dense_attention
 from leapc.ir.anatomy import anatomy_of
 from leapc.ir.capture import (
     ADAPTER_PAST,
@@ -30,7 +33,20 @@ from leapc.ir.capture import (
 from leapc.ir.early_exit import check_exit_layer, exit_hidden, slice_head, slice_signature
 from leapc.ir.graph import layer_presents, prune, stack_presents
 from leapc.ir.rewrite import capture_options, set_outputs, unlift
+from leapc.kernels.tree_attention import past_lengths, tree_attention, tree_part
 from leapc.passes.base import Invariant, PassResult
+
+
+def _tree_attention(q, keys, values, mask):
+    """The adapter's attention as `leapc.tree_attention` (the runtime's masks are
+    prefix-valid, as the op requires)."""
+    return tree_attention(q, keys, values, past_lengths(mask), tree_part(mask),
+                          q.shape[-1] ** -0.5)
+
+
+def _attention_of(gm: GraphModule) -> Attend:
+    lowered = any(n.target == torch.ops.leapc.tree_attention.default for n in gm.graph.nodes)
+    return _tree_attention if lowered else dense_attention
 
 
 class _AdaptedDraft(torch.nn.Module):
@@ -39,10 +55,12 @@ class _AdaptedDraft(torch.nn.Module):
     def __init__(self, draft: GraphModule, adapter: KangarooAdapter, head: GraphModule):
         super().__init__()
         self.draft, self.adapter, self.head = draft, adapter, head
+        self.attend = _attention_of(draft)
 
     def forward(self, tokens, positions, past, adapter_past, mask):
         hidden, present = self.draft(tokens, positions, past, mask)
-        adapted, adapter_present = self.adapter(hidden, positions, adapter_past, mask)
+        adapted, adapter_present = self.adapter(hidden, positions, adapter_past, mask,
+                                                self.attend)
         return self.head(adapted, positions, past, mask)[0], present, hidden, adapter_present
 
 

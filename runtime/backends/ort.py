@@ -33,8 +33,14 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     import onnx
     import torch
 
+    from leapc.ir.capture import ADAPTER_PAST, ADAPTER_PRESENT
     from leapc.kernels.onnx_translations import OPSET, translations
-    from leapc.runtime.backends.onnx_kv_by_layer import split_past_by_layer, split_present_by_layer
+    from leapc.runtime.backends.onnx_kv_by_layer import (
+        PAST,
+        PRESENT,
+        split_past_by_layer,
+        split_present_by_layer,
+    )
 
     # The exporter warns once per torchvision op it cannot register; none are used here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -54,8 +60,9 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     )
     onnx_program.save(str(path))  # weights over 2 GB go to external data
     model = onnx.load(str(path), load_external_data=False)  # external weights stay put
-    split_past_by_layer(model)
-    split_present_by_layer(model)
+    for past, present in ((PAST, PRESENT), (ADAPTER_PAST, ADAPTER_PRESENT)):
+        split_past_by_layer(model, past)
+        split_present_by_layer(model, present)
     onnx.save_model(model, str(path))
     if attention is Attention.KERNEL:
         compile_library(library_file(path))

@@ -14,7 +14,7 @@ from trees import tree_step_inputs
 from leapc.ir.adapter import KangarooAdapter
 from leapc.models.train_adapter import adapter_config
 from leapc.passes.base import violation
-from leapc.passes.insert_tree_attention import SDPA
+from leapc.passes.insert_tree_attention import SDPA, TREE_ATTENTION, InsertTreeAttention
 from leapc.passes.pipeline import Pipeline
 from leapc.passes.slice_draft import SliceDraft
 from leapc.passes.slice_kangaroo import SliceKangaroo
@@ -85,3 +85,22 @@ def test_the_kangaroo_draft_is_the_exit_then_the_adapter_then_the_head(key):
         want = model.lm_head(norm(adapted))
     torch.testing.assert_close(adapter_present, want_rows)
     torch.testing.assert_close(logits, want)
+
+
+def test_on_a_tree_attention_program_the_adapter_attends_with_the_same_op():
+    """After `insert_tree_attention`, the adapter's attention is `leapc.tree_attention` too
+    (so a lowering fuses it as it fuses the layers'), and every output is the dense
+    adapter's on the runtime's prefix-valid masks."""
+    full, e = exit_source("deep")
+    lowered = Pipeline((InsertTreeAttention(),))(full).program
+    tree = Pipeline((SliceKangaroo(e, adapter("deep")),))(lowered).program
+    counts = call_counts(tree)
+    assert (counts[TREE_ATTENTION], counts[SDPA]) == (EXIT + 1, 0)
+    dense = programs("deep")[0].program
+    inputs = tree_step_inputs(full.dims, 2, 5, 7)
+    tokens, positions, past, mask = inputs
+    adapter_past = torch.randn(1, *past.shape[1:])
+    for ours, want in zip(run(tree, tokens, positions, past[:e], adapter_past, mask),
+                          run(dense, tokens, positions, past[:e], adapter_past, mask),
+                          strict=True):
+        torch.testing.assert_close(ours, want)

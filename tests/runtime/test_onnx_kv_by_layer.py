@@ -18,22 +18,22 @@ from leapc.runtime.backends.ort import _feed_plan, _output_plan, _stack_layers, 
 LAYERS = 2
 
 
-def _before() -> onnx.ModelProto:
+def _before(cache: str = "past") -> onnx.ModelProto:
     """What the exporter emits: ``past[l][kv]`` by two Gathers, concatenated with the new
-    rows; T read from ``past``'s shape."""
+    rows; T read from ``past``'s shape. ``cache``: the input's name."""
     nodes, inits = [], [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in range(2)]
     outputs = []
     for layer in range(LAYERS):
         inits.append(numpy_helper.from_array(np.array(layer, np.int64), f"layer{layer}"))
-        nodes.append(helper.make_node("Gather", ["past", f"layer{layer}"], [f"sel{layer}"], axis=0))
+        nodes.append(helper.make_node("Gather", [cache, f"layer{layer}"], [f"sel{layer}"], axis=0))
         for kv in range(2):
             nodes.append(helper.make_node("Gather", [f"sel{layer}", f"i{kv}"],
                                           [f"kv{layer}{kv}"], axis=0))
             nodes.append(helper.make_node("Concat", [f"kv{layer}{kv}", "new"],
                                           [f"out{layer}{kv}"], axis=2))
             outputs.append(f"out{layer}{kv}")
-    nodes.append(helper.make_node("Shape", ["past"], ["length"], start=4, end=5))
-    past = helper.make_tensor_value_info("past", TensorProto.FLOAT, [LAYERS, 2, 1, 2, "T", 4])
+    nodes.append(helper.make_node("Shape", [cache], ["length"], start=4, end=5))
+    past = helper.make_tensor_value_info(cache, TensorProto.FLOAT, [LAYERS, 2, 1, 2, "T", 4])
     new = helper.make_tensor_value_info("new", TensorProto.FLOAT, [1, 2, "N", 4])
     graph = helper.make_graph(
         nodes, "step", [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "N"]),
@@ -49,16 +49,17 @@ def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
 
 
-def test_past_becomes_one_input_per_layer_and_kv_in_its_place():
-    model = _before()
-    split_past_by_layer(model)
+@pytest.mark.parametrize("cache", ["past", "adapter_past"])
+def test_past_becomes_one_input_per_layer_and_kv_in_its_place(cache):
+    model = _before(cache)
+    split_past_by_layer(model, cache)
     assert [v.name for v in model.graph.input] == \
-        ["tokens", "past.0.0", "past.0.1", "past.1.0", "past.1.1", "new"]
+        ["tokens", *(f"{cache}.{layer}.{kv}" for layer in range(2) for kv in range(2)), "new"]
     dims = [d.dim_value or d.dim_param for d in model.graph.input[1].type.tensor_type.shape.dim]
     assert dims == [1, 2, "T", 4]
     assert [n.op_type for n in model.graph.node] == ["Concat"] * 4 + ["Shape"]
     shape = model.graph.node[-1]
-    assert shape.input[0] == "past.0.0"
+    assert shape.input[0] == f"{cache}.0.0"
     assert {a.name: a.i for a in shape.attribute} == {"start": 2, "end": 3}
 
 
@@ -164,3 +165,31 @@ def test_a_row_that_is_also_an_output_keeps_its_name():
     x = np.ones((1, 2, 3, 4), np.float32)
     results = dict(zip([v.name for v in model.graph.output], _run(model, {"x": x}), strict=True))
     np.testing.assert_array_equal(results["row00"], results["present.0.0"])
+
+
+def _one_layer_stack() -> onnx.ModelProto:
+    """Kangaroo's adapter rows as the exporter emits them: one layer's keys (``2 x``) and
+    values (``-x``) stacked, and that stack unsqueezed (a stack of one layer, no Concat)."""
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    nodes = [helper.make_node("Add", ["x", "x"], ["k"]),
+             helper.make_node("Neg", ["x"], ["v"]),
+             helper.make_node("Unsqueeze", ["k", "axis0"], ["uk"]),
+             helper.make_node("Unsqueeze", ["v", "axis0"], ["uv"]),
+             helper.make_node("Concat", ["uk", "uv"], ["pair"], axis=0),
+             helper.make_node("Unsqueeze", ["pair", "axis0"], ["adapter_present"])]
+    graph = helper.make_graph(
+        nodes, "step", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, "N", 4])],
+        [helper.make_tensor_value_info("adapter_present", TensorProto.FLOAT,
+                                       [1, 2, 1, 2, "N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_one_layer_stack_under_another_name_is_split_too():
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 4)).astype(np.float32)
+    before, after = _one_layer_stack(), _one_layer_stack()
+    split_present_by_layer(after, "adapter_present")
+    assert [v.name for v in after.graph.output] == ["adapter_present.0.0", "adapter_present.0.1"]
+    assert [n.op_type for n in after.graph.node] == ["Add", "Neg"]
+    plan = _output_plan([v.name for v in after.graph.output])
+    np.testing.assert_array_equal(_stack_layers(_run(after, {"x": x}), plan[0][1]),
+                                  _run(before, {"x": x})[0])
