@@ -170,6 +170,12 @@ def build(
                                         "comma-separated layers (3), attention (a3) or MLP "
                                         "(m3) sublayers, or 'auto' (searched, then "
                                         "measured): policy layer-skip"),
+    draft_vocab: int = typer.Option(None, help="draft programs propose only the K most "
+                                               "frequent tokens of --draft-vocab-text (FR-Spec; "
+                                               "output unchanged)"),
+    draft_vocab_text: list[str] = typer.Option(
+        None, help="text whose token frequencies choose --draft-vocab's tokens (files/"
+                   "directories, repeatable; default: the bundled corpus)"),
     dump_passes: Path = typer.Option(None, help="write each pass's graph code here"),
     tune: bool = typer.Option(False, "--tune", help="measure the engine's policies on this "
                                                     "machine; --policy auto runs the fastest"),
@@ -195,7 +201,8 @@ def build(
         tokenizer=tokenizer, draft_model=draft_model, draft_chain=draft_chain, datastore=_datastore_source(datastore),
         heads=_heads_options(heads, head_kind, train_heads, tree, head_placement),
         adapter=AdapterOptions(train_adapter) if train_adapter else None,
-        dump_dir=dump_passes, tune_prompts=load_prompts(tune_prompts) if tune else None)
+        dump_dir=dump_passes, tune_prompts=load_prompts(tune_prompts) if tune else None,
+        draft_vocab=_draft_vocab(draft_vocab, draft_vocab_text))
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -235,12 +242,24 @@ def _heads_options(count: int, kind: HeadKind, text: list[Path] | None, tree: st
                         placement=placement)
 
 
-def _datastore_source(values: list[str] | None) -> str | list[Path] | None:
+def _draft_vocab(size: int | None, text: list[str] | None):
+    from leapc.draft_vocabulary import DraftVocabularyOptions
+
+    if size is None:
+        if text:
+            raise InputError("--draft-vocab-text needs --draft-vocab K")
+        return None
+    source = _datastore_source(text, "--draft-vocab-text")
+    return DraftVocabularyOptions(size) if source is None else DraftVocabularyOptions(size, source)
+
+
+def _datastore_source(values: list[str] | None,
+                      flag: str = "--datastore") -> str | list[Path] | None:
     if not values:
         return None
     if "bundled" in values:
         if len(values) > 1:
-            raise InputError("--datastore bundled cannot be combined with other sources")
+            raise InputError(f"{flag} bundled cannot be combined with other sources")
         return "bundled"
     return [Path(v) for v in values]
 

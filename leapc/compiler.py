@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from leapc.datastore import DATASTORE, read_texts
+from leapc.draft_vocabulary import frequent_tokens
 from leapc.early_exit import ADAPTER, EXIT
 from leapc.engine_output import check_output, staged_output
 from leapc.heads import HEADS, HEADS_PROGRAM, check_heads
@@ -130,6 +131,10 @@ def _load(state: BuildState, model) -> None:
         raise InputError("--train-adapter needs --exit-layer (the adapter reads that exit)")
     if isinstance(options.skip, str) and options.skip != AUTO:
         state.options = replace(options, skip=SkipSet.parse(options.skip, layers))
+    if options.draft_vocab is not None:
+        vocab_size = state.source.model.config.get_text_config().vocab_size
+        state.draft_vocabulary = frequent_tokens(state.source.tokenizer, options.draft_vocab,
+                                                 vocab_size, state.source.eos_ids)
 
 
 def _check_diffusion_options(options: BuildOptions) -> None:
@@ -205,6 +210,8 @@ def _full(state: BuildState) -> None:
     state.full = full = _compile(state, state.source, "full", state.options.attention, insert)
     state.source.tokenizer.save(str(state.out / "tokenizer.json"))
     state.manifest = _manifest(full, state.options, state.capture)
+    if state.draft_vocabulary:  # what every draft program is lowered with (state.lowering)
+        state.update(draft_vocabulary=len(state.draft_vocabulary))
 
 
 # The draft model keeps dense attention: its tree drafts put ancestors' KV rows as scratch
@@ -223,7 +230,7 @@ def _draft_model(state: BuildState) -> None:
     chain = Pipeline((UnrollDraftChain(DEFAULT_MAX_DRAFT),))(drafter.result.program).program
     name = unrolled("draft_model")
     state.on_stage(f"lower {name} ({state.options.backend.value})")
-    entry = lower_program(state.options.lowering, chain, state.out, name)
+    entry = lower_program(state.lowering, chain, state.out, name)
     state.update(programs=state.manifest.programs | {name: entry})
 
 

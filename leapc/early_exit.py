@@ -120,12 +120,12 @@ def _exit(state: BuildState) -> None:
         layer, entries, choice = _sweep_exits(state)
     else:
         state.on_stage(f"lower draft and remainder, exit at layer {layer} ({backend.value})")
-        entries = lower_exit(state.full.result.program, layer, state.options.lowering, state.out)
+        entries = lower_exit(state.full.result.program, layer, state.lowering, state.out)
         choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
-    if _chain_is_exact(state.options.lowering):
+    if _chain_is_exact(state.lowering):
         state.on_stage(f"lower the draft chain of {choice.depth} ({backend.value})")
         entries |= lower_exit_chain(state.full.result.program, layer, choice.depth,
-                                    state.options.lowering, state.out)
+                                    state.lowering, state.out)
     else:
         state.on_stage(f"no draft chain ({backend.value}, {state.options.attention.value} attention)")
     state.update(programs=state.manifest.programs | entries, exit_layer=layer,
@@ -155,7 +155,7 @@ def _sweep_exits(state: BuildState) -> tuple[int, dict[str, ProgramEntry], ExitC
     lowered = {}
     for layer in layers:
         (work / str(layer)).mkdir(parents=True)
-        lowered[layer] = lower_exit(program, layer, state.options.lowering, work / str(layer))
+        lowered[layer] = lower_exit(program, layer, state.lowering, work / str(layer))
     state.on_stage(f"exit sweep: {len(layers)} layers x {len(EXIT_DEPTHS)} draft lengths")
     grid = {}
     for layer, entries in lowered.items():
@@ -189,7 +189,7 @@ def _adapter(state: BuildState) -> None:
     state.on_stage(f"kangaroo adapter at layer {layer}")
     adapter, report = trained_adapter(full.source, program, layer, options.directory,
                                       options.training)
-    entry = lower_kangaroo(program, layer, adapter, state.options.lowering, state.out)
+    entry = lower_kangaroo(program, layer, adapter, state.lowering, state.out)
     state.on_stage("kangaroo: measure draft lengths x stops")
     programs = {"kangaroo": state.program(entry),
                 "remainder": state.program(manifest.programs["remainder"])}

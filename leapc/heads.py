@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +272,11 @@ def _program(state: BuildState) -> None:
         # Drafting only proposes (verification is exact), so the heads' vocabulary
         # projection may be approximate: int8 on ORT reads a quarter of the bytes of a
         # matrix each call reads in full (0.64 -> 0.39 ms a Hydra call, same top-1 here).
-        programs["heads"] = lower_program(state.options.lowering, program, state.out, "heads",
+        # Not projected onto `--draft-vocab`'s tokens: the heads program is exported by
+        # ir/heads.py with its own input shapes, which the restricting pass cannot
+        # re-export.
+        lowering = replace(state.lowering, draft_vocabulary=())
+        programs["heads"] = lower_program(lowering, program, state.out, "heads",
                                           Compression.DRAFT)
     directory = save_heads(heads, report, state.out / "heads")
     state.on_stage("heads: tree")

@@ -191,6 +191,8 @@ def inspect_engine(path: Path) -> list[Table]:
         ("policies", ", ".join(p.value for p in m.policies)),
         ("quantization", m.quantization.value),
         ("attention", m.attention.value if m.attention else "not recorded"),
+        ("draft vocabulary", f"{m.draft_vocabulary} of {m.model.dims.vocab_size} tokens"
+                             if m.draft_vocabulary else "every token"),
         ("datastore", f"{m.datastore.tokens:,} tokens in {m.datastore.documents:,} documents "
                       f"({m.datastore.source})" if m.datastore else "none"),
         ("kangaroo adapter", _adapter_line(m.adapter) if m.adapter else "none"),

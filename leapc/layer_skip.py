@@ -122,7 +122,7 @@ def _skip(state: BuildState) -> None:
 def _lower_skip(state: BuildState, skip: SkipSet, index: int) -> ProgramEntry:
     sliced = Pipeline((SkipLayers(skip),))(state.full.result.program).program
     # The draft only proposes and its rows are scratch: all of it may be approximate.
-    return lower_program(state.options.lowering, sliced, state.out, f"skip_{index}",
+    return lower_program(state.lowering, sliced, state.out, f"skip_{index}",
                          Compression.DRAFT)
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from leapc.draft_vocabulary import DraftVocabularyOptions
 from leapc.ir.capture import CaptureOptions
 from leapc.ir.errors import InputError, parse_choice
 from leapc.ir.skip_spec import SkipSet
@@ -69,6 +70,7 @@ class BuildOptions:
     skip: SkipSet | Auto | str | None = None  # layer-skip, swift; a str is parsed at load
     dump_dir: Path | None = None  # each pass's graph code
     tune_prompts: tuple[str, ...] | None = None  # `--tune`: measure the policies on these
+    draft_vocab: DraftVocabularyOptions | None = None  # drafts propose these tokens only
 
     @classmethod
     def parse(cls, backend: str | Backend = Backend.ORT, attention: str | None = None,
@@ -160,6 +162,13 @@ class BuildState:
     heads: tuple[DecodingHeads, HeadsReport] | None = None
     full: CompiledProgram | None = None
     manifest: Manifest | None = None  # its policies are listed once, when it is written
+    draft_vocabulary: tuple[int, ...] = ()  # `--draft-vocab`'s ids; empty: every token
+
+    @property
+    def lowering(self) -> Lowering:
+        """What this build's programs are lowered with (`BuildOptions.lowering`, and the
+        draft vocabulary once the tokenizer has chosen it)."""
+        return replace(self.options.lowering, draft_vocabulary=self.draft_vocabulary)
 
     def update(self, **fields) -> None:
         """Add sections or programs to the manifest (validated whole when written)."""

@@ -347,6 +347,8 @@ class Manifest(_Frozen):
     skip_choice: SkipChoice | None = None  # with skip: how it and the draft length were chosen
     quantization: Quantization = Quantization.NONE
     attention: Attention | None = None  # None: built before the manifest recorded it
+    # `--draft-vocab`: how many tokens the draft programs may propose (None: all)
+    draft_vocabulary: int | None = None
     tokenizer: TokenizerInfo
     programs: dict[str, ProgramEntry]  # "full", "draft_model", "heads", "draft", "remainder",
     # "kangaroo", "skip_<i>"

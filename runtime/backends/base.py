@@ -67,6 +67,10 @@ class Compression(str, enum.Enum):
     BF16 = "bf16"  # `--quantize bf16`: the engine's own programs, bfloat16 (leapc's BF16MatMul)
 
 
+# The uses whose logits only propose: what `--draft-vocab` restricts.
+DRAFTING = frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION})
+
+
 def uncompressed(file: Path, program: CapturedProgram, compression: Compression) -> None:
     """``compress`` of backends that compress nothing: every program is stored as lowered."""
 
@@ -136,6 +140,9 @@ class Lowering:
     backend: Backend
     attention: Attention
     quantization: Quantization = Quantization.NONE
+    # The tokens a draft program may propose (`passes.restrict_draft_vocabulary`); empty:
+    # every token. Only programs whose use is to propose (`DRAFTING`) are restricted.
+    draft_vocabulary: tuple[int, ...] = ()
 
     def compression(self, use: Compression) -> Compression:
         """How a program whose outputs serve ``use`` is compressed. On an int8 engine every
@@ -151,6 +158,12 @@ def lower_program(lowering: Lowering, program: CapturedProgram, out: Path, name:
     """Lower ``program`` to ``out/<name>.*``, compress it as its ``use`` allows, and return
     its manifest entry (every lowering site goes through here)."""
     impl = BACKENDS[lowering.backend]
+    if lowering.draft_vocabulary and use in DRAFTING:
+        from leapc.passes.pipeline import Pipeline  # build-time only: torch
+        from leapc.passes.restrict_draft_vocabulary import RestrictDraftVocabulary
+
+        restrict = RestrictDraftVocabulary(lowering.draft_vocabulary)
+        program = Pipeline((restrict,))(program).program
     file = impl.lower(program, out, name, lowering.attention)
     impl.compress(file, program, lowering.compression(use))
     return ProgramEntry.of(file, program.signature.to_json())

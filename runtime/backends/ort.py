@@ -146,7 +146,8 @@ def quantize_vocab_projection(path: Path, vocab_size: int, bits: int = 8) -> lis
 
 def _untie_vocab_projection(model, vocab_size: int) -> list[str]:
     """The MatMuls that project onto the vocabulary (weights ``[H, V]``, or a transposed
-    ``[V, H]`` table: a tied LM head), each given a constant ``[H, V]`` weight the quantizer
+    ``[V, H]`` table: a tied LM head; V is ``vocab_size``, or a draft's restricted
+    vocabulary's size), each given a constant ``[H, V]`` weight the quantizer
     can replace; the tied table keeps its float copy for the embedding lookup."""
     from onnx import numpy_helper
 
@@ -313,7 +314,9 @@ def compress(file: Path, program, compression: Compression) -> None:
     elif compression is Compression.INT4:
         quantize_weights(file, program.dims.vocab_size, bits=4)
     elif compression is Compression.VOCAB_PROJECTION:
-        quantize_vocab_projection(file, program.dims.vocab_size)
+        from leapc.passes.restrict_draft_vocabulary import projected_tokens  # build-time
+
+        quantize_vocab_projection(file, projected_tokens(program))
 
 
 BACKEND = BackendImpl(
