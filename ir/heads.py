@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leapc.ir.head_spec import HeadKind, HeadsConfig
+from leapc.ir.vocabulary import spread
 
 
 class DecodingHeads(nn.Module):
@@ -71,19 +72,37 @@ def project(states: torch.Tensor, lm_weight: torch.Tensor,
     return F.linear(states, lm_weight, lm_bias)
 
 
+class _DraftProjection(nn.Module):
+    """The LM head a heads program drafts with: onto every token, or onto ``vocabulary``
+    only (`--draft-vocab`), spread back to ``V`` columns (`leapc.ir.vocabulary`)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 vocabulary: tuple[int, ...]):
+        super().__init__()
+        self.vocab_size = weight.shape[0]
+        ids = torch.tensor(vocabulary, dtype=torch.int64) if vocabulary else None
+        rows = slice(None) if ids is None else ids
+        self.register_buffer("ids", ids)
+        self.register_buffer("weight", weight.detach()[rows].clone())
+        self.register_buffer("bias", None if bias is None else bias.detach()[rows].clone())
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        logits = project(states, self.weight, self.bias)
+        return logits if self.ids is None else spread(logits, self.ids, self.vocab_size)
+
+
 class MedusaProgram(nn.Module):
     """The ``heads`` program of a Medusa engine: ``hidden [N, H] -> head_logits [K, N, V]``
     (outputs are a tuple, as every program's are)."""
 
     def __init__(self, heads: DecodingHeads, lm_weight: torch.Tensor,
-                 lm_bias: torch.Tensor | None):
+                 lm_bias: torch.Tensor | None, vocabulary: tuple[int, ...] = ()):
         super().__init__()
         self.heads = heads
-        self.register_buffer("lm_weight", lm_weight.detach().clone())
-        self.register_buffer("lm_bias", None if lm_bias is None else lm_bias.detach().clone())
+        self.head = _DraftProjection(lm_weight, lm_bias, vocabulary)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor]:
-        return (project(self.heads.states(hidden), self.lm_weight, self.lm_bias),)
+        return (self.head(self.heads.states(hidden)),)
 
 
 class HydraProgram(nn.Module):
@@ -92,11 +111,11 @@ class HydraProgram(nn.Module):
     head ``k + 1`` predicts depth ``k + 1`` from the token at depth ``k``)."""
 
     def __init__(self, heads: DecodingHeads, lm_weight: torch.Tensor,
-                 lm_bias: torch.Tensor | None, embedding: torch.Tensor):
+                 lm_bias: torch.Tensor | None, embedding: torch.Tensor,
+                 vocabulary: tuple[int, ...] = ()):
         super().__init__()
         self.heads = heads
-        self.register_buffer("lm_weight", lm_weight.detach().clone())
-        self.register_buffer("lm_bias", None if lm_bias is None else lm_bias.detach().clone())
+        self.head = _DraftProjection(lm_weight, lm_bias, vocabulary)
         self.register_buffer("embedding", embedding.detach().clone())
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor,
@@ -107,7 +126,7 @@ class HydraProgram(nn.Module):
         k = self.heads.config.num_heads
         embedded = F.embedding(tokens, self.embedding).expand(k, -1, -1)
         states = self.heads.states(hidden, embedded).index_select(0, head)
-        return (project(states, self.lm_weight, self.lm_bias),)
+        return (self.head(states),)
 
 
 def heads_signature(config: HeadsConfig, dims, max_rows: int, max_seq: int):
@@ -125,9 +144,11 @@ def heads_signature(config: HeadsConfig, dims, max_rows: int, max_seq: int):
     return sig.StepSignature(inputs, outputs, {"N": (1, max_rows)}, max_seq)
 
 
-def capture_heads(heads: DecodingHeads, model, max_rows: int, max_seq: int):
+def capture_heads(heads: DecodingHeads, model, max_rows: int, max_seq: int,
+                  vocabulary: tuple[int, ...] = ()):
     """Export the ``heads`` program of ``model`` (a transformers causal LM) with its own
-    LM head (and, for Hydra, its input embedding), rows dynamic up to ``max_rows``."""
+    LM head (and, for Hydra, its input embedding), rows dynamic up to ``max_rows``; onto
+    ``vocabulary`` only, if given (`--draft-vocab`)."""
     from torch.export import Dim
 
     from leapc.ir.capture import CapturedProgram
@@ -138,11 +159,12 @@ def capture_heads(heads: DecodingHeads, model, max_rows: int, max_seq: int):
     rows = Dim("N", min=1, max=max_rows)
     hidden = torch.randn(3, dims.hidden_size, dtype=getattr(torch, dims.dtype))
     if heads.is_hydra:
-        module = HydraProgram(heads, out.weight, out.bias, model.get_input_embeddings().weight)
+        module = HydraProgram(heads, out.weight, out.bias, model.get_input_embeddings().weight,
+                              vocabulary)
         args = (hidden, torch.zeros(3, dtype=torch.int64), torch.ones(1, dtype=torch.int64))
         shapes = {"hidden": {0: rows}, "tokens": {0: rows}, "head": None}
     else:
-        module, args, shapes = MedusaProgram(heads, out.weight, out.bias), (hidden,), {
+        module, args, shapes = MedusaProgram(heads, out.weight, out.bias, vocabulary), (hidden,), {
             "hidden": {0: rows}}
     with torch.no_grad():
         program = torch.export.export(module.eval(), args, dynamic_shapes=shapes, strict=False)

@@ -267,14 +267,13 @@ def _program(state: BuildState) -> None:
     if options.placement is HeadPlacement.PROGRAM:
         state.on_stage("capture heads")
         program = capture_heads(heads, state.source.model, state.capture.max_new,
-                                state.capture.max_seq)
+                                state.capture.max_seq, state.draft_vocabulary)
         state.on_stage(f"lower heads ({state.options.backend.value})")
         # Drafting only proposes (verification is exact), so the heads' vocabulary
         # projection may be approximate: int8 on ORT reads a quarter of the bytes of a
         # matrix each call reads in full (0.64 -> 0.39 ms a Hydra call, same top-1 here).
-        # Not projected onto `--draft-vocab`'s tokens: the heads program is exported by
-        # ir/heads.py with its own input shapes, which the restricting pass cannot
-        # re-export.
+        # Captured onto `--draft-vocab`'s tokens already (its own export: the restricting
+        # pass re-exports step programs only).
         lowering = replace(state.lowering, draft_vocabulary=())
         programs["heads"] = lower_program(lowering, program, state.out, "heads",
                                           Compression.DRAFT)

@@ -28,16 +28,11 @@ from torch.fx import GraphModule, Node
 from leapc.ir.capture import CapturedProgram
 from leapc.ir.errors import InputError
 from leapc.ir.rewrite import rewrite
+from leapc.ir.vocabulary import spread
 from leapc.passes.base import Invariant, PassError, PassResult
 
 aten = torch.ops.aten
 _IDS, _WEIGHT, _BIAS = "draft_vocabulary_ids", "draft_vocabulary_weight", "draft_vocabulary_bias"
-
-
-def spread(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``logits [..., K]`` of tokens ``ids [K]`` as ``[..., V]``, ``-inf`` elsewhere."""
-    full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
-    return full.scatter(-1, ids.expand(logits.shape), logits)
 
 
 def projected_tokens(program: CapturedProgram) -> int:

@@ -7,12 +7,15 @@ import functools
 
 import pytest
 import torch
-from families import family_params
+from families import family_params, tiny_model
 from programs import EXIT, exit_source, run
+from test_insert_decoding_heads import random_heads
 from test_slice_kangaroo import adapter
 from trees import tree_step_inputs
 
 from leapc.ir.errors import InputError
+from leapc.ir.head_spec import HeadKind
+from leapc.ir.heads import capture_heads
 from leapc.passes.base import PassError
 from leapc.passes.pipeline import Pipeline
 from leapc.passes.restrict_draft_vocabulary import RestrictDraftVocabulary
@@ -88,3 +91,22 @@ def test_a_program_without_a_vocabulary_projection_is_an_internal_error():
     twice = Pipeline((RestrictDraftVocabulary(IDS),))(draft("deep")).program
     with pytest.raises(PassError, match="restrict_draft_vocabulary: no vocabulary projection"):
         Pipeline((RestrictDraftVocabulary(IDS),))(twice)
+
+
+@pytest.mark.parametrize("kind", HeadKind)
+def test_a_heads_program_captured_onto_a_vocabulary_drafts_within_it(kind):
+    """The heads program is exported on its own shapes (ir/heads.py): it is captured
+    restricted, with the same spread logits."""
+    model, heads = tiny_model("llama"), random_heads(kind, 64)
+    whole = capture_heads(heads, model, max_rows=16, max_seq=256)
+    part = capture_heads(heads, model, max_rows=16, max_seq=256, vocabulary=IDS)
+    inputs = (torch.randn(5, 64),)
+    if kind is HeadKind.HYDRA:
+        inputs += (torch.randint(0, 256, (5,)), torch.tensor([1]))
+    (want,), (got,) = run(whole, *inputs), run(part, *inputs)
+    ids = list(IDS)
+    torch.testing.assert_close(got[..., ids], want[..., ids])
+    others = torch.ones(got.shape[-1], dtype=torch.bool)
+    others[ids] = False
+    assert torch.isneginf(got[..., others]).all()
+    assert part.signature == whole.signature
