@@ -118,7 +118,8 @@ def _equal_halves(g: GraphIndex, split: onnx.NodeProto) -> bool:
 def _fold_residuals(graph: onnx.GraphProto) -> None:
     """``Add(matmul(...), residual)`` -> the matmul with ``residual`` as its last input,
     in the Add's place (the residual is made before the Add, not always before the
-    matmul)."""
+    matmul). A constant addend is a bias broadcast over rows, not a residual of the
+    product's shape, and stays an Add."""
     g = GraphIndex(graph)
     folded = {}  # id(Add) -> the matmul now in its place
     for add in graph.node:
@@ -127,7 +128,8 @@ def _fold_residuals(graph: onnx.GraphProto) -> None:
         for product, residual in (tuple(add.input), tuple(reversed(add.input))):
             matmul = g.producer.get(product)
             if matmul is not None and matmul.domain == DOMAIN and matmul.op_type in BASE_INPUTS \
-                    and len(matmul.input) == BASE_INPUTS[matmul.op_type] and g.private(product):
+                    and len(matmul.input) == BASE_INPUTS[matmul.op_type] and g.private(product) \
+                    and residual not in g.constants:
                 matmul.input.append(residual)
                 matmul.output[0] = add.output[0]
                 folded[id(add)] = matmul

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from leapc.kernels import bf16_gemm, q8_gemm
 from leapc.kernels.ort_ops import DOMAIN, WeightFormat, compile_library
+from leapc.runtime.backends.onnx_fuse_matmul_neighbours import fold_into_leapc_matmuls
 from leapc.runtime.backends.onnx_leapc_matmul import PACKINGS, use_leapc_matmuls
 from leapc.runtime.backends.ort import session_options
 
@@ -91,6 +92,52 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(library, weights):
         for start in (0, 16 - width):
             wide = session.run(None, {"x": x[:, start:start + width]})[0]
             np.testing.assert_array_equal(wide, alone[:, start:start + width])
+
+
+@pytest.mark.parametrize("weights", WeightFormat)
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_biased_gemm_becomes_the_op_and_an_add(library, weights, trans_b):
+    """``Gemm(x, W, b)`` (a biased linear on 2-D rows, as in the heads program) is the op's
+    product of ``W`` (transposed first if ``transB``) plus ``b``; a scaling Gemm stays."""
+    rng = np.random.default_rng(trans_b)
+    weight = rng.standard_normal((320, 448)).astype(np.float32)
+    bias = rng.standard_normal(448).astype(np.float32)
+    stored = weight.T.copy() if trans_b else weight
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=trans_b),
+         helper.make_node("Gemm", ["x", "w", "b"], ["z"], transB=trans_b, alpha=0.5)], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 320])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["M", 448]) for name in "yz"],
+        [numpy_helper.from_array(stored, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert use_leapc_matmuls(model, weights) == 1
+    fold_into_leapc_matmuls(model)  # the bias is no residual: its Add stays
+    assert [node.op_type for node in model.graph.node] == [weights.op, "Add", "Gemm"]
+    x = rng.standard_normal((5, 320)).astype(np.float32)
+    y, z = _session(model, library).run(None, {"x": x})
+    np.testing.assert_array_equal(y, _reference(weights, x, weight) + bias)
+    np.testing.assert_allclose(z, 0.5 * x @ weight + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_selected_from_a_stacked_constant_is_packed(library):
+    """The heads program's ``Gather(Gather(stack, k), b)``: folded, then packed."""
+    rng = np.random.default_rng(0)
+    stack = rng.standard_normal((3, 2, 64, 48)).astype(np.float32)
+    index = [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in (1, 2)]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["stack", "i2"], ["head"], axis=0),
+         helper.make_node("Gather", ["head", "i1"], ["block"], axis=0),
+         helper.make_node("MatMul", ["x", "block"], ["y"])], "select",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 48])],
+        [numpy_helper.from_array(stack, "stack"), *index])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert use_leapc_matmuls(model, WeightFormat.Q8) == 1
+    assert [node.op_type for node in model.graph.node] == [WeightFormat.Q8.op]
+    assert "stack" not in {i.name for i in model.graph.initializer}
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    np.testing.assert_array_equal(_session(model, library).run(None, {"x": x})[0],
+                                  _reference(WeightFormat.Q8, x, stack[2, 1]))
 
 
 @pytest.mark.parametrize("weights, shape", [(WeightFormat.Q8, (40, 48)),  # K % 32 != 0
