@@ -132,6 +132,9 @@ def _load(state: BuildState, model) -> None:
     if isinstance(options.skip, str) and options.skip != AUTO:
         state.options = replace(options, skip=SkipSet.parse(options.skip, layers))
     if options.draft_vocab is not None:
+        if not (options.exit_layer or options.skip or options.heads):
+            raise InputError("--draft-vocab restricts draft programs: it needs --exit-layer, "
+                             "--skip or --heads")
         vocab_size = state.source.model.config.get_text_config().vocab_size
         state.draft_vocabulary = frequent_tokens(state.source.tokenizer, options.draft_vocab,
                                                  vocab_size, state.source.eos_ids)

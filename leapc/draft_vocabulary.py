@@ -34,8 +34,8 @@ def frequent_tokens(tokenizer, options: DraftVocabularyOptions, vocab_size: int,
     """``keep`` and the most frequent token ids of the text (ties: the lower id), sorted:
     ``options.size`` ids in all, rounded up to a whole `TILE`."""
     if not 0 < options.size < vocab_size:
-        raise InputError(f"--draft-vocab must be between 1 and the model's {vocab_size - 1} "
-                         f"tokens short of all of them (got {options.size})")
+        raise InputError(f"--draft-vocab must be between 1 and {vocab_size - 1}, fewer than "
+                         f"the model's {vocab_size} tokens (got {options.size})")
     from leapc.datastore import read_texts  # it imports the build stages, which import this
 
     _, texts = read_texts(options.text)

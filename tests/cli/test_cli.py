@@ -477,6 +477,16 @@ def test_build_refuses_an_adapter_without_an_exit(in_process, tmp_path):
     user_error(result, "--train-adapter needs --exit-layer")
 
 
+def test_build_refuses_a_draft_vocabulary_without_drafts_or_of_a_bad_size(in_process, tmp_path):
+    user_error(in_process("build", "bundled", "-o", tmp_path / "e", "--draft-vocab", "512"),
+               "--draft-vocab restricts draft programs: it needs --exit-layer, --skip or --heads")
+    user_error(in_process("build", "bundled", "-o", tmp_path / "e", "--exit-layer", "4",
+                          "--draft-vocab", "8192"), "--draft-vocab must be between 1 and")
+    user_error(in_process("build", "bundled", "-o", tmp_path / "e", "--draft-vocab-text",
+                          tmp_path), "--draft-vocab-text needs --draft-vocab K")
+    assert not (tmp_path / "e").exists()
+
+
 def test_run_refuses_kangaroo_on_an_engine_without_an_adapter(tiny):
     result = cli("run", tiny, "--prompt-ids", "1", "--policy", "kangaroo")
     user_error(result, "engine does not support policy 'kangaroo'")
