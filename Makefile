@@ -17,12 +17,12 @@ setup: .venv/.installed
 # The full suite (CI), with the slowest twenty listed. Markers and the rule that sets
 # them: tests/conftest.py.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=20
 
 # Daily work: no engines of the bundled model or stories260K, no training, sweeps,
 # AOTInductor compiles or venv installs. The slowest ten are listed, to see drift.
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not aoti and not install" --durations=10
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow and not aoti and not install" --durations=10
 
 demo: setup
 	.venv/bin/leapc demo

@@ -32,6 +32,7 @@ import os
 import pathlib
 import signal
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -80,6 +81,11 @@ PARAM_MARKS = {"bundled": ("slow",), "stories": ("slow", "shared")}
 
 
 def pytest_collection_modifyitems(items):
+    _mark_by_rule(items)
+    _schedule(items)
+
+
+def _mark_by_rule(items) -> None:
     for item in items:
         fixtures = set(item.fixturenames)
         wanted = {m for name in fixtures & set(FIXTURE_MARKS) for m in FIXTURE_MARKS[name]}
@@ -92,6 +98,68 @@ def pytest_collection_modifyitems(items):
             wanted.add("slow")
         for name in sorted(wanted - {m.name for m in item.iter_markers()}):
             item.add_marker(name)
+
+
+# `make test` runs `--dist loadfile --no-loadscope-reorder`, with the scheduler below: each
+# file is one work unit of a worker (module fixtures are built once), except the files of a
+# SHARED_ENGINE_GROUPS entry, which are one unit together: they are the only users of session
+# engines that take minutes to build. Apart, both workers asked for such an engine at once
+# and one sat idle on the file lock while the other built it. (Not `--dist loadgroup` with
+# xdist_group marks: with pytest 9 xdist 3.8 no longer sees the marks and hands out single
+# tests.)
+SHARED_ENGINE_GROUPS = {
+    # the bundled model's heads, early-exit and layer-skip engines
+    "bundled-self-drafting": ("runtime/test_early_exit.py", "runtime/test_heads_policies.py",
+                              "runtime/test_healing.py", "runtime/test_layer_skip.py",
+                              "runtime/test_recorded_outputs.py"),
+}
+# The longest units (`--durations=0` of `make test`, summed per unit), longest first: they
+# are handed out first, so the workers finish together instead of one running a long file
+# handed out last while the other idles. The other units follow, most tests first (xdist's
+# own order).
+LONGEST_FIRST = (
+    "bundled-self-drafting", "runtime/test_more_families.py", "cli/test_build_output.py",
+    "runtime/test_greedy_equivalence.py", "runtime/test_quantization.py",
+    "runtime/test_draft_model.py", "passes/test_unroll_draft_chain.py", "runtime/test_aoti.py",
+    "runtime/test_policy_sampling.py", "runtime/test_context_limit.py",
+    "runtime/test_diffusion_bundled.py", "runtime/test_batching.py",
+    "runtime/test_edge_install.py",
+)
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of a test: its file (relative to tests/), or its SHARED_ENGINE_GROUPS
+    group."""
+    path = nodeid.split("::", 1)[0].removeprefix("tests/")
+    return next((g for g, files in SHARED_ENGINE_GROUPS.items() if path in files), path)
+
+
+def _schedule(items) -> None:
+    """On an xdist worker, order the tests by work unit as LONGEST_FIRST says (the tests of a
+    unit keep their order): the controller hands the units out in that order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    units = [work_unit(item.nodeid) for item in items]
+    sizes, first = Counter(units), {}
+    for index, unit in enumerate(units):
+        first.setdefault(unit, index)
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    order = sorted(range(len(items)), key=lambda i: (
+        rank.get(units[i], len(rank)), -sizes[units[i]], first[units[i]], i))
+    items[:] = [items[i] for i in order]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` by `work_unit` instead of by file."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class WorkUnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnitScheduling(config, log)
 
 
 def _arguments(item) -> set[str]:
