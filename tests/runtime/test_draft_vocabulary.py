@@ -42,6 +42,7 @@ def test_a_size_of_the_whole_vocabulary_or_none_is_refused():
             frequent_tokens(_source().tokenizer, DraftVocabularyOptions(size), 256, ())
 
 
+# The engine below exports five programs (~15 s): its tests are the full suite's.
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """A tiny Llama with an early exit and a layer-skip draft, both proposing 16 tokens."""
@@ -53,6 +54,7 @@ def engine(tmp_path_factory):
     return leapc.load(out)
 
 
+@pytest.mark.slow
 def test_drafts_propose_only_the_chosen_tokens(engine):
     assert engine.manifest.draft_vocabulary == TILE
     cache = engine.new_cache()
@@ -64,6 +66,7 @@ def test_drafts_propose_only_the_chosen_tokens(engine):
     assert np.isfinite(full["logits"]).all()  # the target's head is untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["early-exit", "layer-skip"])
 def test_greedy_output_is_still_ar(engine, policy):
     for prompt in PROMPTS:
