@@ -19,6 +19,7 @@ stays exact, since its acceptance rule holds for any draft distribution.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,12 +44,10 @@ def projected_tokens(program: CapturedProgram) -> int:
 
 
 def _attribute(gm: GraphModule, node: Node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads (None for any other argument)."""
     if not isinstance(node, Node) or node.op != "get_attr":
         return None
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
+    return operator.attrgetter(node.target)(gm)
 
 
 def _heads(gm: GraphModule, vocab_size: int) -> list[Node]:

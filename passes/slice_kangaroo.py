@@ -35,6 +35,7 @@ from leapc.ir.graph import layer_presents, prune, stack_presents
 from leapc.ir.rewrite import capture_options, set_outputs, unlift
 from leapc.kernels.tree_attention import past_lengths, tree_attention, tree_part
 from leapc.passes.base import Invariant, PassResult
+from leapc.passes.insert_tree_attention import TREE_ATTENTION
 
 
 def _tree_attention(q, keys, values, mask):
@@ -45,7 +46,7 @@ def _tree_attention(q, keys, values, mask):
 
 
 def _attention_of(gm: GraphModule) -> Attend:
-    lowered = any(n.target == torch.ops.leapc.tree_attention.default for n in gm.graph.nodes)
+    lowered = any(n.target == TREE_ATTENTION for n in gm.graph.nodes)
     return _tree_attention if lowered else dense_attention
 
 

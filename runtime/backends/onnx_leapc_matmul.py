@@ -21,6 +21,7 @@ import numpy as np
 
 from leapc.kernels import bf16_gemm, q8_gemm
 from leapc.kernels.ort_ops import DOMAIN, WeightFormat
+from leapc.runtime.backends.onnx_graph import attribute, drop_unread
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,12 @@ def _fold_constant_selections(graph) -> None:
     own: the heads program selects head k's block b from one stacked weight, and only a
     constant weight can be packed. (ONNX Runtime folds them too, but only when the session
     starts, after packing.)"""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     constants = {i.name: i for i in graph.initializer}
     kept = []
     for node in graph.node:
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-        if node.op_type != "Gather" or node.domain or axis != 0 \
+        if node.op_type != "Gather" or node.domain or attribute(node, "axis", 0) != 0 \
                 or not all(name in constants for name in node.input) \
                 or constants[node.input[1]].dims:
             kept.append(node)
@@ -94,16 +94,14 @@ def _fold_constant_selections(graph) -> None:
         constants[node.output[0]] = selected
     del graph.node[:]
     graph.node.extend(kept)
-    read = {name for node in kept for name in node.input} | {v.name for v in graph.output}
-    for initializer in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(initializer)
+    drop_unread(graph)  # the stacked weights the selections read
 
 
 def _constant_weight(node, constants) -> tuple[str, np.ndarray | None]:
     """A name for ``W`` as ``[K, N]`` (the initializer's, with ``/T`` if transposed) and
     ``W`` itself, if ``node`` is ``MatMul(x, W)`` or a plain ``Gemm(x, W[, b])`` with ``W`` a
     2-D initializer; else no weight."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     name = node.input[1] if len(node.input) > 1 else ""
     if node.domain or node.op_type not in ("MatMul", "Gemm") or name not in constants \
@@ -112,11 +110,10 @@ def _constant_weight(node, constants) -> tuple[str, np.ndarray | None]:
     array = numpy_helper.to_array(constants[name])
     if node.op_type == "MatMul":
         return name, array
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0 \
-            or attributes.get("transA", 0):
+    if attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0 \
+            or attribute(node, "transA", 0):
         return name, None
-    return (f"{name}/T", array.T.copy()) if attributes.get("transB", 0) else (name, array)
+    return (f"{name}/T", array.T.copy()) if attribute(node, "transB", 0) else (name, array)
 
 
 def _leapc_matmul(node, packed: list[str], weights: WeightFormat) -> list:
