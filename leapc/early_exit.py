@@ -122,7 +122,7 @@ def _exit(state: BuildState) -> None:
         state.on_stage(f"lower draft and remainder, exit at layer {layer} ({backend.value})")
         entries = lower_exit(state.full.result.program, layer, state.lowering, state.out)
         choice = ExitChoice(source="given", depth=DEFAULT_EXIT_DEPTH)
-    if _chain_is_exact(state.lowering):
+    if _builds_chain(state.lowering):
         state.on_stage(f"lower the draft chain of {choice.depth} ({backend.value})")
         entries |= lower_exit_chain(state.full.result.program, layer, choice.depth,
                                     state.lowering, state.out)
@@ -132,15 +132,21 @@ def _exit(state: BuildState) -> None:
                  exit_choice=choice)
 
 
-def _chain_is_exact(lowering: Lowering) -> bool:
-    """Whether an unrolled exit chain's rows are the target's own bit for bit, which the
-    remainder's verification needs (it keeps them). A chain's later calls read more key
-    slots than the target's step read for the same token. ORT's tree lowering computes
-    over the valid keys alone (tested: bundled and tiny models). On int8 engines the chain
-    program is lowered in float32 and its rows are not the int8 step's (with leapc's
-    kernel attention, `early-exit` left `ar`'s tokens on the bundled model; on the ONNX
-    width-invariant lowering on 7 of 16 code_heldout prompts), and the other backends'
-    lowerings read every slot under a mask: no chain there."""
+def _builds_chain(lowering: Lowering) -> bool:
+    """Whether the exit gets an unrolled chain: where the chain's rows are the target's own
+    bit for bit (the remainder keeps them; a chain's later calls read more key slots than
+    the target's step read for the same token) and one call pays.
+    - ORT's tree lowering computes over the valid keys alone: exact (tested, bundled and
+      tiny models), and built.
+    - leapc's kernels (int8, bf16) can give a chain the step's rows too: built as an
+      experiment, with its weights packed once and its later calls' attention fused as
+      the step's, it left 16 of 16 code_heldout prompts identical to `ar` (bundled, int8).
+      But a call's time there is its GEMMs', the same in one call or four, and the chain's
+      joins cost more than the calls it saves: `early-exit` ran at 0.91x stepwise drafting
+      (same engine, 6 rounds). Not built.
+    - The ONNX width-invariant lowering (int4) is exact across free slots but not across
+      where a nonzero term sits (`early-exit` left `ar`'s tokens on 7 of 16 prompts), and
+      the other backends' lowerings read every slot under a mask: no chain."""
     return lowering.backend is Backend.ORT and lowering.attention is Attention.TREE
 
 

@@ -134,7 +134,7 @@ def _rewrite(node: Node) -> bool:
     if node.target == aten.select.int:
         return _select_part(node)
     if node.target == aten.cat.default:
-        return _inline_cats(node)
+        return _stack_of_cats(node) or _inline_cats(node)
     return False
 
 
@@ -155,6 +155,28 @@ def _select_part(node: Node) -> bool:
         replacement = source.args[0][index]
     else:
         return False
+    node.replace_all_uses_with(replacement)
+    return True
+
+
+def _stack_of_cats(node: Node) -> bool:
+    """``cat([stack(a, d), stack(b, d)], e)`` on another axis is
+    ``stack([cat([a[i], b[i]], e') for i], d)``: the calls' ``present`` rows joined layer by
+    layer, so the stacked output keeps the step's per-layer form (which the ONNX lowering
+    returns one layer at a time) instead of a concatenation of stacks."""
+    parts = node.args[0]
+    if not parts or any(p.op != "call_function" or p.target != aten.stack.default
+                        or len(p.users) != 1 for p in parts):
+        return False
+    along, inner = _axis(parts[0]), _axis(node)
+    if inner == along or any(_axis(p) != along or len(p.args[0]) != len(parts[0].args[0])
+                             for p in parts):
+        return False
+    with node.graph.inserting_before(node):
+        cats = [node.graph.call_function(aten.cat.default,
+                                         ([p.args[0][i] for p in parts], inner - (inner > along)))
+                for i in range(len(parts[0].args[0]))]
+        replacement = node.graph.call_function(aten.stack.default, (cats, along))
     node.replace_all_uses_with(replacement)
     return True
 
@@ -185,4 +207,6 @@ def _rank(node: Node) -> int:
         return node.meta["val"].dim()
     if node.target == aten.select.int:
         return _rank(node.args[0]) - 1
+    if node.target == aten.stack.default:
+        return _rank(node.args[0][0]) + 1
     return _rank(node.args[0][0])  # a cat: its parts' rank

@@ -22,44 +22,52 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from leapc.runtime.backends.onnx_graph import drop_unread
+
 
 def fuse_sibling_projections(model: onnx.ModelProto) -> int:
     """Rewrite ``model`` in place; return how many groups were fused. A group is every
     ``MatMul`` of one input by a constant 2-D weight held in the model (weights in external
-    data are left as they are, unread)."""
+    data are left as they are, unread). Groups of the same weights (an unrolled draft
+    chain's calls) share one fused weight."""
     graph = model.graph
     weights = {init.name: init for init in graph.initializer
                if len(init.dims) == 2 and init.data_location != onnx.TensorProto.EXTERNAL}
-    readers = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            readers[name] += 1
     groups = defaultdict(list)
     for node in graph.node:
-        if node.op_type == "MatMul" and not node.domain and node.input[1] in weights \
-                and readers[node.input[1]] == 1:
+        if node.op_type == "MatMul" and not node.domain and node.input[1] in weights:
             groups[node.input[0]].append(node)
-    fused = {id(nodes[0]): _fuse(graph, nodes, weights)
-             for nodes in groups.values() if len(nodes) > 1}
+    joined: dict[tuple[str, ...], tuple[str, str]] = {}
+    fused = {}
+    for nodes in (nodes for nodes in groups.values() if len(nodes) > 1):
+        key = tuple(n.input[1] for n in nodes)
+        if key not in joined:
+            joined[key] = _join(graph, nodes, weights)
+        fused[id(nodes[0])] = _split_product(nodes, *joined[key])
     siblings = {id(n) for nodes in groups.values() if len(nodes) > 1 for n in nodes}
     rewritten = []
     for node in graph.node:
         rewritten.extend(fused.get(id(node), [node] if id(node) not in siblings else []))
     del graph.node[:]
     graph.node.extend(rewritten)
+    drop_unread(graph)  # the separate weights
     return len(fused)
 
 
-def _fuse(graph: onnx.GraphProto, nodes: list, weights: dict) -> list:
-    """One ``MatMul`` by the weights side by side, split back into the nodes' outputs."""
+def _join(graph: onnx.GraphProto, nodes: list, weights: dict) -> tuple[str, str]:
+    """The nodes' weights side by side, and their column counts, as new initializers."""
     arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
     name = nodes[0].name or nodes[0].output[0]
     joined, sizes = f"{name}.fused_weight", f"{name}.fused_split"
-    for n in nodes:
-        graph.initializer.remove(weights[n.input[1]])
     graph.initializer.extend([
         numpy_helper.from_array(np.concatenate(arrays, axis=1), joined),
         numpy_helper.from_array(np.array([a.shape[1] for a in arrays], np.int64), sizes)])
+    return joined, sizes
+
+
+def _split_product(nodes: list, joined: str, sizes: str) -> list:
+    """One ``MatMul`` by the joined weights, split back into the nodes' outputs."""
+    name = nodes[0].name or nodes[0].output[0]
     product = f"{name}.fused"
     return [onnx.helper.make_node("MatMul", [nodes[0].input[0], joined], [product],
                                   name=f"{name}/fused"),

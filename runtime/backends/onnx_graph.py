@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 
 class GraphIndex:
@@ -54,3 +54,28 @@ def drop_unread(graph: onnx.GraphProto) -> None:
             graph.node.remove(node)
     for constant in [i for i in graph.initializer if i.name not in read]:
         graph.initializer.remove(constant)
+
+
+def transpose_constant_weights(graph: onnx.GraphProto) -> None:
+    """Give every ``MatMul(x, Transpose(W))`` of a 2-D initializer ``W`` the constant ``W.T``
+    instead, one per ``W`` whatever its readers: the exporter leaves the ``Transpose`` of a
+    ``linear`` whose weight is read twice (a tied vocabulary projection, or every call of
+    an unrolled draft chain), and packed-weight kernels take constant operands only."""
+    constants = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    transposed: dict[str, str] = {}
+    for node in graph.node:
+        transpose = producers.get(node.input[1]) if node.op_type == "MatMul" \
+            and not node.domain else None
+        if transpose is None or transpose.op_type != "Transpose" \
+                or transpose.input[0] not in constants \
+                or len(constants[transpose.input[0]].dims) != 2 \
+                or list(attribute(transpose, "perm", [1, 0])) != [1, 0]:
+            continue
+        table = constants[transpose.input[0]]
+        if table.name not in transposed:
+            transposed[table.name] = f"{table.name}.transposed"
+            graph.initializer.append(numpy_helper.from_array(
+                numpy_helper.to_array(table).T.copy(), transposed[table.name]))
+        node.input[1] = transposed[table.name]
+    drop_unread(graph)

@@ -117,8 +117,10 @@ def _load_for_packed_weights(path: Path, vocab_size: int):
     import onnx
 
     from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
+    from leapc.runtime.backends.onnx_graph import transpose_constant_weights
 
     model = onnx.load(str(path))
+    transpose_constant_weights(model.graph)
     fuse_sibling_projections(model)
     _untie_vocab_projection(model, vocab_size)
     return model
@@ -149,24 +151,13 @@ def _untie_vocab_projection(model, vocab_size: int) -> list[str]:
     ``[V, H]`` table: a tied LM head; V is ``vocab_size``, or a draft's restricted
     vocabulary's size), each given a constant ``[H, V]`` weight the quantizer
     can replace; the tied table keeps its float copy for the embedding lookup."""
-    from onnx import numpy_helper
+    from leapc.runtime.backends.onnx_graph import transpose_constant_weights
 
+    transpose_constant_weights(model.graph)
     tables = {i.name: i for i in model.graph.initializer}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    projections = []
-    for node in model.graph.node:
-        weight = node.input[1] if node.op_type == "MatMul" else ""
-        if weight in tables and tables[weight].dims[-1] == vocab_size:
-            projections.append(node.name)
-        elif weight in producers and producers[weight].op_type == "Transpose":
-            table = tables.get(producers[weight].input[0])
-            if table is not None and len(table.dims) == 2 and table.dims[0] == vocab_size:
-                transposed = numpy_helper.to_array(table).T.copy()
-                model.graph.initializer.append(
-                    numpy_helper.from_array(transposed, f"{table.name}.transposed"))
-                node.input[1] = f"{table.name}.transposed"
-                projections.append(node.name)
-    return projections
+    return [node.name for node in model.graph.node
+            if node.op_type == "MatMul" and node.input[1] in tables
+            and tables[node.input[1]].dims[-1] == vocab_size]
 
 
 def _quantize(model, path: Path, bits: int, block_size: int, exclude) -> None:

@@ -98,3 +98,21 @@ def test_every_layer_reads_past_by_layer_and_concatenates_the_chains_rows_once()
         for part in node.args[0]:
             assert not (part.target == aten.cat.default and len(part.users) == 1
                         and part.args[1] % part.meta["val"].dim() == dim), node.format_node()
+
+
+def test_the_chains_present_is_stacked_by_layer_with_each_layers_rows_joined_once():
+    """Before: ``cat([stack_l(stack_kv(k, v)) per call], T)``. Expected:
+    ``stack_l(stack_kv(cat(call 0's k, ..., call 3's k)))``: the step's per-layer form,
+    which the ONNX lowering returns one layer at a time."""
+    program = captured("llama")
+    chain = Pipeline((UnrollDraftChain(depth=4),))(program).program
+    graph = chain.program.graph
+    output = next(iter(graph.find_nodes(op="output")))
+    present = output.args[0][[s.name for s in chain.signature.outputs].index("present")]
+    assert present.target == aten.stack.default
+    layers = present.args[0]
+    assert len(layers) == program.dims.num_layers
+    for layer in layers:
+        assert layer.target == aten.stack.default and len(layer.args[0]) == 2
+        for rows in layer.args[0]:
+            assert rows.target == aten.cat.default and len(rows.args[0]) == 4

@@ -42,8 +42,7 @@ def test_the_unrolled_chain_drafts_what_step_by_step_calls_draft(exit_engine_dir
     """``draft_chain`` (one call per chain) against the same engine without it: the same
     drafts, so the same steps, confidence stops included, and `ar`'s tokens."""
     engine = leapc.load(exit_engine_dir(key, backend))
-    # Only ORT's tree lowering computes a later chain call over the valid keys alone, as
-    # the target's step does (`early_exit._chain_is_exact`): only it gets a chain.
+    # Only ORT's tree lowering gets a chain (`early_exit._builds_chain`).
     exact = backend == "ort" and engine.manifest.attention is Attention.TREE
     assert ("draft_chain" in engine.manifest.programs) == exact
     if not exact:

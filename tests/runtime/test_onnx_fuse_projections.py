@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import leapc
 from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
+from leapc.runtime.backends.onnx_graph import transpose_constant_weights
 from leapc.runtime.backends.ort import quantize_weights, session_options
 
 WIDTHS = {"q": 8, "k": 4, "v": 4}
@@ -89,3 +90,40 @@ def test_a_quantized_engine_projects_each_layer_twice_fused(engine_dir):
     assert sorted(projections) == ["RotaryTreeAttention"] * layers + ["SwiGLUQ8MatMul"] * layers
     unquantized = onnx.load(str(engine_dir("tiny-llama") / "full.onnx"))
     assert not any(n.op_type == "Split" for n in unquantized.graph.node)
+
+
+def _two_calls() -> onnx.ModelProto:
+    """An unrolled chain's shape: ``x`` and ``y`` (two calls' activations) projected by the
+    same q and k weights, each through its own ``Transpose`` of the stored ``[out, in]``
+    weight, as the exporter leaves a ``linear`` whose weight is read twice."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((w, 32)).astype(np.float32), f"w{n}")
+             for n, w in (("q", 8), ("k", 4))]
+    nodes = []
+    for call in ("x", "y"):
+        for n in ("q", "k"):
+            nodes += [helper.make_node("Transpose", [f"w{n}"], [f"{call}_t{n}"], perm=[1, 0]),
+                      helper.make_node("MatMul", [call, f"{call}_t{n}"], [f"{call}_{n}"],
+                                       name=f"{call}_proj_{n}")]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info(c, TensorProto.FLOAT, ["N", 32])
+                         for c in ("x", "y")],
+        [helper.make_tensor_value_info(f"{c}_{n}", TensorProto.FLOAT, None)
+         for c in ("x", "y") for n in ("q", "k")], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_unrolled_chains_calls_share_one_transposed_and_fused_weight():
+    x = np.random.default_rng(4).standard_normal((5, 32)).astype(np.float32)
+    before, after = _two_calls(), _two_calls()
+    transpose_constant_weights(after.graph)
+    assert not any(n.op_type == "Transpose" for n in after.graph.node)
+    assert sorted(i.name for i in after.graph.initializer) == ["wk.transposed", "wq.transposed"]
+    assert fuse_sibling_projections(after) == 2
+    inits = {i.name: numpy_helper.to_array(i) for i in after.graph.initializer}
+    assert sorted(inits) == ["x_proj_q.fused_split", "x_proj_q.fused_weight"]
+    assert inits["x_proj_q.fused_weight"].shape == (32, 12)
+    fused = [n for n in after.graph.node if n.op_type == "MatMul"]
+    assert [n.input[1] for n in fused] == ["x_proj_q.fused_weight"] * 2
+    for ours, reference in zip(_run(after, x), _run(before, x), strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
