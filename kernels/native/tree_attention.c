@@ -96,33 +96,56 @@ void lc_tree_attention_transpose(const LcTreeAttention *a, int64_t bh, float *kt
     }
 }
 
-/* Four rows' running sums over 32 columns: row r's += w[r][i] * x_i for i = 0 .. count - 1
-   in order, x_i the 32 floats at x + i * step (the lanes outside lo/hi read as 0). Both
-   of attention's products are this: q k^T over the inputs, e v over the keys. Eight
-   independent chains of fused multiply-adds keep both FMA units busy; the sums are named
-   variables because, kept in an array, the compiler held them in memory. */
+/* Up to four rows' running sums over 32 columns: row r's += w[r][i] * x_i for i = 0 ..
+   count - 1 in order, x_i the 32 floats at x + i * step (the lanes outside lo/hi read as
+   0). Both of attention's products are this: q k^T over the inputs, e v over the keys.
+   Four rows are eight independent chains of fused multiply-adds, which keep both FMA units
+   busy; the sums are named variables because, kept in an array, the compiler held them in
+   memory. A group of fewer rows (G * N not a multiple of four: the bundled model's five
+   query heads per KV head at N = 1) computes only those: a row's arithmetic is the same
+   whichever rows share its group. */
 typedef struct {
     __m512 s00, s01, s10, s11, s20, s21, s30, s31;
 } Sums;
 
-static inline Sums accumulate(Sums t, const float *const w[GROUP], int64_t count,
-                              const float *x, int64_t step, __mmask16 lo, __mmask16 hi) {
-    const float *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+static inline __attribute__((always_inline)) Sums
+accumulate_rows(const int R, Sums t, const float *const w[GROUP], int64_t count,
+                const float *x, int64_t step, __mmask16 lo, __mmask16 hi) {
+    const float *w0 = w[0], *w1 = w[R > 1], *w2 = w[R > 2 ? 2 : 0], *w3 = w[R > 3 ? 3 : 0];
     for (int64_t i = 0; i < count; ++i) {
         const __m512 x0 = _mm512_maskz_loadu_ps(lo, x + i * step);
         const __m512 x1 = _mm512_maskz_loadu_ps(hi, x + i * step + LANES);
-        const __m512 v0 = _mm512_set1_ps(w0[i]), v1 = _mm512_set1_ps(w1[i]);
-        const __m512 v2 = _mm512_set1_ps(w2[i]), v3 = _mm512_set1_ps(w3[i]);
+        const __m512 v0 = _mm512_set1_ps(w0[i]);
         t.s00 = _mm512_fmadd_ps(v0, x0, t.s00);
         t.s01 = _mm512_fmadd_ps(v0, x1, t.s01);
-        t.s10 = _mm512_fmadd_ps(v1, x0, t.s10);
-        t.s11 = _mm512_fmadd_ps(v1, x1, t.s11);
-        t.s20 = _mm512_fmadd_ps(v2, x0, t.s20);
-        t.s21 = _mm512_fmadd_ps(v2, x1, t.s21);
-        t.s30 = _mm512_fmadd_ps(v3, x0, t.s30);
-        t.s31 = _mm512_fmadd_ps(v3, x1, t.s31);
+        if (R > 1) {
+            const __m512 v1 = _mm512_set1_ps(w1[i]);
+            t.s10 = _mm512_fmadd_ps(v1, x0, t.s10);
+            t.s11 = _mm512_fmadd_ps(v1, x1, t.s11);
+        }
+        if (R > 2) {
+            const __m512 v2 = _mm512_set1_ps(w2[i]);
+            t.s20 = _mm512_fmadd_ps(v2, x0, t.s20);
+            t.s21 = _mm512_fmadd_ps(v2, x1, t.s21);
+        }
+        if (R > 3) {
+            const __m512 v3 = _mm512_set1_ps(w3[i]);
+            t.s30 = _mm512_fmadd_ps(v3, x0, t.s30);
+            t.s31 = _mm512_fmadd_ps(v3, x1, t.s31);
+        }
     }
     return t;
+}
+
+/* The first `rows` (1 to GROUP) rows' sums; the others' stay as given. */
+static Sums accumulate(int rows, Sums t, const float *const w[GROUP], int64_t count,
+                       const float *x, int64_t step, __mmask16 lo, __mmask16 hi) {
+    switch (rows) {
+    case 1: return accumulate_rows(1, t, w, count, x, step, lo, hi);
+    case 2: return accumulate_rows(2, t, w, count, x, step, lo, hi);
+    case 3: return accumulate_rows(3, t, w, count, x, step, lo, hi);
+    default: return accumulate_rows(4, t, w, count, x, step, lo, hi);
+    }
 }
 
 static Sums zero_sums(void) {
@@ -145,16 +168,18 @@ static inline __m512 scaled(__m512 dot, __m512 vscale, float cap) {
     return cap != 0.0f ? soft_cap(s, cap) : s;
 }
 
-/* s[r][j] for four query rows and keys [16 from, 16 blocks) of kt (both even), 32 keys at
-   a time (a key's lane and a row's neighbours do not change its arithmetic). */
-static void scores(const float *const q[GROUP], const float *kt, int64_t D, int64_t stride,
-                   int64_t from, int64_t blocks, float scale, float cap, float *const s[GROUP]) {
+/* s[r][j] for the first R query rows and keys [16 from, 16 blocks) of kt (both even), 32
+   keys at a time (a key's lane and a row's neighbours do not change its arithmetic). */
+static void scores(int R, const float *const q[GROUP], const float *kt, int64_t D,
+                   int64_t stride, int64_t from, int64_t blocks, float scale, float cap,
+                   float *const s[GROUP]) {
     const __m512 vscale = _mm512_set1_ps(scale);
     for (int64_t blk = from; blk < blocks; blk += 2) {
-        const Sums t = accumulate(zero_sums(), q, D, kt + blk * LANES, stride, 0xFFFF, 0xFFFF);
+        const Sums t = accumulate(R, zero_sums(), q, D, kt + blk * LANES, stride, 0xFFFF,
+                                  0xFFFF);
         const __m512 rows[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21},
                                        {t.s30, t.s31}};
-        for (int r = 0; r < GROUP; ++r) {
+        for (int r = 0; r < R; ++r) {
             _mm512_storeu_ps(s[r] + blk * LANES, scaled(rows[r][0], vscale, cap));
             _mm512_storeu_ps(s[r] + blk * LANES + LANES, scaled(rows[r][1], vscale, cap));
         }
@@ -195,6 +220,7 @@ static float softmax_numerators(float *s, int64_t start, int64_t count) {
    weight 0 in every row (outside their windows) and are skipped: adding 0 * v_j to a sum
    changes no bit of it. */
 typedef struct {
+    int rows; /* the group's real rows, 1 .. GROUP; the rest are padding */
     int64_t from;
     float *e[GROUP];
     int64_t *fresh[GROUP];
@@ -209,8 +235,8 @@ static void weighted_values(const LcTreeAttention *a, int64_t bh, int64_t P, con
     for (int r = 0; r < GROUP; ++r) e[r] = g->e[r] + g->from;
     for (int64_t c = 0; c < a->Dv; c += 2 * LANES) {
         const __mmask16 lo = tail_mask(a->Dv - c), hi = tail_mask(a->Dv - c - LANES);
-        const Sums t = accumulate(zero_sums(), e, P - g->from, past + g->from * a->Dv + c,
-                                  a->Dv, lo, hi);
+        const Sums t = accumulate(g->rows, zero_sums(), e, P - g->from,
+                                  past + g->from * a->Dv + c, a->Dv, lo, hi);
         __m512 acc[GROUP][2] = {{t.s00, t.s01}, {t.s10, t.s11}, {t.s20, t.s21}, {t.s30, t.s31}};
         /* The rows' own new keys, the rows taken in turn at each step of their lists: one
            row alone is two dependent chains of multiply-adds (latency-bound; in a prompt's
@@ -242,8 +268,7 @@ int64_t lc_tree_attention_scratch(const LcTreeAttention *a) {
 }
 
 /* Query rows [first, end) of the G * N reading KV head bh % Hkv (row i: head i / N of
-   the group, node i % N), four at a time (the last group repeats its last row, whose
-   copies are not written). */
+   the group, node i % N), four at a time (the last group may have fewer). */
 void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *kt,
                             int64_t first, int64_t end, float *scratch) {
     const int64_t b = bh / a->Hkv, kvh = bh % a->Hkv, G = a->H / a->Hkv, P = a->past_len[b];
@@ -263,8 +288,9 @@ void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *k
             g.out[r] = r0 + r < end ? a->out + at * a->Dv : NULL;
         }
         int64_t start[GROUP];
+        g.rows = end - r0 < GROUP ? (int)(end - r0) : GROUP;
         g.from = P + a->N;
-        for (int r = 0; r < GROUP; ++r) {
+        for (int r = 0; r < g.rows; ++r) {
             const uint8_t *sees = a->tree_mask + (b * a->N + node[r]) * a->N;
             int64_t count = P; /* the visible new keys, in order, behind the cache's */
             for (int64_t m = 0; m < a->N; ++m)
@@ -274,8 +300,8 @@ void lc_tree_attention_rows(const LcTreeAttention *a, int64_t bh, const float *k
             if (start[r] < g.from) g.from = start[r];
         }
         g.from = g.from / (2 * LANES) * (2 * LANES); /* scores run 32 keys at a time */
-        scores(q, kt, a->D, stride, g.from / LANES, blocks, a->scale, a->softcap, g.e);
-        for (int r = 0; r < GROUP; ++r) {
+        scores(g.rows, q, kt, a->D, stride, g.from / LANES, blocks, a->scale, a->softcap, g.e);
+        for (int r = 0; r < g.rows; ++r) {
             float *s = g.e[r];
             for (int64_t j = P; j < g.count[r]; ++j) s[j] = s[P + g.fresh[r][j - P]];
             g.total[r] = softmax_numerators(s, start[r], g.count[r]);

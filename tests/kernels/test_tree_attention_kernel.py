@@ -83,6 +83,7 @@ def _random_tree(rng, batch: int, new: int) -> np.ndarray:
     (2, 8, 8, 5, 37, 8, 8),  # no GQA, a head dim under one vector (stories260K's)
     (1, 4, 2, 16, 100, 40, 24),  # head dims not multiples of 16, Dv != D
     (3, 6, 3, 3, 0, 64, 64),  # an empty cache: prefill's first chunk
+    (2, 6, 2, 1, 50, 32, 32),  # three query heads a KV head: a group of three rows
 ])
 @pytest.mark.parametrize("softcap", (0.0, SOFTCAP))
 def test_equals_the_reference(attention, batch, heads, kv_heads, new, past, dim, dim_v, softcap):
