@@ -115,24 +115,14 @@ accumulate_rows(const int R, Sums t, const float *const w[GROUP], int64_t count,
     for (int64_t i = 0; i < count; ++i) {
         const __m512 x0 = _mm512_maskz_loadu_ps(lo, x + i * step);
         const __m512 x1 = _mm512_maskz_loadu_ps(hi, x + i * step + LANES);
-        const __m512 v0 = _mm512_set1_ps(w0[i]);
-        t.s00 = _mm512_fmadd_ps(v0, x0, t.s00);
-        t.s01 = _mm512_fmadd_ps(v0, x1, t.s01);
-        if (R > 1) {
-            const __m512 v1 = _mm512_set1_ps(w1[i]);
-            t.s10 = _mm512_fmadd_ps(v1, x0, t.s10);
-            t.s11 = _mm512_fmadd_ps(v1, x1, t.s11);
-        }
-        if (R > 2) {
-            const __m512 v2 = _mm512_set1_ps(w2[i]);
-            t.s20 = _mm512_fmadd_ps(v2, x0, t.s20);
-            t.s21 = _mm512_fmadd_ps(v2, x1, t.s21);
-        }
-        if (R > 3) {
-            const __m512 v3 = _mm512_set1_ps(w3[i]);
-            t.s30 = _mm512_fmadd_ps(v3, x0, t.s30);
-            t.s31 = _mm512_fmadd_ps(v3, x1, t.s31);
-        }
+#define ROW_FMA(r)                                                \
+    if (R > r) {                                                  \
+        const __m512 v = _mm512_set1_ps(w##r[i]);                 \
+        t.s##r##0 = _mm512_fmadd_ps(v, x0, t.s##r##0);            \
+        t.s##r##1 = _mm512_fmadd_ps(v, x1, t.s##r##1);            \
+    }
+        ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3)
+#undef ROW_FMA
     }
     return t;
 }
