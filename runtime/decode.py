@@ -136,10 +136,11 @@ def tree_inputs(cache: KVCache, draft: Draft, rows_after: int = 0):
     tokens, offsets, nodes_mask = draft.step_nodes()
     n = len(tokens)
     past = cache.past_for(n + rows_after)
-    mask = np.concatenate(
-        [np.broadcast_to(cache.valid_mask(), (n, past.shape[4])), nodes_mask], axis=1
-    )
-    return tokens[None], (cache.length + offsets)[None], past, mask[None]
+    slots = past.shape[4]
+    mask = np.zeros((1, n, slots + n), dtype=bool)
+    mask[0, :, : cache.length] = True
+    mask[0, :, slots:] = nodes_mask
+    return tokens[None], (cache.length + offsets)[None], past, mask
 
 
 def refeed_inputs(context: list[int], start: int, end: int,

@@ -285,9 +285,11 @@ def _output_plan(names: list[str]) -> list[tuple[str, int | slice]]:
 
 
 def _stack_layers(results: list[np.ndarray], parts: slice) -> np.ndarray:
-    """``[L, 2, ...]`` from the ``2 L`` per-layer keys and values."""
+    """``[L, 2, ...]`` from the ``2 L`` per-layer keys and values: joined along their
+    leading (batch) axis, which lays them out as stacking would (`np.stack` spent ~12 µs a
+    step on its per-array checks, ~2% of an int8 one-token step)."""
     rows = results[parts]
-    return np.stack(rows).reshape(len(rows) // 2, 2, *rows[0].shape)
+    return np.concatenate(rows).reshape(len(rows) // 2, 2, *rows[0].shape)
 
 
 def compress(file: Path, program, compression: Compression) -> None:
