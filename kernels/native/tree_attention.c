@@ -111,7 +111,7 @@ typedef struct {
 static inline __attribute__((always_inline)) Sums
 accumulate_rows(const int R, Sums t, const float *const w[GROUP], int64_t count,
                 const float *x, int64_t step, __mmask16 lo, __mmask16 hi) {
-    const float *w0 = w[0], *w1 = w[R > 1], *w2 = w[R > 2 ? 2 : 0], *w3 = w[R > 3 ? 3 : 0];
+    const float *w0 = w[0], *w1 = w[R > 1 ? 1 : 0], *w2 = w[R > 2 ? 2 : 0], *w3 = w[R > 3 ? 3 : 0];
     for (int64_t i = 0; i < count; ++i) {
         const __m512 x0 = _mm512_maskz_loadu_ps(lo, x + i * step);
         const __m512 x1 = _mm512_maskz_loadu_ps(hi, x + i * step + LANES);

@@ -69,11 +69,11 @@ def lower(program, out_dir: Path, name: str, attention: Attention) -> Path:
     return path
 
 
-def quantize_weights(path: Path, vocab_size: int, bits: int = 8) -> None:
+def quantize_weights(path: Path, bits: int = 8) -> None:
     """Rewrite ``path`` with weight-only quantized MatMuls (``MatMulNBits``: symmetric
     integer weights, one float scale per 32 input rows of each column), in place: every
-    MatMul with a constant weight, and the vocabulary projection (`_untie_vocab_projection`),
-    the largest of them on small models. Embeddings and norms stay float32.
+    MatMul with a constant weight, the vocabulary projection included (a tied one through
+    `transpose_constant_weights`), the largest of them on small models. Embeddings and norms stay float32.
     (`use_leapc_kernels` with ``WeightFormat.Q8`` is the same scheme in leapc's own kernel.)
 
     ``accuracy_level`` 4 lets ORT quantize each activation block to int8 on the fly and
@@ -81,10 +81,10 @@ def quantize_weights(path: Path, vocab_size: int, bits: int = 8) -> None:
     2.66 ms in float32, while level 1 (dequantize the weights, multiply in float32) took
     11.7 ms. So the weights are what is stored quantized, and the arithmetic is int8 too.
     """
-    _quantize(_load_for_packed_weights(path, vocab_size), path, bits, 32, exclude=())
+    _quantize(_load_for_packed_weights(path), path, bits, 32, exclude=())
 
 
-def use_leapc_kernels(path: Path, vocab_size: int, weights: WeightFormat) -> None:
+def use_leapc_kernels(path: Path, weights: WeightFormat) -> None:
     """Rewrite ``path`` with leapc's GEMM ops in ``weights``' format (``Q8MatMul``: int8
     weights per 32 inputs, int8 activations per 32 on the fly, as ``MatMulNBits`` at
     accuracy level 4; ``BF16MatMul``: bfloat16 weights, float32 arithmetic), in place, and
@@ -100,7 +100,7 @@ def use_leapc_kernels(path: Path, vocab_size: int, weights: WeightFormat) -> Non
     from leapc.runtime.backends.onnx_fuse_matmul_neighbours import fold_into_leapc_matmuls
     from leapc.runtime.backends.onnx_leapc_matmul import use_leapc_matmuls
 
-    model = _load_for_packed_weights(path, vocab_size)
+    model = _load_for_packed_weights(path)
     use_leapc_matmuls(model, weights)
     fuse_rotary_attention(model)  # on `--attention kernel` programs (after the q/k/v fusion)
     fold_into_leapc_matmuls(model)
@@ -109,11 +109,12 @@ def use_leapc_kernels(path: Path, vocab_size: int, weights: WeightFormat) -> Non
         compile_library(library_file(path))
 
 
-def _load_for_packed_weights(path: Path, vocab_size: int):
+def _load_for_packed_weights(path: Path):
     """The program at ``path`` with every weight a packed-weight kernel may take as a
-    constant MatMul operand: sibling projections fused (exact in leapc's kernels, whose
-    columns do not depend on their neighbours, and in MatMulNBits; float32 programs stay
-    unfused) and the vocabulary projection untied from the embedding table."""
+    constant MatMul operand: transposed weights made constants (a tied vocabulary
+    projection untied from the embedding table, which keeps its float copy for the lookup)
+    and sibling projections fused (exact in leapc's kernels, whose columns do not depend
+    on their neighbours, and in MatMulNBits; float32 programs stay unfused)."""
     import onnx
 
     from leapc.runtime.backends.onnx_fuse_projections import fuse_sibling_projections
@@ -122,7 +123,6 @@ def _load_for_packed_weights(path: Path, vocab_size: int):
     model = onnx.load(str(path))
     transpose_constant_weights(model.graph)
     fuse_sibling_projections(model)
-    _untie_vocab_projection(model, vocab_size)
     return model
 
 
@@ -137,8 +137,11 @@ def quantize_vocab_projection(path: Path, vocab_size: int, bits: int = 8) -> lis
     """
     import onnx
 
+    from leapc.runtime.backends.onnx_graph import transpose_constant_weights
+
     model = onnx.load(str(path))
-    projections = _untie_vocab_projection(model, vocab_size)
+    transpose_constant_weights(model.graph)  # a tied head's table: a constant [H, V] weight
+    projections = _vocab_projections(model, vocab_size)
     if not projections:
         raise ValueError(f"{path.name}: no MatMul projects onto the {vocab_size}-token vocabulary")
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in projections]
@@ -146,14 +149,9 @@ def quantize_vocab_projection(path: Path, vocab_size: int, bits: int = 8) -> lis
     return projections
 
 
-def _untie_vocab_projection(model, vocab_size: int) -> list[str]:
-    """The MatMuls that project onto the vocabulary (weights ``[H, V]``, or a transposed
-    ``[V, H]`` table: a tied LM head; V is ``vocab_size``, or a draft's restricted
-    vocabulary's size), each given a constant ``[H, V]`` weight the quantizer
-    can replace; the tied table keeps its float copy for the embedding lookup."""
-    from leapc.runtime.backends.onnx_graph import transpose_constant_weights
-
-    transpose_constant_weights(model.graph)
+def _vocab_projections(model, vocab_size: int) -> list[str]:
+    """The MatMuls that project onto the vocabulary: by a constant ``[H, V]`` weight, V
+    ``vocab_size`` or a draft's restricted vocabulary's size."""
     tables = {i.name: i for i in model.graph.initializer}
     return [node.name for node in model.graph.node
             if node.op_type == "MatMul" and node.input[1] in tables
@@ -299,13 +297,13 @@ def compress(file: Path, program, compression: Compression) -> None:
     engine, int4 for every program of an ``int4`` one, int8 for an early-exit draft's
     vocabulary projection only."""
     if compression is Compression.INT8:
-        use_leapc_kernels(file, program.dims.vocab_size, WeightFormat.Q8)
+        use_leapc_kernels(file, WeightFormat.Q8)
     elif compression is Compression.BF16:
-        use_leapc_kernels(file, program.dims.vocab_size, WeightFormat.BF16)
+        use_leapc_kernels(file, WeightFormat.BF16)
     elif compression in (Compression.DRAFT, Compression.INT8_NBITS):
-        quantize_weights(file, program.dims.vocab_size)
+        quantize_weights(file)
     elif compression is Compression.INT4:
-        quantize_weights(file, program.dims.vocab_size, bits=4)
+        quantize_weights(file, bits=4)
     elif compression is Compression.VOCAB_PROJECTION:
         from leapc.passes.restrict_draft_vocabulary import projected_tokens  # build-time
 

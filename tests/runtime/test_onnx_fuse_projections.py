@@ -72,7 +72,7 @@ def test_int8_quantization_of_the_fused_weight_is_bit_identical(tmp_path):
             fuse_sibling_projections(model)
         path = tmp_path / f"fused{fuse}.onnx"
         onnx.save(model, path)
-        quantize_weights(path, vocab_size=8)
+        quantize_weights(path)
         results.append(_run(onnx.load(path), x))
     for ours, reference in zip(*results, strict=True):
         np.testing.assert_array_equal(ours, reference)
