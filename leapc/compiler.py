@@ -217,14 +217,12 @@ def _full(state: BuildState) -> None:
         state.update(draft_vocabulary=len(state.draft_vocabulary))
 
 
-# The draft model keeps dense attention: its tree drafts put ancestors' KV rows as scratch
-# after the committed ones, so its valid slots are not a prefix, which the tree lowering's
-# compact mask assumes.
 def _draft_model(state: BuildState) -> None:
     """The draft model's step, and with ``draft_chain`` its greedy chain of
     `DEFAULT_MAX_DRAFT` tokens unrolled into one program (`unroll_draft_chain`): one call
     per drafted chain, not eight, for ~2 minutes more build on the bundled model."""
-    drafter = _compile(state, state.draft, "draft_model", Attention.DENSE)
+    # Lowered as the target is: the drafter keeps its cache prefix-valid (drafters/draft_model.py).
+    drafter = _compile(state, state.draft, "draft_model", state.options.attention)
     state.update(draft_model=drafter.info,
                  programs=state.manifest.programs | {"draft_model": drafter.entry})
     if not state.options.draft_chain:
@@ -239,7 +237,7 @@ def _draft_model(state: BuildState) -> None:
 
 FULL = Stage("full program", _full_steps, _full)
 DRAFT_MODEL = Stage("draft model", lambda o: (o.draft_model is not None)
-                    * (_program_steps(Attention.DENSE) + 2 * o.draft_chain), _draft_model)
+                    * (_program_steps(o.attention) + 2 * o.draft_chain), _draft_model)
 
 
 # ------------------------------------------------------------------ the manifest

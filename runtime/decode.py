@@ -128,14 +128,13 @@ def prefill(step: StepFunction, cache: KVCache, prompt: list[int],
     return out
 
 
-def tree_inputs(cache: KVCache, draft: Draft, rows_after: int = 0):
+def tree_inputs(cache: KVCache, draft: Draft):
     """Step inputs verifying a draft: positions = cache length + each node's offset from
     the root (its depth, for tree nodes); mask = the valid past, then the node mask (the
-    ancestor mask for a plain tree). ``rows_after``: rows the program writes after the
-    nodes' own (an unrolled chain's), which must fit max_seq too."""
+    ancestor mask for a plain tree)."""
     tokens, offsets, nodes_mask = draft.step_nodes()
     n = len(tokens)
-    past = cache.past_for(n + rows_after)
+    past = cache.past_for(n)
     slots = past.shape[4]
     mask = np.zeros((1, n, slots + n), dtype=bool)
     mask[0, :, : cache.length] = True

@@ -84,14 +84,6 @@ class KVCache:
         """Forget every slot from ``length`` on (a draft model's rejected tokens)."""
         self.length = min(self.length, length)
 
-    def compact(self, length: int, slots: list[int]) -> None:
-        """Keep the first ``length`` slots followed by the rows at ``slots`` (scratch rows
-        at or after ``length``, increasing): a draft model's accepted tree nodes."""
-        end = length + len(slots)
-        if slots:
-            self.buffer[:, :, :, :, length:end] = self.buffer[:, :, :, :, slots]
-        self.length = end
-
     def write_scratch(self, present: np.ndarray, offset: int, layer: int = 0) -> None:
         """Write ``present`` (``[l, 2, B, H, n, Dh]``: rows of n tokens for l layers from
         ``layer`` on) at slots ``length + offset`` on, without committing them: an

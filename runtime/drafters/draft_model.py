@@ -3,11 +3,19 @@
 The draft model runs in its own step program with its own KV cache. Before drafting it
 catches up on the tokens the target committed since its last call (one chunked call),
 then grows the draft one depth per call: every node of the newest depth is evaluated in
-one call, attending to the committed context and to its own ancestors, whose KV rows sit
-as scratch after the committed ones. Children are the top tokens of the draft (greedy) or
-draws from q, the draft's distribution after the target's temperature / top-k / top-p —
-the q rules 2–4 need — i.i.d. or without replacement. After verification the accepted
-nodes' scratch rows are kept (compacted behind the context) and the rest dropped.
+one call. Children are the top tokens of the draft (greedy) or draws from q, the draft's
+distribution after the target's temperature / top-k / top-p — the q rules 2–4 need —
+i.i.d. or without replacement.
+
+The cache stays prefix-valid, the form the target's tree-attention lowerings (and leapc's
+attention kernel) take, so the draft model is lowered as the target is. A call feeds the
+newest depth's nodes together with their ancestors that have no rows in the cache, as a
+token tree over the whole cache. While the tree is a chain (one node at the newest depth)
+every later node descends from the fed nodes, so their rows stay after the context as
+*scratch*; once it branches, siblings must not see each other, so the nodes below the
+scratch are fed again at the next depth (a few rows through a small model). After
+verification the scratch rows on the accepted path are kept, followed by the accepted
+nodes' rows from the last call, and the rest dropped.
 
 A greedy chain (no branching, no confidence stop) is one call when the engine has the
 chain unrolled (`UnrolledChain`, `passes/unroll_draft_chain.py`): the catch-up and every
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leapc.ir.tree import tree_from_parents
-from leapc.runtime.decode import prefill, tree_inputs
+from leapc.runtime.decode import prefill
 from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
 from leapc.runtime.drafters.ranking import top_tokens
 from leapc.runtime.kv_cache import KVCache
@@ -53,7 +61,9 @@ class _Growing:
     parents: list[int] = field(default_factory=lambda: [-1])
     q: list[np.ndarray | None] = field(default_factory=lambda: [None])
     ancestors: list[list[int]] = field(default_factory=lambda: [[]])  # non-root ancestors
-    slots: dict[int, int] = field(default_factory=dict)  # node -> scratch cache slot
+    # Nodes whose rows follow the context in the cache, depth 1 first: a chain that every
+    # later node descends from.
+    scratch: list[int] = field(default_factory=list)
     depth: list[int] = field(default_factory=lambda: [0])
 
     def add(self, token: int, parent: int, q: np.ndarray | None) -> int:
@@ -91,6 +101,8 @@ class DraftModelDrafter:
     length: AdaptiveLength = field(init=False)
     _context_slots: int = 0  # cache slots holding committed tokens (scratch follows)
     _last: _Growing | None = None
+    # The last call's nodes below the scratch and its present rows: kept if accepted.
+    _fed: tuple[list[int], np.ndarray] | None = None
 
     def __post_init__(self):
         self.length = AdaptiveLength(self.shape.max_depth)
@@ -98,6 +110,7 @@ class DraftModelDrafter:
     def propose(self, context: list[int], root: int, budget: int) -> Draft:
         depth = self.length.current if self.adaptive else self.shape.max_depth
         budget = min(budget, self.cache.max_seq - len(context) - 2)
+        self._last, self._fed = None, None
         if depth <= 0 or budget <= 0:
             return Draft.root_only(root)
         tokens = [*context, root]
@@ -126,19 +139,25 @@ class DraftModelDrafter:
     def _propose_unrolled(self, tokens: list[int], depth: int) -> Draft:
         cache, calls = self.cache, self.chain.depth
         catch_up = tokens[cache.length:]
-        if len(catch_up) > self.chunk:  # a prompt: all but the root as prefill would
+        # A prompt: all but the root as prefill would (the chain needs a past, T >= 1).
+        if len(catch_up) > self.chunk or not cache.length:
             prefill(self.step, cache, catch_up[:-1], self.chunk)
             catch_up = catch_up[-1:]
         n = len(catch_up)
-        out = self.chain.step(*tree_inputs(cache, Draft.chain_of(catch_up[0], catch_up[1:]),
-                                           rows_after=calls - 1))
+        # The committed slots alone: the chain's later calls read its rows right after
+        # them, and a compact-mask lowering needs the valid slots to be a prefix.
+        past = cache.buffer[: cache.layers, :, :, :, : cache.length]
+        mask = np.concatenate([np.ones((n, cache.length), bool), np.tri(n, dtype=bool)], axis=1)
+        positions = cache.length + np.arange(n)
+        out = self.chain.step(np.asarray([catch_up], dtype=np.int64), positions[None], past,
+                              mask[None])
         cache.commit(out["present"], np.arange(n + calls - 1))
         self._context_slots = cache.length - (calls - 1)
         tree = _Growing([tokens[-1]])
         for node, token in enumerate(out[DRAFTED][0, :depth].tolist()):
             tree.add(token, node, None)
         # Node j (1..calls-1) was fed by call j: its rows follow the catch-up.
-        tree.slots.update({j: self._context_slots + j - 1 for j in range(1, min(depth, calls - 1) + 1)})
+        tree.scratch = list(range(1, min(depth, calls - 1) + 1))
         self._last = tree
         return tree.draft(self.shape.children)
 
@@ -163,30 +182,44 @@ class DraftModelDrafter:
         return sample_distinct(q, width, self.rng)
 
     def _evaluate(self, tree: _Growing, nodes: list[int]) -> dict[int, np.ndarray]:
-        """One draft call over ``nodes`` (one depth); their KV rows become scratch."""
-        n = len(nodes)
+        """One draft call over ``nodes`` (one depth) and their ancestors below the scratch;
+        the draft's logits at ``nodes``."""
+        fed = sorted({a for v in nodes for a in (*tree.ancestors[v], v)} - set(tree.scratch))
+        n = len(fed)
         past = self.cache.past_for(n)
         mask = np.zeros((n, past.shape[4] + n), dtype=bool)
-        mask[:, : self._context_slots] = True
-        for row, node in enumerate(nodes):
-            mask[row, [tree.slots[a] for a in tree.ancestors[node]]] = True
-        mask[:, past.shape[4]:] = np.eye(n, dtype=bool)
-        positions = self._context_slots - 1 + np.asarray([tree.depth[v] for v in nodes])
-        tokens = np.asarray([tree.tokens[v] for v in nodes], dtype=np.int64)
+        mask[:, : self.cache.length] = True  # the context, the root and the scratch chain
+        index = {v: i for i, v in enumerate(fed)}
+        for row, node in enumerate(fed):  # itself and its ancestors below the scratch
+            mask[row, [past.shape[4] + index[a] for a in (*tree.ancestors[node], node) if a in index]] = True
+        positions = self._context_slots - 1 + np.asarray([tree.depth[v] for v in fed])
+        tokens = np.asarray([tree.tokens[v] for v in fed], dtype=np.int64)
         out = self.step(tokens[None], positions[None], past, mask[None])
-        start = self.cache.length
-        self.cache.commit(out["present"], np.arange(n))
-        tree.slots.update({v: start + i for i, v in enumerate(nodes)})
-        return dict(zip(nodes, out["logits"][0], strict=True))
+        if len(nodes) == 1:  # a chain down to the node, and every later node is below it
+            self.cache.commit(out["present"], np.arange(n))
+            tree.scratch += fed
+            self._fed = None
+        else:
+            self._fed = (fed, out["present"])
+        logits = out["logits"][0]
+        return {v: logits[index[v]] for v in nodes}
 
     def observe(self, context: list[int], result: Verification) -> None:
-        # Keep the scratch rows of the accepted nodes the draft evaluated, in path order.
-        kept = []
-        for node in result.path[1:]:
-            if node not in self._last.slots:
-                break
-            kept.append(self._last.slots[node])
-        self.cache.compact(self._context_slots, kept)
+        tree, path = self._last, list(result.path[1:])
+        if tree is not None:
+            kept = 0  # the accepted path's nodes in the scratch chain
+            while kept < min(len(path), len(tree.scratch)) and path[kept] == tree.scratch[kept]:
+                kept += 1
+            self.cache.truncate(self._context_slots + kept)
+            if kept == len(tree.scratch) and self._fed is not None:
+                fed, present = self._fed
+                rows = []
+                for node in path[kept:]:  # then the last call's rows, while they are on it
+                    if node not in fed:
+                        break
+                    rows.append(fed.index(node))
+                if rows:
+                    self.cache.commit(present, rows)
         self.length.update(result)
 
 

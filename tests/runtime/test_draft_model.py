@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from engines import tiny_source
@@ -11,8 +12,10 @@ from stats import chi2_critical, chi2_homogeneity, plain_samples
 
 import leapc
 from leapc.models.loaders import SourceModel
+from leapc.runtime.decode import GenerationStats, StopConfig, decode, prefill
 from leapc.runtime.drafters.base import ChildSampling
-from leapc.runtime.policies import DraftOptions
+from leapc.runtime.policies import DraftOptions, new_cache
+from leapc.runtime.sampling import SamplingConfig
 
 PROMPT = [5, 17, 200, 3]
 pytestmark = pytest.mark.slow  # the engine builds two models (~15 s); the sampling tests 8k runs
@@ -30,9 +33,13 @@ def noisy_copy(source: SourceModel, scale: float, seed: int = 0) -> SourceModel:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
+    """Width-invariant attention, which the draft model is lowered with as the target is:
+    the draft's rows are then bit-identical however they are fed (a chain's calls,
+    step-by-step calls, one pass)."""
     target = tiny_source("llama")
     path = leapc.build(target, tmp_path_factory.mktemp("draft"), "ort", max_seq=256,
-                       draft_model=noisy_copy(target, 0.02), draft_chain=True)
+                       attention="invariant", draft_model=noisy_copy(target, 0.02),
+                       draft_chain=True)
     return leapc.load(path)
 
 
@@ -51,6 +58,25 @@ def test_greedy_draft_is_token_identical_to_ar(engine, options):
         drafted = engine.generate(prompt, 64, policy="draft", draft=options)
         assert drafted.token_ids == ar.token_ids
     assert drafted.stats.tau > 1.1  # the close draft is often right
+
+
+def test_tree_drafts_leave_the_draft_cache_as_one_pass_over_its_tokens(engine):
+    """Branching trees feed the nodes below the scratch chain again at each depth and keep
+    accepted rows from the scratch and from the last call: the draft model's cache still
+    holds exactly the rows one pass over the same tokens writes."""
+    sampling, options = SamplingConfig(), DraftOptions(max_draft=4, branching=(2, 2))
+    cache, stats = engine.new_cache("draft"), GenerationStats("draft")
+    drafter = engine.drafter("draft", cache, options, sampling)
+    emitted = decode(engine.step, cache, PROMPT, engine.manifest.max_new, drafter, sampling,
+                     StopConfig(64, ()), np.random.default_rng(0), stats)
+    tokens = PROMPT + [t for new in emitted for t in new]
+    assert max(stats.accepted_depth) >= 2, "the test needs paths through the branches"
+    held = drafter.cache
+    one_pass = new_cache(engine.manifest.draft_model.dims, engine.manifest.max_seq)
+    prefill(drafter.step, one_pass, tokens[: held.length], engine.manifest.max_new)
+    assert held.length > len(PROMPT) + 32
+    np.testing.assert_array_equal(held.buffer[..., : held.length, :],
+                                  one_pass.buffer[..., : held.length, :])
 
 
 def test_the_unrolled_chain_is_built_only_when_asked(engine):
