@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from leapc.ir.tree import tree_from_parents
+from leapc.ir.tree import chain, tree_from_parents
 from leapc.runtime.decode import prefill
 from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
 from leapc.runtime.drafters.ranking import top_tokens
@@ -76,8 +76,10 @@ class _Growing:
 
     def draft(self, children: ChildSampling) -> Draft:
         q = None if self.q[-1] is None else np.stack([np.zeros_like(self.q[-1]), *self.q[1:]])
-        return Draft(np.asarray(self.tokens, dtype=np.int64),
-                     tree_from_parents(np.asarray(self.parents)), q, children)
+        n = len(self.parents)
+        is_chain = self.parents == [-1, *range(n - 1)]  # the shared buffers, not a rebuild
+        tree = chain(n - 1) if is_chain else tree_from_parents(np.asarray(self.parents))
+        return Draft(np.asarray(self.tokens, dtype=np.int64), tree, q, children)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ def top_tokens(logits: np.ndarray, k: int) -> np.ndarray:
     to the lower token id (the order of a stable descending sort)."""
     k = min(k, logits.shape[-1])
     rows = logits.reshape(-1, logits.shape[-1])
+    if k == 1:  # a chain's node: argmax alone already breaks ties to the lower id
+        return np.argmax(rows, axis=-1).reshape(*logits.shape[:-1], 1)
     # float64 copy with -inf raised to the lowest finite value: a taken token, set to
     # -inf, then ranks below every other, so the k tokens are distinct
     work = np.maximum(rows.astype(np.float64), np.finfo(np.float64).min)

@@ -6,7 +6,7 @@ import pytest
 from leapc.runtime.drafters.ranking import top_candidates, top_tokens
 
 
-@pytest.mark.parametrize("shape, k", [((8192,), 1), ((8192,), 5), ((4, 300), 8), ((2, 3, 50), 50)])
+@pytest.mark.parametrize("shape, k", [((8192,), 1), ((2, 3, 50), 1), ((8192,), 5), ((4, 300), 8), ((2, 3, 50), 50)])
 def test_top_tokens_are_a_stable_descending_sort_cut_to_k(shape, k):
     # small integers: many ties, which must go to the lower token id
     logits = np.random.default_rng(0).integers(-4, 4, shape).astype(np.float32)
