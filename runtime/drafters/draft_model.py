@@ -193,7 +193,8 @@ class DraftModelDrafter:
         mask[:, : self.cache.length] = True  # the context, the root and the scratch chain
         index = {v: i for i, v in enumerate(fed)}
         for row, node in enumerate(fed):  # itself and its ancestors below the scratch
-            mask[row, [past.shape[4] + index[a] for a in (*tree.ancestors[node], node) if a in index]] = True
+            seen = [index[a] for a in (*tree.ancestors[node], node) if a in index]
+            mask[row, past.shape[4] + np.asarray(seen)] = True
         positions = self._context_slots - 1 + np.asarray([tree.depth[v] for v in fed])
         tokens = np.asarray([tree.tokens[v] for v in fed], dtype=np.int64)
         out = self.step(tokens[None], positions[None], past, mask[None])
