@@ -47,7 +47,7 @@ from leapc.runtime.decode import (
 )
 from leapc.runtime.drafters.base import Draft, Drafter
 from leapc.runtime.healing import Healing
-from leapc.runtime.kv_cache import BLOCK, KVCache
+from leapc.runtime.kv_cache import BLOCK, KVCache, accepted_rows
 from leapc.runtime.prefix_cache import PrefixCache
 from leapc.runtime.sampling import SamplingConfig
 from leapc.runtime.step import StepFunction
@@ -135,7 +135,7 @@ class BatchKVCache:
         end = start + len(path)
         if end > self.capacity:
             self._set_capacity(min(-(-end // BLOCK) * BLOCK, self.max_seq))
-        self.buffer[:, :, row, :, start:end] = present[:, :, 0][:, :, :, path]
+        self.buffer[:, :, row, :, start:end] = accepted_rows(present[:, :, 0], path)
         self.lengths[row] = end
 
 
