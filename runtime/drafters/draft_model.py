@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from leapc.ir.tree import chain, tree_from_parents
-from leapc.runtime.decode import prefill
+from leapc.runtime.decode import prefill, refeed_inputs
 from leapc.runtime.drafters.base import AdaptiveLength, ChildSampling, Draft, Verification
 from leapc.runtime.drafters.ranking import top_tokens
 from leapc.runtime.kv_cache import KVCache
@@ -103,8 +103,9 @@ class DraftModelDrafter:
     length: AdaptiveLength = field(init=False)
     _context_slots: int = 0  # cache slots holding committed tokens (scratch follows)
     _last: _Growing | None = None
-    # The last call's nodes below the scratch and its present rows: kept if accepted.
-    _fed: tuple[list[int], np.ndarray] | None = None
+    # The last call's nodes below the scratch (node -> its row) and its present rows: kept
+    # if accepted.
+    _fed: tuple[dict[int, int], np.ndarray] | None = None
 
     def __post_init__(self):
         self.length = AdaptiveLength(self.shape.max_depth)
@@ -146,13 +147,10 @@ class DraftModelDrafter:
             prefill(self.step, cache, catch_up[:-1], self.chunk)
             catch_up = catch_up[-1:]
         n = len(catch_up)
-        # The committed slots alone: the chain's later calls read its rows right after
-        # them, and a compact-mask lowering needs the valid slots to be a prefix.
-        past = cache.buffer[: cache.layers, :, :, :, : cache.length]
-        mask = np.concatenate([np.ones((n, cache.length), bool), np.tri(n, dtype=bool)], axis=1)
-        positions = cache.length + np.arange(n)
-        out = self.chain.step(np.asarray([catch_up], dtype=np.int64), positions[None], past,
-                              mask[None])
+        # The committed slots alone as the past: the chain's later calls read its rows right
+        # after them, and a compact-mask lowering needs the valid slots to be a prefix.
+        fed, positions, mask = refeed_inputs(tokens, cache.length, len(tokens), cache.length)
+        out = self.chain.step(fed, positions, cache.prefix(cache.length), mask)
         cache.commit(out["present"], np.arange(n + calls - 1))
         self._context_slots = cache.length - (calls - 1)
         tree = _Growing([tokens[-1]])
@@ -203,7 +201,7 @@ class DraftModelDrafter:
             tree.scratch += fed
             self._fed = None
         else:
-            self._fed = (fed, out["present"])
+            self._fed = (index, out["present"])
         logits = out["logits"][0]
         return {v: logits[index[v]] for v in nodes}
 
@@ -220,7 +218,7 @@ class DraftModelDrafter:
                 for node in path[kept:]:  # then the last call's rows, while they are on it
                     if node not in fed:
                         break
-                    rows.append(fed.index(node))
+                    rows.append(fed[node])
                 if rows:
                     self.cache.commit(present, rows)
         self.length.update(result)
