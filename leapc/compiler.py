@@ -30,7 +30,7 @@ from leapc.passes.insert_tree_attention import InsertTreeAttention, Windows
 from leapc.passes.pipeline import Pipeline, check_numerics, default_pipeline
 from leapc.passes.unroll_draft_chain import UnrollDraftChain
 from leapc.runtime.backends.base import BACKENDS, Compression, Device, lower_program
-from leapc.runtime.manifest import Attention, Manifest, TokenizerInfo
+from leapc.runtime.manifest import Attention, Manifest, ProgramEntry, TokenizerInfo
 from leapc.runtime.policies import DEFAULT_MAX_DRAFT, POLICIES, Policy, offered_policies
 from leapc.runtime.step import unrolled
 from leapc.stage import AUTO, BuildOptions, BuildState, CompiledProgram, Stage
@@ -235,9 +235,23 @@ def _draft_model(state: BuildState) -> None:
     state.update(programs=state.manifest.programs | {name: entry})
 
 
+def _share_weights(state: BuildState) -> None:
+    """Every program reads the weights it has in common with the others from one file
+    (`BackendImpl.share_weights`): a draft call then leaves the target's weights in L3."""
+    state.on_stage("share weights across programs")
+    programs = state.manifest.programs
+    shared = BACKENDS[state.options.backend].share_weights(
+        [state.out / entry.file for entry in programs.values()])
+    state.update(programs={name: ProgramEntry.of(state.out / entry.file, entry.signature, shared)
+                           for name, entry in programs.items()})
+
+
 FULL = Stage("full program", _full_steps, _full)
 DRAFT_MODEL = Stage("draft model", lambda o: (o.draft_model is not None)
                     * (_program_steps(o.attention) + 2 * o.draft_chain), _draft_model)
+SHARED_WEIGHTS = Stage("shared weights",
+                       lambda o: int(BACKENDS[o.backend].share_weights is not None),
+                       _share_weights)
 
 
 # ------------------------------------------------------------------ the manifest
@@ -299,4 +313,6 @@ STAGES: tuple[Stage, ...] = (
     EXIT,
     ADAPTER,
     SKIP,
+    # Phase 5: every program lowered; the weights they repeat stored once.
+    SHARED_WEIGHTS,
 )

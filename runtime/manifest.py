@@ -155,14 +155,16 @@ class ProgramEntry(_Frozen):
     sha256: str
     signature: dict  # StepSignature.to_json(); shapes as strings of B, N, T
     # Files the program reads beside its own: name -> digest. ONNX external weights
-    # (``<file>.data``, which the exporter writes for programs over 2 GB), and the
-    # custom-op library compiled for it (``<stem>.ops.so``, `leapc.kernels.ort_ops`).
+    # (``<file>.data``, which the exporter writes for programs over 2 GB, or the engine's
+    # one ``weights.data`` and its index ``weights.json``, which its programs share), and
+    # the custom-op library compiled for it (``<stem>.ops.so``, `leapc.kernels.ort_ops`).
     data_files: dict[str, str] = {}
 
     @classmethod
-    def of(cls, file: Path, signature: dict) -> ProgramEntry:
-        """The entry of a lowered program file (and the files it reads, if any), hashed."""
-        beside = (file.with_name(f"{file.name}.data"), file.with_suffix(".ops.so"))
+    def of(cls, file: Path, signature: dict, shared: tuple[Path, ...] = ()) -> ProgramEntry:
+        """The entry of a lowered program file (and the files it reads, if any: those
+        beside it by name, and ``shared``), hashed."""
+        beside = (file.with_name(f"{file.name}.data"), file.with_suffix(".ops.so"), *shared)
         extra = {data.name: sha256_file(data) for data in beside if data.is_file()}
         return cls(file=file.name, sha256=sha256_file(file), signature=signature,
                    data_files=extra)
@@ -531,10 +533,13 @@ def _check_files(engine_dir: Path, manifest: Manifest) -> None:
     """Every file the runtime reads from the engine is present and is what was built."""
     tokenizer = manifest.tokenizer
     _check_file(engine_dir, tokenizer.file, tokenizer.sha256, "tokenizer file")
+    checked = set()  # (file, digest): a data file the programs share is hashed once
     for name, entry in manifest.programs.items():
         _check_file(engine_dir, entry.file, entry.sha256, f"{name} program file")
         for data, digest in entry.data_files.items():
-            _check_file(engine_dir, data, digest, f"{name} program data file")
+            if (data, digest) not in checked:
+                _check_file(engine_dir, data, digest, f"{name} program data file")
+                checked.add((data, digest))
     if manifest.datastore is not None:
         store = manifest.datastore
         for name, digest in store.sha256.items():

@@ -106,6 +106,10 @@ class BackendImpl:
     compress: Callable[[Path, CapturedProgram, Compression], None] = uncompressed
     compresses: frozenset[Compression] = frozenset()
     attentions: frozenset[Attention] = frozenset({Attention.DENSE, Attention.TREE})
+    # ``(program files) -> files``: once every program is lowered, rewrite them to read
+    # the weights they repeat from one place; the files they now read besides their own.
+    # None: each program keeps its own weights
+    share_weights: Callable[[list[Path]], tuple[Path, ...]] | None = None
 
 
 class _Table(Mapping[Backend, BackendImpl]):

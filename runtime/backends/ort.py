@@ -19,6 +19,7 @@ from leapc.runtime.backends.base import (
     Device,
     thread_count,
 )
+from leapc.runtime.backends.ort_shared_weights import share_weights, shared_weights
 from leapc.runtime.manifest import Attention, Backend
 
 PROGRAM_SUFFIX = ".onnx"
@@ -236,8 +237,14 @@ class OrtStep:
     def __init__(self, path: Path, device: Device = Device.CPU):
         options = session_options()
         ops = library_file(path)
+        self.weights = None
         if ops.is_file():  # leapc's custom ops, compiled with the program (an int8 engine)
             options.register_custom_ops_library(str(ops))
+            # Its GEMMs compute on the engine's one copy of the weights, in place (ORT's
+            # own repack a constant weight into a copy per session: those read the file).
+            self.weights = shared_weights(path) if device is Device.CPU else None
+        for name, value in (self.weights.initializers(path.name) if self.weights else {}).items():
+            options.add_initializer(name, value)
         self.session = ort.InferenceSession(
             str(path), options, providers=list(PROVIDERS[device])
         )
@@ -314,7 +321,7 @@ BACKEND = BackendImpl(
     # CPU, or the CUDA / TensorRT execution providers; tree attention
     name=Backend.ORT, default_attention=Attention.TREE, lower=lower,
     load=lambda path, outputs, device: OrtStep(path, device=device),
-    check_device=check_device, compress=compress,
+    check_device=check_device, compress=compress, share_weights=share_weights,
     compresses=frozenset({Compression.DRAFT, Compression.VOCAB_PROJECTION, Compression.INT8,
                           Compression.INT8_NBITS, Compression.INT4, Compression.BF16}),
     attentions=frozenset(Attention))

@@ -58,6 +58,21 @@ def test_every_constant_matmul_becomes_an_integer_matmul(quantized_engine):
 
 
 @pytest.mark.slow
+def test_the_early_exit_computes_on_the_steps_copy_of_its_weights(quantized_engine):
+    """leapc's kernels take the engine's one buffer (`ort_shared_weights`): the exit draft's
+    layers are the step's, in the same memory, so a draft call leaves them warm in the
+    cache for the verify step. ORT's own kernels (int4) repack their weights per session."""
+    step, draft = quantized_engine.step, quantized_engine.program("draft")
+    if quantized_engine.manifest.quantization not in LEAPC_KERNELS:
+        assert step.weights is draft.weights is None
+        return
+    assert step.weights is draft.weights is not None
+    index = step.weights.index.programs
+    common = set(index["draft.onnx"].values()) & set(index["full.onnx"].values())
+    assert sum(s.nbytes for s in common) > 0.9 * sum(s.nbytes for s in index["draft.onnx"].values())
+
+
+@pytest.mark.slow
 def test_a_layer_on_leapc_kernels_is_five_nodes(quantized_engine):
     """Norm + q/k/v projection, the attention block, the output projection + residual,
     norm + gate/up, SwiGLU + down projection + residual (`fold_into_leapc_matmuls`,
