@@ -9,6 +9,7 @@ from rich.table import Table
 
 from leapc.ir.errors import EngineError
 from leapc.ir.signature import B, S, StepSignature
+from leapc.runtime.backends.ort_shared_weights import INDEX_FILE, WEIGHTS_FILE, WeightsIndex
 from leapc.runtime.manifest import (
     MANIFEST_FILE,
     AdapterInfo,
@@ -52,6 +53,38 @@ def _program_table(name: str, entry: ProgramEntry, itemsize: int) -> Table:
         reason = " ".join(str(err).split())  # sympy's messages span lines; errors are one
         raise EngineError(f"program {name!r}: the manifest's step signature cannot be read "
                           f"({reason})") from None
+
+
+def byte_size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit it reaches, one decimal."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def _files_table(path: Path, m: Manifest) -> Table:
+    """Each program's own files on disk and, where the programs read one copy of their
+    weights (`ort_shared_weights`), how much each reads from it and how much of that
+    another program reads too: what a draft program adds to the engine."""
+    index = (WeightsIndex.model_validate_json((path / INDEX_FILE).read_text())
+             if (path / INDEX_FILE).is_file() else None)
+    read = {name: set(tensors.values()) for name, tensors in (index.programs if index else {}).items()}
+    table = Table(title="files")
+    for column in ("program", "own files", "own bytes", "shared weights", "of them another's"):
+        table.add_column(column)
+    for name, entry in m.programs.items():
+        own = [entry.file, *(f for f in entry.data_files if f not in (WEIGHTS_FILE, INDEX_FILE))]
+        mine = read.get(entry.file, set())
+        others = set().union(*(v for k, v in read.items() if k != entry.file))
+        shared = (byte_size(sum(s.nbytes for s in mine)),
+                  byte_size(sum(s.nbytes for s in mine & others)))
+        table.add_row(name, ", ".join(own), byte_size(sum((path / f).stat().st_size for f in own)),
+                      *(shared if mine else ("—", "—")))
+    on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    table.add_row("engine", "the whole directory", byte_size(on_disk),
+                  byte_size((path / WEIGHTS_FILE).stat().st_size) if index else "—", "")
+    return table
 
 
 def _vs(tokens_per_s: float, ar_tokens_per_s: float | None) -> str:
@@ -210,7 +243,7 @@ def inspect_engine(path: Path) -> list[Table]:
     if m.tuning is not None:
         tables.append(_tuning_table(m.tuning))
     tables += [_program_table(name, entry, itemsize) for name, entry in m.programs.items()]
-    return tables
+    return [*tables, _files_table(path, m)]
 
 
 def inspect_model(spec: str) -> list[Table]:

@@ -22,6 +22,7 @@ from engines import STORIES_REFERENCE, id_tokenizer
 from families import UNSUPPORTED
 
 import leapc
+from leapc.inspection import byte_size
 
 LEAPC = shutil.which("leapc", path=str(Path(sys.executable).parent)) or shutil.which("leapc")
 
@@ -165,6 +166,13 @@ def test_inspect_engine(tiny):
     assert "anatomy" in text
     assert re.search(r"quantization\s+│ none", text)
     assert re.search(r"datastore\s+│ none", text)
+    # the files table: the program's own bytes, and what it reads of the one weights copy
+    weights = json.loads((tiny / "weights.json").read_text())["programs"]["full.onnx"]
+    shared = byte_size(sum(t["nbytes"] for t in weights.values()))
+    own = byte_size(sum((tiny / f).stat().st_size for f in ("full.onnx",)))
+    assert re.search(rf"full\s+│ full\.onnx\s+│ {own}\s+│ {shared}\s+│ 0 B", text), text
+    on_disk = byte_size(sum(f.stat().st_size for f in tiny.rglob("*") if f.is_file()))
+    assert re.search(rf"engine\s+│ the whole directory\s+│ {on_disk}", text)
 
 
 @pytest.mark.slow
