@@ -237,14 +237,16 @@ class OrtStep:
     def __init__(self, path: Path, device: Device = Device.CPU):
         options = session_options()
         ops = library_file(path)
-        self.weights = None
+        self.weights = None  # the engine's one copy of its weights, if this step reads it
         if ops.is_file():  # leapc's custom ops, compiled with the program (an int8 engine)
             options.register_custom_ops_library(str(ops))
-            # Its GEMMs compute on the engine's one copy of the weights, in place (ORT's
-            # own repack a constant weight into a copy per session: those read the file).
-            self.weights = shared_weights(path) if device is Device.CPU else None
-        for name, value in (self.weights.initializers(path.name) if self.weights else {}).items():
-            options.add_initializer(name, value)
+            # Its GEMMs compute on the shared copy in place. ORT's own repack a constant
+            # weight into a copy per session, so programs of those read the file instead.
+            if device is Device.CPU:
+                self.weights = shared_weights(path)
+        if self.weights is not None:
+            for name, value in self.weights.initializers(path.name).items():
+                options.add_initializer(name, value)
         self.session = ort.InferenceSession(
             str(path), options, providers=list(PROVIDERS[device])
         )
