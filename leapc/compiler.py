@@ -30,7 +30,7 @@ from leapc.passes.insert_tree_attention import InsertTreeAttention, Windows
 from leapc.passes.pipeline import Pipeline, check_numerics, default_pipeline
 from leapc.passes.unroll_draft_chain import UnrollDraftChain
 from leapc.runtime.backends.base import BACKENDS, Compression, Device, lower_program
-from leapc.runtime.manifest import Attention, Manifest, ProgramEntry, TokenizerInfo
+from leapc.runtime.manifest import Attention, Manifest, ProgramEntry, TokenizerInfo, sha256_file
 from leapc.runtime.policies import DEFAULT_MAX_DRAFT, POLICIES, Policy, offered_policies
 from leapc.runtime.step import unrolled
 from leapc.stage import AUTO, BuildOptions, BuildState, CompiledProgram, Stage
@@ -242,8 +242,11 @@ def _share_weights(state: BuildState) -> None:
     programs = state.manifest.programs
     shared = BACKENDS[state.options.backend].share_weights(
         [state.out / entry.file for entry in programs.values()])
-    state.update(programs={name: ProgramEntry.of(state.out / entry.file, entry.signature, shared)
-                           for name, entry in programs.items()})
+    digests = {file.name: sha256_file(file) for file in shared}  # hashed once, read by all
+    rewritten = {name: ProgramEntry.of(state.out / entry.file, entry.signature)
+                 for name, entry in programs.items()}
+    state.update(programs={name: entry.model_copy(update={"data_files": entry.data_files | digests})
+                           for name, entry in rewritten.items()})
 
 
 FULL = Stage("full program", _full_steps, _full)

@@ -161,10 +161,9 @@ class ProgramEntry(_Frozen):
     data_files: dict[str, str] = {}
 
     @classmethod
-    def of(cls, file: Path, signature: dict, shared: tuple[Path, ...] = ()) -> ProgramEntry:
-        """The entry of a lowered program file (and the files it reads, if any: those
-        beside it by name, and ``shared``), hashed."""
-        beside = (file.with_name(f"{file.name}.data"), file.with_suffix(".ops.so"), *shared)
+    def of(cls, file: Path, signature: dict) -> ProgramEntry:
+        """The entry of a lowered program file (and the files it reads, if any), hashed."""
+        beside = (file.with_name(f"{file.name}.data"), file.with_suffix(".ops.so"))
         extra = {data.name: sha256_file(data) for data in beside if data.is_file()}
         return cls(file=file.name, sha256=sha256_file(file), signature=signature,
                    data_files=extra)

@@ -55,7 +55,6 @@ class WeightsIndex(BaseModel):
     """``weights.json``: program file -> initializer name -> its slice of the file."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    file: str = WEIGHTS_FILE
     programs: dict[str, dict[str, TensorSlice]]
 
 
@@ -117,7 +116,7 @@ class SharedWeights:
 
     def __init__(self, directory: Path):
         self.index = WeightsIndex.model_validate_json((directory / INDEX_FILE).read_text())
-        path = directory / self.index.file
+        path = directory / WEIGHTS_FILE
         size = path.stat().st_size
         raw = np.empty(size + ALIGNMENT, np.uint8)
         self.buffer = raw[-raw.ctypes.data % ALIGNMENT:][:size]
